@@ -1,0 +1,175 @@
+"""Router statistics of an hf_moe model: per MoE layer, how the routed assignments spread over the experts, how many
+were dropped, and how confident the router is. Computed from one forward pass; no global state.
+
+Example:
+```python
+>>> from hf_moe import router_statistics
+>>> stats = router_statistics(model, input_ids, attention_mask)      # runs the forward for you
+>>> print(stats.format_table())
+>>> out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+>>> stats = router_statistics(out, attention_mask=attention_mask, config=model.config)  # or reuse an output
+```
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .modeling import HfMoeConfig
+from .modeling.modeling_hf_moe import router_probabilities
+
+
+@dataclass(frozen=True)
+class RouterStatistics:
+    """Routing figures of one forward pass, one entry per MoE layer (padding tokens excluded).
+
+    Attributes:
+        layers: decoder-layer index of each MoE layer.
+        router_type: `config.router_type`.
+        num_experts: routed experts per layer.
+        top_k: assignment slots per token (`num_experts_per_tok`; `num_experts` for expert choice).
+        num_tokens: tokens counted (attention_mask == 1).
+        tokens_per_expert: per layer, the assignments each expert received.
+        expert_load: per layer, `tokens_per_expert` as a fraction of all kept assignments (sums to 1, or all
+            zeros when nothing was routed).
+        dropped_fraction: per layer, dropped assignments / (top_k * num_tokens); for expert choice the fraction
+            of tokens that no expert picked.
+        entropy: per layer, mean per-token entropy (nats) of the routing distribution `router_probabilities`;
+            log(num_experts) is uniform routing.
+    """
+
+    layers: list[int]
+    router_type: str
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    tokens_per_expert: list[list[int]]
+    expert_load: list[list[float]]
+    dropped_fraction: list[float]
+    entropy: list[float]
+
+    def load_imbalance(self) -> list[float]:
+        """Per layer, the largest expert load over the mean load (1.0 = perfectly balanced)."""
+        return [max(load) * self.num_experts if sum(load) > 0 else 0.0 for load in self.expert_load]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field plus `load_imbalance`."""
+        return {**asdict(self), "load_imbalance": self.load_imbalance()}
+
+    def format_table(self) -> str:
+        """A plain-text table: one row per MoE layer."""
+        header = f"{'layer':>5}  {'dropped':>8}  {'entropy':>8}  {'max/mean':>8}  expert load"
+        rows = [header, "-" * len(header)]
+        for layer, dropped, entropy, imbalance, load in zip(
+            self.layers, self.dropped_fraction, self.entropy, self.load_imbalance(), self.expert_load
+        ):
+            loads = " ".join(f"{x:.3f}" for x in load)
+            rows.append(f"{layer:>5}  {dropped:>8.3f}  {entropy:>8.3f}  {imbalance:>8.2f}  {loads}")
+        rows.append(
+            f"{self.num_tokens} tokens, {self.num_experts} experts, top_k={self.top_k}, router={self.router_type}, "
+            f"uniform entropy={torch.log(torch.tensor(float(self.num_experts))).item():.3f}"
+        )
+        return "\n".join(rows)
+
+
+def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    """(B, S_total) padding mask -> (num_rows,) bool over the rows of this forward (its last S columns)."""
+    if attention_mask is None:
+        return torch.ones(num_rows, dtype=torch.bool)
+    if attention_mask.dim() != 2 or num_rows % attention_mask.shape[0] != 0:
+        raise ValueError(
+            f"router_statistics: attention_mask of shape {tuple(attention_mask.shape)} does not match "
+            f"{num_rows} routed tokens; pass the (batch, seq_len) mask used for the forward pass"
+        )
+    seq_len = num_rows // attention_mask.shape[0]
+    return attention_mask[:, -seq_len:].reshape(-1).bool().cpu()
+
+
+def router_statistics(
+    outputs_or_model: Any,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    config: HfMoeConfig | None = None,
+) -> RouterStatistics:
+    """Per-layer expert load, tokens per expert, dropped-token fraction and routing entropy.
+
+    Args:
+        outputs_or_model: an `HfMoeForCausalLM` output computed with `output_router_logits=True` (it holds
+            `router_logits` and `router_indices`), or an hf_moe model, which is then run once on `input_ids`
+            under `torch.no_grad()` with `output_router_logits=True`.
+        input_ids: (B, S) token ids; required with a model, ignored with outputs.
+        attention_mask: (B, S) mask; tokens where it is 0 (padding) are left out of every figure.
+        config: the model's config; required with outputs, taken from the model otherwise.
+
+    Returns:
+        A frozen `RouterStatistics`.
+    """
+    if isinstance(outputs_or_model, torch.nn.Module):
+        model = outputs_or_model
+        if input_ids is None:
+            raise ValueError("router_statistics: pass input_ids when giving a model (it runs one forward pass)")
+        config = config or model.config
+        with torch.no_grad():
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    else:
+        outputs = outputs_or_model
+        if config is None:
+            raise ValueError(
+                "router_statistics: pass config=model.config with a model output (the router type and the "
+                "layer layout are not stored in the output)"
+            )
+    router_logits = getattr(outputs, "router_logits", None)
+    router_indices = getattr(outputs, "router_indices", None)
+    if not router_logits or not router_indices:
+        raise ValueError(
+            "router_statistics: the output has no router_logits/router_indices; run the model with "
+            "output_router_logits=True (or pass the model and input_ids)"
+        )
+    if len(router_logits) != len(config.moe_layers):
+        raise ValueError(
+            f"router_statistics: {len(router_logits)} router outputs but the config has "
+            f"{len(config.moe_layers)} MoE layers; pass the config of the model that produced the output"
+        )
+
+    num_experts = config.num_experts
+    expert_choice = config.router_type == "expert_choice"
+    tokens_per_expert, expert_load, dropped_fraction, entropy = [], [], [], []
+    num_tokens = 0
+    for logits, indices in zip(router_logits, router_indices):
+        logits, indices = logits.detach().float().cpu(), indices.detach().cpu()  # (T, E), (T, K)
+        keep = _token_mask(attention_mask, logits.shape[0])  # (T,)
+        logits, indices = logits[keep], indices[keep]
+        num_tokens = int(keep.sum())
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts + 1)  # (E + 1,), last = sentinel
+        routed = counts[:num_experts]
+        total = int(routed.sum())
+        tokens_per_expert.append(routed.tolist())
+        expert_load.append((routed.double() / total).tolist() if total else [0.0] * num_experts)
+        if num_tokens == 0:
+            dropped_fraction.append(0.0)
+        elif expert_choice:
+            # Expert choice has no fixed k per token: a token is "dropped" when no expert picked it.
+            unpicked = (indices == num_experts).all(dim=-1)
+            dropped_fraction.append(unpicked.double().mean().item())
+        else:
+            dropped_fraction.append(int(counts[num_experts]) / indices.numel())
+        probs = router_probabilities(logits, config.router_type)  # (T, E), rows sum to one
+        token_entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # (T,)
+        entropy.append(token_entropy.double().mean().item() if num_tokens else 0.0)
+
+    return RouterStatistics(
+        layers=list(config.moe_layers),
+        router_type=config.router_type,
+        num_experts=num_experts,
+        top_k=num_experts if expert_choice else config.num_experts_per_tok,
+        num_tokens=num_tokens,
+        tokens_per_expert=tokens_per_expert,
+        expert_load=expert_load,
+        dropped_fraction=dropped_fraction,
+        entropy=entropy,
+    )
+
+
+__all__ = ["RouterStatistics", "router_statistics"]
