@@ -1,0 +1,329 @@
+"""Checkpoint I/O: reading HF folders (single / sharded), validation errors, the streaming shard writer, atomic
+output folders, tokenizer copy and provenance."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_moe.conversion.io import (
+    PROVENANCE_NAME,
+    CheckpointReader,
+    ShardWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    parse_size,
+    read_safetensors_header,
+    sha256_file,
+    write_provenance,
+)
+
+
+def _tiny_llama_dir(path: Path, *, max_shard_size: str | None = None) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory) -> Path:
+    return _tiny_llama_dir(tmp_path_factory.mktemp("sharded") / "dense", max_shard_size="20KB")
+
+
+@pytest.fixture(scope="module")
+def single_dir(tmp_path_factory) -> Path:
+    return _tiny_llama_dir(tmp_path_factory.mktemp("single") / "dense")
+
+
+def _expected_state(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("which", ["single", "sharded"])
+def test_reader_reads_every_tensor(which, single_dir, sharded_dir):
+    path = single_dir if which == "single" else sharded_dir
+    if which == "sharded":
+        assert (path / "model.safetensors.index.json").is_file()
+        assert len(list(path.glob("model-*-of-*.safetensors"))) > 2
+    expected = _expected_state(path)
+    with CheckpointReader(path) as reader:
+        assert reader.model_type == "llama"
+        assert set(reader.keys()) == set(expected)
+        for name, tensor in expected.items():
+            assert reader.shape(name) == tuple(tensor.shape)
+            assert reader.dtype(name) == tensor.dtype
+            assert torch.equal(reader.get_tensor(name), tensor)
+        with pytest.raises(KeyError, match="not in the checkpoint"):
+            reader.get_tensor("nope")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_config(tmp_path, single_dir):
+    path = _copy(single_dir, tmp_path / "c")
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CheckpointReader(path)
+
+
+def test_missing_shard(tmp_path, sharded_dir):
+    path = _copy(sharded_dir, tmp_path / "c")
+    victim = sorted(path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        CheckpointReader(path)
+
+
+def test_truncated_shard(tmp_path, sharded_dir):
+    path = _copy(sharded_dir, tmp_path / "c")
+    victim = sorted(path.glob("model-*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointReader(path)
+    victim.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        CheckpointReader(path)
+
+
+@pytest.mark.parametrize("bad_name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_outside_folder(tmp_path, sharded_dir, bad_name):
+    path = _copy(sharded_dir, tmp_path / "c")
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = bad_name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside"):
+        CheckpointReader(path)
+
+
+def test_index_names_tensor_absent_from_shard(tmp_path, sharded_dir):
+    path = _copy(sharded_dir, tmp_path / "c")
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.ghost.weight"] = next(iter(index["weight_map"].values()))
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.ghost.weight"):
+        CheckpointReader(path)
+
+
+def test_pickle_only_refused_with_conversion_hint(tmp_path, single_dir):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    (path / "config.json").write_text((single_dir / "config.json").read_text())
+    torch.save({"w": torch.zeros(2)}, path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickle.*save_pretrained"):
+        CheckpointReader(path)
+
+
+def test_no_weights_at_all(tmp_path, single_dir):
+    path = tmp_path / "empty"
+    path.mkdir()
+    (path / "config.json").write_text((single_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        CheckpointReader(path)
+
+
+def test_reader_does_not_modify_inputs(single_dir, sharded_dir):
+    for path in (single_dir, sharded_dir):
+        before = {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in path.iterdir()}
+        with CheckpointReader(path) as reader:
+            for name in reader.keys():
+                reader.get_tensor(name)
+        assert {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in path.iterdir()} == before
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("1GiB") == 2**30
+    assert parse_size("10KiB") == 10240
+    assert parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="cannot parse size"):
+        parse_size("big")
+
+
+def test_shard_writer_sharded_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        f"t{i}": torch.randn(10, 10 + i).to(dtype)
+        for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 3)
+    }
+    tensors["ints"] = torch.arange(7, dtype=torch.int64)
+    tensors["empty"] = torch.zeros(0, 3)
+    tensors["strided"] = torch.randn(8, 6).t()  # non-contiguous input
+    with ShardWriter(tmp_path, max_shard_size=1000) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    files = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    n = len(files)
+    assert n > 3
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not list(tmp_path.glob(".*partial"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for f in files:
+        read_safetensors_header(f)  # size check passes
+        header_len = struct.unpack("<Q", f.read_bytes()[:8])[0]
+        assert header_len % 8 == 0
+    for name, t in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][name]), framework="pt") as handle:
+            got = handle.get_tensor(name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    # each shard respects the limit unless it holds a single oversized tensor
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys = list(handle.keys())
+            size = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in keys)
+        assert size <= 1000 or len(keys) == 1
+    # our reader (index + shards) reads it back too
+    with _reader_for(tmp_path) as reader:
+        assert all(torch.equal(reader.get_tensor(name), t) for name, t in tensors.items())
+
+
+def test_shard_writer_single_file_and_header_reserve(tmp_path):
+    with ShardWriter(tmp_path, max_shard_size="1GB", header_reserve=400) as writer:
+        for i in range(12):  # ~90 header bytes each: the 400-byte reserve forces new shards
+            writer.add(f"layer.{i}.weight", torch.full((3,), float(i)))
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 1
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(f))
+    assert all(torch.equal(loaded[f"layer.{i}.weight"], torch.full((3,), float(i))) for i in range(12))
+
+    single = tmp_path / "single"
+    single.mkdir()
+    with ShardWriter(single) as writer:
+        writer.add("a", torch.ones(2, 2))
+        with pytest.raises(ValueError, match="already written"):
+            writer.add("a", torch.ones(2, 2))
+    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+    assert torch.equal(load_file(single / "model.safetensors")["a"], torch.ones(2, 2))
+
+
+def test_shard_writer_abort_removes_partials(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, max_shard_size=100) as writer:
+            writer.add("a", torch.ones(40))
+            writer.add("b", torch.ones(40))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _reader_for(path: Path) -> CheckpointReader:
+    (path / "config.json").write_text("{}")
+    return CheckpointReader(path)
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_atomic_output_dir_success_failure_and_overwrite(tmp_path):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
+        assert not out.exists()
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    assert _siblings(out) == ["out"]
+
+    with pytest.raises(FileExistsError, match="overwrite"):
+        with atomic_output_dir(out):
+            pass
+
+    # a failure with overwrite keeps the old folder untouched and leaves no temp folder
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                (tmp / "a.txt").write_text("two")
+                raise exc
+        assert (out / "a.txt").read_text() == "one"
+        assert _siblings(out) == ["out"]
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert _siblings(out) == ["out"]
+
+
+def test_atomic_output_dir_failure_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "x").write_text("x")
+            raise ValueError("bad input")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_dir_of_dead_process_is_cleaned(tmp_path):
+    out = tmp_path / "out"
+    # pid 2**22 + 1 is above the default pid_max, so no process has it
+    stale = tmp_path / f".out.tmp-{2**22 + 1}-deadbeef"
+    stale.mkdir()
+    (stale / "partial").write_text("x")
+    alive = tmp_path / f".out.tmp-{os.getpid()}-cafebabe"  # a live conversion: must be left alone
+    alive.mkdir()
+    with atomic_output_dir(out) as tmp:
+        (tmp / "ok").write_text("ok")
+    assert not stale.exists()
+    assert alive.exists()
+
+
+def test_copy_tokenizer_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
+                 "tokenizer.model", "chat_template.jinja", "generation_config.json", "model.safetensors",
+                 "config.json", "README.md"]:
+        (src / name).write_text(name)
+    copied = copy_tokenizer_files(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(
+        ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
+         "tokenizer.model", "chat_template.jinja", "generation_config.json"]
+    )
+    assert all((dst / p.name).read_text() == p.name for p in copied)
+
+
+def test_write_provenance(tmp_path, sharded_dir):
+    with CheckpointReader(sharded_dir) as reader:
+        for name in reader.keys():
+            reader.get_tensor(name)
+        path = write_provenance(tmp_path, source=reader, method="upcycle", options={"num_experts": 4})
+    record = json.loads(path.read_text())
+    assert path.name == PROVENANCE_NAME
+    assert record["method"] == "upcycle" and record["options"] == {"num_experts": 4}
+    assert record["source"]["model_type"] == "llama"
+    assert record["source"]["path"] == str(sharded_dir.resolve())
+    files = record["source"]["files_sha256"]
+    expected = {"config.json", "model.safetensors.index.json"} | {p.name for p in sharded_dir.glob("model-*")}
+    assert set(files) == expected
+    assert all(files[name] == sha256_file(sharded_dir / name) for name in files)
+    assert set(record["versions"]) == {"hf-moe", "torch", "transformers", "safetensors"}
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0]
+    )
