@@ -1,0 +1,642 @@
+"""Model cards, Hub-ready folders and `push`.
+
+A card is rendered from what is on disk: `config.json`, the safetensors headers (parameters are counted without
+loading a tensor) and `hf_moe_provenance.json` when the folder was made by `hf-moe upcycle` / `merge` / `zoo
+create`. The template is `model_cards/template.md` (a `string.Template`: `${name}` placeholders, no new
+dependency).
+
+Parameter convention (as Mixtral's "12.9B active of 46.7B"): *total* counts every parameter once (a tied
+lm_head is the embedding matrix, counted once); *active per token* counts what one token passes through:
+embedding + lm_head, attention, norms, dense MLPs, shared experts, routers and `num_experts_per_tok` routed
+experts in every MoE layer. Buffers (the `sigmoid_topk` score-correction bias) are not parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from .modeling import HfMoeConfig
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+PROVENANCE_FILE = "hf_moe_provenance.json"
+CARD_TAGS = ("moe", "mixture-of-experts", "hf-moe")
+# Tensors saved in the checkpoint that are buffers, not parameters.
+BUFFER_SUFFIXES = (".e_score_correction_bias",)
+# What `push` uploads; anything else in the folder stays local.
+PUSH_PATTERNS = (
+    "*.safetensors",
+    "*.json",
+    "*.md",
+    "*.py",
+    "*.txt",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.png",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# `base_model_relation` values the Hub accepts, by how the model was made.
+RELATION_BY_METHOD = {"upcycle": "finetune", "merge": "merge", "finetune": "finetune", "quantize": "quantized"}
+
+ROUTER_DESCRIPTIONS = {
+    "topk_softmax": "Mixtral: top-k of the router logits, softmax over the k kept (weights sum to one)",
+    "softmax_topk": "Qwen-MoE: softmax over all experts, then top-k",
+    "sigmoid_topk": "DeepSeek-V3: sigmoid scores, bias-corrected selection (aux-loss-free balancing)",
+    "noisy_topk": "Shazeer et al. 2017: noisy top-k gating (noise in training only)",
+    "switch": "Switch Transformer: top-1, softmax probability as weight",
+    "expert_choice": "Expert choice (Zhou et al. 2022): each expert picks its tokens",
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ================================================================================================================
+# Parameter counts.
+# ================================================================================================================
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of an hf_moe model by component (see the module docstring for the convention)."""
+
+    embedding: int  # input embedding + lm_head when untied
+    attention: int  # q/k/v/o (+ biases, + q/k norms), all layers
+    norms: int  # decoder-layer norms + final norm
+    dense_mlp: int  # dense MLPs of the layers that stay dense
+    router: int  # router weights (+ the noise projection of noisy_topk), all MoE layers
+    shared_experts: int  # shared experts and their gates, all MoE layers
+    routed_experts: int  # every routed expert, all MoE layers
+    routed_experts_active: int  # num_experts_per_tok routed experts per MoE layer
+
+    @property
+    def total(self) -> int:
+        return (
+            self.embedding + self.attention + self.norms + self.dense_mlp + self.router + self.shared_experts
+            + self.routed_experts
+        )
+
+    @property
+    def active(self) -> int:
+        return self.total - self.routed_experts + self.routed_experts_active
+
+
+def count_parameters(config: HfMoeConfig) -> ParameterCounts:
+    """Count the parameters an `HfMoeForCausalLM` built from `config` has, without building it.
+
+    Args:
+        config: the model configuration.
+    Returns:
+        A `ParameterCounts`; `.total` and `.active` follow the module's convention.
+
+    Example:
+    ```python
+    >>> count_parameters(HfMoeConfig(num_experts=8, num_experts_per_tok=2)).active
+    ```
+    """
+    h, v = config.hidden_size, config.vocab_size
+    q_dim = config.num_attention_heads * config.head_dim
+    kv_dim = config.num_key_value_heads * config.head_dim
+    attention = h * q_dim + 2 * h * kv_dim + q_dim * h
+    if config.attention_bias:
+        attention += q_dim + 2 * kv_dim
+    if config.attention_output_bias:
+        attention += h
+    if config.use_qk_norm:
+        attention += 2 * config.head_dim
+    moe_layers = len(config.moe_layers)
+    dense_layers = config.num_hidden_layers - moe_layers
+    expert = 3 * h * config.moe_intermediate_size
+    router = config.num_experts * h * (2 if config.router_type == "noisy_topk" else 1)
+    shared = 0
+    if config.num_shared_experts > 0:
+        shared = 3 * h * config.shared_expert_intermediate_size + (h if config.shared_expert_gate else 0)
+    return ParameterCounts(
+        embedding=v * h * (1 if config.tie_word_embeddings else 2),
+        attention=config.num_hidden_layers * attention,
+        norms=config.num_hidden_layers * 2 * h + h,
+        dense_mlp=dense_layers * 3 * h * config.intermediate_size,
+        router=moe_layers * router,
+        shared_experts=moe_layers * shared,
+        routed_experts=moe_layers * config.num_experts * expert,
+        routed_experts_active=moe_layers * config.num_experts_per_tok * expert,
+    )
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    # Format: 8-byte little-endian header length, then a JSON header; the tensor data is never read.
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100 * 1024 * 1024:
+            raise ValueError(f"{path}: safetensors header of {size} bytes is implausible; is the file corrupt?")
+        return json.loads(f.read(size))
+
+
+def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype) of every tensor in the folder's safetensors files, read from the headers only.
+
+    Args:
+        model_dir: a checkpoint folder.
+    Returns:
+        A dict over all shards.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}; is it a saved checkpoint folder?")
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for path in files:
+        for name, info in _safetensors_header(path).items():
+            if name != "__metadata__":
+                shapes[name] = (info["shape"], info["dtype"])
+    return shapes
+
+
+def count_parameters_on_disk(model_dir: str | os.PathLike, *, tie_word_embeddings: bool = False) -> int:
+    """Parameters stored in the folder's safetensors files (headers only), buffers excluded; a stored copy of a
+    tied lm_head is counted once.
+
+    Args:
+        model_dir: a checkpoint folder.
+        tie_word_embeddings: whether lm_head shares the embedding.
+    Returns:
+        The parameter count.
+    """
+    total = 0
+    for name, (shape, _) in tensor_shapes_on_disk(model_dir).items():
+        if name.endswith(BUFFER_SUFFIXES) or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
+    return total
+
+
+def human(n: int) -> str:
+    """1234567 -> '1.23M' (B, M, K; three significant digits)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+# ================================================================================================================
+# Cards.
+# ================================================================================================================
+
+
+def _load_template(template: str | os.PathLike | None) -> Template:
+    path = Path(template) if template is not None else TEMPLATE_PATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model card template {path} not found; pass template=PATH (the file is model_cards/template.md in "
+            "the hf-moe source tree)"
+        )
+    return Template(path.read_text(encoding="utf-8"))
+
+
+def _hub_repo_id(value: Any) -> str | None:
+    """`value` if it looks like a Hub repo id (owner/name) and is not a local path, else None."""
+    if isinstance(value, str) and _REPO_ID.match(value) and not Path(value).exists():
+        return value
+    return None
+
+
+def _source_fields(provenance: dict) -> tuple[list[str], str | None]:
+    """(Hub ids of the source models, their license) from a provenance record, whatever its exact layout."""
+    sources = provenance.get("sources", provenance.get("source"))
+    if sources is None:
+        return [], provenance.get("license")
+    if not isinstance(sources, list):
+        sources = [sources]
+    ids: list[str] = []
+    license_ = provenance.get("license")
+    for src in sources:
+        if isinstance(src, dict):
+            for key in ("repo_id", "hub_id", "model_id", "name_or_path", "name", "path"):
+                found = _hub_repo_id(src.get(key))
+                if found:
+                    ids.append(found)
+                    break
+            license_ = license_ or src.get("license")
+        else:
+            found = _hub_repo_id(src)
+            if found:
+                ids.append(found)
+    if provenance.get("base_model"):
+        ids = [provenance["base_model"]] if isinstance(provenance["base_model"], str) else list(provenance["base_model"])
+    return ids, license_
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _routing_rows(config: HfMoeConfig) -> list[tuple[str, Any]]:
+    moe = config.moe_layers
+    dense = [i for i in range(config.num_hidden_layers) if i not in moe]
+    rows: list[tuple[str, Any]] = [
+        ("Router", f"`{config.router_type}`: {ROUTER_DESCRIPTIONS[config.router_type]}"),
+        ("Routed experts per MoE layer", config.num_experts),
+        (
+            "Experts per token",
+            f"{config.num_experts_per_tok} (on average: each expert takes its capacity)"
+            if config.router_type == "expert_choice"
+            else config.num_experts_per_tok,
+        ),
+        ("Expert width (`moe_intermediate_size`)", config.moe_intermediate_size),
+        ("MoE layers", f"{len(moe)} of {config.num_hidden_layers}"),
+        ("Dense layers", ", ".join(map(str, dense)) if dense else "none"),
+    ]
+    if dense:
+        rows.append(("Dense MLP width (`intermediate_size`)", config.intermediate_size))
+    if config.num_shared_experts:
+        rows.append(
+            (
+                "Shared experts",
+                f"{config.num_shared_experts} (fused width {config.shared_expert_intermediate_size}"
+                f"{', sigmoid-gated' if config.shared_expert_gate else ''})",
+            )
+        )
+    if config.router_type in ("softmax_topk", "sigmoid_topk"):
+        rows.append(("Top-k weights renormalised", config.norm_topk_prob))
+    if config.router_type == "sigmoid_topk":
+        rows.append(("Expert groups", f"{config.n_group} groups, {config.topk_group} selected per token"))
+        rows.append(("Routed scaling factor", config.routed_scaling_factor))
+        rows.append(("Aux-loss-free bias update rate", config.router_bias_update_rate))
+    if config.router_type == "switch":
+        rows.append(
+            (
+                "Capacity factor",
+                "dropless"
+                if config.capacity_factor is None
+                else f"{config.capacity_factor} (over-capacity tokens are dropped and pass through the residual)",
+            )
+        )
+    if config.router_type == "expert_choice":
+        factor = config.capacity_factor or float(config.num_experts_per_tok)
+        rows.append(("Capacity factor", f"{factor} (each expert takes {factor} x tokens / experts tokens)"))
+    rows += [
+        ("Load-balancing loss coefficient", config.router_aux_loss_coef),
+        ("Router z-loss coefficient", config.router_z_loss_coef),
+    ]
+    return rows
+
+
+def _decoder_rows(config: HfMoeConfig) -> list[tuple[str, Any]]:
+    rope = config.rope_parameters or {}
+    rows = [
+        ("Layers", config.num_hidden_layers),
+        ("Hidden size", config.hidden_size),
+        ("Attention heads (query / key-value)", f"{config.num_attention_heads} / {config.num_key_value_heads}"),
+        ("Head dim", config.head_dim),
+        ("Vocabulary", config.vocab_size),
+        ("Context (max positions)", config.max_position_embeddings),
+        ("RoPE", ", ".join(f"{k}={v}" for k, v in sorted(rope.items())) or "default"),
+        ("Tied embeddings", config.tie_word_embeddings),
+    ]
+    if config.use_qk_norm:
+        rows.append(("Query/key RMSNorm", True))
+    if config.attention_bias:
+        rows.append(("q/k/v bias", True))
+    if config.sliding_window:
+        rows.append(("Sliding window", config.sliding_window))
+    return rows
+
+
+def _provenance_section(provenance: dict | None) -> str:
+    if not provenance:
+        return "No `hf_moe_provenance.json` was found next to the weights, so how they were made is not recorded."
+    lines = []
+    method = provenance.get("method", "unknown")
+    lines.append(f"- Method: **{method}**")
+    sources = provenance.get("sources", provenance.get("source"))
+    if sources is not None:
+        for src in sources if isinstance(sources, list) else [sources]:
+            lines.append(f"- Source: `{json.dumps(src, sort_keys=True) if isinstance(src, dict) else src}`")
+    if provenance.get("created_by"):
+        lines.append(f"- Created by: `{provenance['created_by']}`")
+    options = provenance.get("options")
+    if options:
+        lines.append("- Options:\n\n```json\n" + json.dumps(options, indent=2, sort_keys=True) + "\n```")
+    checksums = provenance.get("source_sha256") or provenance.get("checksums") or provenance.get("source_checksums")
+    if checksums:
+        lines.append("\nSource files (sha256):\n")
+        lines.append("| File | sha256 |\n|---|---|")
+        for name, digest in sorted(checksums.items()):
+            lines.append(f"| `{name}` | `{digest}` |")
+    versions = provenance.get("versions")
+    if versions:
+        lines.append("\nSoftware: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    return "\n".join(lines)
+
+
+def _eval_section(eval_results: dict | None) -> str:
+    if not eval_results:
+        return "No evaluation figures were supplied when this card was written."
+    lines = ["| Metric | Value |", "|---|---|"]
+    for name, value in eval_results.items():
+        lines.append(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    return "\n".join(lines)
+
+
+def render_model_card(
+    config: HfMoeConfig,
+    *,
+    provenance: dict | None = None,
+    eval_results: dict | None = None,
+    model_name: str = "hf_moe model",
+    repo_id: str | None = None,
+    license: str | None = None,
+    base_model: str | list[str] | None = None,
+    description: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> str:
+    """Render a model card (README.md text) from a config and an optional provenance record.
+
+    Args:
+        config: the model configuration.
+        provenance: the content of `hf_moe_provenance.json` (method, source, options, versions, checksums).
+        eval_results: metric name -> value, shown as a table.
+        model_name: the card title.
+        repo_id: the Hub repo id used in the usage snippets (default: a placeholder path).
+        license: Hub license id; default: from the provenance, else "other" with a note.
+        base_model: Hub id(s) of the source model(s); default: from the provenance.
+        description: one paragraph under the title.
+        template: a template file instead of `model_cards/template.md`.
+    Returns:
+        The card text (YAML metadata + markdown).
+    """
+    from huggingface_hub import ModelCardData
+
+    provenance = provenance or {}
+    source_ids, source_license = _source_fields(provenance)
+    if base_model is not None:
+        source_ids = [base_model] if isinstance(base_model, str) else list(base_model)
+    license = license or source_license or provenance.get("license")
+    if license:
+        license_note = f"License: `{license}`" + (
+            f", carried from the source model ({', '.join(source_ids)})." if source_ids and not provenance.get(
+                "license_set_by_user") else "."
+        )
+    else:
+        license = "other"
+        license_note = (
+            "**License unknown**: neither the provenance record nor the caller named one, so the metadata says "
+            "`other`. Set the source model's license (e.g. `hf-moe card DIR --license apache-2.0`) before "
+            "publishing."
+        )
+    relation = RELATION_BY_METHOD.get(provenance.get("method", "")) if source_ids else None
+    counts = count_parameters(config)
+    metadata = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(CARD_TAGS) + [config.router_type.replace("_", "-")],
+        base_model=(source_ids[0] if len(source_ids) == 1 else source_ids) if source_ids else None,
+        base_model_relation=relation,
+    )
+    model_id = repo_id or "path/to/this/folder"
+    summary = (
+        f"A Mixture-of-Experts causal language model in the hf-moe `hf_moe` architecture"
+        f": {len(config.moe_layers)} MoE layers of {config.num_experts} experts, "
+        f"{config.num_experts_per_tok} per token, **{human(counts.active)} active of {human(counts.total)} "
+        f"parameters**."
+    )
+    values = {
+        "metadata": metadata.to_yaml(),
+        "model_name": model_name,
+        "description": (description + "\n\n" if description else "") + summary,
+        "total_params": f"{counts.total:,}",
+        "active_params": f"{counts.active:,}",
+        "total_human": human(counts.total),
+        "active_human": human(counts.active),
+        "embedding_params": f"{counts.embedding:,}",
+        "routed_params": f"{counts.routed_experts:,}",
+        "routed_active_params": f"{counts.routed_experts_active:,}",
+        "shared_params": f"{counts.shared_experts:,}",
+        "router_params": f"{counts.router:,}",
+        "routing_table": _table(_routing_rows(config)),
+        "decoder_table": _table(_decoder_rows(config)),
+        "provenance": _provenance_section(provenance),
+        "eval_results": _eval_section(eval_results),
+        "model_id": model_id,
+        "use_cache_note": (
+            "\n# expert-choice routing is not causal: the config sets use_cache=False, so generate() recomputes "
+            "the sequence"
+            if config.router_type == "expert_choice"
+            else ""
+        ),
+        "vllm_note": (
+            "vLLM cannot serve expert-choice routing (it routes token by token); use transformers."
+            if config.router_type == "expert_choice"
+            else "With hf-moe installed, vLLM finds the `hf_moe` architecture through the plugin entry point."
+        ),
+        "license_note": license_note,
+    }
+    return _load_template(template).substitute(values)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or remove the file") from err
+
+
+def write_model_card(
+    model_dir: str | os.PathLike,
+    *,
+    eval_results: dict | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    base_model: str | list[str] | None = None,
+    description: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> Path:
+    """Write `README.md` into a checkpoint folder, from its config, its safetensors headers and its provenance.
+
+    The parameter count computed from the config is checked against the tensors on disk.
+
+    Args:
+        model_dir: a saved hf_moe checkpoint folder.
+        eval_results: metric name -> value, shown as a table.
+        model_name: card title (default: the folder name).
+        repo_id: Hub repo id for the usage snippets.
+        license: Hub license id (default: from `hf_moe_provenance.json`, else "other" with a note).
+        base_model: Hub id(s) of the source model(s) (default: from the provenance).
+        description: a paragraph under the title.
+        template: a template file instead of `model_cards/template.md`.
+    Returns:
+        The path of the written README.md.
+    Raises:
+        FileNotFoundError: no config.json or no safetensors files.
+        ValueError: the config is not hf_moe, or the tensors on disk do not match it.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; point at a saved hf_moe checkpoint folder")
+    config_dict = _read_json(config_path)
+    if config_dict.get("model_type") != HfMoeConfig.model_type:
+        raise ValueError(
+            f"{config_path} has model_type={config_dict.get('model_type')!r}, not 'hf_moe'; cards are rendered "
+            "for hf_moe checkpoints (upcycle or import the model first)"
+        )
+    config = HfMoeConfig.from_pretrained(model_dir)
+    expected = count_parameters(config).total
+    on_disk = count_parameters_on_disk(model_dir, tie_word_embeddings=config.tie_word_embeddings)
+    if on_disk != expected:
+        raise ValueError(
+            f"{model_dir}: the safetensors files hold {on_disk:,} parameters but config.json implies {expected:,}; "
+            "the weights do not belong to this config (re-save the model, or fix config.json)"
+        )
+    provenance_path = model_dir / PROVENANCE_FILE
+    provenance = _read_json(provenance_path) if provenance_path.is_file() else None
+    text = render_model_card(
+        config,
+        provenance=provenance,
+        eval_results=eval_results,
+        model_name=model_name or model_dir.resolve().name,
+        repo_id=repo_id,
+        license=license,
+        base_model=base_model,
+        description=description,
+        template=template,
+    )
+    out = model_dir / "README.md"
+    _atomic_write_text(out, text)
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ================================================================================================================
+# Push.
+# ================================================================================================================
+
+
+def files_to_push(model_dir: str | os.PathLike) -> list[str]:
+    """The files `push_to_hub` would upload, after checking the folder is publishable.
+
+    Args:
+        model_dir: a checkpoint folder.
+    Returns:
+        Relative paths, sorted.
+    Raises:
+        FileNotFoundError: missing folder, README.md card, config.json or safetensors weights.
+        ValueError: the folder holds pickle files (which can run code when loaded).
+    """
+    import fnmatch
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a folder")
+    pickles = sorted(
+        str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES
+    )
+    if pickles:
+        raise ValueError(
+            f"{model_dir} contains pickle files ({', '.join(pickles[:5])}{' ...' if len(pickles) > 5 else ''}), "
+            "which run code when loaded; re-save the weights as safetensors (save_pretrained does by default) and "
+            "remove them before pushing"
+        )
+    if not (model_dir / "README.md").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no README.md model card; write one with `hf-moe card {model_dir}` before pushing"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json; is it a saved checkpoint folder?")
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    files = []
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
+            if any(fnmatch.fnmatch(p.name, pat) for pat in PUSH_PATTERNS):
+                files.append(rel)
+    return files
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create the Hub repo if needed and upload the checkpoint folder (safetensors, json, md, py and tokenizer
+    files only). The token is passed to `huggingface_hub` and never logged.
+
+    Args:
+        model_dir: a checkpoint folder with a README.md card and safetensors weights.
+        repo_id: "owner/name".
+        private: create the repo private (ignored when it exists).
+        revision: branch to push to (created from main if missing); default main.
+        token: a Hub token; default the one `huggingface_hub` finds (HF_TOKEN, `hf auth login`).
+        endpoint: Hub endpoint (default huggingface.co or HF_ENDPOINT).
+        commit_message: default "Upload <folder> with hf-moe".
+    Returns:
+        The URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"repo id {repo_id!r} is not of the form 'owner/name'")
+    model_dir = Path(model_dir)
+    files = files_to_push(model_dir)
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("repo %s ready", repo_url)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    logger.info("uploading %d files from %s to %s@%s", len(files), model_dir, repo_id, revision or "main")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=model_dir,
+        repo_type="model",
+        revision=revision,
+        allow_patterns=files,
+        commit_message=commit_message or f"Upload {model_dir.resolve().name} with hf-moe",
+    )
+    logger.info("pushed: %s", info.commit_url)
+    return info.commit_url
+
+
+__all__ = [
+    "ParameterCounts",
+    "count_parameters",
+    "count_parameters_on_disk",
+    "tensor_shapes_on_disk",
+    "render_model_card",
+    "write_model_card",
+    "files_to_push",
+    "push_to_hub",
+]
