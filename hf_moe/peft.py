@@ -1,0 +1,669 @@
+"""LoRA presets for Mixture-of-Experts models, and a fast LoRA layer for fused experts.
+
+`lora_config(model, targets=[...])` walks the model and returns a plain `peft.LoraConfig` that adapts exactly the
+modules of the named targets, on hf_moe models and on transformers' native Mixtral, Qwen2-MoE, Qwen3-MoE and
+DeepSeek-V3 models:
+
+========================  ====================================================================================
+target                    what is adapted
+========================  ====================================================================================
+``experts``               the routed experts' fused ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)``
+``shared_experts``        the Linear layers of the shared expert MLP (``shared_experts`` / ``shared_expert``)
+``router``                the router weight ``(E, H)`` of every MoE block (``mlp.gate.weight``)
+``attention``             every Linear layer inside ``self_attn`` (q/k/v/o, or DeepSeek's latent projections)
+``dense_mlp``             the Linear layers of the dense MLPs (layers kept dense: ``mlp_only_layers``, ...)
+``all``                   all of the above that the model has
+========================  ====================================================================================
+
+Routed experts are adapted in one of two ways (``experts_impl``):
+
+- ``"fast"`` (default): :class:`FusedExpertsLora`, a LoRA layer plugged into PEFT through its custom-module
+  mechanism (`LoraConfig._register_custom_module`). It sorts tokens by expert, as the base experts do, and adds the
+  low-rank term ``scaling * dropout(x) A_e^T B_e^T`` to the projections of the tokens routed to each expert ``e``;
+  it never builds ``W + BA``. It supports ``lora_dropout``, merge/unmerge and PEFT's adapter files.
+- ``"target_parameters"``: PEFT's own ``target_parameters`` LoRA (``lora.ParamWrapper``). Plain PEFT can load the
+  adapter without hf_moe, but every forward materialises ``W + BA`` for every expert and dropout is refused.
+
+What PEFT 0.21 gets wrong on its own (measured with transformers 5.23): on Qwen2-MoE,
+``target_modules=["gate_proj", "up_proj", "down_proj"]`` (or ``"all-linear"``) adapts only the shared expert and the
+dense MLPs, never the routed experts; on Qwen3-MoE and DeepSeek-V3, PEFT rewrites every target ending in
+``gate_proj`` / ``up_proj`` / ``down_proj`` / ``gate`` into ``target_parameters`` of the fused experts, so the dense
+MLPs and DeepSeek-V3's shared experts are silently dropped (and exact module names fail with "Cannot convert PEFT
+target(s) gate_proj ..."). The presets list exact module names, and the Linear layers PEFT would rewrite are adapted
+through ``target_parameters`` on their ``weight`` (the same LoRA maths and the same ``lora_A`` / ``lora_B`` shapes).
+
+Example::
+
+    from peft import get_peft_model
+    from hf_moe.peft import lora_config, load_adapter
+
+    cfg = lora_config(model, targets=["experts", "attention"], r=16, alpha=32, rank_pattern={"attention": 8})
+    peft_model = get_peft_model(model, cfg)
+    ...
+    peft_model.save_pretrained("adapter")
+    reloaded = load_adapter(base_model, "adapter")  # PeftModel.from_pretrained with the fast layer registered
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from .modeling.modeling_hf_moe import HfMoeExperts
+
+TARGETS: tuple[str, ...] = ("experts", "shared_experts", "router", "attention", "dense_mlp")
+ALL_TARGETS: tuple[str, ...] = (*TARGETS, "all")
+EXPERTS_IMPLS: tuple[str, ...] = ("fast", "target_parameters")
+
+# Child names of a MoE block that hold the shared expert MLP (hf_moe / DeepSeek-V3, Qwen2-MoE).
+_SHARED_NAMES = ("shared_experts", "shared_expert")
+
+
+# ================================================================================================================
+# Finding the targets
+# ================================================================================================================
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    """Experts stored as transformers 5 does: gate_up_proj (E, 2I, H), down_proj (E, H, I), no bias, not transposed."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or getattr(module, "is_transposed", False):
+        return False
+    if getattr(module, "has_bias", False):
+        return False
+    num_experts, two_i, hidden = gate_up.shape
+    return down.shape == (num_experts, hidden, two_i // 2) and two_i % 2 == 0
+
+
+def _linear_names(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{name}" for name, child in module.named_modules() if name and isinstance(child, nn.Linear)]
+
+
+@dataclass
+class TargetModules:
+    """What one target resolves to on a model.
+
+    Attributes:
+        experts: names of fused experts modules (routed experts).
+        linear: names of `nn.Linear` modules.
+        parameters: full names of parameters adapted through `target_parameters` (router weights; experts tensors
+            with `experts_impl="target_parameters"`; Linear weights PEFT would otherwise rewrite).
+    """
+
+    experts: list[str] = field(default_factory=list)
+    linear: list[str] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.experts or self.linear or self.parameters)
+
+
+def find_targets(model: nn.Module) -> dict[str, TargetModules]:
+    """Walk `model` and group its adaptable modules by target (`experts`, `shared_experts`, `router`, `attention`,
+    `dense_mlp`). Routed experts are listed as modules; the router as its `weight` parameter.
+
+    Args:
+        model: an hf_moe model or a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 model (or any decoder
+            with `self_attn` / `mlp` modules and fused experts of the same layout).
+    Returns:
+        target name -> `TargetModules`, in module order; targets the model lacks are empty.
+    """
+    found = {name: TargetModules() for name in TARGETS}
+    moe_blocks: set[str] = set()
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.Module) and _is_fused_experts(experts):
+            moe_blocks.add(name)
+            found["experts"].experts.append(f"{name}.experts")
+            gate = getattr(module, "gate", None)
+            if isinstance(gate, nn.Linear):
+                found["router"].linear.append(f"{name}.gate")
+            elif isinstance(getattr(gate, "weight", None), nn.Parameter):
+                found["router"].parameters.append(f"{name}.gate.weight")
+            for shared_name in _SHARED_NAMES:
+                shared = getattr(module, shared_name, None)
+                if isinstance(shared, nn.Module):
+                    found["shared_experts"].linear.extend(_linear_names(shared, f"{name}.{shared_name}"))
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf == "self_attn":
+            found["attention"].linear.extend(_linear_names(module, name))
+        elif leaf == "mlp" and name not in moe_blocks:
+            found["dense_mlp"].linear.extend(_linear_names(module, name))
+    return found
+
+
+def _expand(targets: str | Sequence[str]) -> list[str]:
+    if isinstance(targets, str):
+        targets = [targets]
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"Unknown LoRA target(s) {unknown or targets!r}; allowed: {', '.join(ALL_TARGETS)}.")
+    if "all" in targets:
+        return list(TARGETS)
+    return list(dict.fromkeys(targets))
+
+
+def _peft_rewritten(model: nn.Module, linear_names: list[str]) -> set[str]:
+    """The Linear module names that PEFT's transformers-v5 MoE conversion would move out of `target_modules`
+    (it runs inside `get_peft_model` for Qwen3-MoE, DeepSeek-V3, Mixtral, ...). Asks PEFT's own function on a copy of
+    a config, so a PEFT release that fixes the rewrite needs no change here."""
+    if not linear_names:
+        return set()
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # transformers < 5: no rewrite
+        return set()
+    probe = LoraConfig(target_modules=list(linear_names))
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    except ValueError:
+        # A partial fused set ("gate_proj without up_proj"): every name ending like a rewritten v4 name is at risk.
+        leaves = {"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+        return {n for n in linear_names if n.rpartition(".")[2] in leaves}
+    return set(linear_names) - set(probe.target_modules or [])
+
+
+def _alternation(names: Iterable[str]) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+@dataclass
+class ResolvedTargets:
+    """The exact names a preset adapts: `target_modules`, `target_parameters`, and per target the keys PEFT matches
+    against `rank_pattern` (module names, or parameter names for `target_parameters`)."""
+
+    target_modules: list[str]
+    target_parameters: list[str]
+    keys_by_target: dict[str, list[str]]
+    experts_modules: list[str]
+
+
+def resolve_targets(
+    model: nn.Module, targets: str | Sequence[str] = ("experts", "attention"), *, experts_impl: str = "fast"
+) -> ResolvedTargets:
+    """Resolve preset target names to exact module and parameter names of `model`.
+
+    Args:
+        model: the model to adapt.
+        targets: names from `ALL_TARGETS`.
+        experts_impl: `"fast"` (routed experts as modules, adapted by `FusedExpertsLora`) or `"target_parameters"`.
+    Returns:
+        A `ResolvedTargets`.
+    Raises:
+        ValueError: unknown target or implementation, or a target the model does not have.
+    """
+    wanted = _expand(targets)
+    if experts_impl not in EXPERTS_IMPLS:
+        raise ValueError(f"Unknown experts_impl {experts_impl!r}; allowed: {', '.join(EXPERTS_IMPLS)}.")
+    found = find_targets(model)
+    explicit = [t for t in wanted if not found[t]]
+    requested_all = isinstance(targets, str) and targets == "all" or (not isinstance(targets, str) and "all" in targets)
+    if explicit and not requested_all:
+        have = [t for t in TARGETS if found[t]]
+        raise ValueError(
+            f"{type(model).__name__} has no {', '.join(explicit)} to adapt; it has: {', '.join(have) or 'nothing'}. "
+            "Remove the target or use targets='all'."
+        )
+    wanted = [t for t in wanted if found[t]]
+    if not wanted:
+        raise ValueError(f"{type(model).__name__} has nothing that the LoRA presets can adapt.")
+    all_linear = [n for t in wanted for n in found[t].linear]
+    rewritten = _peft_rewritten(model, all_linear)
+    modules: list[str] = []
+    parameters: list[str] = []
+    keys: dict[str, list[str]] = {}
+    experts_modules: list[str] = []
+    for t in wanted:
+        tm = found[t]
+        keys[t] = []
+        for name in tm.experts:
+            if experts_impl == "fast":
+                modules.append(name)
+                experts_modules.append(name)
+                keys[t].append(name)
+            else:
+                parameters += [f"{name}.gate_up_proj", f"{name}.down_proj"]
+                keys[t] += [f"{name}.gate_up_proj", f"{name}.down_proj"]
+        for name in tm.linear:
+            if name in rewritten:
+                parameters.append(f"{name}.weight")
+                keys[t].append(f"{name}.weight")
+            else:
+                modules.append(name)
+                keys[t].append(name)
+        parameters += tm.parameters
+        keys[t] += tm.parameters
+    return ResolvedTargets(modules, parameters, keys, experts_modules)
+
+
+# ================================================================================================================
+# The preset
+# ================================================================================================================
+
+
+def _patterns(
+    pattern: dict[str, Any] | None, keys: dict[str, list[str]], what: str
+) -> dict[str, Any]:
+    """Turn {target name or raw PEFT regex: value} into PEFT regex keys; target names become an exact alternation of
+    that target's module/parameter names, so a per-target rank never leaks into another target."""
+    out: dict[str, Any] = {}
+    for key, value in (pattern or {}).items():
+        if key in ALL_TARGETS:
+            if key == "all":
+                raise ValueError(f"{what}: 'all' is not a per-target key; set r / alpha instead.")
+            if key not in keys:
+                raise ValueError(f"{what}: target {key!r} is not among the adapted targets {sorted(keys)}.")
+            out[_alternation(keys[key])] = value
+        else:
+            out[key] = value  # a raw PEFT regex, passed through
+    return out
+
+
+def lora_config(
+    model: nn.Module,
+    *,
+    targets: str | Sequence[str] = ("experts", "attention"),
+    r: int = 16,
+    alpha: int | float = 32,
+    dropout: float = 0.0,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int | float] | None = None,
+    experts_impl: str = "fast",
+    **lora_kwargs: Any,
+) -> LoraConfig:
+    """A `peft.LoraConfig` that adapts exactly the given targets of `model`.
+
+    Args:
+        model: an hf_moe model or a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 model.
+        targets: any of `experts`, `shared_experts`, `router`, `attention`, `dense_mlp`, or `all` (every target the
+            model has).
+        r: LoRA rank. alpha: LoRA alpha (scaling = alpha / r). dropout: LoRA dropout on the adapter input.
+        rank_pattern / alpha_pattern: per-target overrides, keyed by target name (`{"experts": 8}`) or by a raw
+            PEFT regex.
+        experts_impl: `"fast"` (the grouped `FusedExpertsLora`, registered on the returned config) or
+            `"target_parameters"` (PEFT's own path; no dropout; adapters load with plain PEFT).
+        **lora_kwargs: any other `LoraConfig` field (`task_type`, `use_rslora`, `init_lora_weights`, ...).
+    Returns:
+        A `LoraConfig` for `get_peft_model(model, config)`.
+    Raises:
+        ValueError: unknown target, a target the model does not have, or dropout on a `target_parameters` path.
+
+    Example::
+
+        cfg = lora_config(model, targets=["experts", "attention"], r=16, alpha=32)
+        peft_model = get_peft_model(model, cfg)
+    """
+    for reserved in ("target_modules", "target_parameters", "r", "lora_alpha", "lora_dropout"):
+        if reserved in lora_kwargs:
+            raise ValueError(f"lora_config sets {reserved} itself; pass targets / r / alpha / dropout instead.")
+    resolved = resolve_targets(model, targets, experts_impl=experts_impl)
+    if dropout and resolved.target_parameters:
+        on = [t for t, ks in resolved.keys_by_target.items() if set(ks) & set(resolved.target_parameters)]
+        raise ValueError(
+            f"lora dropout={dropout} is not possible for the targets adapted through PEFT's target_parameters "
+            f"({', '.join(on)}: PEFT's ParamWrapper refuses dropout). Use dropout=0.0, drop those targets, or use "
+            "experts_impl='fast' for the routed experts."
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=resolved.target_modules or None,
+        target_parameters=resolved.target_parameters or None,
+        rank_pattern=_patterns(rank_pattern, resolved.keys_by_target, "rank_pattern"),
+        alpha_pattern=_patterns(alpha_pattern, resolved.keys_by_target, "alpha_pattern"),
+        **lora_kwargs,
+    )
+    if resolved.experts_modules:
+        enable_fast_experts(config)
+    return config
+
+
+def enable_fast_experts(config: LoraConfig) -> LoraConfig:
+    """Register `FusedExpertsLora` for hf_moe's and transformers' fused experts classes on `config` (in place).
+
+    Needed when loading an adapter saved with `experts_impl="fast"` through PEFT directly::
+
+        cfg = enable_fast_experts(LoraConfig.from_pretrained(path))
+        PeftModel.from_pretrained(model, path, config=cfg)
+
+    Returns:
+        `config`.
+    """
+    config._register_custom_module({cls: FusedExpertsLora for cls in fused_experts_classes()})
+    return config
+
+
+def fused_experts_classes() -> list[type[nn.Module]]:
+    """hf_moe's experts class and transformers' fused experts classes of the same layout that are importable."""
+    classes: list[type[nn.Module]] = [HfMoeExperts]
+    for module_name, class_name in (
+        ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+        ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
+        ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
+        ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
+    ):
+        try:
+            module = __import__(module_name, fromlist=[class_name])
+            classes.append(getattr(module, class_name))
+        except (ImportError, AttributeError):
+            continue
+    return classes
+
+
+def load_adapter(
+    model: nn.Module, adapter_path: str, *, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+) -> PeftModel:
+    """`PeftModel.from_pretrained` for adapters made with these presets: registers the fast experts layer first, so
+    adapters saved with `experts_impl="fast"` load (others load unchanged).
+
+    Args:
+        model: the base model (not modified on disk).
+        adapter_path: folder with `adapter_config.json` and `adapter_model.safetensors`.
+        adapter_name / is_trainable / kwargs: as for `PeftModel.from_pretrained`.
+    Returns:
+        The `PeftModel`.
+    """
+    config = enable_fast_experts(LoraConfig.from_pretrained(adapter_path))
+    return PeftModel.from_pretrained(
+        model, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+    )
+
+
+def lora_trainable_counts(model: nn.Module, config: LoraConfig) -> dict[str, int]:
+    """Trainable LoRA parameters each target of `config` adds to `model`, computed from shapes (no PEFT needed).
+
+    Args:
+        model: the model `config` was made for.
+        config: a config from `lora_config` for this model.
+    Returns:
+        module or parameter name -> number of LoRA parameters.
+    """
+    from peft.utils.other import get_pattern_key
+
+    def rank(key: str) -> int:
+        return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name in config.target_modules or []:
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            counts[name] = rank(name) * (module.in_features + module.out_features)
+        else:  # fused experts: A (E, r, in) and B (E, out, r) for gate_up and down
+            num_experts, two_i, hidden = module.gate_up_proj.shape
+            counts[name] = rank(name) * num_experts * ((hidden + two_i) + (two_i // 2 + hidden))
+    for name in config.target_parameters or []:
+        shape = params[name].shape
+        num_experts, out_features, in_features = shape if len(shape) == 3 else (1, *shape)
+        counts[name] = rank(name) * num_experts * (in_features + out_features)
+    return counts
+
+
+def describe_targets(model: nn.Module, *, r: int = 16, experts_impl: str = "fast") -> list[dict[str, Any]]:
+    """What each preset target would adapt on `model` (for `hf-moe lora-targets`).
+
+    Returns:
+        One dict per target: `target`, `available`, `names` (exact names), `trainable` (LoRA parameters at rank r).
+    """
+    rows = []
+    found = find_targets(model)
+    for target in TARGETS:
+        if not found[target]:
+            rows.append({"target": target, "available": False, "names": [], "trainable": 0})
+            continue
+        config = lora_config(model, targets=[target], r=r, experts_impl=experts_impl)
+        counts = lora_trainable_counts(model, config)
+        rows.append({"target": target, "available": True, "names": list(counts), "trainable": sum(counts.values())})
+    return rows
+
+
+# ================================================================================================================
+# The fast path: a LoRA layer for fused experts
+# ================================================================================================================
+
+
+class LoraExpertFactors(nn.Module):
+    """One LoRA factor for both fused projections: `gate_up_proj` and `down_proj`, one slice per expert.
+
+    lora_A: gate_up_proj (E, r, H), down_proj (E, r, I). lora_B: gate_up_proj (E, 2I, r), down_proj (E, H, r).
+    """
+
+    def __init__(self, gate_up_shape: tuple[int, int, int], down_shape: tuple[int, int, int]):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(gate_up_shape))
+        self.down_proj = nn.Parameter(torch.zeros(down_shape))
+
+    def extra_repr(self) -> str:
+        return f"gate_up_proj={tuple(self.gate_up_proj.shape)}, down_proj={tuple(self.down_proj.shape)}"
+
+
+class FusedExpertsLora(nn.Module, LoraLayer):
+    """LoRA on fused SwiGLU experts (`gate_up_proj (E, 2I, H)`, `down_proj (E, H, I)`) without materialising
+    `W + BA`. Tokens are sorted by expert; for the tokens routed to expert e the layer computes
+
+        gate_up = x W_gu[e]^T + s * dropout(x) A_gu[e]^T B_gu[e]^T
+        out     = h W_d[e]^T  + s * dropout(h) A_d[e]^T B_d[e]^T,   h = act(gate) * up
+
+    with s = alpha / r (alpha / sqrt(r) with rslora). Plugged into PEFT by `LoraConfig._register_custom_module`
+    (see `enable_fast_experts`); PEFT saves the factors as `<experts>.lora_A.gate_up_proj` etc.
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        base = base_layer.get_base_layer() if isinstance(base_layer, LoraLayer) else base_layer
+        if not _is_fused_experts(base):
+            raise ValueError(
+                f"FusedExpertsLora needs fused experts with gate_up_proj (E, 2I, H) and down_proj (E, H, I) and no "
+                f"bias; {type(base).__name__} is not. Use experts_impl='target_parameters' for it."
+            )
+        for flag, why in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"), ("fan_in_fan_out", "fan_in_fan_out")):
+            if getattr(config, flag, False):
+                raise ValueError(f"FusedExpertsLora does not support {why}; use experts_impl='target_parameters'.")
+        LoraLayer.__init__(self, base_layer, **{k: v for k, v in kwargs.items() if k == "ephemeral_gpu_offload"})
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        hidden = module.gate_up_proj.shape[-1]
+        return hidden, hidden
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int | float, config: LoraConfig,
+                     **kwargs: Any) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        base = self.get_base_layer()
+        num_experts, two_i, hidden = base.gate_up_proj.shape
+        inter = two_i // 2
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        lora_a = LoraExpertFactors((num_experts, r, hidden), (num_experts, r, inter))
+        lora_b = LoraExpertFactors((num_experts, two_i, r), (num_experts, hidden, r))
+        self._init_factors(lora_a, lora_b, config.init_lora_weights, r)
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        weight = base.gate_up_proj
+        if weight.device.type != "meta":
+            dtype = weight.dtype if weight.dtype.is_floating_point else None
+            self.lora_A[adapter_name].to(weight.device, dtype=dtype)
+            self.lora_B[adapter_name].to(weight.device, dtype=dtype)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_factors(lora_a: LoraExpertFactors, lora_b: LoraExpertFactors, init: bool | str, r: int) -> None:
+        # As PEFT's lora.Linear, per expert: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's default) or N(0, 1/r) for
+        # "gaussian"; B = 0 so a fresh adapter is the identity. init_lora_weights=False keeps B random (for tests).
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"FusedExpertsLora supports init_lora_weights True, False or 'gaussian', not {init!r}.")
+        for factor in (lora_a.gate_up_proj, lora_a.down_proj):
+            for expert in factor:
+                if init == "gaussian":
+                    nn.init.normal_(expert, std=1 / r)
+                else:
+                    nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        for factor in (lora_b.gate_up_proj, lora_b.down_proj):
+            if init is False:
+                for expert in factor:
+                    nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            else:
+                factor.zero_()
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        weight = self.get_base_layer().gate_up_proj
+        device = device or weight.device
+        if device.type == "meta":
+            return
+        for layer_name in self.adapter_layer_names:
+            layer = getattr(self, layer_name)
+            if adapter_name in layer and not any(p.device.type == "meta" for p in layer[adapter_name].parameters()):
+                layer[adapter_name].to(device, dtype=weight.dtype if weight.dtype.is_floating_point else None)
+
+    # ---- merge -------------------------------------------------------------------------------------------------
+
+    def get_delta_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """`scaling * B_e @ A_e` for every expert: {"gate_up_proj": (E, 2I, H), "down_proj": (E, H, I)}."""
+        lora_a, lora_b, scale = self.lora_A[adapter_name], self.lora_B[adapter_name], self.scaling[adapter_name]
+        return {
+            "gate_up_proj": torch.bmm(lora_b.gate_up_proj, lora_a.gate_up_proj) * scale,
+            "down_proj": torch.bmm(lora_b.down_proj, lora_a.down_proj) * scale,
+        }
+
+    def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return self.get_delta_weights(adapter_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            for name, delta in self.get_delta_weights(adapter).items():
+                param = getattr(base, name)
+                merged = param.data + delta.to(param.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                param.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                for name, delta in self.get_delta_weights(adapter).items():
+                    param = getattr(base, name)
+                    param.data -= delta.to(param.dtype)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not adapters:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        return self._grouped_forward(hidden_states, top_k_index, top_k_weights, adapters)
+
+    @staticmethod
+    def _add_low_rank(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        # base_out + scale * (x A^T) B^T, fused into one addmm when dtypes agree.
+        low = F.linear(x.to(a.dtype), a)  # (n_e, r)
+        if low.dtype == base_out.dtype:
+            return torch.addmm(base_out, low, b.t(), alpha=scale)
+        return base_out + (F.linear(low, b) * scale).to(base_out.dtype)
+
+    def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                         adapters: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        num_experts = base.gate_up_proj.shape[0]
+        hidden_dim = hidden_states.shape[-1]
+        num_tokens, top_k = top_k_index.shape
+        flat_experts = top_k_index.reshape(-1)  # (T*K,)
+        order = torch.argsort(flat_experts, stable=True)  # out-of-range sentinels (== E) sort last
+        counts_list = torch.bincount(flat_experts, minlength=num_experts + 1)[:num_experts].tolist()  # (E,)
+        order = order[: sum(counts_list)]  # (S,) routed assignments, grouped by expert
+        token_idx = order // top_k  # (S,)
+        routed = hidden_states[token_idx]  # (S, H)
+        # Dropout on the LoRA input only (the base projection sees the clean input), once per adapter.
+        routed_in = {a: self.lora_dropout[a](routed) for a in adapters}
+        pieces = []
+        start = 0
+        for expert, count in enumerate(counts_list):
+            if count == 0:
+                continue
+            end = start + count
+            x = routed[start:end]  # (n_e, H)
+            gate_up = F.linear(x, base.gate_up_proj[expert])  # (n_e, 2I)
+            for a in adapters:
+                gate_up = self._add_low_rank(
+                    gate_up, routed_in[a][start:end], self.lora_A[a].gate_up_proj[expert],
+                    self.lora_B[a].gate_up_proj[expert], self.scaling[a],
+                )
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = base.act_fn(gate) * up  # (n_e, I)
+            out = F.linear(h, base.down_proj[expert])  # (n_e, H)
+            for a in adapters:
+                out = self._add_low_rank(
+                    out, self.lora_dropout[a](h), self.lora_A[a].down_proj[expert],
+                    self.lora_B[a].down_proj[expert], self.scaling[a],
+                )
+            pieces.append(out)
+            start = end
+        out = torch.cat(pieces) if pieces else routed.new_zeros(0, hidden_dim)
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)  # (S, H)
+        result = hidden_states.new_zeros(num_tokens, hidden_dim)
+        return result.index_add_(0, token_idx, out.to(result.dtype))
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+__all__ = [
+    "ALL_TARGETS",
+    "EXPERTS_IMPLS",
+    "FusedExpertsLora",
+    "LoraExpertFactors",
+    "ResolvedTargets",
+    "TARGETS",
+    "TargetModules",
+    "describe_targets",
+    "enable_fast_experts",
+    "find_targets",
+    "fused_experts_classes",
+    "load_adapter",
+    "lora_config",
+    "lora_trainable_counts",
+    "resolve_targets",
+]
