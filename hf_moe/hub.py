@@ -325,15 +325,24 @@ def _provenance_section(provenance: dict | None) -> str:
     method = provenance.get("method", "unknown")
     lines.append(f"- Method: **{method}**")
     sources = provenance.get("sources", provenance.get("source"))
-    if sources is not None:
-        for src in sources if isinstance(sources, list) else [sources]:
-            lines.append(f"- Source: `{json.dumps(src, sort_keys=True) if isinstance(src, dict) else src}`")
-    if provenance.get("created_by"):
-        lines.append(f"- Created by: `{provenance['created_by']}`")
+    checksums = dict(provenance.get("source_sha256") or provenance.get("checksums") or {})
+    for src in (sources if isinstance(sources, list) else [sources]) if sources is not None else []:
+        if isinstance(src, dict):
+            src = dict(src)
+            checksums.update(src.pop("files_sha256", None) or {})
+            described = ", ".join(f"{k}: `{v}`" for k, v in sorted(src.items()) if v is not None)
+            lines.append(f"- Source: {described}")
+        else:
+            lines.append(f"- Source: `{src}`")
+    for key, value in sorted(provenance.items()):
+        # Extra top-level entries written by the tool that made the folder (e.g. the zoo preset name).
+        if key not in ("method", "source", "sources", "options", "versions", "source_sha256", "checksums") and (
+            isinstance(value, (str, int, float))
+        ):
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: `{value}`")
     options = provenance.get("options")
     if options:
         lines.append("- Options:\n\n```json\n" + json.dumps(options, indent=2, sort_keys=True) + "\n```")
-    checksums = provenance.get("source_sha256") or provenance.get("checksums") or provenance.get("source_checksums")
     if checksums:
         lines.append("\nSource files (sha256):\n")
         lines.append("| File | sha256 |\n|---|---|")
