@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -560,16 +561,18 @@ class HfMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
+        # transformers' `init` functions skip tensors already loaded from a checkpoint; plain in-place `normal_`
+        # would overwrite them when a module is only partly in the checkpoint (a non-persistent buffer).
         if isinstance(module, HfMoeExperts):
-            module.gate_up_proj.normal_(mean=0.0, std=std)
-            module.down_proj.normal_(mean=0.0, std=std)
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
-            module.weight.normal_(mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, NoisyTopKRouter):
-                module.noise_weight.zero_()  # Shazeer et al. 2017 start the noise projection at zero
+                init.zeros_(module.noise_weight)  # Shazeer et al. 2017 start the noise projection at zero
             if isinstance(module, SigmoidTopKRouter):
-                module.e_score_correction_bias.zero_()
-                module.load_since_update.zero_()
+                init.zeros_(module.e_score_correction_bias)
+                init.zeros_(module.load_since_update)
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
