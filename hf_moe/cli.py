@@ -19,10 +19,176 @@ AddCommand = Callable[[argparse._SubParsersAction], None]
 
 # [hub commands: card, push, zoo, inspect]
 
+
+def _parse_eval(pairs: list[str] | None) -> dict | None:
+    if not pairs:
+        return None
+    results: dict = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--eval {pair!r}: use NAME=VALUE, e.g. --eval wikitext_ppl=12.3")
+        try:
+            results[name] = float(value)
+        except ValueError:
+            results[name] = value
+    return results
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
+
+    path = write_model_card(
+        args.model_dir,
+        eval_results=_parse_eval(args.eval),
+        model_name=args.name,
+        repo_id=args.repo_id,
+        license=args.license,
+        base_model=args.base_model,
+    )
+    print(path)
+    return 0
+
+
+def _add_card(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("card", help="write README.md (model card) into a checkpoint folder")
+    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p.add_argument("--eval", action="append", metavar="NAME=VALUE", help="an evaluation figure (repeatable)")
+    p.add_argument("--name", help="card title (default: the folder name)")
+    p.add_argument("--repo-id", help="Hub repo id used in the usage snippets")
+    p.add_argument("--license", help="Hub license id (default: from hf_moe_provenance.json, else 'other')")
+    p.add_argument("--base-model", help="Hub id of the source model (default: from the provenance)")
+    p.set_defaults(func=_run_card)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    import os
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_to_hub
+
+    token = args.token or os.environ.get("HF_TOKEN") or None
+    try:
+        url = push_to_hub(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=token)
+    except HfHubHTTPError as err:
+        # The server's message, never the request headers (which hold the token).
+        status = err.response.status_code if err.response is not None else "?"
+        message = str(err).splitlines()[0]
+        if token:
+            message = message.replace(token, "***")
+        print(f"hf-moe push: error: the Hub refused the request (HTTP {status}): {message}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("push", help="upload a checkpoint folder (safetensors + card) to the Hugging Face Hub")
+    p.add_argument("model_dir", help="checkpoint folder with README.md and *.safetensors")
+    p.add_argument("repo_id", help="owner/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created if missing); default main")
+    p.add_argument(
+        "--token", help="Hub token (default: $HF_TOKEN or `hf auth login`); prefer the environment: argv is visible"
+    )
+    p.set_defaults(func=_run_push)
+
+
+def _run_zoo(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from . import zoo
+    from .hub import human
+
+    if args.zoo_command == "list":
+        print(f"{'name':<24} {'recipe':<13} {'total':>8} {'active':>8}  description")
+        for preset in zoo.list_presets():
+            print(
+                f"{preset.name:<24} {preset.recipe.method:<13} {human(preset.expected_total):>8} "
+                f"{human(preset.expected_active):>8}  {textwrap.shorten(preset.description, 70)}"
+            )
+        return 0
+    preset = zoo.get_preset(args.name)
+    if args.zoo_command == "show":
+        counts = preset.parameter_counts()
+        print(f"{preset.name}: {preset.description}")
+        print(f"recipe: {preset.recipe.method}" + (f" from {preset.recipe.base_model}" if preset.recipe.base_model else ""))
+        print(f"license: {preset.recipe.license}")
+        print(f"parameters: {counts.total:,} total, {counts.active:,} active per token")
+        print("config:")
+        print(preset.config().to_json_string(use_diff=True).strip())
+        if preset.recipe.method == "upcycle":
+            print(f"build: hf-moe zoo create {preset.name} OUT_DIR --source DENSE_DIR")
+            print(f"   or: {zoo.upcycle_command(preset)}")
+        else:
+            print(f"build: hf-moe zoo create {preset.name} OUT_DIR")
+        print(f"card: {zoo.card_path(preset.name)}")
+        return 0
+    out = zoo.create(args.name, args.out_dir, source=args.source, seed=args.seed, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("zoo", help="named MoE presets: list, show, create")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zoo_sub.add_parser("list", help="list the presets")
+    show = zoo_sub.add_parser("show", help="config, recipe and parameter counts of a preset")
+    show.add_argument("name")
+    create = zoo_sub.add_parser("create", help="build a preset into a folder (checkpoint + card)")
+    create.add_argument("name")
+    create.add_argument("out_dir")
+    create.add_argument("--source", help="dense base folder (upcycling presets)")
+    create.add_argument("--seed", type=int, default=0, help="random seed (from-scratch presets)")
+    create.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=_run_zoo)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .plotting import inspect_routing, plot_expert_load
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise FileNotFoundError(f"--text {text_path} not found")
+    stats = inspect_routing(
+        args.model_dir,
+        text_path.read_text(encoding="utf-8", errors="replace"),
+        tokenizer_dir=args.tokenizer,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+    )
+    print(stats.format_table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+        print(f"statistics: {args.json}")
+    if args.plot:
+        print(f"heatmap: {plot_expert_load(stats, args.plot)}")
+    return 0
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="per-layer expert load, dropped tokens and routing entropy over a text")
+    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file to route")
+    p.add_argument("--plot", help="write a layer x expert load heatmap PNG here")
+    p.add_argument("--json", help="write the statistics as JSON here")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens from the start of the text (default 2048)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row of the batch (default 512)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL_DIR)")
+    p.set_defaults(func=_run_inspect)
+
 # [training commands]
 
 SUBCOMMANDS: list[AddCommand] = [
     # [SUBCOMMANDS list: add your _add_* functions here, one per line]
+    _add_card,
+    _add_push,
+    _add_zoo,
+    _add_inspect,
 ]
 
 
