@@ -13,6 +13,66 @@ AddCommand = Callable[[argparse._SubParsersAction], None]
 
 # [conversion commands: upcycle, merge]
 
+
+def _run_upcycle(args: argparse.Namespace) -> int:
+    from .conversion.upcycle import upcycle
+
+    moe_layers = args.moe_layers
+    out = upcycle(
+        args.src_dir,
+        args.out_dir,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        router_type=args.router,
+        granularity=args.granularity,
+        num_shared_experts=args.shared_experts,
+        drop_ratio=args.drop_ratio,
+        noise_std=args.noise_std,
+        router_init=args.router_init,
+        prompts=args.prompts,
+        moe_layers=moe_layers,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        require_exact=args.require_exact,
+    )
+    print(out)
+    return 0
+
+
+def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "upcycle",
+        help="turn a dense Llama/Mistral/Qwen2/Qwen3 checkpoint into an hf_moe MoE checkpoint",
+        description="Upcycle a dense checkpoint folder (config.json + safetensors) into an hf_moe checkpoint, "
+        "streamed layer by layer; OUT_DIR appears only when complete. See docs/upcycling.md.",
+    )
+    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token")
+    p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
+    p.add_argument("--granularity", type=int, default=1, help="slices per dense MLP (fine-grained upcycling)")
+    p.add_argument("--shared-experts", type=int, default=0, help="always-active experts from the dense MLP")
+    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialised")
+    p.add_argument("--noise-std", type=float, default=0.0, help="noise on expert weights, relative to their std")
+    p.add_argument("--router-init", default=None, help="random | virtual-group | prompts (default: virtual-group "
+                   "when --granularity > 1, else random)")
+    p.add_argument("--prompts", default=None, help="prompts file for --router-init prompts")
+    p.add_argument("--moe-layers", default="all", help="all | every-N | 0-11 | 0,2,4-6 (default all)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="output dtype "
+                   "(default: keep the source dtype)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.add_argument("--require-exact", action="store_true", help="refuse options that change the dense model's "
+                   "outputs at initialisation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_upcycle)
+
+
 # [export / serve commands]
 
 # [peft commands: lora-targets]
@@ -185,6 +245,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[AddCommand] = [
     # [SUBCOMMANDS list: add your _add_* functions here, one per line]
+    _add_upcycle,
     _add_card,
     _add_push,
     _add_zoo,
