@@ -1,0 +1,249 @@
+"""Speed of the hf_moe sparse MoE block against transformers' Qwen3-MoE block and a dense SwiGLU of equal active size.
+
+All variants are timed in one run, interleaved round by round (the machine is shared, so absolute times drift;
+the ratios within one run are the figures that mean something). The table goes to stdout and, unless
+`--no-write`, into BENCHMARKS.md between this benchmark's begin/end markers (a rerun replaces its own section).
+
+Variants, fp32 by default, H=512, I=1024, E=8, top-2:
+- `dense-active`: `HfMoeMLP` with intermediate 2 * 1024 = 2048, the same parameters per token as the MoE block.
+- `hf_moe`: `HfMoeSparseMoeBlock` (softmax_topk router) with our default experts implementation.
+- `qwen3 eager` / `qwen3 grouped_mm`: transformers' `Qwen3MoeSparseMoeBlock`, same router and expert weights,
+  with `config._experts_implementation` set to "eager" / "grouped_mm" (the kernel that runs is checked with the
+  profiler and printed).
+
+Usage:
+    python benchmarks/moe_block.py                      # 1, 64, 4096 tokens; fwd and fwd+bwd; writes BENCHMARKS.md
+    python benchmarks/moe_block.py --tokens 64 --no-write --repeats 21
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
+from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
+
+HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K = 512, 1024, 8, 2
+ANCHOR = "<!-- moe_block: written by benchmarks/moe_block.py -->"
+BEGIN, END = "<!-- moe_block:begin -->", "<!-- moe_block:end -->"
+GROUPED_KERNELS = ("aten::_grouped_mm", "aten::grouped_mm", "transformers::grouped_mm_fallback")
+
+
+def build_variants(dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
+    """The four modules, MoE variants sharing one set of router and expert weights."""
+    torch.manual_seed(seed)
+    ours_cfg = HfMoeConfig(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=INTERMEDIATE,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        router_type="softmax_topk",
+        norm_topk_prob=True,
+        hidden_act="silu",
+    )
+    # What HfMoePreTrainedModel.get_correct_experts_implementation(None) picks for a model: our own forward.
+    ours_cfg._experts_implementation = "eager"
+    ours = HfMoeSparseMoeBlock(ours_cfg)
+    std = 0.02
+    with torch.no_grad():
+        # The router gets a larger spread than the experts so that routing is not near-uniform by accident.
+        ours.gate.weight.normal_(0.0, 0.5)
+        ours.experts.gate_up_proj.normal_(0.0, std)
+        ours.experts.down_proj.normal_(0.0, std)
+
+    variants: dict[str, nn.Module] = {}
+    dense = HfMoeMLP(ours_cfg, TOP_K * INTERMEDIATE)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0.0, std)
+    variants["dense-active"] = dense
+    variants["hf_moe"] = ours
+    for impl in ("eager", "grouped_mm"):
+        cfg = Qwen3MoeConfig(
+            hidden_size=HIDDEN,
+            moe_intermediate_size=INTERMEDIATE,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=True,
+            hidden_act="silu",
+        )
+        cfg._experts_implementation = impl  # read by @use_experts_implementation on every forward
+        block = Qwen3MoeSparseMoeBlock(cfg)
+        block.load_state_dict(ours.state_dict(), strict=True)  # same names: gate.weight, experts.*
+        variants[f"qwen3 {impl}"] = block
+    return {name: module.to(dtype).train() for name, module in variants.items()}
+
+
+def check_variants(variants: dict[str, nn.Module], dtype: torch.dtype) -> list[str]:
+    """Assert the MoE variants agree on one input and report which experts forward / kernel each one runs."""
+    x = torch.randn(1, 64, HIDDEN, dtype=dtype)
+    notes = []
+    with torch.no_grad():
+        reference = variants["hf_moe"](x)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, module in variants.items():
+        if not name.startswith("qwen3"):
+            continue
+        impl = module.experts.config._experts_implementation
+        fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, type(module.experts).forward)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = module(x)
+        torch.testing.assert_close(out, reference, **tol)
+        ops = {event.name for event in prof.events()}
+        kernels = sorted(k for k in GROUPED_KERNELS if k in ops)
+        if impl == "grouped_mm" and not kernels:
+            raise RuntimeError(f"{name}: no grouped-mm kernel ran (ops: {sorted(ops)[:20]} ...)")
+        if impl == "eager" and kernels:
+            raise RuntimeError(f"{name}: the eager path ran {kernels}")
+        fn_name = f"{fn.__module__}.{fn.__qualname__}"
+        notes.append(f"`{name}` runs `{fn_name}`" + (f" ({', '.join(kernels)})" if kernels else " (per-expert loop)"))
+    return notes
+
+
+def make_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool) -> Callable[[], None]:
+    params = list(module.parameters())
+
+    def fwd() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad_out)
+
+    return fwd_bwd if backward else fwd
+
+
+def time_case(
+    variants: dict[str, nn.Module], tokens: int, backward: bool, dtype: torch.dtype, repeats: int, budget_s: float
+) -> dict[str, float]:
+    """Median seconds per call of each variant, interleaved round by round (rotating the order)."""
+    x = torch.randn(1, tokens, HIDDEN, dtype=dtype, requires_grad=backward)
+    grad_out = torch.randn(1, tokens, HIDDEN, dtype=dtype)
+    steps = {name: make_step(m, x, grad_out, backward) for name, m in variants.items()}
+    names = list(steps)
+    estimate = 0.0
+    for name in names:  # warm-up (allocator, oneDNN primitives, lazy imports), then a timing estimate
+        steps[name]()
+        start = time.perf_counter()
+        steps[name]()
+        estimate += time.perf_counter() - start
+    rounds = max(5, min(repeats, int(budget_s / max(estimate, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def render(results: list[tuple[int, str, dict[str, float]]], names: list[str]) -> str:
+    header = ["tokens", "pass"] + [f"{n} ms (x dense)" if n != "dense-active" else "dense-active ms" for n in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for tokens, mode, times in results:
+        dense = times["dense-active"]
+        cells = [str(tokens), mode]
+        for n in names:
+            cells.append(fmt_ms(times[n]) if n == "dense-active" else f"{fmt_ms(times[n])} ({times[n] / dense:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace this benchmark's section after its anchor, atomically (temp file beside, then rename)."""
+    text = path.read_text()
+    if ANCHOR not in text:
+        raise ValueError(f"{path} has no anchor line {ANCHOR!r}; add it where the moe_block section belongs")
+    section = f"{BEGIN}\n{body.strip()}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.replace(ANCHOR, f"{ANCHOR}\n{section}", 1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=101, help="most timed rounds per case")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case (fewer rounds)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    variants = build_variants(dtype, args.seed)
+    notes = check_variants(variants, dtype)
+    names = list(variants)
+    results = []
+    for tokens in args.tokens:
+        for backward in (False, True):
+            mode = "fwd+bwd" if backward else "fwd"
+            times = time_case(variants, tokens, backward, dtype, args.repeats, args.budget)
+            results.append((tokens, mode, times))
+            print(f"{tokens:>5} {mode:<8}" + "".join(f" {n}={fmt_ms(t)}ms" for n, t in times.items()), flush=True)
+
+    table = render(results, names)
+    command = "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join(
+        [
+            f"### MoE block speed ({args.dtype}, CPU)",
+            "",
+            f"`{command.strip()}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+            f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
+            f"`torch.set_num_threads({args.threads})`.",
+            f"H={HIDDEN}, I={INTERMEDIATE}, E={NUM_EXPERTS}, top-{TOP_K}, one sequence of `tokens` tokens. Median of "
+            "interleaved rounds; `x dense` is the time over `dense-active` (SwiGLU with intermediate "
+            f"{TOP_K * INTERMEDIATE}, the MoE block's active parameters) in the same run. fwd runs under "
+            "`torch.no_grad()`; fwd+bwd includes the gradients of the input and of every parameter.",
+            "",
+            table,
+            "",
+            "Backends: " + "; ".join(notes) + ".",
+            "No GPU was available for this run, so `grouped_mm` on CUDA (where hf_moe switches to it) is not timed.",
+        ]
+    )
+    print()
+    print(table)
+    print("\n".join(notes))
+    if not args.no_write:
+        write_section(args.output, body)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
