@@ -75,6 +75,60 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 # [export / serve commands]
 
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .conversion.export import export
+
+    print(export(args.model_dir, args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
+                 overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write an hf_moe checkpoint as a native Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE checkpoint",
+        description="Export an hf_moe checkpoint to a native MoE architecture that transformers and vLLM load "
+        "without hf-moe. Configs the target cannot represent exactly are refused with the blocking fields and the "
+        "targets that would fit. See docs/export.md.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
+                   help="target architecture")
+    p.add_argument("--merge-adapter", metavar="ADAPTER_DIR", default=None,
+                   help="PEFT LoRA adapter to merge first (loads the model in memory)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="output dtype (default: keep each tensor's dtype)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.set_defaults(func=_run_export)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from .conversion.export import import_native
+
+    print(import_native(args.src_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                        max_shard_size=args.max_shard_size))
+    return 0
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import",
+        help="convert a native Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE checkpoint into hf_moe",
+        description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer). "
+        "DeepSeek-V3 is refused: its latent attention (MLA) has no hf_moe equivalent. See docs/export.md.",
+    )
+    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="output dtype (default: keep each tensor's dtype)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.set_defaults(func=_run_import)
+
+
 # [peft commands: lora-targets]
 
 # [hub commands: card, push, zoo, inspect]
@@ -245,6 +299,8 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[AddCommand] = [
     # [SUBCOMMANDS list: add your _add_* functions here, one per line]
+    _add_export,
+    _add_import,
     _add_upcycle,
     _add_card,
     _add_push,

@@ -155,9 +155,10 @@ def refusal_message(config: HfMoeConfig, target: str, problems: list[str], where
 
 def _merged_state_dict(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Load the hf_moe model in float32, apply the PEFT adapter and merge it; the merged state dict."""
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     from ..modeling.modeling_hf_moe import HfMoeForCausalLM
+    from ..peft import load_adapter  # PeftModel.from_pretrained that also knows the preset's fast experts layer
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
@@ -165,7 +166,13 @@ def _merged_state_dict(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Te
             "PeftModel.save_pretrained wrote"
         )
     model = HfMoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    if LoraConfig.from_pretrained(str(adapter_dir)).target_parameters:
+        # PEFT's own ParamWrapper adapters; registering the preset's fast experts layer on them makes PEFT refuse
+        # the experts as "targeted twice", so they load through plain PEFT.
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        peft_model = load_adapter(model, str(adapter_dir))
+    merged = peft_model.merge_and_unload()
     state = {name: tensor.detach() for name, tensor in merged.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
