@@ -1,0 +1,314 @@
+"""Model cards (metadata, parameter counts, provenance) and `push` up to the network boundary.
+
+The push tests run the real `huggingface_hub.HfApi` against a loopback HTTP server started here that answers the
+Hub endpoints `upload_folder` uses (create repo, branch, validate-yaml, preupload, commit) and records every
+request, so the file list, the calls and the token handling are checked on the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from hf_moe import HfMoeForCausalLM, cli
+from hf_moe.hub import (
+    count_parameters,
+    count_parameters_on_disk,
+    files_to_push,
+    push_to_hub,
+    render_model_card,
+    write_model_card,
+)
+from tests.helpers.tiny import ROUTER_CASES, tiny_config, tiny_model
+
+TOKEN = "hf_FAKEtokenThatMustNeverBeLogged1234"
+
+# Configs covering every parameter-count branch: each router, shared experts (gated), dense layers, q/k norm, biases,
+# tied embeddings, sparse step.
+COUNT_CASES = {
+    **{f"router-{name}": dict(router_type=name, **extra) for name, extra in ROUTER_CASES.items()},
+    "shared-gated-dense-first": dict(num_shared_experts=2, shared_expert_gate=True, first_k_dense_replace=1),
+    "qk-norm-biases-tied": dict(use_qk_norm=True, attention_bias=True, attention_output_bias=True,
+                                tie_word_embeddings=True),
+    "sparse-step-head-dim": dict(decoder_sparse_step=2, head_dim=16, mlp_only_layers=[0]),
+}
+
+
+def _expert_share(model: HfMoeForCausalLM) -> int:
+    """Active parameters enumerated from the module tree (independent of `count_parameters`): every parameter
+    once, except each fused expert tensor, of which only top_k / num_experts is active per token."""
+    config = model.config
+    active = 0
+    for name, param in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            active += param.numel() * config.num_experts_per_tok // config.num_experts
+        else:
+            active += param.numel()
+    return active
+
+
+@pytest.mark.parametrize("case", sorted(COUNT_CASES))
+def test_parameter_counts_match_the_model(case: str) -> None:
+    config = tiny_config(**COUNT_CASES[case])
+    with torch.device("meta"):
+        model = HfMoeForCausalLM(config)
+    counts = count_parameters(config)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.active == _expert_share(model)
+    assert counts.active < counts.total
+
+
+def test_tied_lm_head_counted_once_and_buffers_excluded(tmp_path: Path) -> None:
+    model = tiny_model(tie_word_embeddings=True, router_type="sigmoid_topk", n_group=2)
+    model.save_pretrained(tmp_path)
+    on_disk = count_parameters_on_disk(tmp_path, tie_word_embeddings=True)
+    assert on_disk == count_parameters(model.config).total == sum(p.numel() for p in model.parameters())
+
+
+def _saved_tiny(tmp_path: Path, **overrides) -> Path:
+    out = tmp_path / "tiny-moe"
+    tiny_model(**overrides).save_pretrained(out)
+    return out
+
+
+def test_card_metadata_parses_and_states_counts(tmp_path: Path) -> None:
+    model_dir = _saved_tiny(tmp_path, num_shared_experts=1)
+    path = write_model_card(model_dir, eval_results={"wikitext_ppl": 12.345, "note": "tiny"})
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert {"moe", "mixture-of-experts", "hf-moe"} <= set(data["tags"])
+    # No provenance, no license given: "other" and a visible note, never a guessed licence.
+    assert data["license"] == "other"
+    assert "License unknown" in card.text
+    assert "base_model" not in data
+    counts = count_parameters(HfMoeForCausalLM.config_class.from_pretrained(model_dir))
+    assert f"| Total | {counts.total:,} " in card.text
+    assert f"| Active per token | {counts.active:,} " in card.text
+    assert "| wikitext_ppl | 12.35 |" in card.text
+    assert "trust_remote_code=True" in card.text and "lora_config" in card.text and "from vllm import LLM" in card.text
+
+
+def test_card_renders_provenance(tmp_path: Path) -> None:
+    from hf_moe.conversion.io import write_provenance
+
+    source = tmp_path / "dense"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (source / "model.safetensors").write_bytes(b"not really weights")
+    model_dir = _saved_tiny(tmp_path)
+    write_provenance(
+        model_dir,
+        source=source,
+        method="upcycle",
+        options={"num_experts": 4, "num_experts_per_tok": 2},
+        source_files=[source / "model.safetensors"],
+        extra={"license": "apache-2.0", "base_model": "HuggingFaceTB/SmolLM2-135M"},
+    )
+    card = ModelCard.load(write_model_card(model_dir))
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert data["base_model_relation"] == "finetune"  # one of the Hub's values: adapter, merge, quantized, finetune
+    import hashlib
+
+    digest = hashlib.sha256(b"not really weights").hexdigest()
+    assert f"| `model.safetensors` | `{digest}` |" in card.text
+    assert "Method: **upcycle**" in card.text
+    assert '"num_experts_per_tok": 2' in card.text
+
+
+def test_local_source_path_is_not_a_base_model(tmp_path: Path) -> None:
+    # A provenance source that is a local folder must not become `base_model` (the Hub rejects non-repo ids).
+    text = render_model_card(
+        tiny_config(), provenance={"method": "upcycle", "source": {"path": str(tmp_path)}}, license="mit"
+    )
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert "base_model" not in metadata and "base_model_relation" not in metadata
+    assert metadata["license"] == "mit"
+
+
+def test_card_refuses_tensors_that_do_not_match_the_config(tmp_path: Path) -> None:
+    model_dir = _saved_tiny(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_experts"] = 8  # the safetensors still hold 4 experts per layer
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not belong to this config"):
+        write_model_card(model_dir)
+    assert not (model_dir / "README.md").exists()
+
+
+def test_card_refuses_non_hf_moe_and_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        write_model_card(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        write_model_card(tmp_path)
+
+
+def test_cli_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir = _saved_tiny(tmp_path)
+    assert cli.main(["card", str(model_dir), "--license", "apache-2.0", "--eval", "ppl=3.5"]) == 0
+    assert capsys.readouterr().out.strip() == str(model_dir / "README.md")
+    card = ModelCard.load(model_dir / "README.md")
+    assert card.data.license == "apache-2.0" and "| ppl | 3.5 |" in card.text
+    assert cli.main(["card", str(tmp_path / "missing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+# ================================================================================================================
+# push
+# ================================================================================================================
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """The Hub endpoints `create_repo` / `create_branch` / `upload_folder` call, answering as the Hub does."""
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _reply(self, code: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+        host = f"http://{self.headers['Host']}"
+        if self.path == "/api/repos/create":
+            payload = json.loads(body)
+            return self._reply(200, {"url": f"{host}/{payload['organization']}/{payload['name']}"})
+        if self.path == "/api/validate-yaml":
+            metadata = yaml.safe_load(json.loads(body)["content"].split("---")[1])
+            return self._reply(200 if isinstance(metadata, dict) else 400, {"warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return self._reply(200, {"files": modes})
+        if "/commit/" in self.path:
+            if self.server.fail_commit:
+                return self._reply(401, {"error": "Invalid username or password."})
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            return self._reply(200, {"commitUrl": f"{host}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        if "/branch/" in self.path:
+            return self._reply(200, {})
+        return self._reply(404, {"error": f"unexpected endpoint {self.path}"})
+
+
+@pytest.fixture
+def fake_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    server.requests = []
+    server.fail_commit = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _endpoint(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _committed_files(server) -> dict[str, bytes]:
+    commit = next(r for r in server.requests if "/commit/" in r["path"])
+    files = {}
+    for line in commit["body"].decode().splitlines():
+        entry = json.loads(line)
+        if entry["key"] == "file":
+            files[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+    return files
+
+
+@pytest.fixture
+def card_dir(tmp_path: Path) -> Path:
+    model_dir = _saved_tiny(tmp_path)
+    write_model_card(model_dir, license="apache-2.0")
+    (model_dir / "notes.log").write_text("local notes, not for the Hub")
+    (model_dir / ".cache").mkdir()
+    (model_dir / ".cache" / "x.json").write_text("{}")
+    return model_dir
+
+
+def test_files_to_push_refuses_pickles_and_missing_card(card_dir: Path) -> None:
+    assert files_to_push(card_dir) == sorted(
+        ["README.md", "config.json", "configuration_hf_moe.py", "generation_config.json", "model.safetensors",
+         "modeling_hf_moe.py"]
+    )
+    (card_dir / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match=r"pickle files \(training_args.bin\)"):
+        files_to_push(card_dir)
+    (card_dir / "training_args.bin").unlink()
+    (card_dir / "README.md").unlink()
+    with pytest.raises(FileNotFoundError, match="hf-moe card"):
+        files_to_push(card_dir)
+
+
+def test_push_uploads_the_folder(card_dir: Path, fake_hub, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = push_to_hub(card_dir, "alice/tiny-moe", token=TOKEN, endpoint=_endpoint(fake_hub), revision="dev",
+                      private=True)
+    assert url.endswith(f"/alice/tiny-moe/commit/{'a' * 40}")
+    paths = [r["path"] for r in fake_hub.requests]
+    assert paths == [
+        "/api/repos/create",
+        "/api/models/alice/tiny-moe/branch/dev",
+        "/api/validate-yaml",
+        "/api/models/alice/tiny-moe/preupload/dev",
+        "/api/models/alice/tiny-moe/commit/dev",
+    ]
+    create = json.loads(fake_hub.requests[0]["body"])
+    assert create["name"] == "tiny-moe" and create["organization"] == "alice"
+    assert create.get("private") is True or create.get("visibility") == "private"
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in fake_hub.requests)
+    committed = _committed_files(fake_hub)
+    assert sorted(committed) == files_to_push(card_dir)  # no notes.log, no hidden files
+    assert committed["model.safetensors"] == (card_dir / "model.safetensors").read_bytes()
+    assert TOKEN not in caplog.text
+
+
+def test_push_error_never_shows_the_token(
+    card_dir: Path, fake_hub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake_hub.fail_commit = True
+    monkeypatch.setenv("HF_ENDPOINT", _endpoint(fake_hub))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", _endpoint(fake_hub))
+    code = cli.main(["-v", "push", str(card_dir), "alice/tiny-moe", "--token", TOKEN])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "HTTP 401" in captured.err
+    assert any("/commit/" in r["path"] for r in fake_hub.requests)  # the failure came from the server
+    assert TOKEN not in captured.err + captured.out + caplog.text
+
+
+def test_push_refuses_bad_folders_before_any_request(tmp_path: Path, fake_hub, capsys) -> None:
+    model_dir = _saved_tiny(tmp_path)  # no card
+    with pytest.raises(FileNotFoundError, match="README.md"):
+        push_to_hub(model_dir, "alice/tiny-moe", token=TOKEN, endpoint=_endpoint(fake_hub))
+    with pytest.raises(ValueError, match="owner/name"):
+        push_to_hub(model_dir, "not a repo id", token=TOKEN, endpoint=_endpoint(fake_hub))
+    assert fake_hub.requests == []
+    assert cli.main(["push", str(model_dir), "alice/tiny-moe", "--token", TOKEN]) == 2
+    err = capsys.readouterr().err
+    assert "README.md" in err and TOKEN not in err
