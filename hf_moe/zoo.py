@@ -522,8 +522,6 @@ def create(
 
 
 def _create_upcycled(preset: Preset, out_dir: Path, source: Path, *, overwrite: bool) -> Path:
-    from .conversion import upcycle as upcycle_module
-
     config_path = source / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; --source must be the dense model's folder")
@@ -539,6 +537,8 @@ def _create_upcycled(preset: Preset, out_dir: Path, source: Path, *, overwrite: 
             f"{source} is not {preset.recipe.base_model}: "
             + ", ".join(f"{k}={got!r} (recipe: {exp!r})" for k, (got, exp) in differ.items())
         )
+    from .conversion import upcycle as upcycle_module
+
     upcycle_module.upcycle(source, out_dir, overwrite=overwrite, **preset.recipe.options)
     write_model_card(
         out_dir,

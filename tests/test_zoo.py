@@ -1,0 +1,159 @@
+"""The zoo: every preset's counts (by hand, by formula, on a meta-device model), its rendered card, and that every
+from-scratch preset builds, saves, loads and runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_moe import HfMoeForCausalLM, cli
+from hf_moe.hub import count_parameters
+from hf_moe.zoo import PRESETS, card_path, create, get_preset, render_cards, upcycled_config
+from tests.test_hub import _expert_share
+
+FROM_SCRATCH = [name for name, p in PRESETS.items() if p.recipe.method == "from_scratch"]
+UPCYCLE = [name for name, p in PRESETS.items() if p.recipe.method == "upcycle"]
+
+# Published sizes of the dense bases (their model pages / papers), the anchor for the upcycled counts.
+DENSE_PARAMS = {
+    "smollm2-135m-8x-top2": 134_515_008,
+    "qwen2.5-0.5b-8x-top2": 494_032_768,
+    "llama-3.2-1b-8x-top2": 1_235_814_400,
+    "qwen3-0.6b-8x-top2": 596_049_920,
+}
+
+
+def test_zoo_has_the_required_families() -> None:
+    configs = {name: p.config() for name, p in PRESETS.items()}
+    assert {c.router_type for c in configs.values()} >= {"topk_softmax", "softmax_topk", "sigmoid_topk", "switch",
+                                                        "expert_choice"}
+    deepseek = configs["deepseek-style"]
+    assert deepseek.num_shared_experts >= 1 and deepseek.n_group > 1 and deepseek.first_k_dense_replace >= 1
+    assert configs["qwen3-moe-style"].use_qk_norm and configs["qwen3-moe-style"].num_experts_per_tok == 8
+    assert configs["switch-style"].capacity_factor is not None and configs["switch-style"].num_experts_per_tok == 1
+    assert sorted(PRESETS[n].recipe.base_model for n in UPCYCLE) == [
+        "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_counts(name: str) -> None:
+    preset = PRESETS[name]
+    counts = preset.parameter_counts()
+    assert (counts.total, counts.active) == (preset.expected_total, preset.expected_active)
+    with torch.device("meta"):
+        model = HfMoeForCausalLM(preset.config())
+    assert sum(p.numel() for p in model.parameters()) == preset.expected_total
+    assert _expert_share(model) == preset.expected_active
+
+
+@pytest.mark.parametrize("name", UPCYCLE)
+def test_upcycled_config_keeps_the_dense_model(name: str) -> None:
+    """The upcycled model has exactly the dense model's tensors outside the MLPs, and E copies of its MLP."""
+    preset = PRESETS[name]
+    dense_fields = dict(preset.recipe.dense_config)
+    dense_config = AutoConfig.for_model(dense_fields.pop("model_type"), **dense_fields)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(dense_config)
+        moe = HfMoeForCausalLM(preset.config())
+    assert sum(p.numel() for p in dense.parameters()) == DENSE_PARAMS[name]
+    dense_shapes = {k: v.shape for k, v in dense.state_dict().items() if ".mlp." not in k}
+    moe_shapes = {k: v.shape for k, v in moe.state_dict().items() if ".mlp." not in k}
+    assert moe_shapes == dense_shapes  # attention (biases, q/k norms), norms, embeddings, tied head
+    config = preset.config()
+    mlp = 3 * config.hidden_size * config.intermediate_size
+    layers, experts, k = config.num_hidden_layers, config.num_experts, config.num_experts_per_tok
+    router = layers * experts * config.hidden_size
+    assert preset.expected_total == DENSE_PARAMS[name] + layers * (experts - 1) * mlp + router
+    assert preset.expected_active == DENSE_PARAMS[name] + layers * (k - 1) * mlp + router
+    assert config.rope_parameters["rope_theta"] == preset.recipe.dense_config["rope_theta"]
+
+
+def test_upcycled_config_refuses_unknown_bases() -> None:
+    with pytest.raises(ValueError, match="not a supported dense base"):
+        upcycled_config({"model_type": "gpt2"}, num_experts=8, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_rendered_card_in_sync_and_valid(name: str) -> None:
+    preset = PRESETS[name]
+    path = card_path(name)
+    assert path.is_file(), f"{path} missing: run python -m hf_moe.zoo --render-cards"
+    assert path.read_text(encoding="utf-8") == preset.render_card(), (
+        f"{path} is stale: run python -m hf_moe.zoo --render-cards"
+    )
+    card = ModelCard.load(path)
+    assert card.data.license == preset.recipe.license
+    assert card.data.base_model == preset.recipe.base_model
+    if preset.recipe.method == "upcycle":
+        assert card.data.base_model_relation == "finetune"
+    assert f"| Total | {preset.expected_total:,} " in card.text
+    assert f"| Active per token | {preset.expected_active:,} " in card.text
+
+
+def test_render_cards_writes_every_preset(tmp_path: Path) -> None:
+    written = render_cards(tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"{n}.md" for n in PRESETS)
+    assert all(p.read_text() == card_path(p.stem).read_text() for p in written)
+
+
+@pytest.mark.parametrize("name", FROM_SCRATCH)
+def test_create_builds_saves_loads_and_runs(name: str, tmp_path: Path) -> None:
+    out = create(name, tmp_path / name, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()  # strict: every tensor present and matching
+    want = PRESETS[name].config()
+    assert {k: getattr(model.config, k) for k in want.to_diff_dict()} == want.to_diff_dict()
+    input_ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert logits.shape == (1, 5, model.config.vocab_size) and torch.isfinite(logits).all()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert f"{PRESETS[name].expected_total:,}" in card.text
+    provenance = json.loads((out / "hf_moe_provenance.json").read_text())
+    assert provenance["method"] == "from_scratch" and provenance["options"]["seed"] == 3
+    with pytest.raises(FileExistsError):
+        create(name, out)
+
+
+def test_create_is_reproducible(tmp_path: Path) -> None:
+    first = AutoModelForCausalLM.from_pretrained(create("tiny", tmp_path / "a", seed=3))
+    again = AutoModelForCausalLM.from_pretrained(create("tiny", tmp_path / "b", seed=3))
+    other = AutoModelForCausalLM.from_pretrained(create("tiny", tmp_path / "c", seed=4))
+    torch.testing.assert_close(again.state_dict(), first.state_dict())
+    assert not torch.equal(other.model.embed_tokens.weight, first.model.embed_tokens.weight)
+
+
+def test_upcycle_presets_explain_or_check_their_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="hf-moe upcycle DENSE_DIR .* --num-experts 8 --top-k 2"):
+        create("qwen3-0.6b-8x-top2", tmp_path / "out")
+    source = tmp_path / "not-smollm2"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({**get_preset("smollm2-135m-8x-top2").recipe.dense_config,
+                                                    "hidden_size": 64}))
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        create("smollm2-135m-8x-top2", tmp_path / "out", source=source)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unknown zoo preset 'nope'; available: tiny"):
+        get_preset("nope")
+
+
+def test_cli_zoo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["zoo", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in PRESETS)
+    assert cli.main(["zoo", "show", "llama-3.2-1b-8x-top2"]) == 0
+    shown = capsys.readouterr().out
+    assert "6,873,221,120 total, 2,041,382,912 active per token" in shown and "llama3" in shown
+    assert cli.main(["zoo", "create", "tiny", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "README.md").is_file()
+    count = count_parameters(AutoConfig.from_pretrained(tmp_path / "tiny")).total
+    assert count == PRESETS["tiny"].expected_total
+    capsys.readouterr()
+    assert cli.main(["zoo", "create", "smollm2-135m-8x-top2", str(tmp_path / "x")]) == 2
+    assert "--source DENSE_DIR" in capsys.readouterr().err
+    assert cli.main(["zoo", "show", "nope"]) == 2
