@@ -582,8 +582,14 @@ class HfMoePreTrainedModel(PreTrainedModel):
         if not strict:
             return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        # transformers raises a bare RuntimeError on a shape mismatch; load, then report it with the rest below.
+        # An explicit ignore_mismatched_sizes=True accepts mismatched (re-initialised) tensors.
+        accept_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        kinds = ("missing_keys", "unexpected_keys") + (() if accept_mismatched else ("mismatched_keys",))
+        problems = {k: sorted(info.get(k) or []) for k in kinds}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             details = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''} ({len(v)})" for k, v in problems.items())
