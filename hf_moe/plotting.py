@@ -137,7 +137,7 @@ def plot_expert_load(
     num_layers, num_experts = load.shape
     balanced = 1.0 / num_experts
     width = min(16.0, 3.0 + 0.35 * num_experts)
-    height = min(12.0, 2.0 + 0.35 * num_layers)
+    height = min(12.0, 2.5 + 0.35 * num_layers)
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -155,7 +155,7 @@ def plot_expert_load(
             for j in range(num_experts):
                 ax.text(j, i, f"{load[i, j]:.2f}", ha="center", va="center", fontsize=7)
     colorbar = fig.colorbar(image, ax=ax)
-    colorbar.set_label(f"share of routed assignments (balanced = 1/{num_experts})")
+    colorbar.set_label(f"share of assignments (balanced = 1/{num_experts})")
     ax.set_title(
         title
         or f"Expert load: {stats.router_type}, top-{stats.top_k} of {num_experts}, {stats.num_tokens} tokens"
@@ -165,7 +165,7 @@ def plot_expert_load(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
