@@ -105,73 +105,40 @@ def _build_note(preset: Preset) -> str:
 # Dense base -> upcycled config.
 # ================================================================================================================
 
-# Dense fields that carry over unchanged (Llama / Qwen2 / Qwen3 share these names).
-_CARRIED = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "attention_dropout",
-)
-
-
 def upcycled_config(
     dense_config: dict[str, Any],
     *,
     num_experts: int,
-    num_experts_per_tok: int,
-    router_type: str = "topk_softmax",
-    **moe_options: Any,
+    top_k: int,
+    router_type: str = "softmax_topk",
+    **config_overrides: Any,
 ) -> HfMoeConfig:
-    """The HfMoeConfig of a dense Llama / Mistral / Qwen2 / Qwen3 model upcycled to `num_experts` copies of its
-    MLP per layer (every layer MoE, experts as wide as the dense MLP).
+    """The HfMoeConfig that `hf_moe.upcycle(src, out, num_experts=..., top_k=..., router_type=...)` produces for a
+    dense Llama / Mistral / Qwen2 / Qwen3 config (every layer MoE, experts as wide as the dense MLP), computed
+    without any weights. The decoder fields come from the upcycler's own source table (`conversion.sources`).
 
     Args:
         dense_config: the dense model's config.json fields (needs `model_type`).
         num_experts: routed experts per layer.
-        num_experts_per_tok: top-k.
+        top_k: experts per token.
         router_type: a key of the router registry.
-        moe_options: further HfMoeConfig fields (e.g. `router_aux_loss_coef`).
+        config_overrides: further HfMoeConfig fields.
     Returns:
         The HfMoeConfig.
     """
-    model_type = dense_config.get("model_type")
-    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(
-            f"upcycled_config: model_type {model_type!r} is not a supported dense base (llama, mistral, qwen2, "
-            "qwen3)"
-        )
-    kwargs = {k: dense_config[k] for k in _CARRIED if k in dense_config}
-    rope = dict(dense_config.get("rope_scaling") or {})
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    rope["rope_theta"] = dense_config.get("rope_theta", 10000.0)
-    kwargs["rope_parameters"] = dense_config.get("rope_parameters") or rope
-    if model_type == "qwen2":
-        kwargs["attention_bias"] = True  # Qwen2 has q/k/v biases, not an o_proj bias
-    else:
-        kwargs["attention_bias"] = bool(dense_config.get("attention_bias", False))
-        kwargs["attention_output_bias"] = kwargs["attention_bias"]
-    if model_type == "qwen3":
-        kwargs["use_qk_norm"] = True
-    if dense_config.get("use_sliding_window", model_type == "mistral") and dense_config.get("sliding_window"):
-        kwargs["sliding_window"] = dense_config["sliding_window"]
+    from .conversion.sources import translate_config
+
+    dense_kwargs = translate_config(dense_config)
     return HfMoeConfig(
-        **kwargs,
-        moe_intermediate_size=dense_config["intermediate_size"],
-        num_experts=num_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        router_type=router_type,
-        **moe_options,
+        **{
+            **dense_kwargs,
+            "num_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": dense_kwargs["intermediate_size"],
+            "router_type": router_type,
+            "use_cache": router_type != "expert_choice",
+            **config_overrides,
+        }
     )
 
 
@@ -273,7 +240,8 @@ _SMALL = dict(
     eos_token_id=2,
 )
 _TOPK2 = dict(num_experts=8, num_experts_per_tok=2)
-_UPCYCLE = dict(num_experts=8, num_experts_per_tok=2, router_type="topk_softmax")
+# The upcycler's defaults: softmax over all experts, top-k renormalised, so copies reproduce the dense MLP.
+_UPCYCLE = dict(num_experts=8, top_k=2, router_type="softmax_topk")
 
 _PRESETS = [
     Preset(
@@ -379,7 +347,7 @@ _PRESETS = [
     ),
     Preset(
         name="smollm2-135m-8x-top2",
-        description="SmolLM2-135M upcycled: every MLP copied into 8 experts, top-2 (Mixtral-style router).",
+        description="SmolLM2-135M upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="HuggingFaceTB/SmolLM2-135M",
                       dense_config=SMOLLM2_135M, license="apache-2.0"),
         expected_total=692_036_928,
@@ -387,7 +355,7 @@ _PRESETS = [
     ),
     Preset(
         name="qwen2.5-0.5b-8x-top2",
-        description="Qwen2.5-0.5B upcycled: every MLP copied into 8 experts, top-2 (Mixtral-style router).",
+        description="Qwen2.5-0.5B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen2.5-0.5B",
                       dense_config=QWEN2_5_0_5B, license="apache-2.0"),
         expected_total=2_690_709_376,
@@ -396,7 +364,7 @@ _PRESETS = [
     Preset(
         name="llama-3.2-1b-8x-top2",
         description=(
-            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2 (Mixtral-style router). The Llama 3.2 "
+            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised). The Llama 3.2 "
             "Community License applies to the result."
         ),
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="meta-llama/Llama-3.2-1B",
@@ -406,7 +374,7 @@ _PRESETS = [
     ),
     Preset(
         name="qwen3-0.6b-8x-top2",
-        description="Qwen3-0.6B upcycled: every MLP copied into 8 experts, top-2 (Mixtral-style router).",
+        description="Qwen3-0.6B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen3-0.6B",
                       dense_config=QWEN3_0_6B, license="apache-2.0"),
         expected_total=2_445_967_360,
@@ -452,8 +420,8 @@ def upcycle_command(preset: Preset, out_dir: str = "OUT_DIR", source: str = "DEN
     """The shell command that builds an upcycling preset from a local copy of its dense base."""
     opts = preset.recipe.options
     return (
-        f"hf-moe upcycle {source} {out_dir} --num-experts {opts['num_experts']} --top-k "
-        f"{opts['num_experts_per_tok']} --router-type {opts['router_type']}"
+        f"hf-moe upcycle {source} {out_dir} --num-experts {opts['num_experts']} --top-k {opts['top_k']} "
+        f"--router {opts['router_type']}"
     )
 
 

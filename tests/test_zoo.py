@@ -74,8 +74,8 @@ def test_upcycled_config_keeps_the_dense_model(name: str) -> None:
 
 
 def test_upcycled_config_refuses_unknown_bases() -> None:
-    with pytest.raises(ValueError, match="not a supported dense base"):
-        upcycled_config({"model_type": "gpt2"}, num_experts=8, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="unsupported source architecture"):
+        upcycled_config({"model_type": "gpt2"}, num_experts=8, top_k=2)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
