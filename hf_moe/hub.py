@@ -517,6 +517,8 @@ def write_model_card(
         )
     provenance_path = model_dir / PROVENANCE_FILE
     provenance = _read_json(provenance_path) if provenance_path.is_file() else None
+    if license is None and provenance and not _source_fields(provenance)[1]:
+        license = _license_from_source_card(provenance)
     text = render_model_card(
         config,
         provenance=provenance,
@@ -531,6 +533,22 @@ def write_model_card(
     out = model_dir / "README.md"
     _atomic_write_text(out, text)
     return out
+
+
+def _license_from_source_card(provenance: dict) -> str | None:
+    """The license in the source model's own card (README.md metadata), when the source folder still exists."""
+    from huggingface_hub import ModelCard
+
+    source = provenance.get("source")
+    path = source.get("path") if isinstance(source, dict) else source if isinstance(source, str) else None
+    readme = Path(path) / "README.md" if path else None
+    if readme is None or not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a malformed source card just means no licence is known; the note says so
+        logger.warning("could not read the license from %s", readme)
+        return None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -312,3 +312,59 @@ def test_push_refuses_bad_folders_before_any_request(tmp_path: Path, fake_hub, c
     assert cli.main(["push", str(model_dir), "alice/tiny-moe", "--token", TOKEN]) == 2
     err = capsys.readouterr().err
     assert "README.md" in err and TOKEN not in err
+
+
+# ================================================================================================================
+# upcycled models
+# ================================================================================================================
+
+
+def tiny_dense_llama(out: Path, *, license: str | None = "apache-2.0") -> Path:
+    """A tiny dense Llama checkpoint (the tiny hf_moe dims), with a source card carrying a licence."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(out)
+    if license:
+        (out / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# tiny dense llama\n")
+    return out
+
+
+def test_card_of_an_upcycled_model(tmp_path: Path) -> None:
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_moe import upcycle
+
+    dense = tiny_dense_llama(tmp_path / "dense")
+    dense_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(dense).parameters())
+    out = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
+    card = ModelCard.load(write_model_card(out, eval_results={"ppl_delta_vs_dense": 0.0}))
+    assert card.data.license == "apache-2.0"  # read from the source folder's own card
+    assert card.data.base_model is None  # the source is a local folder, not a Hub repo
+    # By hand: 2 layers, each MLP (3 * 32 * 64 = 6144) copied into 4 experts plus a 4 x 32 router; top-2 active.
+    mlp, router = 3 * 32 * 64, 4 * 32
+    total = dense_params + 2 * (3 * mlp + router)
+    active = dense_params + 2 * (mlp + router)
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in moe.parameters()) == total
+    assert f"| Total | {total:,} " in card.text and f"| Active per token | {active:,} " in card.text
+    assert "Method: **upcycle**" in card.text and '"top_k": 2' in card.text
+    digest = hashlib.sha256((dense / "model.safetensors").read_bytes()).hexdigest()
+    assert f"| `model.safetensors` | `{digest}` |" in card.text
+    assert "Function preserving: `True`" in card.text
+
+
+def test_upcycled_card_without_known_license(tmp_path: Path) -> None:
+    from hf_moe import upcycle
+
+    dense = tiny_dense_llama(tmp_path / "dense", license=None)
+    out = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
+    card = ModelCard.load(write_model_card(out))
+    assert card.data.license == "other" and "License unknown" in card.text
+    card = ModelCard.load(write_model_card(out, license="mit", base_model="someone/tiny-llama"))
+    assert card.data.license == "mit" and card.data.base_model == "someone/tiny-llama"
+    assert card.data.base_model_relation == "finetune"

@@ -157,3 +157,32 @@ def test_cli_zoo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["zoo", "create", "smollm2-135m-8x-top2", str(tmp_path / "x")]) == 2
     assert "--source DENSE_DIR" in capsys.readouterr().err
     assert cli.main(["zoo", "show", "nope"]) == 2
+
+
+def test_create_runs_an_upcycling_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zoo create NAME OUT --source DIR` for an upcycling recipe, on a tiny dense base registered as a preset."""
+    from hf_moe.zoo import Preset, Recipe
+    from tests.test_hub import tiny_dense_llama
+
+    dense = tiny_dense_llama(tmp_path / "dense")
+    dense_config = json.loads((dense / "config.json").read_text())
+    preset = Preset(
+        name="tiny-llama-4x-top2",
+        description="A tiny dense Llama upcycled to 4 experts, top-2.",
+        recipe=Recipe(method="upcycle", options=dict(num_experts=4, top_k=2, router_type="softmax_topk"),
+                      base_model="someone/tiny-llama", dense_config=dense_config, license="mit"),
+        expected_total=0,
+        expected_active=0,
+    )
+    monkeypatch.setitem(PRESETS, preset.name, preset)
+    assert cli.main(["zoo", "create", preset.name, str(tmp_path / "moe"), "--source", str(dense)]) == 0
+    out = tmp_path / "moe"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == preset.parameter_counts().total
+    # The preset's config (computed without weights) is what the upcycler wrote.
+    want = preset.config().to_diff_dict()
+    assert {k: getattr(model.config, k) for k in want if k not in ("dtype",)} == {
+        k: v for k, v in want.items() if k not in ("dtype",)}
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and card.data.base_model == "someone/tiny-llama"
+    assert f"| Total | {preset.parameter_counts().total:,} " in card.text
