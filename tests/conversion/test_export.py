@@ -291,6 +291,23 @@ def test_import_transformers_saved_native_checkpoint(tmp_path, target):
     torch.testing.assert_close(_logits(HfMoeForCausalLM.from_pretrained(back)), _logits(native))
 
 
+@pytest.mark.parametrize("target", ["mixtral", "glm4_moe"])
+def test_import_fused_layout(tmp_path, target):
+    """A native checkpoint holding transformers 5's in-memory names (fused experts, Mixtral's `mlp.`) imports too."""
+    from hf_moe.conversion.native import native_config_kwargs
+
+    config = getattr(transformers, SPECS[target].config_class)(**native_config_kwargs(tiny_target_config(target), target))
+    torch.manual_seed(0)
+    native = getattr(transformers, SPECS[target].architecture)(config).eval()
+    (tmp_path / "native").mkdir()
+    config.save_pretrained(tmp_path / "native")
+    state = {k: v.contiguous() for k, v in native.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, tmp_path / "native" / "model.safetensors")
+    back = import_native(tmp_path / "native", tmp_path / "back")
+    torch.testing.assert_close(_logits(HfMoeForCausalLM.from_pretrained(back)), _logits(native))
+
+
 def test_import_skips_glm_multi_token_prediction_layer(tmp_path):
     src = build_tiny_for_target("glm4_moe", tmp_path / "src")
     native = export(src, tmp_path / "native", to="glm4_moe")
