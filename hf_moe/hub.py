@@ -342,7 +342,10 @@ def _provenance_section(provenance: dict | None) -> str:
             lines.append(f"- {key.replace('_', ' ').capitalize()}: `{value}`")
     options = provenance.get("options")
     if options:
-        lines.append("- Options:\n\n```json\n" + json.dumps(options, indent=2, sort_keys=True) + "\n```")
+        lines.append("\nOptions:\n")
+        lines.append("| Option | Value |\n|---|---|")
+        for key, value in sorted(options.items()):
+            lines.append(f"| `{key}` | `{_compact(value)}` |")
     if checksums:
         lines.append("\nSource files (sha256):\n")
         lines.append("| File | sha256 |\n|---|---|")
@@ -352,6 +355,14 @@ def _provenance_section(provenance: dict | None) -> str:
     if versions:
         lines.append("\nSoftware: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     return "\n".join(lines)
+
+
+def _compact(value: Any) -> str:
+    """One-line JSON; runs of consecutive integers (layer lists) shortened to first-last."""
+    if isinstance(value, list) and len(value) > 3 and all(isinstance(v, int) for v in value):
+        if value == list(range(value[0], value[-1] + 1)):
+            return f"{value[0]}-{value[-1]} ({len(value)} values)"
+    return json.dumps(value, sort_keys=True, default=str).replace("|", "\\|")
 
 
 def _eval_section(eval_results: dict | None) -> str:
@@ -551,11 +562,18 @@ def _license_from_source_card(provenance: dict) -> str | None:
         return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a card is as readable as any saved file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

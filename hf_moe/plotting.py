@@ -106,8 +106,14 @@ def inspect_routing(
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     if getattr(model.config, "model_type", None) != "hf_moe":
         raise ValueError(f"{model_dir} holds a {model.config.model_type!r} model, not hf_moe")
-    # Tokenize only a prefix long enough for max_tokens (about 4 characters per token is generous below).
-    ids = tokenizer(text[: max_tokens * 16], add_special_tokens=False)["input_ids"][:max_tokens]
+    # Tokenize only a prefix of the text, doubled until it holds max_tokens tokens (texts can be megabytes).
+    chars = max_tokens * 4
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= max_tokens or chars >= len(text):
+            break
+        chars *= 2
+    ids = ids[:max_tokens]
     return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
 
 
@@ -142,9 +148,8 @@ def plot_expert_load(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     vmax = max(float(load.max()), balanced * 1.0001)
-    image = ax.imshow(
-        load.numpy(), aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=balanced, vmin=0.0, vmax=vmax)
-    )
+    norm = TwoSlopeNorm(vcenter=balanced, vmin=0.0, vmax=vmax)
+    image = ax.imshow(load.numpy(), aspect="auto", cmap="RdBu_r", norm=norm)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(num_layers), [str(i) for i in stats.layers])
@@ -153,7 +158,9 @@ def plot_expert_load(
     if num_experts <= 16 and num_layers <= 32:
         for i in range(num_layers):
             for j in range(num_experts):
-                ax.text(j, i, f"{load[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                # White on the saturated ends of the colour map, black near the balanced (white) centre.
+                colour = "white" if abs(float(norm(float(load[i, j]))) - 0.5) > 0.3 else "black"
+                ax.text(j, i, f"{load[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
     colorbar = fig.colorbar(image, ax=ax)
     colorbar.set_label(f"share of assignments (balanced = 1/{num_experts})")
     ax.set_title(
@@ -166,6 +173,9 @@ def plot_expert_load(
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

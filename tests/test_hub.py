@@ -125,7 +125,7 @@ def test_card_renders_provenance(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"not really weights").hexdigest()
     assert f"| `model.safetensors` | `{digest}` |" in card.text
     assert "Method: **upcycle**" in card.text
-    assert '"num_experts_per_tok": 2' in card.text
+    assert '| `num_experts_per_tok` | `2` |' in card.text
 
 
 def test_local_source_path_is_not_a_base_model(tmp_path: Path) -> None:
@@ -352,7 +352,7 @@ def test_card_of_an_upcycled_model(tmp_path: Path) -> None:
     moe = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in moe.parameters()) == total
     assert f"| Total | {total:,} " in card.text and f"| Active per token | {active:,} " in card.text
-    assert "Method: **upcycle**" in card.text and '"top_k": 2' in card.text
+    assert "Method: **upcycle**" in card.text and '| `top_k` | `2` |' in card.text
     digest = hashlib.sha256((dense / "model.safetensors").read_bytes()).hexdigest()
     assert f"| `model.safetensors` | `{digest}` |" in card.text
     assert "Function preserving: `True`" in card.text
