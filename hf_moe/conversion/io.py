@@ -202,10 +202,13 @@ class CheckpointReader:
     """A Hugging Face checkpoint folder (``config.json`` + ``model.safetensors`` or sharded safetensors with
     ``model.safetensors.index.json``), validated when opened and read one tensor at a time.
 
-    Files are opened read-only (``safe_open`` memory-maps them); nothing in the folder is modified.
+    Files are opened read-only; nothing in the folder is modified. Tensors are read with plain reads at the
+    offsets of the validated header (``mmap=True`` uses ``safetensors.safe_open`` instead, whose memory-mapped
+    pages stay resident while the shard is open).
 
     Args:
         src_dir: the checkpoint folder.
+        mmap: read through ``safe_open`` memory maps instead of plain reads.
 
     Raises:
         FileNotFoundError: the folder, ``config.json`` or a weights file named by the index is missing.
@@ -213,7 +216,8 @@ class CheckpointReader:
             tensors a shard does not hold, or an unreadable config.
     """
 
-    def __init__(self, src_dir: str | os.PathLike):
+    def __init__(self, src_dir: str | os.PathLike, *, mmap: bool = False):
+        self.mmap = mmap
         self.root = Path(src_dir)
         if not self.root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {self.root} does not exist or is not a directory")
@@ -233,6 +237,7 @@ class CheckpointReader:
         self._check_index()
         self.files_read.extend(self.files)
         self._handles: dict[str, Any] = {}
+        self._data_start: dict[str, int] = {}
 
     def _find_weights(self) -> dict[str, str]:
         single, index = self.root / SAFE_WEIGHTS_NAME, self.root / SAFE_WEIGHTS_INDEX_NAME
@@ -314,12 +319,33 @@ class CheckpointReader:
         if file_name is None:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.root}")
         handle = self._handles.get(file_name)
+        if self.mmap:
+            if handle is None:
+                handle = self._handles[file_name] = safe_open(str(self.root / file_name), framework="pt", device="cpu")
+            return handle.get_tensor(name)
+        # Default: a plain read of the tensor's bytes (offsets from the header validated at open) into a fresh
+        # tensor. Memory-mapped pages of a multi-GB shard would stay resident and count towards the process's
+        # memory until the map is closed; read() keeps the peak at the tensors actually held.
         if handle is None:
-            handle = self._handles[file_name] = safe_open(str(self.root / file_name), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+            handle = self._handles[file_name] = open(self.root / file_name, "rb")  # noqa: SIM115 (closed in close())
+        info = self._headers[file_name][name]
+        start, end = info["data_offsets"]
+        data_start = self._data_start.get(file_name)
+        if data_start is None:
+            handle.seek(0)
+            data_start = self._data_start[file_name] = 8 + struct.unpack("<Q", handle.read(8))[0]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            handle.seek(data_start + start)
+            if handle.readinto(memoryview(buffer.numpy())) != end - start:
+                raise ValueError(f"{self.root / file_name} ended early while reading {name!r}; was it modified?")
+        return buffer.view(self.dtype(name)).reshape(info["shape"])
 
     def close(self) -> None:
-        """Release the open shards (their memory maps)."""
+        """Release the open shards (file handles / memory maps)."""
+        for handle in self._handles.values():
+            if hasattr(handle, "close"):
+                handle.close()
         self._handles.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -403,15 +429,34 @@ class ShardWriter:
         Raises:
             ValueError: a duplicate name or an unsupported dtype.
         """
+        self.add_stacked(name, [tensor], stack=False)
+
+    def add_stacked(self, name: str, parts: list[torch.Tensor], *, stack: bool = True) -> None:
+        """Write ``torch.stack(parts)`` under `name` without building the stacked tensor: each part's bytes are
+        written in turn, so repeated parts (e.g. identical experts) cost no memory.
+
+        Args:
+            name: tensor name.
+            parts: tensors of one shape and dtype (the same object may repeat).
+            stack: False writes the single part as is (no leading dimension).
+
+        Raises:
+            ValueError: a duplicate name, an unsupported dtype, or parts that differ in shape/dtype.
+        """
         if self.finalized is not None:
             raise ValueError("ShardWriter.add after finalize(); create a new writer")
         if name in self._names:
             raise ValueError(f"tensor {name!r} was already written")
-        if tensor.dtype not in _DTYPE_TO_ST:
-            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        entry_bytes = len(json.dumps({name: {"dtype": "F64", "shape": list(tensor.shape),
+        if not parts or (not stack and len(parts) != 1):
+            raise ValueError(f"tensor {name!r}: give one tensor, or a non-empty list of parts to stack")
+        first = parts[0]
+        if any(p.shape != first.shape or p.dtype != first.dtype for p in parts):
+            raise ValueError(f"tensor {name!r}: the parts to stack differ in shape or dtype")
+        if first.dtype not in _DTYPE_TO_ST:
+            raise ValueError(f"tensor {name!r} has dtype {first.dtype}, which safetensors cannot store")
+        shape = [len(parts), *first.shape] if stack else list(first.shape)
+        nbytes = first.numel() * first.element_size() * len(parts)
+        entry_bytes = len(json.dumps({name: {"dtype": "F64", "shape": shape,
                                              "data_offsets": [10**15, 10**15]}})) + 1
         if entry_bytes + 64 > self.header_reserve:
             raise ValueError(f"tensor name {name!r} is too long for the shard header reserve")
@@ -427,11 +472,16 @@ class ShardWriter:
             shard = self.shards[-1]
         start = shard["size"]
         if nbytes:
-            # A uint8 view writes the raw bytes of any dtype (bfloat16 included) without a copy.
-            self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            contiguous = {}
+            for part in parts:
+                key = id(part)
+                if key not in contiguous:
+                    contiguous[key] = part.detach().to("cpu").contiguous()
+                # A uint8 view writes the raw bytes of any dtype (bfloat16 included) without a copy.
+                self._file.write(memoryview(contiguous[key].reshape(-1).view(torch.uint8).numpy()))
         shard["header"][name] = {
-            "dtype": _DTYPE_TO_ST[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": _DTYPE_TO_ST[first.dtype],
+            "shape": shape,
             "data_offsets": [start, start + nbytes],
         }
         shard["size"] += nbytes

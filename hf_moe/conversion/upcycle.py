@@ -381,6 +381,10 @@ def upcycle(
                     writer.add(name, tensor)
                     written.add(name)
 
+                def put_stacked(name: str, parts: list[torch.Tensor]) -> None:
+                    writer.add_stacked(name, parts)
+                    written.add(name)
+
                 for src, dst in head:
                     put(dst, cast(reader.get_tensor(src)))
                 for i in tqdm(range(num_layers), desc="upcycling layers", unit="layer", disable=not progress):
@@ -393,20 +397,30 @@ def upcycle(
                         for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                             put(f"{prefix}{proj}.weight", cast(t))
                         continue
-                    gate_up_w, down_w = expert_weights(
-                        gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
-                    )
-                    if drop_ratio > 0:
-                        gate_up_w, down_w, _ = drop_upcycle(
-                            gate_up_w, down_w, drop_ratio=drop_ratio, generator=seeded_generator(seed, "drop", i)
-                        )
-                    if noise_std > 0:
-                        gate_up_w, down_w = add_relative_noise(
-                            gate_up_w, down_w, noise_std=noise_std, generator=seeded_generator(seed, "noise", i)
-                        )
-                    put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
-                    put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
-                    del gate_up_w, down_w
+                    if drop_ratio > 0 or noise_std > 0:
+                        gate_up_w, down_w = expert_weights(
+                            gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
+                        )  # (E, 2I/g, H), (E, H, I/g)
+                        if drop_ratio > 0:
+                            gate_up_w, down_w, _ = drop_upcycle(
+                                gate_up_w, down_w, drop_ratio=drop_ratio, generator=seeded_generator(seed, "drop", i)
+                            )
+                        if noise_std > 0:
+                            gate_up_w, down_w = add_relative_noise(
+                                gate_up_w, down_w, noise_std=noise_std, generator=seeded_generator(seed, "noise", i)
+                            )
+                        put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
+                        put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
+                    else:
+                        # Experts are repeats of `granularity` distinct slices: build only those and let the writer
+                        # repeat their bytes (no (E, ...) tensor in memory).
+                        gate_up_s, down_s = expert_weights(
+                            gate, up, down, num_experts=granularity, granularity=granularity, down_scale=routed_scale
+                        )  # (g, 2I/g, H), (g, H, I/g)
+                        gate_up_s, down_s = gate_up_s.to(out_dtype), down_s.to(out_dtype)
+                        slice_of = [e % granularity for e in range(num_experts)]
+                        put_stacked(f"{prefix}experts.gate_up_proj", [gate_up_s[j] for j in slice_of])
+                        put_stacked(f"{prefix}experts.down_proj", [down_s[j] for j in slice_of])
                     router = router_for_layer(i)  # (E, H)
                     if tuple(router.shape) != (num_experts, config.hidden_size):
                         raise ValueError(

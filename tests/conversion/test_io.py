@@ -54,14 +54,15 @@ def _expected_state(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("which", ["single", "sharded"])
-def test_reader_reads_every_tensor(which, single_dir, sharded_dir):
+def test_reader_reads_every_tensor(which, mmap, single_dir, sharded_dir):
     path = single_dir if which == "single" else sharded_dir
     if which == "sharded":
         assert (path / "model.safetensors.index.json").is_file()
         assert len(list(path.glob("model-*-of-*.safetensors"))) > 2
     expected = _expected_state(path)
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path, mmap=mmap) as reader:
         assert reader.model_type == "llama"
         assert set(reader.keys()) == set(expected)
         for name, tensor in expected.items():
@@ -327,3 +328,19 @@ def test_write_provenance(tmp_path, sharded_dir):
     assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"].startswith(
         torch.__version__.split("+")[0]
     )
+
+
+def test_shard_writer_add_stacked_equals_stack(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    parts = [a, b, a, a[:, :].t().t(), b]
+    with ShardWriter(tmp_path, max_shard_size=1000) as writer:
+        writer.add("before", torch.ones(5))
+        writer.add_stacked("stacked", parts)
+        writer.add_stacked("bf16", [a.bfloat16()] * 3)
+        with pytest.raises(ValueError, match="differ"):
+            writer.add_stacked("bad", [a, torch.randn(4, 3)])
+    with _reader_for(tmp_path) as reader:
+        assert torch.equal(reader.get_tensor("stacked"), torch.stack(parts))
+        assert torch.equal(reader.get_tensor("bf16"), torch.stack([a.bfloat16()] * 3))
+        assert torch.equal(reader.get_tensor("before"), torch.ones(5))
