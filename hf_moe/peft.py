@@ -618,6 +618,12 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         routed = hidden_states[token_idx]  # (S, H)
         # Dropout on the LoRA input only (the base projection sees the clean input), once per adapter.
         routed_in = {a: self.lora_dropout[a](routed) for a in adapters}
+        # One unbind per factor instead of indexing per expert: its backward stacks the per-expert gradients once.
+        factors = {
+            a: (self.lora_A[a].gate_up_proj.unbind(0), self.lora_B[a].gate_up_proj.unbind(0),
+                self.lora_A[a].down_proj.unbind(0), self.lora_B[a].down_proj.unbind(0))
+            for a in adapters
+        }
         pieces = []
         start = 0
         for expert, count in enumerate(counts_list):
@@ -627,18 +633,14 @@ class FusedExpertsLora(nn.Module, LoraLayer):
             x = routed[start:end]  # (n_e, H)
             gate_up = F.linear(x, base.gate_up_proj[expert])  # (n_e, 2I)
             for a in adapters:
-                gate_up = self._add_low_rank(
-                    gate_up, routed_in[a][start:end], self.lora_A[a].gate_up_proj[expert],
-                    self.lora_B[a].gate_up_proj[expert], self.scaling[a],
-                )
+                a_gu, b_gu = factors[a][0][expert], factors[a][1][expert]
+                gate_up = self._add_low_rank(gate_up, routed_in[a][start:end], a_gu, b_gu, self.scaling[a])
             gate, up = gate_up.chunk(2, dim=-1)
             h = base.act_fn(gate) * up  # (n_e, I)
             out = F.linear(h, base.down_proj[expert])  # (n_e, H)
             for a in adapters:
-                out = self._add_low_rank(
-                    out, self.lora_dropout[a](h), self.lora_A[a].down_proj[expert],
-                    self.lora_B[a].down_proj[expert], self.scaling[a],
-                )
+                a_d, b_d = factors[a][2][expert], factors[a][3][expert]
+                out = self._add_low_rank(out, self.lora_dropout[a](h), a_d, b_d, self.scaling[a])
             pieces.append(out)
             start = end
         out = torch.cat(pieces) if pieces else routed.new_zeros(0, hidden_dim)
