@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "import_native": "hf_moe.conversion.export",
     "router_statistics": "hf_moe.stats",
     "RouterStatistics": "hf_moe.stats",
+    "lora_config": "hf_moe.peft",
     "write_model_card": "hf_moe.hub", "push_to_hub": "hf_moe.hub", "count_parameters": "hf_moe.hub",
 }
 

@@ -131,6 +131,81 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
 
 # [peft commands: lora-targets]
 
+
+def _compress_layer_names(names: list[str]) -> list[str]:
+    """["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"] -> ["model.layers.{1-2}.mlp.experts"]."""
+    import re
+
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        match = re.search(r"\.layers\.(\d+)\.", name)
+        key = name if match is None else name[: match.start(1)] + "{}" + name[match.end(1):]
+        groups.setdefault(key, []).append(-1 if match is None else int(match.group(1)))
+    out = []
+    for key, layers in groups.items():
+        layers = sorted(set(layers))
+        if layers == [-1]:
+            out.append(key)
+            continue
+        ranges, start, prev = [], layers[0], layers[0]
+        for layer in [*layers[1:], None]:
+            if layer is not None and layer == prev + 1:
+                prev = layer
+                continue
+            ranges.append(str(start) if start == prev else f"{start}-{prev}")
+            if layer is not None:
+                start = prev = layer
+        out.append(key.replace("{}", "{" + ",".join(ranges) + "}" if len(layers) > 1 else str(layers[0])))
+    return out
+
+
+def _run_lora_targets(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_moe  # noqa: F401  (registers the hf_moe architecture)
+    from hf_moe.peft import describe_targets
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/config.json not found: MODEL_DIR must be a model folder with a config.json")
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):  # shapes only: no weights are read or allocated
+        model = AutoModelForCausalLM.from_config(config)
+    rows = describe_targets(model, r=args.r, experts_impl=args.experts_impl)
+    if args.json:
+        print(json.dumps({"model": type(model).__name__, "r": args.r, "experts_impl": args.experts_impl,
+                          "targets": rows}, indent=2))
+        return 0
+    print(f"{model_dir}: {type(model).__name__} ({config.model_type}); LoRA r={args.r}, experts_impl={args.experts_impl}")
+    print(f"{'target':<16}{'adapted':>8}{'LoRA params':>14}  names")
+    total = 0
+    for row in rows:
+        if not row["available"]:
+            print(f"{row['target']:<16}{'-':>8}{'-':>14}  (not in this model)")
+            continue
+        total += row["trainable"]
+        names = _compress_layer_names(row["names"])
+        print(f"{row['target']:<16}{len(row['names']):>8}{row['trainable']:>14,}  {names[0]}")
+        for name in names[1:]:
+            print(f"{'':<38}  {name}")
+    print(f"{'all':<16}{'':>8}{total:>14,}")
+    return 0
+
+
+def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("lora-targets", help="print what each LoRA preset target would adapt in a model")
+    p.add_argument("model_dir", help="model folder (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank for the parameter counts (default 16)")
+    p.add_argument("--experts-impl", choices=["fast", "target_parameters"], default="fast",
+                   help="how routed experts are adapted (default fast)")
+    p.add_argument("--json", action="store_true", help="print JSON with every adapted name")
+    p.set_defaults(func=_run_lora_targets)
+
+
 # [hub commands: card, push, zoo, inspect]
 
 
@@ -299,6 +374,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[AddCommand] = [
     # [SUBCOMMANDS list: add your _add_* functions here, one per line]
+    _add_lora_targets,
     _add_export,
     _add_import,
     _add_upcycle,

@@ -429,7 +429,8 @@ def describe_targets(model: nn.Module, *, r: int = 16, experts_impl: str = "fast
             continue
         config = lora_config(model, targets=[target], r=r, experts_impl=experts_impl)
         counts = lora_trainable_counts(model, config)
-        rows.append({"target": target, "available": True, "names": list(counts), "trainable": sum(counts.values())})
+        names = resolve_targets(model, [target], experts_impl=experts_impl).keys_by_target[target]  # model order
+        rows.append({"target": target, "available": True, "names": names, "trainable": sum(counts.values())})
     return rows
 
 

@@ -425,3 +425,31 @@ def test_second_adapter_and_native_experts_fast_layer() -> None:
     layer = next(m for m in peft_model.modules() if isinstance(m, FusedExpertsLora))
     assert layer.lora_A["other"].gate_up_proj.shape == (4, 2, 32)
     assert copy.deepcopy(peft_model) is not None
+
+
+def test_cli_lora_targets(tmp_path, capsys) -> None:
+    from hf_moe.cli import main
+
+    build("deepseek_v3").save_pretrained(tmp_path / "ds")
+    assert main(["lora-targets", str(tmp_path / "ds"), "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    table = expected_table("deepseek_v3", 4)
+    lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip() and not line.startswith(" ")}
+    for target, names in table.items():
+        assert f"{sum(names.values()):,}" in lines[target], (target, lines[target])
+    assert "model.layers.{0-1}.self_attn.kv_b_proj" in out
+    assert main(["lora-targets", str(tmp_path / "ds"), "--json"]) == 0
+    import json
+
+    rows = {row["target"]: row for row in json.loads(capsys.readouterr().out)["targets"]}
+    assert rows["experts"]["names"] == ["model.layers.1.mlp.experts"]
+    build("mixtral").save_pretrained(tmp_path / "mx")
+    assert main(["lora-targets", str(tmp_path / "mx")]) == 0
+    assert "shared_experts         -             -  (not in this model)" in capsys.readouterr().out
+    assert main(["lora-targets", str(tmp_path / "missing")]) == 2
+
+
+def test_lazy_public_name() -> None:
+    import hf_moe
+
+    assert hf_moe.lora_config is lora_config
