@@ -242,6 +242,7 @@ _SMALL = dict(
 _TOPK2 = dict(num_experts=8, num_experts_per_tok=2)
 # The upcycler's defaults: softmax over all experts, top-k renormalised, so copies reproduce the dense MLP.
 _UPCYCLE = dict(num_experts=8, top_k=2, router_type="softmax_topk")
+_UPCYCLE_NOTE = " (softmax router, top-2 weights renormalised)."
 
 _PRESETS = [
     Preset(
@@ -276,8 +277,10 @@ _PRESETS = [
         ),
         recipe=Recipe(
             method="from_scratch",
-            options=dict(**_SMALL, **_TOPK2, router_type="topk_softmax", moe_intermediate_size=512,
-                         intermediate_size=512, router_aux_loss_coef=0.02),
+            options=dict(
+                **_SMALL, **_TOPK2, router_type="topk_softmax", moe_intermediate_size=512, intermediate_size=512,
+                router_aux_loss_coef=0.02,
+            ),
         ),
         expected_total=29_632_768,
         expected_active=20_195_584,
@@ -290,9 +293,11 @@ _PRESETS = [
         ),
         recipe=Recipe(
             method="from_scratch",
-            options=dict(**{**_SMALL, "head_dim": 64}, num_experts=64, num_experts_per_tok=8, router_type="softmax_topk",
-                         norm_topk_prob=True, use_qk_norm=True, moe_intermediate_size=96, intermediate_size=768,
-                         router_aux_loss_coef=0.001),
+            options=dict(
+                **{**_SMALL, "head_dim": 64}, num_experts=64, num_experts_per_tok=8, router_type="softmax_topk",
+                norm_topk_prob=True, use_qk_norm=True, moe_intermediate_size=96, intermediate_size=768,
+                router_aux_loss_coef=0.001,
+            ),
         ),
         expected_total=36_637_440,
         expected_active=20_122_368,
@@ -306,10 +311,12 @@ _PRESETS = [
         ),
         recipe=Recipe(
             method="from_scratch",
-            options=dict(**_SMALL, num_experts=32, num_experts_per_tok=4, router_type="sigmoid_topk", n_group=4,
-                         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, num_shared_experts=1,
-                         moe_intermediate_size=128, intermediate_size=1024, first_k_dense_replace=1,
-                         router_bias_update_rate=0.001, router_aux_loss_coef=0.0001),
+            options=dict(
+                **_SMALL, num_experts=32, num_experts_per_tok=4, router_type="sigmoid_topk", n_group=4,
+                topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, num_shared_experts=1,
+                moe_intermediate_size=128, intermediate_size=1024, first_k_dense_replace=1,
+                router_bias_update_rate=0.001, router_aux_loss_coef=0.0001,
+            ),
         ),
         expected_total=27_584_768,
         expected_active=19_327_232,
@@ -323,9 +330,11 @@ _PRESETS = [
         ),
         recipe=Recipe(
             method="from_scratch",
-            options=dict(**_SMALL, num_experts=8, num_experts_per_tok=1, router_type="switch", capacity_factor=1.25,
-                         decoder_sparse_step=2, moe_intermediate_size=1024, intermediate_size=1024,
-                         router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
+            options=dict(
+                **_SMALL, num_experts=8, num_experts_per_tok=1, router_type="switch", capacity_factor=1.25,
+                decoder_sparse_step=2, moe_intermediate_size=1024, intermediate_size=1024,
+                router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+            ),
         ),
         expected_total=31_201_536,
         expected_active=20_191_488,
@@ -339,15 +348,17 @@ _PRESETS = [
         ),
         recipe=Recipe(
             method="from_scratch",
-            options=dict(**_SMALL, **_TOPK2, router_type="expert_choice", capacity_factor=2.0, use_cache=False,
-                         moe_intermediate_size=512, intermediate_size=512),
+            options=dict(
+                **_SMALL, **_TOPK2, router_type="expert_choice", capacity_factor=2.0, use_cache=False,
+                moe_intermediate_size=512, intermediate_size=512,
+            ),
         ),
         expected_total=29_632_768,
         expected_active=20_195_584,
     ),
     Preset(
         name="smollm2-135m-8x-top2",
-        description="SmolLM2-135M upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
+        description="SmolLM2-135M upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="HuggingFaceTB/SmolLM2-135M",
                       dense_config=SMOLLM2_135M, license="apache-2.0"),
         expected_total=692_036_928,
@@ -355,7 +366,7 @@ _PRESETS = [
     ),
     Preset(
         name="qwen2.5-0.5b-8x-top2",
-        description="Qwen2.5-0.5B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
+        description="Qwen2.5-0.5B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen2.5-0.5B",
                       dense_config=QWEN2_5_0_5B, license="apache-2.0"),
         expected_total=2_690_709_376,
@@ -364,7 +375,7 @@ _PRESETS = [
     Preset(
         name="llama-3.2-1b-8x-top2",
         description=(
-            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised). The Llama 3.2 "
+            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE + " The Llama 3.2 "
             "Community License applies to the result."
         ),
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="meta-llama/Llama-3.2-1B",
@@ -374,7 +385,7 @@ _PRESETS = [
     ),
     Preset(
         name="qwen3-0.6b-8x-top2",
-        description="Qwen3-0.6B upcycled: every MLP copied into 8 experts, top-2 (softmax router, top-2 weights renormalised).",
+        description="Qwen3-0.6B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
         recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen3-0.6B",
                       dense_config=QWEN3_0_6B, license="apache-2.0"),
         expected_total=2_445_967_360,
