@@ -374,6 +374,35 @@ def _eval_section(eval_results: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _vllm_section(config: HfMoeConfig, model_id: str) -> str:
+    if config.router_type == "expert_choice":
+        return (
+            "vLLM routes token by token, so it cannot serve expert-choice routing; use transformers (above)."
+        )
+    from .conversion.native import compatible_targets
+
+    plugin = (
+        "With hf-moe installed in vLLM's environment, its `vllm.general_plugins` entry point registers the "
+        "`hf_moe` architecture:\n\n```python\nfrom vllm import LLM\n\n"
+        f'llm = LLM(model="{model_id}")\n'
+        'print(llm.generate("The capital of France is")[0].outputs[0].text)\n```'
+    )
+    targets = compatible_targets(config)
+    # `export` reads a local folder: a Hub id is downloaded first.
+    local = "path/to/this/folder" if _hub_repo_id(model_id) is None else "model/"
+    fetch = "" if _hub_repo_id(model_id) is None else f"hf download {model_id} --local-dir model/\n"
+    if not targets:
+        return (
+            "No native vLLM architecture represents this configuration exactly "
+            "(`hf_moe.conversion.native.representability_problems(config, target)` says why). " + plugin
+        )
+    return (
+        f"This configuration exports exactly to the native {', '.join(f'`{t}`' for t in targets)} architecture"
+        f"{'s' if len(targets) > 1 else ''}, which vLLM and transformers load without hf-moe:\n\n"
+        f"```bash\n{fetch}hf-moe export {local} exported/ --to {targets[0]}\nvllm serve exported/\n```\n\n" + plugin
+    )
+
+
 def render_model_card(
     config: HfMoeConfig,
     *,
@@ -461,11 +490,7 @@ def render_model_card(
             if config.router_type == "expert_choice"
             else ""
         ),
-        "vllm_note": (
-            "vLLM cannot serve expert-choice routing (it routes token by token); use transformers."
-            if config.router_type == "expert_choice"
-            else "With hf-moe installed, vLLM finds the `hf_moe` architecture through the plugin entry point."
-        ),
+        "vllm_section": _vllm_section(config, model_id),
         "license_note": license_note,
     }
     return _load_template(template).substitute(values)
