@@ -17,27 +17,30 @@ AddCommand = Callable[[argparse._SubParsersAction], None]
 def _run_upcycle(args: argparse.Namespace) -> int:
     from .conversion.upcycle import upcycle
 
-    moe_layers = args.moe_layers
-    out = upcycle(
-        args.src_dir,
-        args.out_dir,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        router_type=args.router,
-        granularity=args.granularity,
-        num_shared_experts=args.shared_experts,
-        drop_ratio=args.drop_ratio,
-        noise_std=args.noise_std,
-        router_init=args.router_init,
-        prompts=args.prompts,
-        moe_layers=moe_layers,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        require_exact=args.require_exact,
-    )
+    try:
+        out = upcycle(
+            args.src_dir,
+            args.out_dir,
+            num_experts=args.num_experts,
+            top_k=args.top_k,
+            router_type=args.router,
+            granularity=args.granularity,
+            num_shared_experts=args.shared_experts,
+            drop_ratio=args.drop_ratio,
+            noise_std=args.noise_std,
+            router_init=args.router_init,
+            prompts=args.prompts,
+            moe_layers=args.moe_layers,
+            dtype=args.dtype,
+            seed=args.seed,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            require_exact=args.require_exact,
+        )
+    except NotImplementedError as err:  # e.g. a router init whose provider is not installed
+        print(f"hf-moe upcycle: error: {err}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
