@@ -453,3 +453,23 @@ def test_lazy_public_name() -> None:
     import hf_moe
 
     assert hf_moe.lora_config is lora_config
+
+
+@pytest.mark.slow  # trains two tiny models on real text (about a minute on 2 busy cores)
+def test_example_runs_end_to_end(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "lora_experts.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "run"), "--base-steps", "10", "--lora-steps", "20"],
+        capture_output=True, text=True, check=True, timeout=900,
+    )
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["heldout_loss_after_lora"] < summary["heldout_loss_before_lora"]
+    assert summary["reload_max_abs_diff"] == 0.0
+    assert summary["merge_max_abs_diff"] < 1e-4
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(summary["adapter_files"])
+    assert (tmp_path / "run" / "merged" / "config.json").is_file()
