@@ -4,6 +4,7 @@ from-scratch preset builds, saves, loads and runs."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,25 @@ def test_create_runs_an_upcycling_recipe(tmp_path: Path, monkeypatch: pytest.Mon
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "someone/tiny-llama"
     assert f"| Total | {preset.parameter_counts().total:,} " in card.text
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_on_real_weights(
+    smollm2_dir: Path, shakespeare_heldout_text: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The SmolLM2 recipe on the real SmolLM2-135M(-Instruct) weights: the card's counts are the preset's (and the
+    safetensors agree), the licence comes from the recipe, and inspect runs on Shakespeare."""
+    preset = get_preset("smollm2-135m-8x-top2")
+    out = create(preset.name, tmp_path / "smol-moe", source=smollm2_dir)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert f"| Total | {preset.expected_total:,} " in card.text
+    assert f"| Active per token | {preset.expected_active:,} " in card.text
+    text = tmp_path / "heldout.txt"
+    text.write_text(shakespeare_heldout_text[:20_000])
+    assert cli.main(["inspect", str(out), "--text", str(text), "--max-tokens", "256", "--seq-len", "128",
+                     "--json", str(tmp_path / "stats.json")]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["num_tokens"] == 256 and len(stats["layers"]) == 30
+    assert all(sum(row) == 2 * 256 for row in stats["tokens_per_expert"])  # dropless top-2
+    assert all(0 < h <= math.log(8) + 1e-6 for h in stats["entropy"])
