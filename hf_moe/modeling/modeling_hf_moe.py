@@ -128,8 +128,11 @@ class SigmoidTopKRouter(HfMoeRouter):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Apply the aux-loss-free update from the load counted since the last call, then reset the count."""
+        """Apply the aux-loss-free update from the load counted since the last call, then reset the count. Under
+        torch.distributed the counts of all ranks are summed first, so every rank moves its bias alike."""
         load = self.load_since_update
+        if self.bias_update_rate > 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
         if self.bias_update_rate > 0 and load.sum() > 0:
             self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
