@@ -423,7 +423,8 @@ def render_model_card(
         eval_results: metric name -> value, shown as a table.
         model_name: the card title.
         repo_id: the Hub repo id used in the usage snippets (default: a placeholder path).
-        license: Hub license id; default: from the provenance, else "other" with a note.
+        license: Hub license id; default: from the provenance, else from the source folder's README.md (when the
+            provenance names a folder that exists), else "other" with a note.
         base_model: Hub id(s) of the source model(s); default: from the provenance.
         description: one paragraph under the title.
         template: a template file instead of `model_cards/template.md`.
@@ -436,18 +437,26 @@ def render_model_card(
     source_ids, source_license = _source_fields(provenance)
     if base_model is not None:
         source_ids = [base_model] if isinstance(base_model, str) else list(base_model)
-    license = license or source_license or provenance.get("license")
+    # The licence: the caller's, else the one recorded for the source, else the source folder's own card; never a
+    # guess.
+    carried_from = None
+    if not license:
+        if source_license:
+            license, carried_from = source_license, "the provenance record"
+        elif provenance and (found := _license_from_source_card(provenance)):
+            license, carried_from = found, "the source model's own card"
     if license:
-        license_note = f"License: `{license}`" + (
-            f", carried from the source model ({', '.join(source_ids)})." if source_ids and not provenance.get(
-                "license_set_by_user") else "."
-        )
+        license_note = f"License: `{license}`" + (f", carried from {carried_from}." if carried_from else ".")
+        if source_ids and provenance.get("method") in RELATION_BY_METHOD:
+            license_note += (
+                f" The weights derive from {', '.join(f'`{i}`' for i in source_ids)}; its license terms apply."
+            )
     else:
         license = "other"
         license_note = (
-            "**License unknown**: neither the provenance record nor the caller named one, so the metadata says "
-            "`other`. Set the source model's license (e.g. `hf-moe card DIR --license apache-2.0`) before "
-            "publishing."
+            "**License unknown**: neither the caller, the provenance record nor the source folder's card named "
+            "one, so the metadata says `other`. Set the source model's license (e.g. `hf-moe card DIR --license "
+            "apache-2.0`) before publishing."
         )
     relation = RELATION_BY_METHOD.get(provenance.get("method", "")) if source_ids else None
     counts = count_parameters(config)
@@ -553,8 +562,6 @@ def write_model_card(
         )
     provenance_path = model_dir / PROVENANCE_FILE
     provenance = _read_json(provenance_path) if provenance_path.is_file() else None
-    if license is None and provenance and not _source_fields(provenance)[1]:
-        license = _license_from_source_card(provenance)
     text = render_model_card(
         config,
         provenance=provenance,

@@ -344,6 +344,7 @@ def test_card_of_an_upcycled_model(tmp_path: Path) -> None:
     out = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
     card = ModelCard.load(write_model_card(out, eval_results={"ppl_delta_vs_dense": 0.0}))
     assert card.data.license == "apache-2.0"  # read from the source folder's own card
+    assert "carried from the source model's own card" in card.text
     assert card.data.base_model is None  # the source is a local folder, not a Hub repo
     # By hand: 2 layers, each MLP (3 * 32 * 64 = 6144) copied into 4 experts plus a 4 x 32 router; top-2 active.
     mlp, router = 3 * 32 * 64, 4 * 32
