@@ -237,6 +237,7 @@ def _run_card(args: argparse.Namespace) -> int:
         repo_id=args.repo_id,
         license=args.license,
         base_model=args.base_model,
+        overwrite=args.overwrite,
     )
     print(path)
     return 0
@@ -250,6 +251,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repo-id", help="Hub repo id used in the usage snippets")
     p.add_argument("--license", help="Hub license id (default: from hf_moe_provenance.json, else 'other')")
     p.add_argument("--base-model", help="Hub id of the source model (default: from the provenance)")
+    p.add_argument("--overwrite", action="store_true", help="replace a README.md that hf-moe card did not write")
     p.set_defaults(func=_run_card)
 
 

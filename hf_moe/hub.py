@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
 PROVENANCE_FILE = "hf_moe_provenance.json"
+# In every rendered card; a README.md without it was written by someone else and is not replaced silently.
+CARD_MARKER = "<!-- Written by `hf-moe card`"
 CARD_TAGS = ("moe", "mixture-of-experts", "hf-moe")
 # Tensors saved in the checkpoint that are buffers, not parameters.
 BUFFER_SUFFIXES = (".e_score_correction_bias",)
@@ -522,6 +524,7 @@ def write_model_card(
     base_model: str | list[str] | None = None,
     description: str | None = None,
     template: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `README.md` into a checkpoint folder, from its config, its safetensors headers and its provenance.
 
@@ -536,9 +539,11 @@ def write_model_card(
         base_model: Hub id(s) of the source model(s) (default: from the provenance).
         description: a paragraph under the title.
         template: a template file instead of `model_cards/template.md`.
+        overwrite: replace a README.md that `hf-moe card` did not write (one it wrote is always replaced).
     Returns:
         The path of the written README.md.
     Raises:
+        FileExistsError: a hand-written README.md exists and `overwrite` is False.
         FileNotFoundError: no config.json or no safetensors files.
         ValueError: the config is not hf_moe, or the tensors on disk do not match it.
     """
@@ -574,6 +579,10 @@ def write_model_card(
         template=template,
     )
     out = model_dir / "README.md"
+    if out.is_file() and not overwrite and CARD_MARKER not in out.read_text(encoding="utf-8", errors="replace"):
+        raise FileExistsError(
+            f"{out} exists and was not written by hf-moe card; move it away or pass overwrite=True (--overwrite)"
+        )
     _atomic_write_text(out, text)
     return out
 

@@ -369,3 +369,16 @@ def test_upcycled_card_without_known_license(tmp_path: Path) -> None:
     card = ModelCard.load(write_model_card(out, license="mit", base_model="someone/tiny-llama"))
     assert card.data.license == "mit" and card.data.base_model == "someone/tiny-llama"
     assert card.data.base_model_relation == "finetune"
+
+
+def test_card_keeps_a_hand_written_readme(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir = _saved_tiny(tmp_path)
+    (model_dir / "README.md").write_text("# my own notes\n")
+    with pytest.raises(FileExistsError, match="not written by hf-moe card"):
+        write_model_card(model_dir)
+    assert (model_dir / "README.md").read_text() == "# my own notes\n"
+    assert cli.main(["card", str(model_dir)]) == 2
+    assert cli.main(["card", str(model_dir), "--overwrite"]) == 0
+    first = (model_dir / "README.md").read_text()
+    write_model_card(model_dir, eval_results={"ppl": 2.0})  # a card it wrote is replaced without asking
+    assert (model_dir / "README.md").read_text() != first
