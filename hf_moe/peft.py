@@ -467,6 +467,15 @@ class FusedExpertsLora(nn.Module, LoraLayer):
 
     adapter_layer_names = ("lora_A", "lora_B")
 
+    def __new__(cls, *args: Any, parameter_name: str | None = None, **kwargs: Any) -> FusedExpertsLora | None:
+        # PEFT's custom-module dispatch also offers `target_parameters` targets (one tensor of the experts module,
+        # `parameter_name` set). Those belong to PEFT's ParamWrapper: returning None (no instance, so __init__ is
+        # skipped) lets PEFT's next dispatcher take them, so one config may mix both paths. (copy/pickle call
+        # __new__ without arguments.)
+        if parameter_name is not None:
+            return None
+        return super().__new__(cls)
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()

@@ -473,3 +473,17 @@ def test_example_runs_end_to_end(tmp_path) -> None:
     assert summary["merge_max_abs_diff"] < 1e-4
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(summary["adapter_files"])
     assert (tmp_path / "run" / "merged" / "config.json").is_file()
+
+
+def test_load_adapter_also_loads_target_parameters_adapters(tmp_path) -> None:
+    # enable_fast_experts registers the experts classes; parameter targets must still get PEFT's ParamWrapper
+    model = build("hf_moe")
+    config = lora_config(model, targets=["experts", "router"], r=R, init_lora_weights=False,
+                         experts_impl="target_parameters")
+    peft_model = get_peft_model(model, config)
+    ids = _input_ids()
+    want = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_adapter(build("hf_moe"), str(tmp_path / "adapter"))
+    assert not any(isinstance(m, FusedExpertsLora) for m in reloaded.modules())
+    assert torch.equal(reloaded(ids).logits, want)
