@@ -647,6 +647,7 @@ def write_provenance(
     method: str,
     options: dict[str, Any],
     source_files: Iterable[str | os.PathLike] | None = None,
+    checksums: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``hf_moe_provenance.json``: where the weights came from and how they were made.
@@ -658,6 +659,7 @@ def write_provenance(
         method: e.g. ``"upcycle"``.
         options: the conversion options (JSON-serialisable; others are stored with ``str``).
         source_files: files whose sha256 to record; default: the reader's files read, plus tokenizer files.
+        checksums: sha256 already computed, keyed by path (``str(path)``); others are computed here.
         extra: more top-level entries.
 
     Returns:
@@ -674,7 +676,7 @@ def write_provenance(
     for path in source_files:
         path = Path(path)
         key = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-        files[key] = sha256_file(path)
+        files[key] = (checksums or {}).get(str(path)) or sha256_file(path)
     record = {
         "source": {"path": str(root.resolve()), "model_type": model_type, "files_sha256": files},
         "method": method,

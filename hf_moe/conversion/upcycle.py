@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,14 @@ from .init import (
     seeded_generator,
     shared_expert_weights,
 )
-from .io import CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files, write_provenance
+from .io import (
+    CheckpointReader,
+    ShardWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    sha256_file,
+    write_provenance,
+)
 from .sources import DenseSource, get_source, translate_config
 
 logger = logging.getLogger(__name__)
@@ -150,7 +158,10 @@ def _expected_shapes(config: HfMoeConfig) -> dict[str, tuple[torch.Size, torch.d
 
 
 def _plan(
-    reader: CheckpointReader, source: DenseSource, config: HfMoeConfig, moe_layers: list[int]
+    reader: CheckpointReader,
+    source: DenseSource,
+    config: HfMoeConfig,
+    expected: dict[str, tuple[torch.Size, torch.dtype]],
 ) -> tuple[list[tuple[str, str]], dict[int, dict[str, Any]], list[tuple[str, str]]]:
     """Map every source tensor to its target and check shapes against the target config, reading headers only.
 
@@ -158,7 +169,6 @@ def _plan(
         (copies before the layers, per-layer {"copy": [(src, dst)], "mlp.gate"/"mlp.up"/"mlp.down": src},
         copies after the layers).
     """
-    expected = _expected_shapes(config)
     head: list[tuple[str, str]] = []
     tail: list[tuple[str, str]] = []
     layers: dict[int, dict[str, Any]] = defaultdict(lambda: {"copy": []})
@@ -345,7 +355,12 @@ def upcycle(
             raise ValueError("require_exact=True but the upcycled model would differ from the dense one: " + "; ".join(problems))
         if problems:
             logger.warning("upcycled model will not reproduce the dense model at init: %s", "; ".join(problems))
-        head, layer_plan, tail = _plan(reader, source, config, moe_idx)
+        expected = _expected_shapes(config)
+        head, layer_plan, tail = _plan(reader, source, config, expected)
+        # The source checksums for the provenance file are computed in a thread while the layers are converted
+        # (hashlib releases the GIL), instead of a serial pass over the input at the end.
+        hasher = ThreadPoolExecutor(max_workers=1)
+        checksum_jobs = {str(p): hasher.submit(sha256_file, p) for p in reader.files_read}
         router_context = RouterInitContext(
             num_experts=num_experts,
             hidden_size=config.hidden_size,
@@ -358,7 +373,6 @@ def upcycle(
             prompts=prompts,
         )
         router_for_layer = make_router_init(router_context)
-        expected = _expected_shapes(config)
         # Routed and shared outputs each carry half of the dense output when both exist (docs/upcycling.md).
         routed_scale = granularity * (0.5 if num_shared_experts else 1.0)
         shared_copies = num_shared_experts / granularity
@@ -373,91 +387,95 @@ def upcycle(
             dtype=str(out_dtype).removeprefix("torch."), seed=seed, max_shard_size=max_shard_size,
             config_overrides=config_overrides or {},
         )
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            written: set[str] = set()
-            with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
+        try:
+            with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+                written: set[str] = set()
+                with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 
-                def put(name: str, tensor: torch.Tensor) -> None:
-                    writer.add(name, tensor)
-                    written.add(name)
+                    def put(name: str, tensor: torch.Tensor) -> None:
+                        writer.add(name, tensor)
+                        written.add(name)
 
-                def put_stacked(name: str, parts: list[torch.Tensor]) -> None:
-                    writer.add_stacked(name, parts)
-                    written.add(name)
+                    def put_stacked(name: str, parts: list[torch.Tensor]) -> None:
+                        writer.add_stacked(name, parts)
+                        written.add(name)
 
-                for src, dst in head:
-                    put(dst, cast(reader.get_tensor(src)))
-                for i in tqdm(range(num_layers), desc="upcycling layers", unit="layer", disable=not progress):
-                    plan = layer_plan[i]
-                    for src, dst in plan["copy"]:
+                    for src, dst in head:
                         put(dst, cast(reader.get_tensor(src)))
-                    gate, up, down = (reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down"))
-                    prefix = f"model.layers.{i}.mlp."
-                    if i not in moe_idx:
-                        for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                            put(f"{prefix}{proj}.weight", cast(t))
-                        continue
-                    if drop_ratio > 0 or noise_std > 0:
-                        gate_up_w, down_w = expert_weights(
-                            gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
-                        )  # (E, 2I/g, H), (E, H, I/g)
-                        if drop_ratio > 0:
-                            gate_up_w, down_w, _ = drop_upcycle(
-                                gate_up_w, down_w, drop_ratio=drop_ratio, generator=seeded_generator(seed, "drop", i)
+                    for i in tqdm(range(num_layers), desc="upcycling layers", unit="layer", disable=not progress):
+                        plan = layer_plan[i]
+                        for src, dst in plan["copy"]:
+                            put(dst, cast(reader.get_tensor(src)))
+                        gate, up, down = (reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down"))
+                        prefix = f"model.layers.{i}.mlp."
+                        if i not in moe_idx:
+                            for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+                                put(f"{prefix}{proj}.weight", cast(t))
+                            continue
+                        if drop_ratio > 0 or noise_std > 0:
+                            gate_up_w, down_w = expert_weights(
+                                gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
+                            )  # (E, 2I/g, H), (E, H, I/g)
+                            if drop_ratio > 0:
+                                gate_up_w, down_w, _ = drop_upcycle(
+                                    gate_up_w, down_w, drop_ratio=drop_ratio, generator=seeded_generator(seed, "drop", i)
+                                )
+                            if noise_std > 0:
+                                gate_up_w, down_w = add_relative_noise(
+                                    gate_up_w, down_w, noise_std=noise_std, generator=seeded_generator(seed, "noise", i)
+                                )
+                            put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
+                            put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
+                        else:
+                            # Experts are repeats of `granularity` distinct slices: build only those and let the writer
+                            # repeat their bytes (no (E, ...) tensor in memory).
+                            gate_up_s, down_s = expert_weights(
+                                gate, up, down, num_experts=granularity, granularity=granularity, down_scale=routed_scale
+                            )  # (g, 2I/g, H), (g, H, I/g)
+                            gate_up_s, down_s = gate_up_s.to(out_dtype), down_s.to(out_dtype)
+                            slice_of = [e % granularity for e in range(num_experts)]
+                            put_stacked(f"{prefix}experts.gate_up_proj", [gate_up_s[j] for j in slice_of])
+                            put_stacked(f"{prefix}experts.down_proj", [down_s[j] for j in slice_of])
+                        router = router_for_layer(i)  # (E, H)
+                        if tuple(router.shape) != (num_experts, config.hidden_size):
+                            raise ValueError(
+                                f"router_init={router_init!r} returned shape {list(router.shape)} for layer {i}; expected "
+                                f"{[num_experts, config.hidden_size]}"
                             )
-                        if noise_std > 0:
-                            gate_up_w, down_w = add_relative_noise(
-                                gate_up_w, down_w, noise_std=noise_std, generator=seeded_generator(seed, "noise", i)
+                        put(f"{prefix}gate.weight", router.to(out_dtype))
+                        if num_shared_experts:
+                            sg, su, sd = shared_expert_weights(
+                                gate, up, down, width=config.shared_expert_intermediate_size, granularity=granularity,
+                                down_scale=0.5 / shared_copies,
                             )
-                        put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
-                        put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
-                    else:
-                        # Experts are repeats of `granularity` distinct slices: build only those and let the writer
-                        # repeat their bytes (no (E, ...) tensor in memory).
-                        gate_up_s, down_s = expert_weights(
-                            gate, up, down, num_experts=granularity, granularity=granularity, down_scale=routed_scale
-                        )  # (g, 2I/g, H), (g, H, I/g)
-                        gate_up_s, down_s = gate_up_s.to(out_dtype), down_s.to(out_dtype)
-                        slice_of = [e % granularity for e in range(num_experts)]
-                        put_stacked(f"{prefix}experts.gate_up_proj", [gate_up_s[j] for j in slice_of])
-                        put_stacked(f"{prefix}experts.down_proj", [down_s[j] for j in slice_of])
-                    router = router_for_layer(i)  # (E, H)
-                    if tuple(router.shape) != (num_experts, config.hidden_size):
-                        raise ValueError(
-                            f"router_init={router_init!r} returned shape {list(router.shape)} for layer {i}; expected "
-                            f"{[num_experts, config.hidden_size]}"
-                        )
-                    put(f"{prefix}gate.weight", router.to(out_dtype))
-                    if num_shared_experts:
-                        sg, su, sd = shared_expert_weights(
-                            gate, up, down, width=config.shared_expert_intermediate_size, granularity=granularity,
-                            down_scale=0.5 / shared_copies,
-                        )
-                        put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
-                        put(f"{prefix}shared_experts.up_proj.weight", su.to(out_dtype))
-                        put(f"{prefix}shared_experts.down_proj.weight", sd.to(out_dtype))
-                    # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection) starts at 0.
-                    for name, (shape, meta_dtype) in expected.items():
-                        if name.startswith(f"{prefix}gate.") and name not in written:
-                            keep_fp32 = name.endswith("e_score_correction_bias")
-                            put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
-                for src, dst in tail:
-                    put(dst, cast(reader.get_tensor(src)))
-                missing = sorted(set(expected) - written)
-                extra = sorted(written - set(expected))
-                if missing or extra:  # a bug in a key table, not user error; fail before publishing
-                    raise ValueError(f"upcycle produced a checkpoint that does not match the config: missing "
-                                     f"{missing[:8]}, unexpected {extra[:8]}")
-            _save_config(config, tmp)
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(MODELING_DIR / name, tmp / name)
-            tokenizer_files = copy_tokenizer_files(reader.root, tmp)
-            write_provenance(
-                tmp,
-                source=reader,
-                method="upcycle",
-                options=options,
-                source_files=[*reader.files_read, *tokenizer_files],
-                extra={"function_preserving": not problems, "not_function_preserving_because": problems},
-            )
+                            put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
+                            put(f"{prefix}shared_experts.up_proj.weight", su.to(out_dtype))
+                            put(f"{prefix}shared_experts.down_proj.weight", sd.to(out_dtype))
+                        # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection) starts at 0.
+                        for name, (shape, meta_dtype) in expected.items():
+                            if name.startswith(f"{prefix}gate.") and name not in written:
+                                keep_fp32 = name.endswith("e_score_correction_bias")
+                                put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
+                    for src, dst in tail:
+                        put(dst, cast(reader.get_tensor(src)))
+                    missing = sorted(set(expected) - written)
+                    extra = sorted(written - set(expected))
+                    if missing or extra:  # a bug in a key table, not user error; fail before publishing
+                        raise ValueError(f"upcycle produced a checkpoint that does not match the config: missing "
+                                         f"{missing[:8]}, unexpected {extra[:8]}")
+                _save_config(config, tmp)
+                for name in REMOTE_CODE_FILES:
+                    shutil.copyfile(MODELING_DIR / name, tmp / name)
+                tokenizer_files = copy_tokenizer_files(reader.root, tmp)
+                write_provenance(
+                    tmp,
+                    source=reader,
+                    method="upcycle",
+                    options=options,
+                    source_files=[*reader.files_read, *tokenizer_files],
+                    checksums={path: job.result() for path, job in checksum_jobs.items()},
+                    extra={"function_preserving": not problems, "not_function_preserving_because": problems},
+                )
+        finally:
+            hasher.shutdown(wait=False, cancel_futures=True)
     return out_dir
