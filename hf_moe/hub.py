@@ -342,6 +342,8 @@ def _provenance_section(provenance: dict | None) -> str:
             isinstance(value, (str, int, float))
         ):
             lines.append(f"- {key.replace('_', ' ').capitalize()}: `{value}`")
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: " + "; ".join(value))
     options = provenance.get("options")
     if options:
         lines.append("\nOptions:\n")
