@@ -109,6 +109,9 @@ def _common_problems(config: HfMoeConfig) -> list[str]:
         )
     if config.attention_output_bias:
         problems.append("attention_output_bias=True (no target has a bias on o_proj)")
+    if config.hidden_act != "silu":
+        # vLLM 0.32 raises for the Qwen/GLM MoE models and silently computes SiLU for Mixtral.
+        problems.append(f"hidden_act={config.hidden_act!r} (vLLM's native MoE models run SiLU experts only)")
     return problems
 
 

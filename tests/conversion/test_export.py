@@ -179,6 +179,7 @@ REFUSALS = {
     "glm-gated-shared": ("glm4_moe", {"shared_expert_gate": True}, "glm4_moe", ["shared_expert_gate=True"], []),
     "glm-shared-width": ("glm4_moe", {"shared_expert_intermediate_size": 48}, "glm4_moe",
                          ["shared_expert_intermediate_size=48", "multiple of moe_intermediate_size=32"], []),
+    "gelu": ("mixtral", {"hidden_act": "gelu"}, "mixtral", ["hidden_act='gelu'", "SiLU"], []),
     "output-bias": ("mixtral", {"attention_output_bias": True}, "mixtral", ["attention_output_bias=True"], []),
     "partial-rotary-into-mixtral": ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                                     "partial_rotary_factor": 0.5}},
