@@ -230,7 +230,9 @@ def export(
     problems = representability_problems(config, to)
     if problems:
         raise ValueError(refusal_message(config, to, problems, model_dir))
-    _check_tensors({n: reader.shape(n) for n in reader.keys()}, _expected_tensors(config), str(model_dir))
+    # A tied lm_head saved anyway is the embedding again: not written (the target ties it too).
+    source_names = [n for n in reader.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    _check_tensors({n: reader.shape(n) for n in source_names}, _expected_tensors(config), str(model_dir))
     if config.router_type == "noisy_topk":
         logger.info("noisy_topk: the training-only noise projection (gate.noise_weight) is not exported")
 
@@ -243,7 +245,7 @@ def export(
         names = list(state)
         get = lambda name: _cast(name, state[name], out_dtype or reader.dtype(name))  # noqa: E731
     else:
-        names = reader.keys()
+        names = source_names
         get = lambda name: _cast(name, reader.get_tensor(name), out_dtype)  # noqa: E731
 
     with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
@@ -345,15 +347,21 @@ def _save_hf_moe_config(config: HfMoeConfig, out: Path) -> None:
     model.generation_config.save_pretrained(out)
 
 
-def _layer_groups(reader: CheckpointReader, num_layers: int) -> tuple[list[str], dict[int, list[str]], list[str]]:
+def _layer_groups(
+    reader: CheckpointReader, num_layers: int, tied: bool
+) -> tuple[list[str], dict[int, list[str]], list[str]]:
     """(non-layer names, layer -> names, skipped names). Layers past num_hidden_layers (GLM-4.5's
-    multi-token-prediction layer) and stale rotary buffers are skipped."""
+    multi-token-prediction layer), stale rotary buffers and a tied lm_head saved anyway are skipped."""
     top: list[str] = []
     layers: dict[int, list[str]] = {}
     skipped: list[str] = []
     for name in reader.keys():
         layer = layer_of(name)
-        if name.endswith("rotary_emb.inv_freq") or (layer is not None and layer >= num_layers):
+        if (
+            name.endswith("rotary_emb.inv_freq")
+            or (layer is not None and layer >= num_layers)
+            or (tied and name == "lm_head.weight")
+        ):
             skipped.append(name)
         elif layer is None:
             top.append(name)
@@ -400,7 +408,7 @@ def import_native(
     config = HfMoeConfig(**hf_moe_config_kwargs(reader.config))
     spec = SPECS[reader.model_type]
     expected = _expected_tensors(config)
-    top, layers, skipped = _layer_groups(reader, config.num_hidden_layers)
+    top, layers, skipped = _layer_groups(reader, config.num_hidden_layers, config.tie_word_embeddings)
     if skipped:
         logger.info("not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else "")
 

@@ -101,6 +101,7 @@ EQUIVALENT_CASES = {
     "qwen2_moe-ungated-no-bias": ("qwen2_moe", {"shared_expert_gate": False, "attention_bias": False}),
     # noisy_topk adds noise in training only.
     "mixtral-noisy_topk": ("mixtral", {"router_type": "noisy_topk"}),
+    "mixtral-sliding-window-4": ("mixtral", {"sliding_window": 4}),  # shorter than the 11-token inputs
     "mixtral-softmax_topk-norm": ("mixtral", {"router_type": "softmax_topk", "norm_topk_prob": True}),
     "qwen3_moe-topk_softmax": ("qwen3_moe", {"router_type": "topk_softmax"}),
     # Dropless switch = top-1 of the full softmax, weighted by its probability.
@@ -118,6 +119,20 @@ def test_export_variants_match(tmp_path, case):
     src = build_tiny_for_target(target, tmp_path / "src", **overrides)
     out = export(src, tmp_path / "out", to=target)
     torch.testing.assert_close(_logits(_load_native(out, target)), _logits(HfMoeForCausalLM.from_pretrained(src)))
+
+
+def test_tied_lm_head_saved_anyway_is_skipped(tmp_path):
+    src = build_tiny_for_target("qwen3_moe", tmp_path / "src", tie_word_embeddings=True)
+    tensors = load_file(src / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = export(src, tmp_path / "out", to="qwen3_moe")
+    assert "lm_head.weight" not in _tensors(out)
+    native = _load_native(out, "qwen3_moe")
+    assert native.lm_head.weight.data_ptr() == native.model.embed_tokens.weight.data_ptr()
+    back = import_native(out, tmp_path / "back")
+    assert set(_tensors(back)) == set(tensors) - {"lm_head.weight"}
 
 
 def test_export_dtype_and_shards(tmp_path):
