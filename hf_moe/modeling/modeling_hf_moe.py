@@ -237,15 +237,27 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
 
 
 def _use_grouped_mm(weight: torch.Tensor) -> bool:
-    # torch's grouped GEMM wins on CUDA (one kernel for all groups); on CPU it measured no faster than one
-    # matmul per active expert (BENCHMARKS.md), so the loop over *active* experts is kept there.
-    return weight.is_cuda and hasattr(F, "grouped_mm") and weight.dtype in (torch.bfloat16, torch.float16)
+    # One grouped GEMM per projection (F.grouped_mm) instead of a Python loop over the active experts.
+    # CUDA: one kernel for all groups, for the half-precision dtypes it targets.
+    # CPU (torch 2.13, fp32/bf16): as fast as the loop in the forward and faster in fwd+bwd, because its backward
+    # writes each 3D weight gradient once (BENCHMARKS.md, moe_block). The CPU kernel of torch <= 2.10 needs
+    # 16-byte aligned weights (memory-mapped safetensors may not be), hence the data_ptr check; its inputs here are
+    # always fresh gathers.
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if weight.is_cuda:
+        return weight.dtype in (torch.bfloat16, torch.float16)
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return weight.data_ptr() % 16 == 0
 
 
 @use_experts_implementation
 class HfMoeExperts(nn.Module):
-    """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert and each active expert runs one matmul
-    over its contiguous group (or one grouped GEMM on CUDA); experts with no tokens cost nothing."""
+    """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert and each active expert's contiguous group
+    goes through one grouped GEMM (or one matmul per active expert where grouped GEMM is unavailable); experts with
+    no tokens cost nothing. A single token (decoding) skips the sort and runs its k experts directly.
+    Assignments with the sentinel index `num_experts` are skipped (they contribute zero)."""
 
     def __init__(self, config: HfMoeConfig):
         super().__init__()
@@ -256,36 +268,73 @@ class HfMoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def _expert_weights(self) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], ...]:
+        # Indexing a 3D parameter once per expert makes autograd build one full-size (E, ...) zero gradient per
+        # expert and sum them; unbind's backward stacks all expert gradients into one tensor instead.
+        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
+            return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        return self.gate_up_proj, self.down_proj
+
+    def _forward_one_token(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # Decoding: the k experts of one token as k matrix-vector products on weight views (no sort, no gather,
+        # no copy of expert weights); the routing weight is folded into the intermediate activation.
+        gate_up_proj, down_proj = self._expert_weights()
+        x = hidden_states.to(self.gate_up_proj.dtype)  # (1, H)
+        out = None
+        for k, expert in enumerate(top_k_index[0].tolist()):
+            if expert >= self.num_experts:  # sentinel: dropped assignment
+                continue
+            gate, up = F.linear(x, gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
+            h = self.act_fn(gate) * up * top_k_weights[:, k : k + 1].to(x.dtype)  # (1, I)
+            out = F.linear(h, down_proj[expert]) if out is None else torch.addmm(out, h, down_proj[expert].t())
+        if out is None:  # every assignment dropped: zeros that stay in the graph, so backward() still works
+            return hidden_states.mul(0.0)
+        return out.to(hidden_states.dtype)  # (1, H)
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
+        grouped = _use_grouped_mm(self.gate_up_proj) and _use_grouped_mm(self.down_proj)
+        if num_tokens == 1 and not (grouped and hidden_states.is_cuda):
+            return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
+
         flat_experts = top_k_index.reshape(-1)  # (T*K,)
-        order = torch.argsort(flat_experts, stable=True)  # sentinels (== E) sort last
-        counts = torch.bincount(flat_experts, minlength=self.num_experts + 1)[: self.num_experts]  # (E,)
+        order = torch.sort(flat_experts, stable=True).indices  # (T*K,) sentinels (== E) sort last
+        counts = torch.bincount(flat_experts, minlength=self.num_experts + 1)  # (E+1,)
+        # One host sync (free on CPU): the number of routed assignments, so sentinel rows are never computed.
         counts_list = counts.tolist()
-        order = order[: sum(counts_list)]  # (S,) routed assignments, grouped by expert
-        token_idx = order // top_k  # (S,)
-        routed = hidden_states[token_idx]  # (S, H)
-        if _use_grouped_mm(self.gate_up_proj):
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate_up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets)  # (S, 2I)
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)  # (S, H)
+        num_routed = num_tokens * top_k - counts_list[self.num_experts]
+        if num_routed == 0:  # every assignment dropped (or no tokens): zeros that stay in the graph
+            return hidden_states.mul(0.0)
+        if num_routed < num_tokens * top_k:
+            order = order[:num_routed]  # (S,)
+        routed = hidden_states.index_select(0, order // top_k).to(self.gate_up_proj.dtype)  # (S, H)
+        weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(routed.dtype)  # (S, 1)
+        if grouped:
+            offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
+            gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            # The routing weight scales the (S, I) activation rather than the (S, H) output: the same product.
+            h = self.act_fn(gate) * up * weights  # (S, I)
+            out = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)  # (S, H)
         else:
+            gate_up_proj, down_proj = self._expert_weights()
             pieces = []
             start = 0
-            for expert, count in enumerate(counts_list):
+            for expert, count in enumerate(counts_list[: self.num_experts]):
                 if count == 0:
                     continue
-                x = routed[start : start + count]  # (n_e, H)
-                gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
-                pieces.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))  # (n_e, H)
-                start += count
-            out = torch.cat(pieces) if pieces else routed.new_zeros(0, self.hidden_dim)
-        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)  # (S, H)
-        result = hidden_states.new_zeros(num_tokens, self.hidden_dim)
-        return result.index_add_(0, token_idx, out.to(result.dtype))
+                end = start + count
+                gate, up = F.linear(routed[start:end], gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
+                pieces.append(F.linear(self.act_fn(gate) * up * weights[start:end], down_proj[expert]))  # (n_e, H)
+                start = end
+            out = torch.cat(pieces) if len(pieces) != 1 else pieces[0]  # (S, H)
+        # Back to (token, slot) order by copying into distinct rows (deterministic, unlike index_add_ on CUDA),
+        # then sum the k slots of each token; dropped slots stay zero.
+        slots = out.new_zeros(num_tokens * top_k, self.hidden_dim).index_copy_(0, order, out)  # (T*K, H)
+        return slots.view(num_tokens, top_k, self.hidden_dim).sum(dim=1).to(hidden_states.dtype)  # (T, H)
 
 
 class HfMoeMLP(nn.Module):
