@@ -210,6 +210,11 @@ _PROBLEMS: dict[str, Callable[[HfMoeConfig], list[str]]] = {
 
 
 def check_target(target: str) -> NativeSpec:
+    if target in UNSUPPORTED_SOURCES:
+        raise ValueError(
+            f"{target!r} is not an export target: {UNSUPPORTED_SOURCES[target]}; export DeepSeek-style routing "
+            "with to='glm4_moe'"
+        )
     if target not in SPECS:
         raise ValueError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     return SPECS[target]

@@ -238,6 +238,10 @@ def test_bad_inputs_write_nothing(tmp_path):
         export(tmp_path / "missing", tmp_path / "out", to="mixtral")
     with pytest.raises(ValueError, match="unknown export target 'llama'"):
         export(src, tmp_path / "out", to="llama")
+    with pytest.raises(ValueError, match="latent attention .* to='glm4_moe'"):
+        export(src, tmp_path / "out", to="deepseek_v3")
+    with pytest.raises(ValueError, match="cannot parse size"):  # fails inside the temporary output folder
+        export(src, tmp_path / "out", to="mixtral", max_shard_size="lots")
     native = export(src, tmp_path / "native", to="mixtral")
     with pytest.raises(ValueError, match="model_type='mixtral', not 'hf_moe'"):
         export(native, tmp_path / "out", to="qwen3_moe")
