@@ -241,12 +241,14 @@ def export(
         adapter_dir = Path(merge_adapter)
         state = _merged_state_dict(model_dir, adapter_dir)
         source_files += [p for p in sorted(adapter_dir.iterdir()) if p.is_file()]
-        # Back to each tensor's dtype on disk unless a dtype was asked for.
         names = list(state)
-        get = lambda name: _cast(name, state[name], out_dtype or reader.dtype(name))  # noqa: E731
     else:
         names = source_names
-        get = lambda name: _cast(name, reader.get_tensor(name), out_dtype)  # noqa: E731
+
+    def get(name: str) -> torch.Tensor:
+        if merge_adapter is not None:  # back to the tensor's dtype on disk unless a dtype was asked for
+            return _cast(name, state[name], out_dtype or reader.dtype(name))
+        return _cast(name, reader.get_tensor(name), out_dtype)
 
     with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
@@ -294,14 +296,14 @@ def _write_export_card(out: Path, config: HfMoeConfig, spec: NativeSpec, model_d
     """README.md: the hf_moe model card (parameters, routing, provenance) with a note on the native architecture;
     the source README.md if the card cannot be rendered."""
     try:
-        from ..hub import _load_template, render_model_card
+        from ..hub import render_model_card
     except ImportError:
         render_model_card = None
     text = None
     if render_model_card is not None:
         try:
             provenance = json.loads((out / PROVENANCE_NAME).read_text())
-            _load_template(None)  # the template ships in the source tree; without it fall back below
+            # The template ships in the source tree (model_cards/); without it, fall back below.
             text = render_model_card(
                 config,
                 provenance=provenance,
