@@ -97,10 +97,13 @@ def main(argv: list[str] | None = None) -> None:
                 wall_times[mode].append(wall)
     # The ratio uses process CPU time: on a shared machine wall time mostly measures the other processes.
     median = {mode: statistics.median(ts) for mode, ts in cpu_times.items()}
+    best = {mode: min(ts) for mode, ts in cpu_times.items()}
     wall = {mode: statistics.median(ts) for mode, ts in wall_times.items()}
 
     command = "python benchmarks/lora_experts.py" + (" --write" if args.write else "")
     lines = [
+        "### LoRA on the routed experts: fast path vs PEFT `target_parameters` vs full fine-tuning",
+        "",
         f"LoRA r={args.r} on the routed experts, forward+backward of one batch ({args.batch}x{args.seq} tokens), "
         f"hf_moe model hidden {args.hidden}, moe_intermediate {args.inter}, {args.experts} experts top-{args.top_k}, "
         f"{args.layers} layers, vocab {args.vocab}, float32; median of {args.rounds} interleaved rounds after "
@@ -108,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} thread(s); times are process CPU seconds (the machine is shared, so wall time "
         f"is shown but not compared). Command: `{command}`.",
         "",
-        "| mode | trainable params | fwd+bwd CPU time (s) | vs full fine-tuning | wall (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | trainable params | fwd+bwd CPU s (median) | vs full fine-tuning | CPU s (min) | vs full (min) "
+        "| wall s (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {
         "full": "full fine-tuning",
@@ -119,11 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:
         lines.append(
             f"| {names[mode]} | {trainable[mode]:,} | {median[mode]:.3f} | {median[mode] / median['full']:.2f}x "
-            f"| {wall[mode]:.3f} |"
+            f"| {best[mode]:.3f} | {best[mode] / best['full']:.2f}x | {wall[mode]:.3f} |"
         )
     lines.append("")
     lines.append(
-        f"Fast path vs PEFT `target_parameters`: {median['lora_target_parameters'] / median['lora_fast']:.2f}x faster."
+        f"Fast path vs PEFT `target_parameters`: {median['lora_target_parameters'] / median['lora_fast']:.2f}x faster "
+        f"(median), {best['lora_target_parameters'] / best['lora_fast']:.2f}x (min)."
     )
     table = "\n".join(lines)
     print(table)

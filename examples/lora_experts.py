@@ -43,7 +43,9 @@ def mean_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
         return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
 
 
-def train(model: torch.nn.Module, ids: torch.Tensor, starts: torch.Tensor, *, steps: int, seq_len: int, lr: float) -> None:
+def train(
+    model: torch.nn.Module, ids: torch.Tensor, starts: torch.Tensor, *, steps: int, seq_len: int, lr: float
+) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     model.train()

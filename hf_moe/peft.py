@@ -141,7 +141,8 @@ def find_targets(model: nn.Module) -> dict[str, TargetModules]:
         leaf = name.rpartition(".")[2]
         if leaf == "self_attn":
             found["attention"].linear.extend(_linear_names(module, name))
-        elif leaf == "mlp" and name not in moe_blocks:
+        elif leaf == "mlp" and name not in moe_blocks and not isinstance(getattr(module, "experts", None), nn.Module):
+            # (an `mlp` with unfused experts, e.g. an nn.ModuleList, is a MoE block these presets do not cover)
             found["dense_mlp"].linear.extend(_linear_names(module, name))
     return found
 
@@ -211,7 +212,7 @@ def resolve_targets(
         raise ValueError(f"Unknown experts_impl {experts_impl!r}; allowed: {', '.join(EXPERTS_IMPLS)}.")
     found = find_targets(model)
     explicit = [t for t in wanted if not found[t]]
-    requested_all = isinstance(targets, str) and targets == "all" or (not isinstance(targets, str) and "all" in targets)
+    requested_all = "all" in ([targets] if isinstance(targets, str) else targets)
     if explicit and not requested_all:
         have = [t for t in TARGETS if found[t]]
         raise ValueError(

@@ -73,14 +73,14 @@ def expected_table(family: str, r: int, experts_as: str = "fast") -> dict[str, d
     h = c.hidden_size
     if family == "mixtral":
         e, i_moe, moe_layers, dense_layers = c.num_local_experts, c.intermediate_size, [0, 1], []
-        shared, q_out, kv_out = None, c.num_attention_heads * (h // c.num_attention_heads), None
-    else:
+    else:  # every other family here: layer 0 dense, layer 1 MoE
+
         e = c.n_routed_experts if family == "deepseek_v3" else c.num_experts
         i_moe = c.moe_intermediate_size
         dense_layers = [0]
         moe_layers = [1]
     head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
-    table: dict[str, dict[str, int]] = {t: {} for t in ("experts", "shared_experts", "router", "attention", "dense_mlp")}
+    table: dict[str, dict[str, int]] = {t: {} for t in PRESETS if t != "all"}
 
     def mlp(prefix: str, inter: int) -> dict[str, int]:
         return {f"{prefix}.gate_proj": r * (h + inter), f"{prefix}.up_proj": r * (h + inter),
@@ -99,7 +99,8 @@ def expected_table(family: str, r: int, experts_as: str = "fast") -> dict[str, d
         elif family == "qwen2_moe":
             table["shared_experts"].update(mlp(f"{block}.shared_expert", c.shared_expert_intermediate_size))
         elif family == "deepseek_v3":
-            table["shared_experts"].update(mlp(f"{block}.shared_experts", c.moe_intermediate_size * c.n_shared_experts))
+            shared_inter = c.moe_intermediate_size * c.n_shared_experts
+            table["shared_experts"].update(mlp(f"{block}.shared_experts", shared_inter))
     for layer in dense_layers:
         table["dense_mlp"].update(mlp(f"model.layers.{layer}.mlp", c.intermediate_size))
     for layer in range(c.num_hidden_layers):
