@@ -488,3 +488,23 @@ def test_load_adapter_also_loads_target_parameters_adapters(tmp_path) -> None:
     reloaded = load_adapter(build("hf_moe"), str(tmp_path / "adapter"))
     assert not any(isinstance(m, FusedExpertsLora) for m in reloaded.modules())
     assert torch.equal(reloaded(ids).logits, want)
+
+
+def test_bf16_base_with_gradient_checkpointing() -> None:
+    model = build("hf_moe").to(torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    peft_model = get_peft_model(model, lora_config(model, targets=["experts", "attention"], r=R, dropout=0.1,
+                                                   init_lora_weights=False))
+    peft_model.enable_input_require_grads()
+    layer = next(m for m in peft_model.modules() if isinstance(m, FusedExpertsLora))
+    assert layer.lora_A["default"].gate_up_proj.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    ids = _input_ids()
+    peft_model.train()
+    peft_model(ids, labels=ids).loss.backward()
+    grad = layer.lora_A["default"].gate_up_proj.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    peft_model.eval()
+    with torch.no_grad():
+        adapter_out = peft_model(ids).logits.float()
+        peft_model.merge_adapter()
+        torch.testing.assert_close(peft_model(ids).logits.float(), adapter_out, rtol=0.05, atol=0.02)
