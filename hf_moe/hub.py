@@ -154,7 +154,18 @@ def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[
     Returns:
         A dict over all shards.
     """
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        # The index names the model's shards; other safetensors files (a PEFT adapter saved alongside) are not it.
+        files = sorted({model_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:5]}")
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}; is it a saved checkpoint folder?")
     shapes: dict[str, tuple[list[int], str]] = {}

@@ -382,3 +382,17 @@ def test_card_keeps_a_hand_written_readme(tmp_path: Path, capsys: pytest.Capture
     first = (model_dir / "README.md").read_text()
     write_model_card(model_dir, eval_results={"ppl": 2.0})  # a card it wrote is replaced without asking
     assert (model_dir / "README.md").read_text() != first
+
+
+def test_counts_only_the_model_shards(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_file({"lora_A": torch.zeros(4, 32)}, tmp_path / "adapter_model.safetensors")  # an adapter saved alongside
+    assert count_parameters_on_disk(tmp_path) == count_parameters(model.config).total
+    write_model_card(tmp_path)  # the config check passes: the adapter is not counted
+    next(p for p in tmp_path.glob("model-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="shards that are missing"):
+        count_parameters_on_disk(tmp_path)
