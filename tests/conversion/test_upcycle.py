@@ -588,28 +588,33 @@ def test_sigkill_mid_conversion_leaves_no_out_dir(tmp_path, dense_models):
 # ================================================================================================================
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("num_experts", [4, 8])
-def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, shakespeare_heldout_text, num_experts):
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_dir, shakespeare_heldout_text) -> dict:
+    """Dense SmolLM2-135M logits on 128 held-out Shakespeare tokens and its 20-token greedy continuation."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    text = shakespeare_heldout_text[5000:20000]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
+    ids = tokenizer(shakespeare_heldout_text[5000:20000], return_tensors="pt").input_ids[:, :128]
     assert ids.shape[1] == 128
-    out = upcycle(smollm2_dir, tmp_path / "moe", num_experts=num_experts, top_k=2, progress=False,
-                  require_exact=True)
     dense = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = dense(ids).logits
-    prompt = ids[:, :32]
-    dense_gen = dense.generate(prompt, max_new_tokens=20, do_sample=False)
-    del dense
+        logits = dense(ids).logits
+        generated = dense.generate(ids[:, :32], max_new_tokens=20, do_sample=False)
+    return {"ids": ids, "logits": logits, "generated": generated}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_experts", [4, 8])
+def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, smollm2_reference, num_experts):
+    ids = smollm2_reference["ids"]
+    out = upcycle(smollm2_dir, tmp_path / "moe", num_experts=num_experts, top_k=2, progress=False,
+                  require_exact=True)
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert moe.config.num_experts == num_experts and len(moe.config.moe_layers) == 30
     with torch.no_grad():
         got = moe(ids).logits
-    diff = (got - expected).abs().max().item()
+        generated = moe.generate(ids[:, :32], max_new_tokens=20, do_sample=False)
+    diff = (got - smollm2_reference["logits"]).abs().max().item()
     print(f"SmolLM2-135M -> {num_experts} experts: max |logit diff| = {diff:.3g} over {ids.shape[1]} tokens")
     assert diff <= 1e-4
-    assert torch.equal(moe.generate(prompt, max_new_tokens=20, do_sample=False), dense_gen)
+    assert torch.equal(generated, smollm2_reference["generated"])
