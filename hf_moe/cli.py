@@ -170,7 +170,11 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import hf_moe  # noqa: F401  (registers the hf_moe architecture)
-    from hf_moe.peft import describe_targets
+
+    try:
+        from hf_moe.peft import describe_targets
+    except ImportError as err:
+        raise ValueError(f"{err} (lora-targets uses PEFT's own target rules)") from err
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -272,6 +276,13 @@ def _run_push(args: argparse.Namespace) -> int:
         if token:
             message = message.replace(token, "***")
         print(f"hf-moe push: error: the Hub refused the request (HTTP {status}): {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        # Network failures surface as httpx errors (huggingface_hub's HTTP client); report them in one line.
+        if not type(err).__module__.startswith("httpx"):
+            raise
+        message = str(err).replace(token, "***") if token else str(err)
+        print(f"hf-moe push: error: could not reach the Hub ({type(err).__name__}: {message})", file=sys.stderr)
         return 1
     print(url)
     return 0

@@ -396,3 +396,20 @@ def test_counts_only_the_model_shards(tmp_path: Path) -> None:
     next(p for p in tmp_path.glob("model-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="shards that are missing"):
         count_parameters_on_disk(tmp_path)
+
+
+def test_push_unreachable_hub_is_one_line_without_token(
+    card_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert cli.main(["push", str(card_dir), "alice/tiny-moe", "--token", TOKEN]) == 1
+    captured = capsys.readouterr()
+    assert "could not reach the Hub" in captured.err and "Traceback" not in captured.err
+    assert TOKEN not in captured.err + captured.out
