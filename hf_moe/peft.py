@@ -55,10 +55,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
+
+try:
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+except ImportError as err:  # peft is an optional dependency of hf-moe
+    raise ImportError("hf_moe.peft needs PEFT: pip install 'hf-moe[peft]'") from err
 
 from .modeling.modeling_hf_moe import HfMoeExperts
 
