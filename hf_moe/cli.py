@@ -359,6 +359,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     text_path = Path(args.text)
     if not text_path.is_file():
         raise FileNotFoundError(f"--text {text_path} not found")
+    if args.plot:
+        # Checked before the (possibly minutes-long) forward pass rather than after it.
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install 'hf-moe[plot]'")
     stats = inspect_routing(
         args.model_dir,
         text_path.read_text(encoding="utf-8", errors="replace"),
