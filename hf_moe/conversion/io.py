@@ -180,16 +180,17 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _inside(root: Path, name: str) -> Path:
-    """`root / name` if that is a plain relative path that stays inside `root`, else ValueError."""
+    """`root / name` if `name` is a plain relative path (no absolute path, no ``..``), else ValueError.
+
+    Symbolic links inside the folder are followed wherever they point: the Hugging Face Hub cache stores every
+    snapshot file as a link into ``../../blobs``, and the user chose that folder.
+    """
     candidate = Path(name)
-    if candidate.is_absolute() or ".." in candidate.parts or not name:
+    if not name or candidate.is_absolute() or ".." in candidate.parts:
         raise ValueError(
             f"{root / SAFE_WEIGHTS_INDEX_NAME} names weights file {name!r} outside the checkpoint folder; an index "
             "may only name files inside its own folder"
         )
-    resolved = (root / candidate).resolve()
-    if resolved != root.resolve() and root.resolve() not in resolved.parents:
-        raise ValueError(f"{root / SAFE_WEIGHTS_INDEX_NAME} names {name!r}, which resolves outside {root}")
     return root / candidate
 
 

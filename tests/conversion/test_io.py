@@ -344,3 +344,16 @@ def test_shard_writer_add_stacked_equals_stack(tmp_path):
         assert torch.equal(reader.get_tensor("stacked"), torch.stack(parts))
         assert torch.equal(reader.get_tensor("bf16"), torch.stack([a.bfloat16()] * 3))
         assert torch.equal(reader.get_tensor("before"), torch.ones(5))
+
+
+def test_hub_cache_style_symlinked_shards_are_read(tmp_path, sharded_dir):
+    """A Hub cache snapshot links every file into ../../blobs; such a folder is a valid source."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in sharded_dir.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    expected = _expected_state(sharded_dir)
+    with CheckpointReader(snapshot) as reader:
+        assert all(torch.equal(reader.get_tensor(name), t) for name, t in expected.items())
