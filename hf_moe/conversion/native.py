@@ -340,8 +340,13 @@ def hf_moe_config_kwargs(native: dict) -> dict:
         raise ValueError(
             f"cannot import model_type={model_type!r}: supported native architectures are {', '.join(TARGETS)}."
         )
+    import transformers
+
+    # Through the transformers config class first: it turns older Hub keys (`rope_theta`, `rope_scaling`,
+    # top-level `partial_rotary_factor`, `torch_dtype`) into today's fields and fills the class defaults.
+    native = getattr(transformers, SPECS[model_type].config_class).from_dict(native).to_dict()
     kwargs = {name: native[name] for name in _SHARED_FIELDS if name in native}
-    rope = dict(native.get("rope_parameters") or {"rope_type": "default", "rope_theta": native.get("rope_theta", 1e4)})
+    rope = dict(native["rope_parameters"])
     kwargs["rope_parameters"] = rope
     heads = native["num_attention_heads"]
     kwargs["head_dim"] = native.get("head_dim") or native["hidden_size"] // heads
@@ -387,7 +392,7 @@ def hf_moe_config_kwargs(native: dict) -> dict:
         bias = native.get("attention_bias", False)
         kwargs.update(use_qk_norm=True, attention_bias=bias, attention_output_bias=bias)
     elif model_type == "glm4_moe":
-        rope.setdefault("partial_rotary_factor", native.get("partial_rotary_factor", 0.5))
+        rope.setdefault("partial_rotary_factor", 0.5)  # transformers' and vLLM's default for GLM-4.5
         n_shared = native.get("n_shared_experts") or 0
         kwargs.update(
             router_type="sigmoid_topk",

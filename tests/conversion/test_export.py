@@ -328,6 +328,24 @@ def test_import_fused_layout(tmp_path, target):
     torch.testing.assert_close(_logits(HfMoeForCausalLM.from_pretrained(back)), _logits(native))
 
 
+def test_import_hub_style_config_with_rope_scaling(tmp_path):
+    """Hub config.json files predate `rope_parameters`: `rope_theta` + `rope_scaling` at top level."""
+    native = export(build_tiny_for_target("qwen3_moe", tmp_path / "src"), tmp_path / "native", to="qwen3_moe")
+    config = json.loads((native / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=50000.0, torch_dtype="float32",
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    (native / "config.json").write_text(json.dumps(config))
+    back = import_native(native, tmp_path / "back")
+    rope = hf_moe.HfMoeConfig.from_pretrained(back).rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["rope_theta"] == 50000.0
+    ids = torch.randint(3, 99, (1, 100))  # longer than original_max_position_embeddings
+    with torch.no_grad():
+        expected = _load_native(native, "qwen3_moe").eval()(ids).logits
+        got = HfMoeForCausalLM.from_pretrained(back).eval()(ids).logits
+    torch.testing.assert_close(got, expected)
+
+
 def test_import_skips_glm_multi_token_prediction_layer(tmp_path):
     src = build_tiny_for_target("glm4_moe", tmp_path / "src")
     native = export(src, tmp_path / "native", to="glm4_moe")
