@@ -151,10 +151,7 @@ def test_export_dtype_and_shards(tmp_path):
 
 
 def test_export_copies_tokenizer_and_extends_provenance(tmp_path):
-    from tests.helpers.tiny_tokenizer import build_tiny_tokenizer
-
-    src = build_tiny_for_target("mixtral", tmp_path / "src")
-    build_tiny_tokenizer(src, vocab_size=99)
+    src = build_tiny_for_target("mixtral", tmp_path / "src", with_tokenizer=True)
     (src / "hf_moe_provenance.json").write_text(json.dumps({"method": "upcycle", "license": "apache-2.0"}))
     out = export(src, tmp_path / "out", to="mixtral")
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

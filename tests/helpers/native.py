@@ -63,9 +63,18 @@ def tiny_target_model(target: str, *, seed: int = 0, **overrides) -> HfMoeForCau
     return model
 
 
-def build_tiny_for_target(target: str, out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
+def build_tiny_for_target(
+    target: str, out_dir: str | Path, *, seed: int = 0, with_tokenizer: bool = False, **overrides
+) -> Path:
     """Save a tiny random hf_moe checkpoint configured for `target` ("mixtral", "qwen2_moe", "qwen3_moe",
-    "glm4_moe") to `out_dir` and return it. Export it with `hf_moe.export(out_dir, ..., to=target)`."""
+    "glm4_moe") to `out_dir` and return it. Export it with `hf_moe.export(out_dir, ..., to=target)`; the export
+    copies the tokenizer that `with_tokenizer=True` adds (`tests/helpers/tiny_tokenizer.py`, vocab 99), which
+    vLLM needs."""
     out_dir = Path(out_dir)
-    tiny_target_model(target, seed=seed, **overrides).save_pretrained(out_dir)
+    model = tiny_target_model(target, seed=seed, **overrides)
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        from .tiny_tokenizer import build_tiny_tokenizer
+
+        build_tiny_tokenizer(out_dir, vocab_size=model.config.vocab_size)
     return out_dir
