@@ -19,7 +19,7 @@ import os
 import re
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -176,6 +176,43 @@ def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[
     return shapes
 
 
+# Tensor-name patterns -> ParameterCounts field, first match wins (hf_moe checkpoint names).
+_COMPONENTS = (
+    (".mlp.experts.", "routed_experts"),
+    (".mlp.shared_expert", "shared_experts"),  # shared_experts.* and shared_expert_gate
+    (".mlp.gate.", "router"),
+    (".mlp.", "dense_mlp"),
+    (".self_attn.", "attention"),  # q/k/v/o, biases, q/k norms
+    ("embed_tokens.", "embedding"),
+    ("lm_head.", "embedding"),
+    ("norm.", "norms"),  # input/post-attention layernorms and the final norm
+)
+
+
+def parameters_on_disk_by_component(
+    model_dir: str | os.PathLike, *, tie_word_embeddings: bool = False
+) -> dict[str, int]:
+    """Parameters stored in the folder's safetensors files (headers only) per `ParameterCounts` component, buffers
+    excluded; a stored copy of a tied lm_head is counted once. Unrecognised tensors are counted under "other".
+
+    Args:
+        model_dir: a checkpoint folder.
+        tie_word_embeddings: whether lm_head shares the embedding.
+    Returns:
+        Component name -> parameter count.
+    """
+    counts: dict[str, int] = {}
+    for name, (shape, _) in tensor_shapes_on_disk(model_dir).items():
+        if name.endswith(BUFFER_SUFFIXES) or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        component = next((c for pattern, c in _COMPONENTS if pattern in name), "other")
+        n = 1
+        for dim in shape:
+            n *= dim
+        counts[component] = counts.get(component, 0) + n
+    return counts
+
+
 def count_parameters_on_disk(model_dir: str | os.PathLike, *, tie_word_embeddings: bool = False) -> int:
     """Parameters stored in the folder's safetensors files (headers only), buffers excluded; a stored copy of a
     tied lm_head is counted once.
@@ -186,15 +223,7 @@ def count_parameters_on_disk(model_dir: str | os.PathLike, *, tie_word_embedding
     Returns:
         The parameter count.
     """
-    total = 0
-    for name, (shape, _) in tensor_shapes_on_disk(model_dir).items():
-        if name.endswith(BUFFER_SUFFIXES) or (tie_word_embeddings and name == "lm_head.weight"):
-            continue
-        n = 1
-        for dim in shape:
-            n *= dim
-        total += n
-    return total
+    return sum(parameters_on_disk_by_component(model_dir, tie_word_embeddings=tie_word_embeddings).values())
 
 
 def human(n: int) -> str:
@@ -249,7 +278,8 @@ def _source_fields(provenance: dict) -> tuple[list[str], str | None]:
             if found:
                 ids.append(found)
     if provenance.get("base_model"):
-        ids = [provenance["base_model"]] if isinstance(provenance["base_model"], str) else list(provenance["base_model"])
+        base = provenance["base_model"]
+        ids = [base] if isinstance(base, str) else list(base)
     return ids, license_
 
 
@@ -571,12 +601,25 @@ def write_model_card(
             "for hf_moe checkpoints (upcycle or import the model first)"
         )
     config = HfMoeConfig.from_pretrained(model_dir)
-    expected = count_parameters(config).total
-    on_disk = count_parameters_on_disk(model_dir, tie_word_embeddings=config.tie_word_embeddings)
-    if on_disk != expected:
+    # Component by component, so that a mismatch says where (e.g. the routed experts) and compensating errors
+    # cannot hide behind an equal total.
+    counts = count_parameters(config)
+    on_disk = parameters_on_disk_by_component(model_dir, tie_word_embeddings=config.tie_word_embeddings)
+    names = sorted({*on_disk, *(f.name for f in fields(ParameterCounts))} - {"routed_experts_active"})
+    differ = {
+        name: (on_disk.get(name, 0), getattr(counts, name, 0))
+        for name in names
+        if on_disk.get(name, 0) != getattr(counts, name, 0)
+    }
+    if differ:
+        details = ", ".join(
+            f"{name}: {got:,} on disk vs {want:,} from the config"
+            for name, (got, want) in differ.items()
+        )
         raise ValueError(
-            f"{model_dir}: the safetensors files hold {on_disk:,} parameters but config.json implies {expected:,}; "
-            "the weights do not belong to this config (re-save the model, or fix config.json)"
+            f"{model_dir}: the safetensors files ({sum(on_disk.values()):,} parameters) do not match config.json "
+            f"({counts.total:,}): {details}; the weights do not belong to this config (re-save the model, or fix "
+            "config.json)"
         )
     provenance_path = model_dir / PROVENANCE_FILE
     provenance = _read_json(provenance_path) if provenance_path.is_file() else None
@@ -733,6 +776,7 @@ __all__ = [
     "ParameterCounts",
     "count_parameters",
     "count_parameters_on_disk",
+    "parameters_on_disk_by_component",
     "tensor_shapes_on_disk",
     "render_model_card",
     "write_model_card",

@@ -24,6 +24,7 @@ from hf_moe.hub import (
     count_parameters,
     count_parameters_on_disk,
     files_to_push,
+    parameters_on_disk_by_component,
     push_to_hub,
     render_model_card,
     write_model_card,
@@ -65,6 +66,16 @@ def test_parameter_counts_match_the_model(case: str) -> None:
     assert counts.total == sum(p.numel() for p in model.parameters())
     assert counts.active == _expert_share(model)
     assert counts.active < counts.total
+
+
+@pytest.mark.parametrize("case", sorted(COUNT_CASES))
+def test_disk_components_match_the_config(case: str, tmp_path: Path) -> None:
+    model = tiny_model(**COUNT_CASES[case])
+    model.save_pretrained(tmp_path)
+    on_disk = parameters_on_disk_by_component(tmp_path, tie_word_embeddings=model.config.tie_word_embeddings)
+    counts = count_parameters(model.config)
+    assert "other" not in on_disk  # every saved tensor is recognised
+    assert on_disk == {k: v for k, v in vars(counts).items() if k != "routed_experts_active" and v}
 
 
 def test_tied_lm_head_counted_once_and_buffers_excluded(tmp_path: Path) -> None:
@@ -143,7 +154,7 @@ def test_card_refuses_tensors_that_do_not_match_the_config(tmp_path: Path) -> No
     config = json.loads((model_dir / "config.json").read_text())
     config["num_experts"] = 8  # the safetensors still hold 4 experts per layer
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not belong to this config"):
+    with pytest.raises(ValueError, match="routed_experts: 12,288 on disk vs 24,576 from the config.*do not belong"):
         write_model_card(model_dir)
     assert not (model_dir / "README.md").exists()
 
