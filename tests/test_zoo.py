@@ -209,3 +209,12 @@ def test_smollm2_recipe_on_real_weights(
     assert stats["num_tokens"] == 256 and len(stats["layers"]) == 30
     assert all(sum(row) == 2 * 256 for row in stats["tokens_per_expert"])  # dropless top-2
     assert all(0 < h <= math.log(8) + 1e-6 for h in stats["entropy"])
+
+
+def test_render_cards_module_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import hf_moe.zoo as zoo
+
+    monkeypatch.setattr(zoo, "CARDS_DIR", tmp_path)
+    assert zoo._main(["--render-cards"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.md" for n in PRESETS)
+    assert str(tmp_path / "tiny.md") in capsys.readouterr().out
