@@ -1,5 +1,5 @@
-"""Router statistics of an hf_moe model: per MoE layer, how the routed assignments spread over the experts, how many
-were dropped, and how confident the router is. Computed from one forward pass; no global state.
+"""Router statistics of an hf_moe model: per MoE layer, how the routed assignments spread over the experts,
+how many were dropped, and how confident the router is. Computed from one forward pass; no global state.
 
 Example:
 ```python
@@ -33,8 +33,8 @@ class RouterStatistics:
         tokens_per_expert: per layer, the assignments each expert received.
         expert_load: per layer, `tokens_per_expert` as a fraction of all kept assignments (sums to 1, or all
             zeros when nothing was routed).
-        dropped_fraction: per layer, dropped assignments / (top_k * num_tokens); for expert choice the fraction
-            of tokens that no expert picked.
+        dropped_fraction: per layer, dropped assignments / (top_k * num_tokens); for expert choice the
+            fraction of tokens that no expert picked.
         entropy: per layer, mean per-token entropy (nats) of the routing distribution `router_probabilities`;
             log(num_experts) is uniform routing.
     """
@@ -67,7 +67,8 @@ class RouterStatistics:
             loads = " ".join(f"{x:.3f}" for x in load)
             rows.append(f"{layer:>5}  {dropped:>8.3f}  {entropy:>8.3f}  {imbalance:>8.2f}  {loads}")
         rows.append(
-            f"{self.num_tokens} tokens, {self.num_experts} experts, top_k={self.top_k}, router={self.router_type}, "
+            f"{self.num_tokens} tokens, {self.num_experts} experts, top_k={self.top_k}, "
+            f"router={self.router_type}, "
             f"uniform entropy={torch.log(torch.tensor(float(self.num_experts))).item():.3f}"
         )
         return "\n".join(rows)
@@ -109,7 +110,9 @@ def router_statistics(
     if isinstance(outputs_or_model, torch.nn.Module):
         model = outputs_or_model
         if input_ids is None:
-            raise ValueError("router_statistics: pass input_ids when giving a model (it runs one forward pass)")
+            raise ValueError(
+                "router_statistics: pass input_ids when giving a model (it runs one forward pass)"
+            )
         config = config or model.config
         with torch.no_grad():
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)

@@ -58,7 +58,8 @@ def _assert_matches(stats: RouterStatistics, hand: dict) -> None:
     [
         ("softmax_topk", {}),
         ("sigmoid_topk", {}),
-        # capacity 0.5 -> ceil(0.5 * 16 / 4) = 2 tokens per expert: 16 tokens, at most 8 kept, so drops happen.
+        # capacity 0.5 -> ceil(0.5 * 16 / 4) = 2 tokens per expert: 16 tokens, at most 8 kept, so drops
+        # happen.
         ("switch", {"capacity_factor": 0.5}),
         # capacity 0.5 -> each expert picks 2 of 16 tokens: at least 8 tokens get no expert.
         ("expert_choice", {"capacity_factor": 0.5}),

@@ -1,7 +1,7 @@
-"""Small mappings from transformers' native models to hf_moe, for the parity tests: configs by field, tensors by
-name. transformers 5 already stores MoE experts fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj
-[E, H, I]`) under the same names as hf_moe, so MoE models need only the shared-expert rename; dense models put
-their MLP into a single expert."""
+"""Small mappings from transformers' native models to hf_moe, for the parity tests: configs by field, tensors
+by name. transformers 5 already stores MoE experts fused (`experts.gate_up_proj [E, 2I, H]`,
+`experts.down_proj [E, H, I]`) under the same names as hf_moe, so MoE models need only the shared-expert
+rename; dense models put their MLP into a single expert."""
 
 import torch
 
@@ -36,13 +36,13 @@ def hf_moe_config_from_native(native, **moe) -> HfMoeConfig:
 
 
 def rename_moe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE names -> hf_moe names (Qwen2-MoE's single `shared_expert`)."""
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE names -> hf_moe names (Qwen2-MoE's `shared_expert`)."""
     return {name.replace(".mlp.shared_expert.", ".mlp.shared_experts."): t for name, t in state_dict.items()}
 
 
 def dense_state_dict_to_single_expert(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A dense decoder's `mlp.{gate,up,down}_proj` -> one fused expert plus a one-row router (softmax of a single
-    logit is exactly 1.0, so the router weight's value does not matter)."""
+    """A dense decoder's `mlp.{gate,up,down}_proj` -> one fused expert plus a one-row router (softmax of a
+    single logit is exactly 1.0, so the router weight's value does not matter)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         if ".mlp.up_proj." in name or ".mlp.down_proj." in name:
@@ -51,7 +51,8 @@ def dense_state_dict_to_single_expert(state_dict: dict[str, torch.Tensor]) -> di
             prefix = name.removesuffix("gate_proj.weight")  # "...layers.i.mlp."
             gate, up = tensor, state_dict[prefix + "up_proj.weight"]  # (I, H) each
             out[prefix + "experts.gate_up_proj"] = torch.cat([gate, up], dim=0).unsqueeze(0)  # (1, 2I, H)
-            out[prefix + "experts.down_proj"] = state_dict[prefix + "down_proj.weight"].unsqueeze(0)  # (1, H, I)
+            down = state_dict[prefix + "down_proj.weight"]  # (H, I)
+            out[prefix + "experts.down_proj"] = down.unsqueeze(0)  # (1, H, I)
             out[prefix + "gate.weight"] = torch.zeros(1, tensor.shape[1], dtype=tensor.dtype)  # (1, H)
             continue
         out[name] = tensor
@@ -59,8 +60,8 @@ def dense_state_dict_to_single_expert(state_dict: dict[str, torch.Tensor]) -> di
 
 
 def randomize_(model: torch.nn.Module, *, router_std: float = 0.5, seed: int = 0) -> None:
-    """Make every tensor matter: norms away from 1, biases and routing-correction biases away from 0, routers spread
-    so that top-k choices are far from ties."""
+    """Make every tensor matter: norms away from 1, biases and routing-correction biases away from 0, routers
+    spread so that top-k choices are far from ties."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

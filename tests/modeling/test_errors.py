@@ -23,7 +23,11 @@ INVALID_CONFIGS = [
     ("unknown_router", {"router_type": "hash"}, "router_type"),
     ("capacity_zero", {**SWITCH, "capacity_factor": 0.0}, "capacity_factor"),
     ("capacity_negative", {**SWITCH, "capacity_factor": -1.0}, "capacity_factor"),
-    ("capacity_on_dropless_router", {"router_type": "softmax_topk", "capacity_factor": 1.25}, "capacity_factor"),
+    (
+        "capacity_on_dropless_router",
+        {"router_type": "softmax_topk", "capacity_factor": 1.25},
+        "capacity_factor",
+    ),
     ("capacity_on_sigmoid_router", {**SIGMOID, "capacity_factor": 1.25}, "capacity_factor"),
     ("switch_top2", {"router_type": "switch", "num_experts_per_tok": 2}, "num_experts_per_tok"),
     ("expert_choice_with_cache", {"router_type": "expert_choice", "use_cache": True}, "use_cache"),
@@ -31,7 +35,11 @@ INVALID_CONFIGS = [
     ("n_group_zero", {**SIGMOID, "n_group": 0}, "n_group"),
     ("topk_group_over_n_group", {**SIGMOID, "n_group": 2, "topk_group": 3}, "topk_group"),
     ("topk_group_zero", {**SIGMOID, "n_group": 2, "topk_group": 0}, "topk_group"),
-    ("groups_too_small_for_k", {**SIGMOID, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3}, "topk_group"),
+    (
+        "groups_too_small_for_k",
+        {**SIGMOID, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3},
+        "topk_group",
+    ),
     ("groups_on_softmax_router", {"router_type": "softmax_topk", "n_group": 2}, "n_group"),
     ("negative_aux_coef", {"router_aux_loss_coef": -0.01}, "router_aux_loss_coef"),
     ("negative_z_coef", {"router_z_loss_coef": -1.0}, "router_z_loss_coef"),
@@ -46,7 +54,11 @@ INVALID_CONFIGS = [
     ("routed_scaling_zero", {**SIGMOID, "routed_scaling_factor": 0.0}, "routed_scaling_factor"),
     ("shared_gate_without_shared", {"shared_expert_gate": True}, "shared_expert_gate"),
     ("negative_shared_experts", {"num_shared_experts": -1}, "num_shared_experts"),
-    ("shared_width_zero", {"num_shared_experts": 1, "shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size"),
+    (
+        "shared_width_zero",
+        {"num_shared_experts": 1, "shared_expert_intermediate_size": 0},
+        "shared_expert_intermediate_size",
+    ),
     ("moe_width_zero", {"moe_intermediate_size": 0}, "moe_intermediate_size"),
     ("kv_heads_not_dividing", {"num_key_value_heads": 3}, "num_key_value_heads"),
     ("sliding_window_zero", {"sliding_window": 0}, "sliding_window"),
@@ -54,7 +66,9 @@ INVALID_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides, field", [c[1:] for c in INVALID_CONFIGS], ids=[c[0] for c in INVALID_CONFIGS])
+@pytest.mark.parametrize(
+    "overrides, field", [c[1:] for c in INVALID_CONFIGS], ids=[c[0] for c in INVALID_CONFIGS]
+)
 def test_invalid_config_raises_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         HfMoeConfig(**{**TINY, **overrides})
@@ -78,7 +92,7 @@ def test_valid_edge_configs_are_accepted():
     HfMoeConfig(**{**TINY, **SIGMOID, "n_group": 2, "topk_group": 2, "router_bias_update_rate": 0.001})
 
 
-# --- bad checkpoints --------------------------------------------------------------------------------------------
+# --- bad checkpoints ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +138,16 @@ def test_bad_checkpoint_raises_and_strict_false_loads(case, saved, tmp_path):
         message = str(info.value)
         assert kind in message and key in message and "strict=False" in message
     extra = {"ignore_mismatched_sizes": True} if case == "wrong_shape" else {}
-    model, loading_info = HfMoeForCausalLM.from_pretrained(path, strict=False, output_loading_info=True, **extra)
+    model, loading_info = HfMoeForCausalLM.from_pretrained(
+        path, strict=False, output_loading_info=True, **extra
+    )
     assert isinstance(model, HfMoeForCausalLM)
     assert any(key in str(k) for k in loading_info[kind])
     if case == "wrong_shape":
         # strict, but an explicit ignore_mismatched_sizes=True accepts the re-initialised tensor.
-        assert isinstance(HfMoeForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True), HfMoeForCausalLM)
+        assert isinstance(
+            HfMoeForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True), HfMoeForCausalLM
+        )
 
 
 def test_good_checkpoint_loads_strictly_with_loading_info(saved):
@@ -143,7 +161,7 @@ def test_missing_checkpoint_folder_raises(tmp_path):
         HfMoeForCausalLM.from_pretrained(tmp_path / "nowhere")
 
 
-# --- registration -----------------------------------------------------------------------------------------------
+# --- registration -------------------------------------------------------------------------------------------
 
 
 def test_registration_is_idempotent():

@@ -1,5 +1,5 @@
-"""Router losses: the load-balancing loss ignores padding and equals transformers' Mixtral loss, the z-loss equals a
-hand computation, and both enter the LM loss with their coefficients."""
+"""Router losses: the load-balancing loss ignores padding and equals transformers' Mixtral loss, the z-loss
+equals a hand computation, and both enter the LM loss with their coefficients."""
 
 import math
 
@@ -66,8 +66,8 @@ def test_z_loss_matches_hand_computation():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_aux_loss_equals_transformers_mixtral_loss(padded):
-    # One MoE layer: transformers pools all layers' tokens before the product, hf_moe averages per-layer losses
-    # (see the multi-layer test below); with one layer both are the same formula.
+    # One MoE layer: transformers pools all layers' tokens before the product, hf_moe averages per-layer
+    # losses (see the multi-layer test below); with one layer both are the same formula.
     model = tiny_model(seed=2, router_type="topk_softmax", first_k_dense_replace=1)
     assert model.config.moe_layers == [1]
     ids = _ids()
@@ -78,7 +78,10 @@ def test_aux_loss_equals_transformers_mixtral_loss(padded):
     with torch.no_grad():
         out = model(ids, output_router_logits=True, **kwargs)
     expected = load_balancing_loss_func(
-        out.router_logits, model.config.num_experts, model.config.num_experts_per_tok, kwargs.get("attention_mask")
+        out.router_logits,
+        model.config.num_experts,
+        model.config.num_experts_per_tok,
+        kwargs.get("attention_mask"),
     )
     torch.testing.assert_close(out.aux_loss, expected)
 
@@ -93,7 +96,8 @@ def test_aux_loss_is_the_mean_of_per_layer_transformers_losses():
 
 
 def test_aux_loss_hand_computation_with_dropped_tokens():
-    """Switch form E * sum_i f_i P_i with f_i from the kept assignments only (dropped ones count for no expert)."""
+    """Switch form E * sum_i f_i P_i with f_i from the kept assignments only (dropped ones count for no
+    expert)."""
     model = tiny_model(seed=4, router_type="switch", num_experts_per_tok=1, capacity_factor=0.5)
     with torch.no_grad():
         out = model(_ids(), output_router_logits=True)
@@ -160,7 +164,7 @@ def test_router_losses_have_gradients_into_the_router():
     (out.aux_loss + out.z_loss).backward()
     for layer in model.model.layers:
         assert layer.mlp.gate.weight.grad.abs().sum() > 0
-    # The last layer's experts act after every router: the router losses cannot reach them. (Earlier experts do
-    # get gradient, through the hidden states that later routers read.)
+    # The last layer's experts act after every router: the router losses cannot reach them. (Earlier experts
+    # do get gradient, through the hidden states that later routers read.)
     assert model.model.layers[-1].mlp.experts.gate_up_proj.grad is None
     assert model.model.layers[0].mlp.experts.gate_up_proj.grad.abs().sum() > 0

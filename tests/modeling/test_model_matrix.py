@@ -1,5 +1,5 @@
-"""The model-tester mixin applied to a matrix of configurations: every router type, shared experts, dense layers,
-and the attention / rotary options that the supported architectures need."""
+"""The model-tester mixin applied to a matrix of configurations: every router type, shared experts, dense
+layers, and the attention / rotary options that the supported architectures need."""
 
 import pytest
 
@@ -19,7 +19,11 @@ CASES: dict[str, dict] = {
     },
     "router_softmax_topk_unnormalised": {"router_type": "softmax_topk", "norm_topk_prob": False},
     "shared_expert": {"num_shared_experts": 1},
-    "shared_expert_gated": {"num_shared_experts": 2, "shared_expert_gate": True, "shared_expert_intermediate_size": 24},
+    "shared_expert_gated": {
+        "num_shared_experts": 2,
+        "shared_expert_gate": True,
+        "shared_expert_intermediate_size": 24,
+    },
     "dense_mlp_only_layers": {"mlp_only_layers": [0]},
     "dense_first_k": {"first_k_dense_replace": 1},
     "dense_sparse_step": {"decoder_sparse_step": 2},
@@ -27,7 +31,9 @@ CASES: dict[str, dict] = {
     "attention_bias": {"attention_bias": True, "attention_output_bias": True},
     "sliding_window": {"sliding_window": 3},
     "tied_embeddings": {"tie_word_embeddings": True},
-    "partial_rotary": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "partial_rotary": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    },
     "rope_linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
     "rope_yarn": {
         "rope_parameters": {

@@ -1,6 +1,7 @@
-"""Parity with transformers' own models in fp32: the same weights, copied by name (tests/modeling/mapping.py), must
-give the same logits. MoE: Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5-MoE (full model) and DeepSeek-V3 (MoE block only;
-its attention is MLA, which hf_moe does not have). Dense: Llama, Mistral, Qwen2, Qwen3 as a one-expert model."""
+"""Parity with transformers' own models in fp32: the same weights, copied by name (tests/modeling/mapping.py),
+must give the same logits. MoE: Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5-MoE (full model) and DeepSeek-V3 (MoE
+block only; its attention is MLA, which hf_moe does not have). Dense: Llama, Mistral, Qwen2, Qwen3 as a
+one-expert model."""
 
 import pytest
 import torch
@@ -79,13 +80,17 @@ def _load(config: HfMoeConfig, state_dict: dict) -> HfMoeForCausalLM:
     return model
 
 
-# --- MoE architectures ----------------------------------------------------------------------------------------
+# --- MoE architectures --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_mixtral(tied):
-    native_config = MixtralConfig(**{**BASE, "intermediate_size": 16}, num_local_experts=4, num_experts_per_tok=2,
-                                  tie_word_embeddings=tied)
+    native_config = MixtralConfig(
+        **{**BASE, "intermediate_size": 16},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=tied,
+    )
     native = _native(MixtralForCausalLM, native_config)
     config = hf_moe_config_from_native(
         native_config,
@@ -129,7 +134,12 @@ def test_qwen2_moe():
 
 def test_qwen3_moe():
     native_config = Qwen3MoeConfig(
-        **BASE, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True
+        **BASE,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
     )
     native = _native(Qwen3MoeForCausalLM, native_config)
     config = hf_moe_config_from_native(
@@ -230,7 +240,7 @@ def test_deepseek_v3_moe_block():
         torch.testing.assert_close(ours(hidden), native(hidden))
 
 
-# --- Dense decoders as a one-expert model ---------------------------------------------------------------------
+# --- Dense decoders as a one-expert model -------------------------------------------------------------------
 
 
 def _single_expert(native_config, **extra) -> HfMoeConfig:
@@ -246,7 +256,9 @@ def _single_expert(native_config, **extra) -> HfMoeConfig:
 
 def _check_dense(cls, native_config, seq: int = 9, **extra) -> None:
     native = _native(cls, native_config)
-    ours = _load(_single_expert(native_config, **extra), dense_state_dict_to_single_expert(native.state_dict()))
+    ours = _load(
+        _single_expert(native_config, **extra), dense_state_dict_to_single_expert(native.state_dict())
+    )
     assert all(hasattr(layer.mlp, "experts") for layer in ours.model.layers)
     _assert_same_logits(native, ours, seq=seq)
 
@@ -256,7 +268,9 @@ def _check_dense(cls, native_config, seq: int = 9, **extra) -> None:
 def test_llama(attention_bias, tied):
     native_config = LlamaConfig(**BASE, attention_bias=attention_bias, tie_word_embeddings=tied)
     # Llama's attention_bias covers o_proj too: hf_moe splits it into attention_bias + attention_output_bias.
-    _check_dense(LlamaForCausalLM, native_config, attention_bias=attention_bias, attention_output_bias=attention_bias)
+    _check_dense(
+        LlamaForCausalLM, native_config, attention_bias=attention_bias, attention_output_bias=attention_bias
+    )
 
 
 def test_mistral_sliding_window():
@@ -268,7 +282,8 @@ def test_mistral_sliding_window_is_not_full_attention():
     """The Mistral parity is only meaningful if the window changes the result on that sequence."""
     native_config = MistralConfig(**BASE, sliding_window=4)
     native = _native(MistralForCausalLM, native_config)
-    ours = _load(_single_expert(native_config), dense_state_dict_to_single_expert(native.state_dict()))  # no window
+    windowless = _single_expert(native_config)  # sliding_window not passed: full attention
+    ours = _load(windowless, dense_state_dict_to_single_expert(native.state_dict()))
     with pytest.raises(AssertionError):
         _assert_same_logits(native, ours, seq=12)
 

@@ -1,4 +1,5 @@
-"""A saved checkpoint loads with `trust_remote_code=True` where hf_moe cannot be imported, and gives the same logits."""
+"""A saved checkpoint loads with `trust_remote_code=True` where hf_moe cannot be imported, and gives the same
+logits."""
 
 import json
 import os
@@ -11,8 +12,8 @@ import torch
 
 from tests.helpers.tiny import tiny_model
 
-# Runs in a fresh interpreter. `sys.modules["hf_moe"] = None` makes every `import hf_moe` fail, as on a machine
-# without the plugin: only the files saved next to the weights can provide the model.
+# Runs in a fresh interpreter. `sys.modules["hf_moe"] = None` makes every `import hf_moe` fail, as on a
+# machine without the plugin: only the files saved next to the weights can provide the model.
 CHILD = textwrap.dedent(
     """
     import sys
@@ -39,7 +40,8 @@ CHILD = textwrap.dedent(
     payload = torch.load(data)
     with torch.no_grad():
         logits = model(payload["input_ids"]).logits
-    torch.save({"logits": logits, "class_module": type(model).__module__, "class": type(model).__name__}, data)
+    info = {"class_module": type(model).__module__, "class": type(model).__name__}
+    torch.save({"logits": logits, **info}, data)
     """
 )
 

@@ -1,5 +1,5 @@
-"""Router invariants: shapes, weight normalisation, capacity and dropping, expert choice, noise and jitter only in
-training, group-limited routing, and the aux-loss-free bias update."""
+"""Router invariants: shapes, weight normalisation, capacity and dropping, expert choice, noise and jitter
+only in training, group-limited routing, and the aux-loss-free bias update."""
 
 import math
 
@@ -98,7 +98,8 @@ def test_switch_top1_weight_is_softmax_probability():
 
 
 def _identity_router(router_type: str, num_experts: int = 4, **overrides):
-    """A router whose logits are the first `num_experts` features of the input: logits can be written by hand."""
+    """A router whose logits are the first `num_experts` features of the input: logits can be written by
+    hand."""
     router, config = _router(router_type, num_experts=num_experts, **overrides)
     with torch.no_grad():
         router.weight.zero_()
@@ -109,7 +110,8 @@ def _identity_router(router_type: str, num_experts: int = 4, **overrides):
 def _hand_logits(preferred: list[int], num_experts: int = 4, dim: int = 32) -> torch.Tensor:
     h = torch.zeros(len(preferred), dim)
     for t, e in enumerate(preferred):
-        h[t, e] = 5.0 + 0.1 * t  # a clear winner; later tokens slightly more confident (order must not matter)
+        # A clear winner; later tokens slightly more confident (so token order, not confidence, must decide).
+        h[t, e] = 5.0 + 0.1 * t
     return h
 
 
@@ -130,7 +132,9 @@ def test_switch_drops_exactly_the_tokens_over_capacity_in_token_order():
     for e in preferred:
         seen[e] = seen.get(e, 0) + 1
         expected.append(e if seen[e] <= capacity else config.num_experts)
-    assert index[:, 0].tolist() == expected == [0, 0, 1, 0, 2, config.num_experts, config.num_experts, 1, 3, 4]
+    assert (
+        index[:, 0].tolist() == expected == [0, 0, 1, 0, 2, config.num_experts, config.num_experts, 1, 3, 4]
+    )
     dropped = index[:, 0] == config.num_experts
     assert (weights[dropped] == 0).all() and (weights[~dropped] > 0).all()
     # A larger capacity factor keeps everyone.
@@ -162,7 +166,9 @@ def test_switch_dropped_tokens_pass_through_the_residual_in_the_model():
     model = tiny_model(seed=0, **{**ROUTER_CASES["switch"], "router_type": "switch", "capacity_factor": 0.5})
     layer = model.model.layers[0]
     captured = {}
-    layer.post_attention_layernorm.register_forward_hook(lambda m, args, out: captured.update(residual=args[0]))
+    layer.post_attention_layernorm.register_forward_hook(
+        lambda m, args, out: captured.update(residual=args[0])
+    )
     layer.register_forward_hook(lambda m, args, out: captured.update(output=out))
     with torch.no_grad():
         out = model(torch.randint(3, 99, (1, 12)), output_router_logits=True)
@@ -233,7 +239,9 @@ def test_group_limited_routing_stays_in_the_chosen_groups():
     for t in range(h.shape[0]):
         groups = {e // per_group for e in index[t].tolist()}
         assert groups <= set(best_groups[t].tolist())
-        ungrouped_differs += set(index[t].tolist()) != set(scores[t].topk(config.num_experts_per_tok).indices.tolist())
+        ungrouped_differs += set(index[t].tolist()) != set(
+            scores[t].topk(config.num_experts_per_tok).indices.tolist()
+        )
     assert ungrouped_differs > 0  # the group limit changed some choices: the check above is not vacuous
 
 
@@ -248,7 +256,8 @@ def _skewed_sigmoid_model(**overrides):
     )
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))  # skew to 0 and 1
+            # Skewed toward experts 0 and 1.
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))
     return model
 
 
@@ -314,4 +323,3 @@ def test_bias_update_rate_zero_never_moves():
         model(torch.randint(3, 99, (2, 8)))
     for layer in model.model.layers:
         assert layer.mlp.gate.e_score_correction_bias.abs().sum() == 0
-

@@ -1,10 +1,10 @@
 """A slim model-tester mixin of our own (transformers does not ship its test mixins).
 
-A test class sets `config_overrides` (merged over `tests.helpers.tiny.TINY`) and inherits every check below. Flags
-turn off the checks a configuration cannot satisfy by design, with the reason next to the flag:
+A test class sets `config_overrides` (merged over `tests.helpers.tiny.TINY`) and inherits every check below.
+Flags turn off the checks a configuration cannot satisfy by design, with the reason next to the flag:
 - `causal_routing`: routing of a token depends only on that token (token-choice, dropless). Capacity-limited
-  routers (switch with a capacity factor, expert choice) let tokens compete, so cached decoding and batching with
-  padding legitimately change the result.
+  routers (switch with a capacity factor, expert choice) let tokens compete, so cached decoding and batching
+  with padding legitimately change the result.
 - `supports_cache`: the config allows `use_cache=True` (expert choice forbids it).
 """
 
@@ -22,7 +22,7 @@ class MoeModelTesterMixin:
     causal_routing: bool = True
     supports_cache: bool = True
 
-    # --- helpers -----------------------------------------------------------------------------------------------
+    # --- helpers --------------------------------------------------------------------------------------------
     def make_config(self, **extra) -> HfMoeConfig:
         return HfMoeConfig(**{**TINY, **self.config_overrides, **extra})
 
@@ -42,7 +42,7 @@ class MoeModelTesterMixin:
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(3, TINY["vocab_size"], (batch, seq), generator=generator)  # no pad/bos/eos ids
 
-    # --- checks ------------------------------------------------------------------------------------------------
+    # --- checks ---------------------------------------------------------------------------------------------
     def test_output_shapes(self):
         model = self.make_model()
         config = model.config
@@ -58,7 +58,8 @@ class MoeModelTesterMixin:
         for logits, indices in zip(out.router_logits, out.router_indices):
             assert logits.shape == (BATCH * SEQ, config.num_experts)
             assert indices.shape == (BATCH * SEQ, slots)
-            assert int(indices.min()) >= 0 and int(indices.max()) <= config.num_experts  # E = dropped sentinel
+            # Index E is the sentinel of a dropped assignment.
+            assert int(indices.min()) >= 0 and int(indices.max()) <= config.num_experts
         assert out.aux_loss.dim() == 0 and torch.isfinite(out.aux_loss)
         assert out.z_loss.dim() == 0 and torch.isfinite(out.z_loss)
         # Layer kinds follow the config.
@@ -87,8 +88,8 @@ class MoeModelTesterMixin:
             no_cache = model.generate(ids, use_cache=False, **kwargs)
             assert no_cache.shape == (1, 9)
         if not (self.supports_cache and self.causal_routing):
-            # Expert choice: the run above (recomputing the sequence each step) is its only decoding mode. Capacity
-            # routers: tokens compete for slots, so one-token steps legitimately route differently.
+            # Expert choice: the run above (recomputing the sequence each step) is its only decoding mode.
+            # Capacity routers: tokens compete for slots, so one-token steps legitimately route differently.
             pytest.skip("routing is not causal: cached decoding differs by design")
         with torch.no_grad():
             with_cache = model.generate(ids, use_cache=True, **kwargs)
@@ -101,7 +102,9 @@ class MoeModelTesterMixin:
             out = model(ids, output_router_logits=True)
             # A loss on every logit (the LM loss of a single token would have no target).
             out.logits.square().mean().backward()
-            moe_blocks = [layer.mlp for i, layer in enumerate(model.model.layers) if i in model.config.moe_layers]
+            moe_blocks = [
+                layer.mlp for i, layer in enumerate(model.model.layers) if i in model.config.moe_layers
+            ]
             for block, indices in zip(moe_blocks, out.router_indices):
                 counts = torch.bincount(indices.reshape(-1), minlength=model.config.num_experts + 1)
                 used = counts[: model.config.num_experts] > 0  # (E,)
@@ -121,8 +124,8 @@ class MoeModelTesterMixin:
         ids = self.input_ids()
         mask = torch.ones_like(ids)
         if self.causal_routing:
-            # A padded row exercises the mask conversion of both paths. (Fully masked padding rows differ between
-            # eager and sdpa, which capacity routers would let leak into the real tokens' routing.)
+            # A padded row exercises the mask conversion of both paths. (Fully masked padding rows differ
+            # between eager and sdpa, which capacity routers would let leak into the real tokens' routing.)
             mask[0, :2] = 0
         logits = {}
         for impl in ("eager", "sdpa"):
@@ -156,7 +159,8 @@ class MoeModelTesterMixin:
                 torch.testing.assert_close(batched[row, SEQ - length :], alone)
 
     def test_batched_generate_with_left_padding_matches_single(self):
-        """generate() builds the position ids and masks itself: a left-padded batch decodes as each row alone."""
+        """generate() builds the position ids and masks itself: a left-padded batch decodes as each row
+        alone."""
         if not (self.causal_routing and self.supports_cache):
             pytest.skip("routing is not causal or the cache is off (see the module docstring)")
         model = self.make_model()
