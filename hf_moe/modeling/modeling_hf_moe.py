@@ -293,6 +293,31 @@ class HfMoeExperts(nn.Module):
             return hidden_states.mul(0.0)
         return out.to(hidden_states.dtype)  # (1, H)
 
+    def _padded_bmm(
+        self,
+        routed: torch.Tensor,
+        weights: torch.Tensor,
+        order: torch.Tensor,
+        flat_experts: torch.Tensor,
+        counts: torch.Tensor,
+        capacity: int,
+    ) -> torch.Tensor:
+        # CPU inference: each expert's group padded to the largest group, then one batched matmul per projection.
+        # Two parallel kernels instead of two per active expert, which is what costs most on a few shared CPU
+        # cores; the caller bounds the padding to 2x the routed rows. (Under autograd the bmm weight gradients come
+        # out transposed and are copied, so training keeps grouped_mm.)
+        sorted_experts = flat_experts.index_select(0, order)  # (S,)
+        group_start = counts.cumsum(0) - counts  # (E+1,)
+        slot = sorted_experts * capacity + torch.arange(order.numel(), device=order.device)
+        slot = slot - group_start.index_select(0, sorted_experts)  # (S,) row in the padded (E*C) layout
+        padded = routed.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(0, slot, routed)
+        padded_weights = weights.new_zeros(self.num_experts * capacity, 1).index_copy_(0, slot, weights)
+        gate_up = torch.bmm(padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)  # (E, C, I) each
+        h = self.act_fn(gate) * up * padded_weights.view(self.num_experts, capacity, 1)  # (E, C, I)
+        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, C, H)
+        return out.view(-1, self.hidden_dim).index_select(0, slot)  # (S, H)
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -313,7 +338,13 @@ class HfMoeExperts(nn.Module):
             order = order[:num_routed]  # (S,)
         routed = hidden_states.index_select(0, order // top_k).to(self.gate_up_proj.dtype)  # (S, H)
         weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(routed.dtype)  # (S, 1)
-        if grouped:
+        capacity = max(counts_list[: self.num_experts])
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
+        )
+        if hidden_states.device.type == "cpu" and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
+            out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
+        elif grouped:
             offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
             gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
             # The routing weight scales the (S, I) activation rather than the (S, H) output: the same product.
