@@ -165,3 +165,42 @@ def test_loop_path_has_float64_gradients(monkeypatch):
     x = torch.randn(5, experts.hidden_dim, dtype=torch.float64, requires_grad=True)
     weights = weights.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: experts(x, index, w), (x, weights), fast_mode=True)
+
+
+@pytest.mark.parametrize("sentinels", [False, True], ids=["dropless", "sentinels"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [5, 64])
+def test_inference_padded_path_matches_naive(monkeypatch, num_tokens: int, top_k: int, sentinels: bool):
+    """Without autograd, CPU groups are padded to the largest one and run as one bmm per projection."""
+    calls = []
+    original = HfMoeExperts._padded_bmm
+    monkeypatch.setattr(HfMoeExperts, "_padded_bmm", lambda self, *a: calls.append(1) or original(self, *a))
+    experts = make_experts()
+    index, weights = make_routing(num_tokens, top_k, sentinels)
+    x = torch.randn(num_tokens, experts.hidden_dim)
+    with torch.no_grad():
+        actual = experts(x, index, weights)
+        expected = naive_experts(experts.gate_up_proj, experts.down_proj, x, index, weights)
+    torch.testing.assert_close(actual, expected, **FP32)
+    routed = index[index < NUM_EXPERTS]
+    within_bound = NUM_EXPERTS * torch.bincount(routed, minlength=NUM_EXPERTS).max() <= 2 * routed.numel()
+    assert bool(calls) == bool(within_bound)
+    if num_tokens == 64:  # enough tokens that random routing is balanced: the padded path must be what ran
+        assert calls
+
+
+def test_inference_skewed_routing_skips_padding(monkeypatch):
+    """One crowded expert would pad the others past 2x the routed rows: the grouped path runs instead."""
+    calls = []
+    original = HfMoeExperts._padded_bmm
+    monkeypatch.setattr(HfMoeExperts, "_padded_bmm", lambda self, *a: calls.append(1) or original(self, *a))
+    experts = make_experts()
+    index = torch.zeros(64, 1, dtype=torch.long)
+    index[0, 0] = 3
+    weights = torch.rand(64, 1)
+    x = torch.randn(64, experts.hidden_dim)
+    with torch.no_grad():
+        actual = experts(x, index, weights)
+        expected = naive_experts(experts.gate_up_proj, experts.down_proj, x, index, weights)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert not calls
