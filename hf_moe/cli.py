@@ -132,6 +132,51 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_import)
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .serving.serve import plan_serve, run_serve
+
+    plan = plan_serve(args.model_dir, host=args.host, port=args.port, route=args.route,
+                      kv_cache_bytes=args.kv_cache_bytes, python=args.python, cache_dir=args.cache_dir,
+                      extra_args=shlex.split(args.vllm_args))
+    if args.dry_run:
+        if plan.needs_export:
+            print(f"# would export {plan.source_dir} to {plan.target} in {plan.model_dir}")
+        print(plan.shell())
+        print(f"# {plan.route} route; OpenAI API at {plan.url}")
+        return 0
+    return run_serve(plan)
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an hf_moe checkpoint with vLLM's OpenAI-compatible server",
+        description="Serve MODEL_DIR with vLLM (python -m vllm.entrypoints.openai.api_server). By default a config "
+        "that fits a native architecture is exported once (cached) and served natively; anything else goes through "
+        "the hf-moe vLLM plugin. Expert-choice routing and switch routing with a capacity factor are refused. "
+        "See docs/serving.md.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--native", dest="route", action="store_const", const="native",
+                       help="require the native route (export to Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE)")
+    route.add_argument("--plugin", dest="route", action="store_const", const="plugin",
+                       help="serve HfMoeForCausalLM through the hf-moe vLLM plugin")
+    p.set_defaults(route="auto")
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache size for vLLM (default 1 GiB)")
+    p.add_argument("--python", default=None, help="interpreter with vLLM installed (default: this one)")
+    p.add_argument("--cache-dir", default=None, help="where native exports are cached "
+                   "(default ~/.cache/hf_moe/serve)")
+    p.add_argument("--dry-run", action="store_true", help="print the command (and any export) without running it")
+    p.add_argument("--vllm-args", default="", help="further arguments for vLLM's api_server, as one quoted string "
+                   "(e.g. --vllm-args '--max-model-len 4096')")
+    p.set_defaults(func=_run_serve)
+
+
 # [peft commands: lora-targets]
 
 
@@ -399,6 +444,7 @@ SUBCOMMANDS: list[AddCommand] = [
     _add_lora_targets,
     _add_export,
     _add_import,
+    _add_serve,
     _add_upcycle,
     _add_card,
     _add_push,

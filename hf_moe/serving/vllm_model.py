@@ -1,0 +1,45 @@
+"""The vLLM model class behind the plugin: vLLM's Transformers-backend MoE model with a load-time router check.
+
+Imported by vLLM only (through the "module:Class" string that `vllm_plugin.register()` registers); it imports
+vLLM. vLLM builds our transformers `HfMoeForCausalLM` on the meta device, swaps in its paged attention and, for
+every `experts` child with 3-D `gate_up_proj` / `down_proj`, its fused-MoE layer. How the routing is kept:
+
+- If vLLM's fuser recognises the `gate` as `topk(softmax|sigmoid(linear(x)))` with only `weight` /
+  `e_score_correction_bias` as state, vLLM drops our router and routes itself ("internal routing") from config
+  fields: `norm_topk_prob` (renormalise), `n_group` + `topk_group` (grouped top-k), `routed_scaling_factor`.
+  Of our routers only `softmax_topk` matches; the config adjustment below makes vLLM's reading of those fields
+  equal our router's semantics.
+- Otherwise ("external routing") our router module runs unchanged and vLLM's fused experts receive its
+  `(top_k_weights, top_k_index)`: `topk_softmax`, `sigmoid_topk` (it holds a non-checkpoint load buffer),
+  `noisy_topk` (a noise projection; noise is training-only, so eval routing is deterministic) and `switch`.
+
+Refused at load, with the reason: `expert_choice` (experts choose among all tokens of a forward pass, so a
+decoding step and a prefill route differently, and vLLM batches unrelated requests into one pass) and `switch`
+with a `capacity_factor` (which tokens are dropped depends on the other tokens in the batch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
+
+from .compat import adapt_config_for_vllm, serving_problems
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
+    """`HfMoeForCausalLM` in vLLM: Transformers-backend MoE model; refuses batch-dependent routers at load."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        config = vllm_config.model_config.hf_config
+        problems = serving_problems(config)
+        if problems:
+            raise ValueError(
+                "hf_moe: this checkpoint cannot be served by vLLM with the outputs it has in transformers: "
+                + "; ".join(problems)
+                + ". Decode it with transformers generate() instead."
+            )
+        adapt_config_for_vllm(config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)

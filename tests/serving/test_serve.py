@@ -1,0 +1,93 @@
+"""`hf-moe serve` planning and its dry run (no vLLM needed), the plugin's router policy, and the promise that
+`import hf_moe` never imports vLLM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hf_moe.cli import main
+from hf_moe.serving.compat import serving_problems
+from hf_moe.serving.serve import plan_serve
+from tests.helpers.native import build_tiny_for_target, tiny_target_config
+from tests.helpers.tiny import tiny_router_config
+
+
+def test_import_hf_moe_does_not_import_vllm():
+    code = "import sys, hf_moe, hf_moe.serving.serve, hf_moe.serving.vllm_plugin; print('vllm' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk", "sigmoid_topk", "noisy_topk"])
+def test_per_token_routers_are_servable(router):
+    assert serving_problems(tiny_router_config(router)) == []
+
+
+def test_switch_is_servable_only_without_capacity():
+    assert serving_problems(tiny_router_config("switch", capacity_factor=None)) == []
+    (problem,) = serving_problems(tiny_router_config("switch"))
+    assert "capacity_factor" in problem and "None" in problem
+
+
+def test_expert_choice_is_refused():
+    (problem,) = serving_problems(tiny_router_config("expert_choice"))
+    assert "expert_choice" in problem and "causal" in problem
+
+
+def test_auto_route_exports_when_a_native_target_fits(tmp_path):
+    src = build_tiny_for_target("qwen3_moe", tmp_path / "m")
+    plan = plan_serve(src, port=8123, cache_dir=tmp_path / "cache")
+    assert plan.route == "native" and plan.target == "qwen3_moe" and plan.needs_export
+    assert plan.model_dir.parent == tmp_path / "cache"
+    assert plan.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert plan.command[plan.command.index("--model") + 1] == str(plan.model_dir)
+    assert plan.command[plan.command.index("--host") + 1] == "127.0.0.1"
+    assert "--kv-cache-memory-bytes" in plan.command
+    assert plan.url == "http://127.0.0.1:8123/v1"
+    # The cache key follows the checkpoint's files: touching a file gives a new export folder.
+    (src / "config.json").write_text((src / "config.json").read_text() + "\n")
+    assert plan_serve(src, cache_dir=tmp_path / "cache").model_dir != plan.model_dir
+
+
+def test_plugin_route_when_no_native_target_fits(tmp_path):
+    from hf_moe import HfMoeForCausalLM
+
+    model = HfMoeForCausalLM(tiny_target_config("mixtral", router_type="switch", num_experts_per_tok=1))
+    model.save_pretrained(tmp_path / "m")
+    plan = plan_serve(tmp_path / "m")
+    assert plan.route == "plugin" and plan.target is None and not plan.needs_export
+    assert plan.command[plan.command.index("--model") + 1] == str(tmp_path / "m")
+    with pytest.raises(ValueError, match="fits no native architecture"):
+        plan_serve(tmp_path / "m", route="native")
+
+
+def test_refused_router_fails_before_vllm_starts(tmp_path):
+    from hf_moe import HfMoeForCausalLM
+
+    HfMoeForCausalLM(tiny_target_config("mixtral", router_type="expert_choice", use_cache=False)).save_pretrained(
+        tmp_path / "m"
+    )
+    with pytest.raises(ValueError, match="expert_choice"):
+        plan_serve(tmp_path / "m", route="plugin")
+
+
+def test_cli_dry_run(tmp_path, capsys):
+    src = build_tiny_for_target("mixtral", tmp_path / "m")
+    code = main(["serve", str(src), "--port", "8111", "--dry-run", "--cache-dir", str(tmp_path / "c"),
+                 "--vllm-args", "--max-model-len 64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "would export" in out and "mixtral" in out
+    assert "vllm.entrypoints.openai.api_server" in out and "--port 8111" in out and out.count("--max-model-len 64") == 1
+    assert "http://127.0.0.1:8111/v1" in out
+    assert not (tmp_path / "c").exists(), "a dry run writes nothing"
+    assert main(["serve", str(src), "--plugin", "--dry-run"]) == 0
+    assert f"--model {src}" in capsys.readouterr().out
+
+
+def test_cli_missing_folder_is_exit_2(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope"), "--dry-run"]) == 2
+    assert "config.json" in capsys.readouterr().err
