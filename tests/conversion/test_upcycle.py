@@ -517,11 +517,11 @@ def test_prompts_router_init_is_a_registry_hook(tmp_path, dense_models):
 
     assert {"random", "virtual-group", "prompts"} <= set(ROUTER_INITS)
     out = tmp_path / "moe"
-    try:
+    # The entry is implemented in hf_moe.conversion.prompts (tests/conversion/test_prompts.py); without prompts it
+    # refuses before writing anything.
+    with pytest.raises(ValueError, match="needs prompts"):
         upcycle(dense_models["llama_tied"][0], out, num_experts=4, top_k=2, router_init="prompts", progress=False)
-    except NotImplementedError as err:  # until hf_moe.conversion.merge registers the real entry
-        assert "prompts" in str(err)
-        assert_nothing_written(out)
+    assert_nothing_written(out)
 
 
 # ================================================================================================================
@@ -530,6 +530,7 @@ def test_prompts_router_init_is_a_registry_hook(tmp_path, dense_models):
 
 
 def test_cli_upcycle(tmp_path, dense_models, capsys):
+    assert hf_moe.upcycle is upcycle  # the public lazy name
     src, dense = dense_models["mistral_sliding"]
     out = tmp_path / "moe"
     argv = ["upcycle", str(src), str(out), "--num-experts", "4", "--top-k", "2", "--router", "topk_softmax",
