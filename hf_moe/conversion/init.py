@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import import_module
 from typing import Any
 
 import torch
@@ -229,27 +228,18 @@ def virtual_group_router(context: RouterInitContext) -> Callable[[int], torch.Te
     return init
 
 
-def _prompts_router_placeholder(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
-    # The merge module registers the real "prompts" entry when imported; import it on demand so that
-    # `upcycle(..., router_init="prompts")` works without the caller importing it first.
-    try:
-        import_module("hf_moe.conversion.merge")
-    except ModuleNotFoundError:
-        pass
-    entry = ROUTER_INITS.get("prompts")
-    if entry is None or entry is _prompts_router_placeholder:
-        raise NotImplementedError(
-            "router_init='prompts' (router rows from the dense model's hidden states on each expert's prompts) is "
-            "provided by hf_moe.conversion.merge, which is not available in this installation; use 'random' or "
-            "'virtual-group'"
-        )
-    return entry(context)
+def _prompts_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
+    """Router rows from the dense model's hidden states on each expert's prompts (hf_moe.conversion.prompts,
+    imported on use: it loads transformers models)."""
+    from .prompts import prompts_router
+
+    return prompts_router(context)
 
 
 ROUTER_INITS: dict[str, RouterInit] = {
     "random": random_router,
     "virtual-group": virtual_group_router,
-    "prompts": _prompts_router_placeholder,
+    "prompts": _prompts_router,
 }
 
 

@@ -15,6 +15,7 @@ import re
 import shutil
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,13 @@ def _weights_sum_to_one(config: HfMoeConfig) -> str | None:
 
 
 def exactness_problems(
-    config: HfMoeConfig, *, granularity: int, router_init: str, drop_ratio: float, noise_std: float
+    config: HfMoeConfig, *, granularity: int, router_init: str, drop_ratio: float, noise_std: float,
+    group_rows: bool = False,
 ) -> list[str]:
     """Reasons why the upcycled model would *not* reproduce the dense model's outputs at initialisation (an
-    empty list means it does, up to floating-point rounding). See docs/upcycling.md."""
+    empty list means it does, up to floating-point rounding). `group_rows`: the router init gives all members of a
+    virtual group one row (as "virtual-group" does, and "prompts" with one entry per group). See
+    docs/upcycling.md."""
     problems = []
     if (why := _weights_sum_to_one(config)) is not None:
         problems.append(why)
@@ -128,7 +132,7 @@ def exactness_problems(
                 f"top_k={config.num_experts_per_tok} is not a multiple of granularity={granularity}, so a token "
                 "cannot select whole virtual groups (all slices of one MLP copy)"
             )
-        if router_init != "virtual-group":
+        if router_init != "virtual-group" and not group_rows:
             problems.append(f"granularity={granularity} needs router_init='virtual-group' (got {router_init!r})")
         if config.router_type == "sigmoid_topk" and config.n_group > 1 and (config.num_experts // config.n_group) % granularity:
             problems.append(
@@ -348,8 +352,13 @@ def upcycle(
         )
         config.architectures = ["HfMoeForCausalLM"]
         config.dtype = out_dtype
+        # Prompt-based rows keep virtual groups when the prompts list one entry per group (prompts.py).
+        group_rows = router_init == "prompts" and prompts is not None and granularity > 1 and (
+            len(import_module(".prompts", __package__).load_prompts(prompts).experts) * granularity == num_experts
+        )
         problems = exactness_problems(
-            config, granularity=granularity, router_init=router_init, drop_ratio=drop_ratio, noise_std=noise_std
+            config, granularity=granularity, router_init=router_init, drop_ratio=drop_ratio, noise_std=noise_std,
+            group_rows=group_rows,
         )
         if problems and require_exact:
             raise ValueError("require_exact=True but the upcycled model would differ from the dense one: " + "; ".join(problems))
