@@ -336,12 +336,20 @@ class HfMoeExperts(nn.Module):
             return hidden_states.mul(0.0)
         if num_routed < num_tokens * top_k:
             order = order[:num_routed]  # (S,)
-        routed = hidden_states.index_select(0, order // top_k).to(self.gate_up_proj.dtype)  # (S, H)
-        weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(routed.dtype)  # (S, 1)
-        capacity = max(counts_list[: self.num_experts])
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
         )
+        if needs_grad:
+            # Advanced indexing: its backward (index_put_ with accumulate) stalled far less than index_select's
+            # (index_add_) on shared CPU cores (benchmarks/moe_block.py); without autograd index_select is faster.
+            routed = hidden_states[order // top_k]  # (S, H)
+            weights = top_k_weights.reshape(-1, 1)[order]  # (S, 1)
+        else:
+            routed = hidden_states.index_select(0, order // top_k)  # (S, H)
+            weights = top_k_weights.reshape(-1, 1).index_select(0, order)  # (S, 1)
+        routed = routed.to(self.gate_up_proj.dtype)
+        weights = weights.to(routed.dtype)
+        capacity = max(counts_list[: self.num_experts])
         if hidden_states.device.type == "cpu" and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
             out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
         elif grouped:
