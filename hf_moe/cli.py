@@ -76,6 +76,48 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_upcycle)
 
 
+def _run_merge(args: argparse.Namespace) -> int:
+    from .conversion.merge import merge_experts
+
+    print(merge_experts(
+        base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k, router_type=args.router,
+        router_init=args.router_init or ("prompts" if args.prompts else "random"), prompts=args.prompts,
+        shared=args.shared,
+        num_shared_experts=args.shared_experts, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
+        max_shard_size=args.max_shard_size, progress=not args.no_progress,
+    ))
+    return 0
+
+
+def _add_merge(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge fine-tunes of one base model into an hf_moe MoE checkpoint (one expert per fine-tune)",
+        description="Branch-Train-MiX / mergekit-moe: each fine-tune's MLPs become one expert; attention, norms and "
+        "embeddings come from the base (or their average over the fine-tunes). Streamed layer by layer; OUT_DIR "
+        "appears only when complete. See docs/merge.md.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--base", required=True, metavar="BASE_DIR", help="dense base model folder (tokenizer source)")
+    p.add_argument("--expert", required=True, action="append", metavar="FT_DIR",
+                   help="fine-tune folder; repeat once per expert, in expert order")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
+    p.add_argument("--router-init", default=None, help="random | prompts (default: prompts when --prompts is given, "
+                   "else random)")
+    p.add_argument("--prompts", default=None, help="YAML file with one positive_prompts entry per expert")
+    p.add_argument("--shared", default="base", choices=["base", "average"],
+                   help="non-MLP weights from the base or averaged over the fine-tunes (default base)")
+    p.add_argument("--shared-experts", type=int, default=0, help="always-active experts copied from the base MLP")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="output dtype (default: keep the base's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random router rows")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_merge)
+
+
 # [export / serve commands]
 
 
@@ -446,6 +488,7 @@ SUBCOMMANDS: list[AddCommand] = [
     _add_import,
     _add_serve,
     _add_upcycle,
+    _add_merge,
     _add_card,
     _add_push,
     _add_zoo,
