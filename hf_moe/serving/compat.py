@@ -34,11 +34,9 @@ def serving_problems(config) -> list[str]:
 def adapt_config_for_vllm(config) -> None:
     """Make vLLM's internal routing read our config with our routers' meaning (in place, on vLLM's copy).
 
-    vLLM turns grouped top-k on whenever `n_group` and `topk_group` are set and applies `routed_scaling_factor`
-    whenever it is not 1; our config always carries these fields (defaults 1, 1, 1.0) but only `sigmoid_topk`
-    uses them, and `sigmoid_topk` is routed by our own module (external routing), so vLLM never needs them.
+    vLLM applies `routed_scaling_factor` in its own routing whenever it is not 1, but only `sigmoid_topk` uses the
+    field, and `sigmoid_topk` is routed by our own module (external routing). `n_group` / `topk_group` stay as they
+    are: for the other routers they are 1 / 1, and vLLM's grouped top-k over a single group is the plain top-k.
     """
-    config.n_group = None
-    config.topk_group = None
     if config.router_type != "sigmoid_topk":
         config.routed_scaling_factor = 1.0

@@ -24,7 +24,25 @@ from typing import TYPE_CHECKING
 
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
+from hf_moe.modeling import HfMoeConfig, HfMoeModel
+
 from .compat import adapt_config_for_vllm, serving_problems
+
+
+class HfMoeVllmDecoder(HfMoeModel):
+    """The decoder class vLLM builds and decorates for torch.compile.
+
+    vLLM's Transformers backend marks the decoder class for compilation by changing the class itself (its bases and
+    `__init__`), after which that class can only be built inside a vLLM config context. Giving vLLM this subclass
+    keeps `HfMoeModel` / `HfMoeForCausalLM` usable with transformers in the same process (an in-process engine next
+    to a transformers model, as in tests and notebooks)."""
+
+
+def _use_vllm_decoder() -> None:
+    from transformers import AutoModel
+
+    # AutoModel is what the backend calls to build the decoder; HfMoeForCausalLM keeps building HfMoeModel.
+    AutoModel.register(HfMoeConfig, HfMoeVllmDecoder, exist_ok=True)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -42,4 +60,5 @@ class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
                 + ". Decode it with transformers generate() instead."
             )
         adapt_config_for_vllm(config)
+        _use_vllm_decoder()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
