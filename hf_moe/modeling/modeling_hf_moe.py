@@ -60,13 +60,25 @@ class HfMoeRouter(nn.Module):
         raise NotImplementedError
 
 
+def sum_to_one(weights: torch.Tensor) -> torch.Tensor:
+    """Rows of non-negative (T, K) weights scaled to sum to one, with the largest weight replaced by one minus the
+    others: the same function, but the row then sums to one exactly rather than up to float rounding, so an
+    upcycled model whose experts are copies of one MLP reproduces that MLP (sum_k w_k y = y)."""
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if weights.shape[-1] == 1:
+        return weights
+    top = weights.argmax(dim=-1, keepdim=True)  # (T, 1)
+    rest = weights.scatter(-1, top, 0.0).sum(dim=-1, keepdim=True)
+    return weights.scatter(-1, top, 1.0 - rest)
+
+
 class TopKSoftmaxRouter(HfMoeRouter):
     """Mixtral: top-k over the logits, then softmax over the k selected logits (weights sum to one)."""
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = self.logits(hidden_states)  # (T, E)
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (T, K)
-        top_k_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(router_logits.dtype)
+        top_k_weights = sum_to_one(F.softmax(top_logits, dim=-1, dtype=torch.float32)).to(router_logits.dtype)
         return router_logits, top_k_weights, top_k_index
 
 
@@ -82,7 +94,7 @@ class SoftmaxTopKRouter(HfMoeRouter):
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
         if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+            top_k_weights = sum_to_one(top_k_weights)
         return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
 
 
@@ -119,7 +131,7 @@ class SigmoidTopKRouter(HfMoeRouter):
         top_k_index = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
         top_k_weights = scores.gather(1, top_k_index)
         if self.norm_topk_prob:
-            top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+            top_k_weights = sum_to_one(top_k_weights + 1e-20 / self.top_k)  # sigmoid scores are > 0; eps as DeepSeek
         top_k_weights = top_k_weights * self.routed_scaling_factor
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
@@ -152,7 +164,7 @@ class NoisyTopKRouter(HfMoeRouter):
             noise_std = F.softplus(F.linear(hidden_states, self.noise_weight))  # (T, E)
             router_logits = router_logits + torch.randn_like(router_logits) * noise_std
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)
-        top_k_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(router_logits.dtype)
+        top_k_weights = sum_to_one(F.softmax(top_logits, dim=-1, dtype=torch.float32)).to(router_logits.dtype)
         return router_logits, top_k_weights, top_k_index
 
 
