@@ -2,13 +2,13 @@
 (Branch-Train-MiX, Sukhbaatar et al. 2024; mergekit-moe).
 
 Fine-tune ``e``'s MLP (gate/up/down of every layer) becomes expert ``e`` of that layer; everything else
-(embeddings, attention, norms, lm_head) comes from the base (``shared="base"``) or is the element-wise average of
-the fine-tunes (``shared="average"``, BTX's choice). Optional shared experts are copies of the base MLP. The router
-starts random or from prompts (:mod:`hf_moe.conversion.prompts`, run on the base model).
+(embeddings, attention, norms, lm_head) comes from the base (``shared="base"``) or is the element-wise average
+of the fine-tunes (``shared="average"``, BTX's choice). Optional shared experts are copies of the base MLP.
+The router starts random or from prompts (:mod:`hf_moe.conversion.prompts`, run on the base model).
 
-The conversion is streamed: all folders are validated up front (configs, shard headers, tensor names and shapes),
-then the output is written one decoder layer at a time, reading one tensor of one model at a time, into a
-temporary folder beside OUT_DIR that is renamed into place when complete. See docs/merge.md.
+The conversion is streamed: all folders are validated up front (configs, shard headers, tensor names and
+shapes), then the output is written one decoder layer at a time, reading one tensor of one model at a time,
+into a temporary folder beside OUT_DIR that is renamed into place when complete. See docs/merge.md.
 """
 
 from __future__ import annotations
@@ -26,38 +26,63 @@ from tqdm.auto import tqdm
 
 from ..modeling import HfMoeConfig
 from .init import RouterInitContext, get_router_init, shared_expert_weights
-from .io import CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files, sha256_file, write_provenance
+from .io import (
+    CheckpointReader,
+    ShardWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    sha256_file,
+    write_provenance,
+)
 from .sources import get_source, translate_config
 from .upcycle import DTYPES, MODELING_DIR, REMOTE_CODE_FILES, _expected_shapes, _plan, _save_config
 
 logger = logging.getLogger(__name__)
 
 SHARED_MODES = ("base", "average")
-# Config fields that must agree between the base and every fine-tune: they fix the tensor shapes or the meaning of
-# the weights. Other fields (rope, norm eps, context length, token ids) are taken from the base.
+# Config fields that must agree between the base and every fine-tune: they fix the tensor shapes or the
+# meaning of the weights. Other fields (rope, norm eps, context length, token ids) are taken from the base.
 STRUCTURAL_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings", "attention_bias",
-    "attention_output_bias", "use_qk_norm",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "attention_output_bias",
+    "use_qk_norm",
 )
 
 
-def _check_compatible(base: CheckpointReader, base_kwargs: dict[str, Any], experts: list[CheckpointReader]) -> None:
+def _check_compatible(
+    base: CheckpointReader, base_kwargs: dict[str, Any], experts: list[CheckpointReader]
+) -> None:
     """model_type and the structural config fields of every fine-tune must equal the base's."""
     for i, reader in enumerate(experts):
         who = f"fine-tune {i} ({reader.root})"
         if reader.model_type != base.model_type:
-            raise ValueError(f"{who} has model_type={reader.model_type!r} but the base ({base.root}) has "
-                             f"{base.model_type!r}; all experts must be fine-tunes of the same base architecture")
+            raise ValueError(
+                f"{who} has model_type={reader.model_type!r} but the base ({base.root}) has "
+                f"{base.model_type!r}; all experts must be fine-tunes of the same base architecture"
+            )
         kwargs = translate_config(reader.config)
         for name in STRUCTURAL_FIELDS:
             if kwargs.get(name) != base_kwargs.get(name):
-                raise ValueError(f"{who} has {name}={kwargs.get(name)!r} but the base ({base.root}) has "
-                                 f"{base_kwargs.get(name)!r}; all experts must be fine-tunes of the same base model")
+                raise ValueError(
+                    f"{who} has {name}={kwargs.get(name)!r} but the base ({base.root}) has "
+                    f"{base_kwargs.get(name)!r}; all experts must be fine-tunes of the same base model"
+                )
         differing = [k for k in base_kwargs if k not in STRUCTURAL_FIELDS and kwargs.get(k) != base_kwargs[k]]
         if differing:
-            logger.warning("%s differs from the base in %s; the merged model uses the base's values", who,
-                           ", ".join(differing))
+            logger.warning(
+                "%s differs from the base in %s; the merged model uses the base's values",
+                who,
+                ", ".join(differing),
+            )
 
 
 def _op(source: Any, name: str) -> str | None:
@@ -70,15 +95,21 @@ def _op(source: Any, name: str) -> str | None:
 def _check_same_tensors(base: CheckpointReader, reader: CheckpointReader, who: str, skip: set[str]) -> None:
     names, base_names = set(reader.keys()) - skip, set(base.keys()) - skip
     if missing := sorted(base_names - names):
-        raise ValueError(f"{who} lacks tensor {missing[0]!r} that the base ({base.root}) has"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ValueError(
+            f"{who} lacks tensor {missing[0]!r} that the base ({base.root}) has"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra := sorted(names - base_names):
-        raise ValueError(f"{who} has tensor {extra[0]!r} that the base ({base.root}) lacks"
-                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ValueError(
+            f"{who} has tensor {extra[0]!r} that the base ({base.root}) lacks"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for name in sorted(base_names):
         if reader.shape(name) != base.shape(name):
-            raise ValueError(f"{who}: tensor {name!r} has shape {list(reader.shape(name))} but the base's is "
-                             f"{list(base.shape(name))}")
+            raise ValueError(
+                f"{who}: tensor {name!r} has shape {list(reader.shape(name))} but the base's is "
+                f"{list(base.shape(name))}"
+            )
 
 
 def merge_experts(
@@ -102,18 +133,21 @@ def merge_experts(
     """Build an hf_moe MoE checkpoint whose experts are the MLPs of several fine-tunes of one base model.
 
     Expert ``e`` of every layer is fine-tune ``e``'s MLP, bit for bit (``gate_up_proj[e] = cat(gate, up)``,
-    ``down_proj[e] = down``; with shared experts both the routed and the shared ``down_proj`` carry a factor 1/2,
-    as in upcycling, so that a merge of identical models stays function-preserving). Attention, norms, embeddings
-    and lm_head come from the base or are averaged over the fine-tunes. Only one tensor of one model is in memory
-    at a time, except with ``router_init="prompts"``, which loads the base model (float32) to run the prompts.
+    ``down_proj[e] = down``; with shared experts both the routed and the shared ``down_proj`` carry a factor
+    1/2, as in upcycling, so that a merge of identical models stays function-preserving). Attention, norms,
+    embeddings and lm_head come from the base or are averaged over the fine-tunes. Only one tensor of one
+    model is in memory at a time, except with ``router_init="prompts"``, which loads the base model (float32)
+    to run the prompts.
 
     Args:
         base: the dense base model folder (Llama/Mistral/Qwen2/Qwen3, safetensors); its tokenizer is copied.
         experts: fine-tune folders of that base, one per expert, in expert order.
         out_dir: destination; must not exist unless `overwrite`.
         top_k: experts per token.
-        router_type: hf_moe router (topk_softmax, softmax_topk, sigmoid_topk, noisy_topk, switch, expert_choice).
-        router_init: "random" (N(0, initializer_range^2) rows) or "prompts" (one prompt entry per fine-tune; see
+        router_type: hf_moe router (topk_softmax, softmax_topk, sigmoid_topk, noisy_topk, switch,
+        expert_choice).
+        router_init: "random" (N(0, initializer_range^2) rows) or "prompts" (one prompt entry per fine-tune;
+        see
             docs/merge.md), or any key of ``init.ROUTER_INITS``.
         prompts: YAML file or object for router_init="prompts".
         shared: "base" (non-MLP weights from the base) or "average" (element-wise mean over the fine-tunes).
@@ -130,7 +164,8 @@ def merge_experts(
 
     Raises:
         FileNotFoundError: a missing folder, config or shard (or prompts file).
-        ValueError: bad options; a fine-tune whose model_type, config field, tensor name or shape differs from the
+        ValueError: bad options; a fine-tune whose model_type, config field, tensor name or shape differs from
+        the
             base (the message names the model and the field or tensor); unreadable prompts.
         FileExistsError: `out_dir` exists and `overwrite` is False.
 
@@ -143,7 +178,9 @@ def merge_experts(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another path or pass overwrite=True")
+        raise FileExistsError(
+            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
+        )
     if isinstance(experts, str | os.PathLike) or not experts:
         raise ValueError("experts must be a non-empty list of fine-tune folders (one per expert)")
     num_experts = len(experts)
@@ -155,15 +192,21 @@ def merge_experts(
         raise ValueError(f"num_shared_experts={num_shared_experts!r} must be a non-negative integer")
     make_router_init = get_router_init(router_init)
     if prompts is not None and router_init != "prompts":
-        raise ValueError(f"prompts were given but router_init={router_init!r} would ignore them; pass "
-                         "router_init='prompts' (CLI: --router-init prompts) or drop the prompts")
+        raise ValueError(
+            f"prompts were given but router_init={router_init!r} would ignore them; pass "
+            "router_init='prompts' (CLI: --router-init prompts) or drop the prompts"
+        )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)")
+            raise ValueError(
+                f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
+            )
         dtype = DTYPES[dtype]
     inputs = [Path(base), *map(Path, experts)]
     if any(out_dir.resolve() == p.resolve() for p in inputs):
-        raise ValueError("out_dir must differ from the base and the fine-tune folders: inputs are never modified")
+        raise ValueError(
+            "out_dir must differ from the base and the fine-tune folders: inputs are never modified"
+        )
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
@@ -197,13 +240,21 @@ def merge_experts(
         config.dtype = out_dtype
         # Prompts are validated (file, YAML, count) here, before any output exists.
         router_context = RouterInitContext(
-            num_experts=num_experts, hidden_size=config.hidden_size, std=config.initializer_range, seed=seed,
-            moe_layers=list(range(num_layers)), src_dir=Path(base), reader=base_reader, prompts=prompts,
+            num_experts=num_experts,
+            hidden_size=config.hidden_size,
+            std=config.initializer_range,
+            seed=seed,
+            moe_layers=list(range(num_layers)),
+            src_dir=Path(base),
+            reader=base_reader,
+            prompts=prompts,
         )
         router_for_layer = make_router_init(router_context)
         hasher = ThreadPoolExecutor(max_workers=1)
         stack.callback(hasher.shutdown, wait=False, cancel_futures=True)
-        checksum_jobs = {str(p): hasher.submit(sha256_file, p) for r in (base_reader, *readers) for p in r.files_read}
+        checksum_jobs = {
+            str(p): hasher.submit(sha256_file, p) for r in (base_reader, *readers) for p in r.files_read
+        }
         routed_scale = 0.5 if num_shared_experts else 1.0  # routed and shared halves sum to one MLP
 
         def combined(name: str) -> torch.Tensor:
@@ -218,10 +269,18 @@ def merge_experts(
             return (total / num_experts).to(dtype or base_reader.dtype(name))
 
         options = dict(
-            base=str(Path(base).resolve()), experts=[str(Path(p).resolve()) for p in experts], top_k=top_k,
-            router_type=router_type, router_init=router_init, prompts=str(prompts) if prompts is not None else None,
-            shared=shared, num_shared_experts=num_shared_experts, dtype=str(out_dtype).removeprefix("torch."),
-            seed=seed, max_shard_size=max_shard_size, config_overrides=config_overrides or {},
+            base=str(Path(base).resolve()),
+            experts=[str(Path(p).resolve()) for p in experts],
+            top_k=top_k,
+            router_type=router_type,
+            router_init=router_init,
+            prompts=str(prompts) if prompts is not None else None,
+            shared=shared,
+            num_shared_experts=num_shared_experts,
+            dtype=str(out_dtype).removeprefix("torch."),
+            seed=seed,
+            max_shard_size=max_shard_size,
+            config_overrides=config_overrides or {},
         )
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             written: set[str] = set()
@@ -240,28 +299,41 @@ def merge_experts(
                     prefix = f"model.layers.{i}.mlp."
                     gate_up_parts, down_parts = [], []
                     for reader in readers:  # one fine-tune's MLP at a time; the writer streams each part
-                        gate, up, down = (reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down"))
+                        gate, up, down = (
+                            reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
+                        )
                         gate_up_parts.append(torch.cat([gate, up], dim=0).to(out_dtype))  # (2I, H)
-                        down_parts.append((down * routed_scale if routed_scale != 1.0 else down).to(out_dtype))
+                        down_parts.append(
+                            (down * routed_scale if routed_scale != 1.0 else down).to(out_dtype)
+                        )
                     writer.add_stacked(f"{prefix}experts.gate_up_proj", gate_up_parts)  # (E, 2I, H)
                     writer.add_stacked(f"{prefix}experts.down_proj", down_parts)  # (E, H, I)
                     written.update({f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"})
                     del gate_up_parts, down_parts
                     router = router_for_layer(i)  # (E, H)
                     if tuple(router.shape) != (num_experts, config.hidden_size):
-                        raise ValueError(f"router_init={router_init!r} returned shape {list(router.shape)} for layer "
-                                         f"{i}; expected {[num_experts, config.hidden_size]}")
+                        raise ValueError(
+                            f"router_init={router_init!r} returned shape {list(router.shape)} for layer "
+                            f"{i}; expected {[num_experts, config.hidden_size]}"
+                        )
                     put(f"{prefix}gate.weight", router.to(out_dtype))
                     if num_shared_experts:
-                        gate, up, down = (base_reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down"))
+                        gate, up, down = (
+                            base_reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
+                        )
                         sg, su, sd = shared_expert_weights(
-                            gate, up, down, width=config.shared_expert_intermediate_size, granularity=1,
+                            gate,
+                            up,
+                            down,
+                            width=config.shared_expert_intermediate_size,
+                            granularity=1,
                             down_scale=0.5 / num_shared_experts,
                         )
                         put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
                         put(f"{prefix}shared_experts.up_proj.weight", su.to(out_dtype))
                         put(f"{prefix}shared_experts.down_proj.weight", sd.to(out_dtype))
-                    # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection) starts at 0.
+                    # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection)
+                    # starts at 0.
                     for name, (shape, _) in expected.items():
                         if name.startswith(f"{prefix}gate.") and name not in written:
                             keep_fp32 = name.endswith("e_score_correction_bias")
@@ -270,8 +342,10 @@ def merge_experts(
                     put(dst, combined(src))
                 missing, extra = sorted(set(expected) - written), sorted(written - set(expected))
                 if missing or extra:  # a bug in a key table, not user error; fail before publishing
-                    raise ValueError(f"merge produced a checkpoint that does not match the config: missing "
-                                     f"{missing[:8]}, unexpected {extra[:8]}")
+                    raise ValueError(
+                        f"merge produced a checkpoint that does not match the config: missing "
+                        f"{missing[:8]}, unexpected {extra[:8]}"
+                    )
             _save_config(config, tmp)
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(MODELING_DIR / name, tmp / name)
@@ -289,7 +363,9 @@ def merge_experts(
                         {
                             "path": str(r.root.resolve()),
                             "model_type": r.model_type,
-                            "files_sha256": {str(p.relative_to(r.root)): checksums[str(p)] for p in r.files_read},
+                            "files_sha256": {
+                                str(p.relative_to(r.root)): checksums[str(p)] for p in r.files_read
+                            },
                         }
                         for r in readers
                     ],

@@ -1,19 +1,19 @@
 """Router initialisation from prompts (mergekit-moe's ``hidden`` gate mode).
 
-Each expert gets a few *positive* prompts (text it should handle) and optional *negative* prompts (text it should
-not). The prompts are run through the dense model (loaded once, in memory, float32) and, for every MoE layer, the
-hidden states that feed that layer's MLP (the ``post_attention_layernorm`` output, which is exactly what the
-router of the MoE layer reads) are averaged:
+Each expert gets a few *positive* prompts (text it should handle) and optional *negative* prompts (text it
+should not). The prompts are run through the dense model (loaded once, in memory, float32) and, for every MoE
+layer, the hidden states that feed that layer's MLP (the ``post_attention_layernorm`` output, which is exactly
+what the router of the MoE layer reads) are averaged:
 
     m_e^+ = mean over positive prompts of (mean over the prompt's non-special tokens of h)      # (H,)
     d_e   = m_e^+ - m_e^-   (or m_e^+ without negatives)                                        # (H,)
     row_e = d_e / ||d_e|| * logit_scale / rms_token_norm                                        # (H,)
 
-``rms_token_norm`` is the root-mean-square norm of the individual token hidden states of that layer (over all
-prompts), so a token whose hidden state points along ``row_e`` scores a logit of about ``logit_scale`` and an
+``rms_token_norm`` is the typical norm of single token hidden states at that layer (the square root of the mean,
+over all prompts, of each prompt's mean squared token norm), so a token whose hidden state points along ``row_e`` scores a logit of about ``logit_scale`` and an
 orthogonal one about 0. All experts of a layer share that scale, hence a prompt's *average* router logits
-(the router is linear) are highest at its own expert whenever it is the only positive prompt of that expert and
-there are no negatives: ``row_e . m_e = c ||m_e|| > c ||m_e|| cos(m_e, m_f) = row_f . m_e``.
+(the router is linear) are highest at its own expert whenever it is the only positive prompt of that expert
+and there are no negatives: ``row_e . m_e = c ||m_e|| > c ||m_e|| cos(m_e, m_f) = row_f . m_e``.
 
 Rows whose directions are nearly the same (cosine > :data:`COLLINEAR_COSINE`) cannot separate their experts:
 a warning names the layer and the expert pairs. Special tokens (BOS) are left out of the means: the first
@@ -29,8 +29,8 @@ The prompt file (YAML) lists one entry per expert, in expert order::
       - positive_prompts: ["import numpy as np"]
 
 With fine-grained upcycling (``granularity`` g > 1) the file may instead list one entry per *virtual group*
-(``num_experts / g`` entries); every member of a group then gets the group's row, which keeps the virtual-group
-structure (and hence exactness) intact.
+(``num_experts / g`` entries); every member of a group then gets the group's row, which keeps the
+virtual-group structure (and hence exactness) intact.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
     """Read and validate router prompts.
 
     Args:
-        prompts: a YAML file path, or the parsed object: ``{"experts": [...], "logit_scale": 4.0}`` or just the
-            list of expert entries. Each entry: ``positive_prompts`` (required, non-empty list of strings; a single
-            string is accepted), ``negative_prompts`` (optional), ``name`` (optional).
+        prompts: a YAML file path, or the parsed object: ``{"experts": [...], "logit_scale": 4.0}`` or just
+        the
+            list of expert entries. Each entry: ``positive_prompts`` (required, non-empty list of strings; a
+            single string is accepted), ``negative_prompts`` (optional), ``name`` (optional).
 
     Returns:
         The validated :class:`PromptSpec`.
@@ -126,8 +127,10 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
         path = Path(prompts)
         source = str(path)
         if not path.is_file():
-            raise PromptsFileNotFoundError(f"prompts file {path} does not exist; pass a YAML file listing each "
-                                           "expert's positive_prompts (see docs/merge.md)")
+            raise PromptsFileNotFoundError(
+                f"prompts file {path} does not exist; pass a YAML file listing each "
+                "expert's positive_prompts (see docs/merge.md)"
+            )
         try:
             prompts = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -135,11 +138,15 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
     if isinstance(prompts, list | tuple):
         prompts = {"experts": list(prompts)}
     if not isinstance(prompts, dict) or "experts" not in prompts:
-        raise ValueError(f"prompts ({source}) must be a mapping with an `experts` list (one entry per expert), got "
-                         f"{type(prompts).__name__}")
+        raise ValueError(
+            f"prompts ({source}) must be a mapping with an `experts` list (one entry per expert), got "
+            f"{type(prompts).__name__}"
+        )
     unknown = set(prompts) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"prompts ({source}): unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        raise ValueError(
+            f"prompts ({source}): unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}"
+        )
     entries = prompts["experts"]
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"prompts ({source}): `experts` must be a non-empty list, one entry per expert")
@@ -159,9 +166,12 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
         name = entry.get("name")
         experts.append(
             ExpertPrompts(
-                positive=_text_list(entry.get("positive_prompts"), where=where, field="positive_prompts", required=True),
-                negative=_text_list(entry.get("negative_prompts"), where=where, field="negative_prompts",
-                                    required=False),
+                positive=_text_list(
+                    entry.get("positive_prompts"), where=where, field="positive_prompts", required=True
+                ),
+                negative=_text_list(
+                    entry.get("negative_prompts"), where=where, field="negative_prompts", required=False
+                ),
                 name=None if name is None else str(name),
             )
         )
@@ -174,8 +184,10 @@ def _load_dense(model_dir: Path) -> tuple[torch.nn.Module, Any]:
     from .io import TOKENIZER_FILES
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
-        raise ValueError(f"router_init='prompts' needs the tokenizer of {model_dir} to encode the prompts, but the "
-                         "folder has no tokenizer files (tokenizer.json / tokenizer_config.json); copy them there")
+        raise ValueError(
+            f"router_init='prompts' needs the tokenizer of {model_dir} to encode the prompts, but the "
+            "folder has no tokenizer files (tokenizer.json / tokenizer_config.json); copy them there"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
@@ -184,8 +196,10 @@ def _load_dense(model_dir: Path) -> tuple[torch.nn.Module, Any]:
 def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
-        raise ValueError(f"{type(model).__name__} has no `model.layers[i].mlp`; router_init='prompts' needs a "
-                         "Llama-style decoder")
+        raise ValueError(
+            f"{type(model).__name__} has no `model.layers[i].mlp`; router_init='prompts' needs a "
+            "Llama-style decoder"
+        )
     return layers
 
 
@@ -226,7 +240,9 @@ def prompt_hidden_means(
             special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=enc["input_ids"].dtype)
             keep = ~torch.isin(enc["input_ids"][0], special)  # (S,)
             if not keep.any():
-                raise ValueError(f"prompt {text!r} encodes to special tokens only; give a prompt with some text")
+                raise ValueError(
+                    f"prompt {text!r} encodes to special tokens only; give a prompt with some text"
+                )
             captured.clear()
             model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"))
             for i in layers:
@@ -272,9 +288,13 @@ def router_rows_from_prompts(
     elif granularity > 1 and count * granularity == num_experts:
         repeat = granularity
     else:
-        allowed = f"{num_experts}" + (f" (or {num_experts // granularity} virtual groups)" if granularity > 1 else "")
-        raise ValueError(f"prompts ({spec.source}) list {count} experts but the model has {allowed}; give one "
-                         "entry per expert, in expert order")
+        allowed = f"{num_experts}" + (
+            f" (or {num_experts // granularity} virtual groups)" if granularity > 1 else ""
+        )
+        raise ValueError(
+            f"prompts ({spec.source}) list {count} experts but the model has {allowed}; give one "
+            "entry per expert, in expert order"
+        )
     texts: list[str] = []
     spans: list[tuple[slice, slice]] = []  # per entry: positive and negative rows in `texts`
     for entry in spec.experts:
@@ -293,8 +313,10 @@ def router_rows_from_prompts(
             if neg.stop > neg.start:
                 d = d - means[i][neg].mean(dim=0)
             if d.norm() <= 1e-8 * max(means[i][pos].norm(dim=-1).max().item(), 1e-30):
-                raise ValueError(f"prompts ({spec.source}), expert {label[e]}: the positive and negative prompts give "
-                                 f"the same mean hidden state at layer {i}; use prompts that differ")
+                raise ValueError(
+                    f"prompts ({spec.source}), expert {label[e]}: the positive and negative prompts give "
+                    f"the same mean hidden state at layer {i}; use prompts that differ"
+                )
             directions.append(d / d.norm())
         unit = torch.stack(directions)  # (count, H)
         cos = unit @ unit.T  # (count, count)
@@ -302,8 +324,8 @@ def router_rows_from_prompts(
         if pairs:
             listed = ", ".join(f"experts {label[a]} and {label[b]} (cos {cos[a, b]:.3f})" for a, b in pairs)
             warnings.warn(
-                f"router_init='prompts': layer {i}: nearly collinear router rows (cosine > {COLLINEAR_COSINE}): "
-                f"{listed}; their prompts barely separate these experts. Use more distinct prompts or add "
+                f"router_init='prompts': layer {i}: nearly collinear router rows "
+                f"(cosine > {COLLINEAR_COSINE}): {listed}; their prompts barely separate these experts. Use more distinct prompts or add "
                 "negative_prompts.",
                 stacklevel=2,
             )
@@ -329,8 +351,9 @@ def router_rows_from_dir(
     spec = load_prompts(prompts)  # fail on a bad file before paying for the model load
     model, tokenizer = _load_dense(Path(model_dir))
     try:
-        return router_rows_from_prompts(model, tokenizer, spec, num_experts=num_experts, layers=layers,
-                                        granularity=granularity)
+        return router_rows_from_prompts(
+            model, tokenizer, spec, num_experts=num_experts, layers=layers, granularity=granularity
+        )
     finally:
         del model
 
@@ -339,27 +362,43 @@ def prompts_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
     """``ROUTER_INITS["prompts"]``: router rows from the dense model in ``context.src_dir`` run on
     ``context.prompts``. The prompts are validated here; the model runs once, on the first layer requested."""
     if context.prompts is None:
-        raise ValueError("router_init='prompts' needs prompts: pass prompts=<YAML file or object> (CLI: --prompts "
-                         "prompts.yaml) listing each expert's positive_prompts; see docs/merge.md")
+        raise ValueError(
+            "router_init='prompts' needs prompts: pass prompts=<YAML file or object> (CLI: --prompts "
+            "prompts.yaml) listing each expert's positive_prompts; see docs/merge.md"
+        )
     if context.src_dir is None:
         raise ValueError("router_init='prompts' needs the dense model folder (RouterInitContext.src_dir)")
     spec = load_prompts(context.prompts)
     count = len(spec.experts)
     if count != context.num_experts and count * context.granularity != context.num_experts:
         # Same check as in router_rows_from_prompts, but before any output is written or any model is loaded.
-        raise ValueError(f"prompts ({spec.source}) list {count} experts but the model has {context.num_experts}"
-                         + (f" (or {context.num_experts // context.granularity} virtual groups)"
-                            if context.granularity > 1 else "")
-                         + "; give one entry per expert, in expert order")
+        raise ValueError(
+            f"prompts ({spec.source}) list {count} experts but the model has {context.num_experts}"
+            + (
+                f" (or {context.num_experts // context.granularity} virtual groups)"
+                if context.granularity > 1
+                else ""
+            )
+            + "; give one entry per expert, in expert order"
+        )
     cache: dict[int, torch.Tensor] = {}
 
     def init(layer_idx: int) -> torch.Tensor:
         if not cache:
-            cache.update(router_rows_from_dir(context.src_dir, spec, num_experts=context.num_experts,
-                                              layers=list(context.moe_layers), granularity=context.granularity))
+            cache.update(
+                router_rows_from_dir(
+                    context.src_dir,
+                    spec,
+                    num_experts=context.num_experts,
+                    layers=list(context.moe_layers),
+                    granularity=context.granularity,
+                )
+            )
         if layer_idx not in cache:
-            raise ValueError(f"router_init='prompts' was asked for layer {layer_idx}, which is not among the MoE "
-                             f"layers {sorted(cache)}")
+            raise ValueError(
+                f"router_init='prompts' was asked for layer {layer_idx}, which is not among the MoE "
+                f"layers {sorted(cache)}"
+            )
         return cache[layer_idx]
 
     return init

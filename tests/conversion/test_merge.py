@@ -22,9 +22,17 @@ from tests.conversion.test_prompts import ROUTING_PROMPTS, SMALL, make_dense_lla
 NUM_FT = 3
 
 
-def make_fine_tune(base: Path, out: Path, seed: int, *, mlp_std: float = 0.05, other_std: float = 0.01,
-                   max_shard_size: str = "20KB") -> LlamaForCausalLM:
-    """A 'fine-tune' of `base`: seeded noise on every weight, larger on the MLPs (the part that becomes an expert)."""
+def make_fine_tune(
+    base: Path,
+    out: Path,
+    seed: int,
+    *,
+    mlp_std: float = 0.05,
+    other_std: float = 0.01,
+    max_shard_size: str = "20KB",
+) -> LlamaForCausalLM:
+    """A 'fine-tune' of `base`: seeded noise on every weight, larger on the MLPs (the part that becomes an
+    expert)."""
     model = LlamaForCausalLM.from_pretrained(base).eval()
     generator = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
@@ -39,8 +47,13 @@ def models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("merge")
     base_model = make_dense_llama(root / "base")
     fts = [make_fine_tune(root / "base", root / f"ft{i}", seed=i) for i in range(NUM_FT)]
-    return {"root": root, "base": root / "base", "base_model": base_model,
-            "fts": [root / f"ft{i}" for i in range(NUM_FT)], "ft_models": fts}
+    return {
+        "root": root,
+        "base": root / "base",
+        "base_model": base_model,
+        "fts": [root / f"ft{i}" for i in range(NUM_FT)],
+        "ft_models": fts,
+    }
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -54,8 +67,14 @@ def assert_nothing_written(out: Path) -> None:
 
 
 def test_experts_are_the_fine_tunes_mlps_and_the_rest_is_the_base(models, tmp_path):
-    out = merge_experts(base=models["base"], experts=models["fts"], out_dir=tmp_path / "moe", top_k=2,
-                        progress=False, max_shard_size="30KB")
+    out = merge_experts(
+        base=models["base"],
+        experts=models["fts"],
+        out_dir=tmp_path / "moe",
+        top_k=2,
+        progress=False,
+        max_shard_size="30KB",
+    )
     assert hf_moe.merge_experts is merge_experts
     merged, base = state(out), state(models["base"])
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
@@ -81,18 +100,25 @@ def test_experts_are_the_fine_tunes_mlps_and_the_rest_is_the_base(models, tmp_pa
         assert record["path"] == str(ft_path.resolve())
         shards = sorted(ft_path.glob("*.safetensors"))
         assert {n: record["files_sha256"][n] for n in (s.name for s in shards)} == {
-            s.name: sha256_file(s) for s in shards}
+            s.name: sha256_file(s) for s in shards
+        }
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 13]])).logits).all()
 
 
 def test_shared_average_is_the_element_wise_mean(models, tmp_path):
-    out = merge_experts(base=models["base"], experts=models["fts"], out_dir=tmp_path / "moe", shared="average",
-                        progress=False)
+    out = merge_experts(
+        base=models["base"], experts=models["fts"], out_dir=tmp_path / "moe", shared="average", progress=False
+    )
     merged, fts = state(out), [state(p) for p in models["fts"]]
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                 "model.layers.1.self_attn.q_proj.weight", "model.layers.0.post_attention_layernorm.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ):
         expected = torch.stack([ft[name] for ft in fts]).mean(0)
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-7)
         assert not torch.allclose(merged[name], state(models["base"])[name])
@@ -102,10 +128,20 @@ def test_shared_average_is_the_element_wise_mean(models, tmp_path):
     "router_type, shared, num_shared_experts",
     [("softmax_topk", "base", 0), ("topk_softmax", "average", 0), ("softmax_topk", "base", 1)],
 )
-def test_identical_fine_tunes_reproduce_the_base_logits(models, tmp_path, router_type, shared, num_shared_experts):
+def test_identical_fine_tunes_reproduce_the_base_logits(
+    models, tmp_path, router_type, shared, num_shared_experts
+):
     base = models["base"]
-    out = merge_experts(base=base, experts=[base] * NUM_FT, out_dir=tmp_path / "moe", top_k=2,
-                        router_type=router_type, shared=shared, num_shared_experts=num_shared_experts, progress=False)
+    out = merge_experts(
+        base=base,
+        experts=[base] * NUM_FT,
+        out_dir=tmp_path / "moe",
+        top_k=2,
+        router_type=router_type,
+        shared=shared,
+        num_shared_experts=num_shared_experts,
+        progress=False,
+    )
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 99, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -115,8 +151,15 @@ def test_identical_fine_tunes_reproduce_the_base_logits(models, tmp_path, router
 def test_prompts_route_each_fine_tunes_prompt_to_its_expert(models, tmp_path):
     prompts_file = tmp_path / "prompts.yaml"
     prompts_file.write_text(yaml.safe_dump(ROUTING_PROMPTS))
-    out = merge_experts(base=models["base"], experts=models["fts"], out_dir=tmp_path / "moe", top_k=1,
-                        router_init="prompts", prompts=prompts_file, progress=False)
+    out = merge_experts(
+        base=models["base"],
+        experts=models["fts"],
+        out_dir=tmp_path / "moe",
+        top_k=1,
+        router_init="prompts",
+        prompts=prompts_file,
+        progress=False,
+    )
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     from transformers import AutoTokenizer
 
@@ -125,8 +168,8 @@ def test_prompts_route_each_fine_tunes_prompt_to_its_expert(models, tmp_path):
         ids = tokenizer(entry["positive_prompts"][0], return_tensors="pt")["input_ids"]
         with torch.no_grad():
             router_logits = moe(ids, output_router_logits=True).router_logits
-        # Layer 0 reads the base's hidden states exactly (embeddings/attention from the base), where the rows were
-        # measured; deeper layers see the mixture of fine-tuned MLPs below them.
+        # Layer 0 reads the base's hidden states exactly (embeddings/attention from the base), where the rows
+        # were measured; deeper layers see the mixture of fine-tuned MLPs below them.
         assert router_logits[0][1:].mean(0).argmax().item() == e
     rows = router_rows_from_dir(models["base"], ROUTING_PROMPTS, num_experts=NUM_FT, layers=[0, 1])
     merged = state(out)
@@ -140,7 +183,11 @@ def _variant(models, tmp_path: Path, kind: str) -> Path:
         torch.manual_seed(0)
         Qwen2ForCausalLM(Qwen2Config(**SMALL)).save_pretrained(path)
     elif kind in ("hidden", "layers", "vocab"):
-        overrides = {"hidden": {"hidden_size": 48}, "layers": {"num_hidden_layers": 3}, "vocab": {"vocab_size": 101}}
+        overrides = {
+            "hidden": {"hidden_size": 48},
+            "layers": {"num_hidden_layers": 3},
+            "vocab": {"vocab_size": 101},
+        }
         make_dense_llama(path, **overrides[kind])
     elif kind in ("missing", "extra", "shape"):
         shutil.copytree(models["fts"][0], path)
@@ -168,7 +215,10 @@ def _variant(models, tmp_path: Path, kind: str) -> Path:
         ("vocab", r"fine-tune 1 \(.*vocab\) has vocab_size=101 but the base .* has 99"),
         ("missing", r"fine-tune 1 \(.*missing\) lacks tensor 'model.layers.1.self_attn.k_proj.weight'"),
         ("extra", r"fine-tune 1 \(.*extra\) has tensor 'model.layers.1.self_attn.k_proj.bias' that the base"),
-        ("shape", r"fine-tune 1 \(.*shape\): tensor 'model.layers.0.mlp.up_proj.weight' has shape \[63, 32\]"),
+        (
+            "shape",
+            r"fine-tune 1 \(.*shape\): tensor 'model.layers.0.mlp.up_proj.weight' has shape \[63, 32\]",
+        ),
     ],
 )
 def test_mismatched_fine_tune_is_refused_naming_model_and_field(models, tmp_path, kind, match):
@@ -176,24 +226,39 @@ def test_mismatched_fine_tune_is_refused_naming_model_and_field(models, tmp_path
     out = tmp_path / "out" / "moe"
     out.parent.mkdir()
     with pytest.raises(ValueError, match=match):
-        merge_experts(base=models["base"], experts=[models["fts"][0], bad], out_dir=out, top_k=1, progress=False)
+        merge_experts(
+            base=models["base"], experts=[models["fts"][0], bad], out_dir=out, top_k=1, progress=False
+        )
     assert_nothing_written(out)
 
 
 def test_failure_mid_write_leaves_nothing_and_keeps_an_old_output(models, tmp_path):
     out = tmp_path / "moe"
-    # A prompt of special tokens only passes validation and fails when the first router is computed, i.e. after
-    # the embeddings and layer 0's experts were written to the temporary folder.
+    # A prompt of special tokens only passes validation and fails when the first router is computed, i.e.
+    # after the embeddings and layer 0's experts were written to the temporary folder.
     bad_prompts = [["To be"], ["<s>"], ["fox"]]
     with pytest.raises(ValueError, match="special tokens only"):
-        merge_experts(base=models["base"], experts=models["fts"], out_dir=out, router_init="prompts",
-                      prompts=bad_prompts, progress=False)
+        merge_experts(
+            base=models["base"],
+            experts=models["fts"],
+            out_dir=out,
+            router_init="prompts",
+            prompts=bad_prompts,
+            progress=False,
+        )
     assert_nothing_written(out)
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(ValueError, match="special tokens only"):
-        merge_experts(base=models["base"], experts=models["fts"], out_dir=out, router_init="prompts",
-                      prompts=bad_prompts, progress=False, overwrite=True)
+        merge_experts(
+            base=models["base"],
+            experts=models["fts"],
+            out_dir=out,
+            router_init="prompts",
+            prompts=bad_prompts,
+            progress=False,
+            overwrite=True,
+        )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
 
@@ -225,8 +290,20 @@ def test_cli_merge(models, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.yaml"
     prompts_file.write_text(yaml.safe_dump(ROUTING_PROMPTS))
     out = tmp_path / "moe"
-    argv = ["merge", "--base", str(models["base"]), *[a for p in models["fts"] for a in ("--expert", str(p))],
-            str(out), "--top-k", "1", "--shared", "average", "--prompts", str(prompts_file), "--no-progress"]
+    argv = [
+        "merge",
+        "--base",
+        str(models["base"]),
+        *[a for p in models["fts"] for a in ("--expert", str(p))],
+        str(out),
+        "--top-k",
+        "1",
+        "--shared",
+        "average",
+        "--prompts",
+        str(prompts_file),
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
     prov = json.loads((out / "hf_moe_provenance.json").read_text())
@@ -234,8 +311,19 @@ def test_cli_merge(models, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 1
     assert cli_main(argv) == 2  # OUT_DIR exists
     assert "already exists" in capsys.readouterr().err
-    bad = ["merge", "--base", str(models["base"]), "--expert", str(models["fts"][0]), "--expert",
-           str(tmp_path / "missing"), str(tmp_path / "moe2"), "--top-k", "1", "--no-progress"]
+    bad = [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--expert",
+        str(models["fts"][0]),
+        "--expert",
+        str(tmp_path / "missing"),
+        str(tmp_path / "moe2"),
+        "--top-k",
+        "1",
+        "--no-progress",
+    ]
     assert cli_main(bad) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()

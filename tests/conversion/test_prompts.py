@@ -1,5 +1,6 @@
-"""Router initialisation from prompts: rows equal the hand-computed mean hidden states, a prompt routes to its own
-expert, collinear rows warn, exactness of copy-upcycling still holds, bad prompt files fail before any output, CLI.
+"""Router initialisation from prompts: rows equal the hand-computed mean hidden states, a prompt routes to its
+own expert, collinear rows warn, exactness of copy-upcycling still holds, bad prompt files fail before any
+output, CLI.
 """
 
 from pathlib import Path
@@ -21,21 +22,37 @@ from hf_moe.conversion.upcycle import upcycle
 from tests.helpers.tiny_tokenizer import build_tiny_tokenizer
 
 SMALL = dict(
-    vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 # Distinct texts (made of words the tiny tokenizer was trained on).
 PROMPTS = {
     "experts": [
-        {"name": "bard", "positive_prompts": ["To be, or not to be, that is the question.",
-                                              "Shall I compare thee to a summer's day?"]},
-        {"name": "fox", "positive_prompts": ["The quick brown fox jumps over the lazy dog."],
-         "negative_prompts": ["Hello world!"]},
+        {
+            "name": "bard",
+            "positive_prompts": [
+                "To be, or not to be, that is the question.",
+                "Shall I compare thee to a summer's day?",
+            ],
+        },
+        {
+            "name": "fox",
+            "positive_prompts": ["The quick brown fox jumps over the lazy dog."],
+            "negative_prompts": ["Hello world!"],
+        },
         {"name": "numbers", "positive_prompts": ["Numbers 0 1 2 3 4 5 6 7 8 9"]},
     ]
 }
-# One positive prompt per expert and no negatives: then a prompt's mean router logits are provably highest at its
-# own expert (prompts.py docstring).
+# One positive prompt per expert and no negatives: then a prompt's mean router logits are provably highest at
+# its own expert (prompts.py docstring).
 ROUTING_PROMPTS = {
     "experts": [
         {"positive_prompts": ["To be, or not to be, that is the question."]},
@@ -57,7 +74,9 @@ def randomise(model: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
                 p.copy_(scale * torch.randn(p.shape, generator=generator))
 
 
-def make_dense_llama(path: Path, *, seed: int = 0, max_shard_size: str = "20KB", **overrides) -> LlamaForCausalLM:
+def make_dense_llama(
+    path: Path, *, seed: int = 0, max_shard_size: str = "20KB", **overrides
+) -> LlamaForCausalLM:
     """A tiny random Llama saved with the tiny tokenizer (sharded, to exercise multi-shard reads)."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**SMALL, **overrides})).eval()
@@ -114,7 +133,9 @@ def test_rows_equal_hand_computed_means(dense):
     rows = router_rows_from_dir(path, PROMPTS, num_experts=3, layers=[0, 1])
     tokenizer = AutoTokenizer.from_pretrained(path)
     for layer in (0, 1):
-        torch.testing.assert_close(rows[layer], hand_rows(model, tokenizer, PROMPTS, layer), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            rows[layer], hand_rows(model, tokenizer, PROMPTS, layer), rtol=1e-5, atol=1e-6
+        )
     assert not torch.allclose(rows[0], rows[1])  # per-layer rows, not one copy
 
 
@@ -122,8 +143,15 @@ def test_upcycle_with_prompts_routes_each_prompt_to_its_expert_and_stays_exact(d
     path, model = dense
     prompts_file = tmp_path / "prompts.yaml"
     prompts_file.write_text(yaml.safe_dump(ROUTING_PROMPTS))
-    out = upcycle(path, tmp_path / "moe", num_experts=3, top_k=2, router_init="prompts", prompts=prompts_file,
-                  progress=False)
+    out = upcycle(
+        path,
+        tmp_path / "moe",
+        num_experts=3,
+        top_k=2,
+        router_init="prompts",
+        prompts=prompts_file,
+        progress=False,
+    )
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     from transformers import AutoTokenizer
 
@@ -145,9 +173,16 @@ def test_upcycle_with_prompts_routes_each_prompt_to_its_expert_and_stays_exact(d
 
 
 def test_identical_prompts_warn_collinear(dense):
-    same = {"experts": [{"positive_prompts": ["Hello world!"]}, {"positive_prompts": ["Hello world!"]},
-                        {"positive_prompts": ["The quick brown fox."]}]}
-    with pytest.warns(UserWarning, match=rf"layer 0: .*cosine > {COLLINEAR_COSINE}.*experts 0 and 1 \(cos 1\.000\)"):
+    same = {
+        "experts": [
+            {"positive_prompts": ["Hello world!"]},
+            {"positive_prompts": ["Hello world!"]},
+            {"positive_prompts": ["The quick brown fox."]},
+        ]
+    }
+    with pytest.warns(
+        UserWarning, match=rf"layer 0: .*cosine > {COLLINEAR_COSINE}.*experts 0 and 1 \(cos 1\.000\)"
+    ):
         router_rows_from_dir(dense[0], same, num_experts=3, layers=[0])
 
 
@@ -159,8 +194,17 @@ def test_distinct_prompts_do_not_warn(dense, recwarn):
 def test_virtual_groups_share_a_row_and_stay_exact(dense, tmp_path):
     path, model = dense
     two = {"experts": PROMPTS["experts"][:2]}
-    out = upcycle(path, tmp_path / "moe", num_experts=4, top_k=2, granularity=2, router_init="prompts",
-                  prompts=two, progress=False, require_exact=True)
+    out = upcycle(
+        path,
+        tmp_path / "moe",
+        num_experts=4,
+        top_k=2,
+        granularity=2,
+        router_init="prompts",
+        prompts=two,
+        progress=False,
+        require_exact=True,
+    )
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     gate = moe.state_dict()["model.layers.0.mlp.gate.weight"]  # (4, H)
     torch.testing.assert_close(gate[0], gate[1])
@@ -176,12 +220,20 @@ def test_virtual_groups_share_a_row_and_stay_exact(dense, tmp_path):
     [
         (None, "does not exist"),
         ("experts: [positive_prompts: [unclosed", "not valid YAML"),
-        ("experts:\n  - positive_prompts: [a]\n  - positive_prompts: [b]\n", "list 2 experts but the model has 3"),
-        ("experts:\n  - positive_prompts: []\n  - {positive_prompts: [b]}\n  - {positive_prompts: [c]}\n",
-         "expert 0: `positive_prompts` is empty"),
+        (
+            "experts:\n  - positive_prompts: [a]\n  - positive_prompts: [b]\n",
+            "list 2 experts but the model has 3",
+        ),
+        (
+            "experts:\n  - positive_prompts: []\n  - {positive_prompts: [b]}\n  - {positive_prompts: [c]}\n",
+            "expert 0: `positive_prompts` is empty",
+        ),
         ("experts:\n  - positive_prompts: ['  ']\n", r"positive_prompts`\[0\] is '  '"),
         ("experts:\n  - negative_prompts: [x]\n", "expert 0: `positive_prompts` is missing"),
-        ("experts:\n  - {positive_prompts: [a], negativ_prompts: [b]}\n", "unknown keys \\['negativ_prompts'\\]"),
+        (
+            "experts:\n  - {positive_prompts: [a], negativ_prompts: [b]}\n",
+            "unknown keys \\['negativ_prompts'\\]",
+        ),
         ("- just a list\n", "list 1 experts"),
         ("logit_scale: -1\nexperts: [{positive_prompts: [a]}]\n", "logit_scale=-1 must be a positive number"),
         ("hello", "must be a mapping with an `experts` list"),
@@ -193,8 +245,12 @@ def test_bad_prompts_fail_before_writing(dense, tmp_path, content, match):
         prompts_file.write_text(content)
     out = tmp_path / "moe"
     with pytest.raises(ValueError, match=match):
-        upcycle(dense[0], out, num_experts=3, top_k=2, router_init="prompts", prompts=prompts_file, progress=False)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ([] if content is None else ["prompts.yaml"])
+        upcycle(
+            dense[0], out, num_experts=3, top_k=2, router_init="prompts", prompts=prompts_file, progress=False
+        )
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == (
+        [] if content is None else ["prompts.yaml"]
+    )
 
 
 def test_prompts_required_and_missing_file_is_file_not_found(dense, tmp_path):
@@ -229,13 +285,41 @@ def test_cli_upcycle_router_init_prompts(dense, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.yaml"
     prompts_file.write_text(yaml.safe_dump(PROMPTS))
     out = tmp_path / "moe"
-    code = cli_main(["upcycle", str(path), str(out), "--num-experts", "3", "--top-k", "2", "--router-init",
-                     "prompts", "--prompts", str(prompts_file), "--no-progress"])
+    code = cli_main(
+        [
+            "upcycle",
+            str(path),
+            str(out),
+            "--num-experts",
+            "3",
+            "--top-k",
+            "2",
+            "--router-init",
+            "prompts",
+            "--prompts",
+            str(prompts_file),
+            "--no-progress",
+        ]
+    )
     assert code == 0 and capsys.readouterr().out.strip() == str(out)
     rows = router_rows_from_dir(path, prompts_file, num_experts=3, layers=[0, 1])
     moe = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(moe.state_dict()["model.layers.1.mlp.gate.weight"], rows[1])
-    code = cli_main(["upcycle", str(path), str(tmp_path / "moe2"), "--num-experts", "4", "--top-k", "2",
-                     "--router-init", "prompts", "--prompts", str(prompts_file), "--no-progress"])
+    code = cli_main(
+        [
+            "upcycle",
+            str(path),
+            str(tmp_path / "moe2"),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-init",
+            "prompts",
+            "--prompts",
+            str(prompts_file),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "list 3 experts but the model has 4" in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()
