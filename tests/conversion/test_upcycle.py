@@ -601,7 +601,10 @@ def smollm2_reference(smollm2_dir, shakespeare_heldout_text) -> dict:
     with torch.no_grad():
         logits = dense(ids).logits
         generated = dense.generate(ids[:, :32], max_new_tokens=20, do_sample=False)
-    return {"ids": ids, "logits": logits, "generated": generated}
+        # The dense model's own float32 rounding noise, for context: the same weights with eager attention.
+        dense.set_attn_implementation("eager")
+        noise_floor = (dense(ids).logits - logits).abs().max().item()
+    return {"ids": ids, "logits": logits, "generated": generated, "noise_floor": noise_floor}
 
 
 @pytest.mark.slow
@@ -616,6 +619,8 @@ def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, smollm2_reference,
         got = moe(ids).logits
         generated = moe.generate(ids[:, :32], max_new_tokens=20, do_sample=False)
     diff = (got - smollm2_reference["logits"]).abs().max().item()
-    print(f"SmolLM2-135M -> {num_experts} experts: max |logit diff| = {diff:.3g} over {ids.shape[1]} tokens")
-    assert diff <= 1e-4
+    floor = smollm2_reference["noise_floor"]
+    print(f"SmolLM2-135M -> {num_experts} experts: max |logit diff| = {diff:.3g} over {ids.shape[1]} tokens "
+          f"(dense sdpa vs eager: {floor:.3g})")
+    assert diff <= 1e-4, f"max |logit diff| {diff:.4g} > 1e-4 (the dense model's sdpa-vs-eager difference is {floor:.3g})"
     assert torch.equal(generated, smollm2_reference["generated"])
