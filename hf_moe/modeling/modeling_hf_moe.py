@@ -61,15 +61,16 @@ class HfMoeRouter(nn.Module):
 
 
 def sum_to_one(weights: torch.Tensor) -> torch.Tensor:
-    """Rows of non-negative (T, K) weights scaled to sum to one, with the largest weight replaced by one minus the
-    others: the same function, but the row then sums to one exactly rather than up to float rounding, so an
-    upcycled model whose experts are copies of one MLP reproduces that MLP (sum_k w_k y = y)."""
+    """Rows of non-negative (T, K) weights scaled to sum to one, with the smallest weight replaced by one minus the
+    others. The same function, but the float row then sums to one exactly for k=2 (1 - w is exact for w >= 1/2)
+    and to within half an ulp of the smallest weight beyond, instead of drifting by ulps of the largest. An upcycled
+    model whose experts are copies of one MLP then reproduces that MLP (sum_k w_k y = y) to rounding."""
     weights = weights / weights.sum(dim=-1, keepdim=True)
     if weights.shape[-1] == 1:
         return weights
-    top = weights.argmax(dim=-1, keepdim=True)  # (T, 1)
-    rest = weights.scatter(-1, top, 0.0).sum(dim=-1, keepdim=True)
-    return weights.scatter(-1, top, 1.0 - rest)
+    smallest = weights.argmin(dim=-1, keepdim=True)  # (T, 1)
+    rest = weights.scatter(-1, smallest, 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    return weights.scatter(-1, smallest, (1.0 - rest).to(weights.dtype))
 
 
 class TopKSoftmaxRouter(HfMoeRouter):
