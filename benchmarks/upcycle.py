@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 TIME = shutil.which("time") or "/usr/bin/time"
 
 
@@ -39,7 +38,9 @@ def run_measured(cmd: list[str]) -> tuple[float, int, float, float]:
     subprocess.run(["sync"], check=True)
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
         start = time.perf_counter()
-        subprocess.run([TIME, "-f", "%M %U %S", "-o", rss_file.name, *cmd], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [TIME, "-f", "%M %U %S", "-o", rss_file.name, *cmd], stdout=subprocess.DEVNULL, check=True
+        )
         wall = time.perf_counter() - start
         subprocess.run(["sync"], check=True)
         durable = time.perf_counter() - start
@@ -70,8 +71,19 @@ def bench(src: Path, work: Path, *, num_experts: int, top_k: int, repeats: int) 
         largest = reader.largest_file_bytes()
         n_shards = len(reader.files)
     out, copy = work / "moe", work / "moe_cp"
-    upcycle_cmd = [sys.executable, "-m", "hf_moe.cli", "upcycle", str(src), str(out), "--num-experts",
-                   str(num_experts), "--top-k", str(top_k), "--no-progress"]
+    upcycle_cmd = [
+        sys.executable,
+        "-m",
+        "hf_moe.cli",
+        "upcycle",
+        str(src),
+        str(out),
+        "--num-experts",
+        str(num_experts),
+        "--top-k",
+        str(top_k),
+        "--no-progress",
+    ]
     floor_cmd = [sys.executable, "-c", "import hf_moe.conversion.upcycle"]
     up_walls, cp_walls, rss, floor_walls, up_cpu, cp_cpu, floor_cpu, up_sync, cp_sync = ([] for _ in range(9))
     for _ in range(repeats):  # interleaved, so load changes on the shared machine hit both sides
@@ -172,12 +184,18 @@ def write_section(path: Path, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=None, help="dense folder (default: SmolLM2-135M from assets)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src", type=Path, default=None, help="dense folder (default: SmolLM2-135M from assets)"
+    )
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sharded", action="store_true", help="also measure with the input re-saved in shards")
+    parser.add_argument(
+        "--sharded", action="store_true", help="also measure with the input re-saved in shards"
+    )
     parser.add_argument("--shard-size", default="100MB")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
@@ -188,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         args.src = smollm2_dense_dir()
     work = Path(tempfile.mkdtemp(prefix="hf_moe_bench_", dir=args.workdir))
     try:
-        results = {"single-file input": bench(args.src, work, num_experts=args.num_experts, top_k=args.top_k,
-                                              repeats=args.repeats)}
+        results = {
+            "single-file input": bench(
+                args.src, work, num_experts=args.num_experts, top_k=args.top_k, repeats=args.repeats
+            )
+        }
         if args.sharded:
             sharded = reshard(args.src, work / "sharded_src", args.shard_size)
             results[f"input in {args.shard_size} shards"] = bench(

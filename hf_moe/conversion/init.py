@@ -148,7 +148,13 @@ def add_relative_noise(
 
 
 def shared_expert_weights(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, width: int, granularity: int, down_scale: float
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    width: int,
+    granularity: int,
+    down_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused shared-expert MLP of intermediate width `width` filled with the dense MLP's slices in order, cycling
     (slice t of the shared block = dense slice ``t % granularity``), down_proj times `down_scale`.
@@ -163,7 +169,9 @@ def shared_expert_weights(
     slices = torch.arange(width // slice_width) % granularity  # (s,)
     gate_s = gate.float().reshape(granularity, slice_width, hidden)[slices].reshape(width, hidden)
     up_s = up.float().reshape(granularity, slice_width, hidden)[slices].reshape(width, hidden)
-    down_s = down.float().reshape(hidden, granularity, slice_width)[:, slices].reshape(hidden, width) * down_scale
+    down_s = (
+        down.float().reshape(hidden, granularity, slice_width)[:, slices].reshape(hidden, width) * down_scale
+    )
     return gate_s, up_s, down_s
 
 
@@ -209,7 +217,9 @@ def random_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
 
     def init(layer_idx: int) -> torch.Tensor:
         generator = seeded_generator(context.seed, "router", layer_idx)
-        return torch.randn(context.num_experts, context.hidden_size, generator=generator) * context.std  # (E, H)
+        return (
+            torch.randn(context.num_experts, context.hidden_size, generator=generator) * context.std
+        )  # (E, H)
 
     return init
 

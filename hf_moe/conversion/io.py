@@ -77,8 +77,23 @@ _DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces
 
 CONVERT_HINT = (
@@ -143,7 +158,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it")
+            raise ValueError(
+                f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it"
+            )
         (header_len,) = struct.unpack("<Q", head)
         if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
             raise ValueError(
@@ -153,7 +170,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} has an unreadable safetensors header ({err}); re-download or re-save it") from err
+            raise ValueError(
+                f"{path} has an unreadable safetensors header ({err}); re-download or re-save it"
+            ) from err
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a malformed safetensors header; re-download or re-save it")
     data_end = 0
@@ -169,7 +188,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed header entry for tensor {name!r} ({err!r})") from err
         if end - start != expected:
-            raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes but its shape needs {expected}")
+            raise ValueError(
+                f"{path}: tensor {name!r} spans {end - start} bytes but its shape needs {expected}"
+            )
         data_end = max(data_end, end)
     if size != 8 + header_len + data_end:
         raise ValueError(
@@ -224,7 +245,9 @@ class CheckpointReader:
             raise FileNotFoundError(f"checkpoint folder {self.root} does not exist or is not a directory")
         config_path = self.root / CONFIG_NAME
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} is missing: a Hugging Face checkpoint folder needs config.json")
+            raise FileNotFoundError(
+                f"{config_path} is missing: a Hugging Face checkpoint folder needs config.json"
+            )
         try:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
@@ -234,7 +257,9 @@ class CheckpointReader:
         file_names = list(dict.fromkeys(self.weight_map.values()))
         self.files: list[Path] = [self.root / f for f in file_names]
         # Every shard's header and size is checked now, before the caller writes any output.
-        self._headers: dict[str, dict[str, Any]] = {f: read_safetensors_header(self.root / f) for f in file_names}
+        self._headers: dict[str, dict[str, Any]] = {
+            f: read_safetensors_header(self.root / f) for f in file_names
+        }
         self._check_index()
         self.files_read.extend(self.files)
         self._handles: dict[str, Any] = {}
@@ -249,7 +274,9 @@ class CheckpointReader:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err!r}") from err
+                raise ValueError(
+                    f"{index} is not a valid safetensors index (needs a 'weight_map'): {err!r}"
+                ) from err
             self.files_read.append(index)
             for file_name in set(weight_map.values()):
                 path = _inside(self.root, file_name)
@@ -322,7 +349,9 @@ class CheckpointReader:
         handle = self._handles.get(file_name)
         if self.mmap:
             if handle is None:
-                handle = self._handles[file_name] = safe_open(str(self.root / file_name), framework="pt", device="cpu")
+                handle = self._handles[file_name] = safe_open(
+                    str(self.root / file_name), framework="pt", device="cpu"
+                )
             return handle.get_tensor(name)
         # Default: a plain read of the tensor's bytes (offsets from the header validated at open) into a fresh
         # tensor. Memory-mapped pages of a multi-GB shard would stay resident and count towards the process's
@@ -339,7 +368,9 @@ class CheckpointReader:
         if end > start:
             handle.seek(data_start + start)
             if handle.readinto(memoryview(buffer.numpy())) != end - start:
-                raise ValueError(f"{self.root / file_name} ended early while reading {name!r}; was it modified?")
+                raise ValueError(
+                    f"{self.root / file_name} ended early while reading {name!r}; was it modified?"
+                )
         return buffer.view(self.dtype(name)).reshape(info["shape"])
 
     def close(self) -> None:
@@ -457,8 +488,9 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} has dtype {first.dtype}, which safetensors cannot store")
         shape = [len(parts), *first.shape] if stack else list(first.shape)
         nbytes = first.numel() * first.element_size() * len(parts)
-        entry_bytes = len(json.dumps({name: {"dtype": "F64", "shape": shape,
-                                             "data_offsets": [10**15, 10**15]}})) + 1
+        entry_bytes = (
+            len(json.dumps({name: {"dtype": "F64", "shape": shape, "data_offsets": [10**15, 10**15]}})) + 1
+        )
         if entry_bytes + 64 > self.header_reserve:
             raise ValueError(f"tensor name {name!r} is too long for the shard header reserve")
         shard = self.shards[-1] if self.shards else None
@@ -512,8 +544,13 @@ class ShardWriter:
             path.write_bytes(struct.pack("<Q", len(raw)) + raw)
             written.append(path)
         if n > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n"
+            )
         self.finalized = written
         return written
 
@@ -567,7 +604,12 @@ def clean_stale_temp_dirs(out_dir: str | os.PathLike) -> list[Path]:
         return removed
     for entry in parent.iterdir():
         match = _TMP_RE.match(entry.name)
-        if match and match.group("name") == out_dir.name and entry.is_dir() and not _pid_alive(int(match.group("pid"))):
+        if (
+            match
+            and match.group("name") == out_dir.name
+            and entry.is_dir()
+            and not _pid_alive(int(match.group("pid")))
+        ):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -591,9 +633,13 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) ->
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another path or pass overwrite=True")
+        raise FileExistsError(
+            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
+        )
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a folder; remove it or choose another path")
+        raise FileExistsError(
+            f"output path {out_dir} exists and is not a folder; remove it or choose another path"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -602,7 +648,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) ->
         yield tmp
         if out_dir.exists():
             if not overwrite:  # created by someone else meanwhile
-                raise FileExistsError(f"output folder {out_dir} appeared during the conversion; not replacing it")
+                raise FileExistsError(
+                    f"output folder {out_dir} appeared during the conversion; not replacing it"
+                )
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
@@ -631,7 +679,9 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
-def package_versions(packages: Iterable[str] = ("hf-moe", "torch", "transformers", "safetensors")) -> dict[str, str]:
+def package_versions(
+    packages: Iterable[str] = ("hf-moe", "torch", "transformers", "safetensors"),
+) -> dict[str, str]:
     versions = {}
     for package in packages:
         try:

@@ -33,15 +33,27 @@ LLAMA_KEYS: tuple[KeyRule, ...] = (
     (r"model\.embed_tokens\.weight", r"model.embed_tokens.weight", "copy"),
     (r"model\.norm\.weight", r"model.norm.weight", "copy"),
     (r"lm_head\.weight", r"lm_head.weight", "lm_head"),
-    (_LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.(?P<kind>weight|bias)", r"model.layers.\g<layer>.self_attn.\g<proj>_proj.\g<kind>", "copy"),
-    (_LAYER + r"(?P<norm>input_layernorm|post_attention_layernorm)\.weight", r"model.layers.\g<layer>.\g<norm>.weight", "copy"),
+    (
+        _LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.(?P<kind>weight|bias)",
+        r"model.layers.\g<layer>.self_attn.\g<proj>_proj.\g<kind>",
+        "copy",
+    ),
+    (
+        _LAYER + r"(?P<norm>input_layernorm|post_attention_layernorm)\.weight",
+        r"model.layers.\g<layer>.\g<norm>.weight",
+        "copy",
+    ),
     (_LAYER + r"self_attn\.rotary_emb\.inv_freq", r"", "skip"),
     (_LAYER + r"mlp\.gate_proj\.weight", r"model.layers.\g<layer>.mlp.gate_proj.weight", "mlp.gate"),
     (_LAYER + r"mlp\.up_proj\.weight", r"model.layers.\g<layer>.mlp.up_proj.weight", "mlp.up"),
     (_LAYER + r"mlp\.down_proj\.weight", r"model.layers.\g<layer>.mlp.down_proj.weight", "mlp.down"),
 )
 QK_NORM_KEYS: tuple[KeyRule, ...] = (
-    (_LAYER + r"self_attn\.(?P<norm>[qk]_norm)\.weight", r"model.layers.\g<layer>.self_attn.\g<norm>.weight", "copy"),
+    (
+        _LAYER + r"self_attn\.(?P<norm>[qk]_norm)\.weight",
+        r"model.layers.\g<layer>.self_attn.\g<norm>.weight",
+        "copy",
+    ),
 )
 
 
@@ -64,7 +76,9 @@ class DenseSource:
     def __post_init__(self) -> None:
         for _, _, op in self.keys:
             if op not in OPS:
-                raise ValueError(f"DenseSource {self.model_type}: unknown op {op!r}; allowed: {', '.join(OPS)}")
+                raise ValueError(
+                    f"DenseSource {self.model_type}: unknown op {op!r}; allowed: {', '.join(OPS)}"
+                )
         object.__setattr__(self, "_compiled", [(re.compile(s), t, op) for s, t, op in self.keys])
 
     def match(self, name: str) -> tuple[str, str, int | None]:
@@ -210,4 +224,12 @@ def translate_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     return get_source(config.model_type).translate_config(config)
 
 
-__all__ = ["SOURCES", "DenseSource", "KeyRule", "LLAMA_KEYS", "dense_config", "get_source", "translate_config"]
+__all__ = [
+    "SOURCES",
+    "DenseSource",
+    "KeyRule",
+    "LLAMA_KEYS",
+    "dense_config",
+    "get_source",
+    "translate_config",
+]

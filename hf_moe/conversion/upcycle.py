@@ -116,7 +116,12 @@ def _weights_sum_to_one(config: HfMoeConfig) -> str | None:
 
 
 def exactness_problems(
-    config: HfMoeConfig, *, granularity: int, router_init: str, drop_ratio: float, noise_std: float,
+    config: HfMoeConfig,
+    *,
+    granularity: int,
+    router_init: str,
+    drop_ratio: float,
+    noise_std: float,
     group_rows: bool = False,
 ) -> list[str]:
     """Reasons why the upcycled model would *not* reproduce the dense model's outputs at initialisation (an
@@ -133,8 +138,14 @@ def exactness_problems(
                 "cannot select whole virtual groups (all slices of one MLP copy)"
             )
         if router_init != "virtual-group" and not group_rows:
-            problems.append(f"granularity={granularity} needs router_init='virtual-group' (got {router_init!r})")
-        if config.router_type == "sigmoid_topk" and config.n_group > 1 and (config.num_experts // config.n_group) % granularity:
+            problems.append(
+                f"granularity={granularity} needs router_init='virtual-group' (got {router_init!r})"
+            )
+        if (
+            config.router_type == "sigmoid_topk"
+            and config.n_group > 1
+            and (config.num_experts // config.n_group) % granularity
+        ):
             problems.append(
                 f"routing groups of {config.num_experts // config.n_group} experts split virtual groups of "
                 f"{granularity}"
@@ -219,7 +230,9 @@ def _plan(
         if missing_mlp:
             raise ValueError(f"the checkpoint lacks the MLP weights {missing_mlp} of layer {i}")
     missing = sorted(
-        k for k in expected if k not in produced and ".mlp." not in k  # MLP/MoE tensors are made from the MLP
+        k
+        for k in expected
+        if k not in produced and ".mlp." not in k  # MLP/MoE tensors are made from the MLP
     )
     if missing:
         raise ValueError(f"the checkpoint lacks tensors the target model needs: {missing[:8]}")
@@ -303,13 +316,17 @@ def upcycle(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another path or pass overwrite=True")
+        raise FileExistsError(
+            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
+        )
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts={num_experts!r} must be a positive integer")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k!r} must be between 1 and num_experts={num_experts}")
     if not isinstance(granularity, int) or granularity < 1 or num_experts % granularity:
-        raise ValueError(f"granularity={granularity!r} must be a positive integer dividing num_experts={num_experts}")
+        raise ValueError(
+            f"granularity={granularity!r} must be a positive integer dividing num_experts={num_experts}"
+        )
     if num_shared_experts < 0:
         raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0")
     if not 0.0 <= drop_ratio <= 1.0:
@@ -320,7 +337,9 @@ def upcycle(
     make_router_init = get_router_init(router_init)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)")
+            raise ValueError(
+                f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
+            )
         dtype = DTYPES[dtype]
     if src_dir is not None and out_dir.resolve() == Path(src_dir).resolve():
         raise ValueError("out_dir must differ from src_dir: inputs are never modified")
@@ -353,17 +372,32 @@ def upcycle(
         config.architectures = ["HfMoeForCausalLM"]
         config.dtype = out_dtype
         # Prompt-based rows keep virtual groups when the prompts list one entry per group (prompts.py).
-        group_rows = router_init == "prompts" and prompts is not None and granularity > 1 and (
-            len(import_module(".prompts", __package__).load_prompts(prompts).experts) * granularity == num_experts
+        group_rows = (
+            router_init == "prompts"
+            and prompts is not None
+            and granularity > 1
+            and (
+                len(import_module(".prompts", __package__).load_prompts(prompts).experts) * granularity
+                == num_experts
+            )
         )
         problems = exactness_problems(
-            config, granularity=granularity, router_init=router_init, drop_ratio=drop_ratio, noise_std=noise_std,
+            config,
+            granularity=granularity,
+            router_init=router_init,
+            drop_ratio=drop_ratio,
+            noise_std=noise_std,
             group_rows=group_rows,
         )
         if problems and require_exact:
-            raise ValueError("require_exact=True but the upcycled model would differ from the dense one: " + "; ".join(problems))
+            raise ValueError(
+                "require_exact=True but the upcycled model would differ from the dense one: "
+                + "; ".join(problems)
+            )
         if problems:
-            logger.warning("upcycled model will not reproduce the dense model at init: %s", "; ".join(problems))
+            logger.warning(
+                "upcycled model will not reproduce the dense model at init: %s", "; ".join(problems)
+            )
         expected = _expected_shapes(config)
         head, layer_plan, tail = _plan(reader, source, config, expected)
         # The source checksums for the provenance file are computed in a thread while the layers are converted
@@ -390,10 +424,19 @@ def upcycle(
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         options = dict(
-            num_experts=num_experts, top_k=top_k, router_type=router_type, granularity=granularity,
-            num_shared_experts=num_shared_experts, drop_ratio=drop_ratio, noise_std=noise_std,
-            router_init=router_init, prompts=str(prompts) if prompts is not None else None, moe_layers=moe_idx,
-            dtype=str(out_dtype).removeprefix("torch."), seed=seed, max_shard_size=max_shard_size,
+            num_experts=num_experts,
+            top_k=top_k,
+            router_type=router_type,
+            granularity=granularity,
+            num_shared_experts=num_shared_experts,
+            drop_ratio=drop_ratio,
+            noise_std=noise_std,
+            router_init=router_init,
+            prompts=str(prompts) if prompts is not None else None,
+            moe_layers=moe_idx,
+            dtype=str(out_dtype).removeprefix("torch."),
+            seed=seed,
+            max_shard_size=max_shard_size,
             config_overrides=config_overrides or {},
         )
         try:
@@ -411,11 +454,15 @@ def upcycle(
 
                     for src, dst in head:
                         put(dst, cast(reader.get_tensor(src)))
-                    for i in tqdm(range(num_layers), desc="upcycling layers", unit="layer", disable=not progress):
+                    for i in tqdm(
+                        range(num_layers), desc="upcycling layers", unit="layer", disable=not progress
+                    ):
                         plan = layer_plan[i]
                         for src, dst in plan["copy"]:
                             put(dst, cast(reader.get_tensor(src)))
-                        gate, up, down = (reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down"))
+                        gate, up, down = (
+                            reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
+                        )
                         prefix = f"model.layers.{i}.mlp."
                         if i not in moe_idx:
                             for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
@@ -423,15 +470,26 @@ def upcycle(
                             continue
                         if drop_ratio > 0 or noise_std > 0:
                             gate_up_w, down_w = expert_weights(
-                                gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
+                                gate,
+                                up,
+                                down,
+                                num_experts=num_experts,
+                                granularity=granularity,
+                                down_scale=routed_scale,
                             )  # (E, 2I/g, H), (E, H, I/g)
                             if drop_ratio > 0:
                                 gate_up_w, down_w, _ = drop_upcycle(
-                                    gate_up_w, down_w, drop_ratio=drop_ratio, generator=seeded_generator(seed, "drop", i)
+                                    gate_up_w,
+                                    down_w,
+                                    drop_ratio=drop_ratio,
+                                    generator=seeded_generator(seed, "drop", i),
                                 )
                             if noise_std > 0:
                                 gate_up_w, down_w = add_relative_noise(
-                                    gate_up_w, down_w, noise_std=noise_std, generator=seeded_generator(seed, "noise", i)
+                                    gate_up_w,
+                                    down_w,
+                                    noise_std=noise_std,
+                                    generator=seeded_generator(seed, "noise", i),
                                 )
                             put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
                             put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
@@ -439,7 +497,12 @@ def upcycle(
                             # Experts are repeats of `granularity` distinct slices: build only those and let the writer
                             # repeat their bytes (no (E, ...) tensor in memory).
                             gate_up_s, down_s = expert_weights(
-                                gate, up, down, num_experts=granularity, granularity=granularity, down_scale=routed_scale
+                                gate,
+                                up,
+                                down,
+                                num_experts=granularity,
+                                granularity=granularity,
+                                down_scale=routed_scale,
                             )  # (g, 2I/g, H), (g, H, I/g)
                             gate_up_s, down_s = gate_up_s.to(out_dtype), down_s.to(out_dtype)
                             slice_of = [e % granularity for e in range(num_experts)]
@@ -454,7 +517,11 @@ def upcycle(
                         put(f"{prefix}gate.weight", router.to(out_dtype))
                         if num_shared_experts:
                             sg, su, sd = shared_expert_weights(
-                                gate, up, down, width=config.shared_expert_intermediate_size, granularity=granularity,
+                                gate,
+                                up,
+                                down,
+                                width=config.shared_expert_intermediate_size,
+                                granularity=granularity,
                                 down_scale=0.5 / shared_copies,
                             )
                             put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
@@ -470,8 +537,10 @@ def upcycle(
                     missing = sorted(set(expected) - written)
                     extra = sorted(written - set(expected))
                     if missing or extra:  # a bug in a key table, not user error; fail before publishing
-                        raise ValueError(f"upcycle produced a checkpoint that does not match the config: missing "
-                                         f"{missing[:8]}, unexpected {extra[:8]}")
+                        raise ValueError(
+                            f"upcycle produced a checkpoint that does not match the config: missing "
+                            f"{missing[:8]}, unexpected {extra[:8]}"
+                        )
                 _save_config(config, tmp)
                 for name in REMOTE_CODE_FILES:
                     shutil.copyfile(MODELING_DIR / name, tmp / name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_moe.conversion.io import (
@@ -28,8 +28,13 @@ from hf_moe.conversion.io import (
 def _tiny_llama_dir(path: Path, *, max_shard_size: str | None = None) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     model = LlamaForCausalLM(config)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -298,14 +303,32 @@ def test_copy_tokenizer_files(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
-                 "tokenizer.model", "chat_template.jinja", "generation_config.json", "model.safetensors",
-                 "config.json", "README.md"]:
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "merges.txt",
+        "vocab.json",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "generation_config.json",
+        "model.safetensors",
+        "config.json",
+        "README.md",
+    ]:
         (src / name).write_text(name)
     copied = copy_tokenizer_files(src, dst)
     assert sorted(p.name for p in dst.iterdir()) == sorted(
-        ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
-         "tokenizer.model", "chat_template.jinja", "generation_config.json"]
+        [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "merges.txt",
+            "vocab.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "generation_config.json",
+        ]
     )
     assert all((dst / p.name).read_text() == p.name for p in copied)
 
@@ -325,9 +348,9 @@ def test_write_provenance(tmp_path, sharded_dir):
     assert set(files) == expected
     assert all(files[name] == sha256_file(sharded_dir / name) for name in files)
     assert set(record["versions"]) == {"hf-moe", "torch", "transformers", "safetensors"}
-    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"].startswith(
-        torch.__version__.split("+")[0]
-    )
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"][
+        "torch"
+    ].startswith(torch.__version__.split("+")[0])
 
 
 def test_shard_writer_add_stacked_equals_stack(tmp_path):

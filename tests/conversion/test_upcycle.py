@@ -39,13 +39,25 @@ from hf_moe.conversion.sources import translate_config
 from hf_moe.conversion.upcycle import parse_moe_layers, upcycle
 
 SMALL = dict(
-    vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 FAMILIES = {
     "llama_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
-    "llama_bias": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, rope_parameters={
-        "rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})),
+    "llama_bias": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
+        ),
+    ),
     "mistral_sliding": (MistralConfig, MistralForCausalLM, dict(sliding_window=5, head_dim=8)),
     "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM, dict()),
     "qwen3_qknorm": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16)),
@@ -71,8 +83,15 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.15 * torch.randn(p.shape, generator=generator))
 
 
-def make_dense(path: Path, family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               max_shard_size: str = "20KB", **overrides) -> tuple[Path, torch.nn.Module]:
+def make_dense(
+    path: Path,
+    family: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "20KB",
+    **overrides,
+) -> tuple[Path, torch.nn.Module]:
     config_cls, model_cls, extra = FAMILIES[family]
     config = config_cls(**{**SMALL, **extra, **overrides})
     torch.manual_seed(seed)
@@ -132,8 +151,15 @@ def test_dense_fixture_features_matter(dense_models):
 def test_copy_upcycle_is_exact(tmp_path, dense_models, family, router_type):
     src, dense = dense_models[family]
     out = upcycle(
-        src, tmp_path / "moe", num_experts=4, top_k=2, router_type=router_type, progress=False,
-        max_shard_size="30KB", require_exact=True, config_overrides=EXACT_ROUTERS[router_type],
+        src,
+        tmp_path / "moe",
+        num_experts=4,
+        top_k=2,
+        router_type=router_type,
+        progress=False,
+        max_shard_size="30KB",
+        require_exact=True,
+        config_overrides=EXACT_ROUTERS[router_type],
     )
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     max_logit_diff(dense, out, input_ids())
@@ -144,21 +170,39 @@ def test_copy_upcycle_is_exact(tmp_path, dense_models, family, router_type):
 def test_split_virtual_group_is_exact(tmp_path, dense_models, family, router_type):
     src, dense = dense_models[family]
     out = upcycle(
-        src, tmp_path / "moe", num_experts=8, top_k=4, granularity=2, router_type=router_type,
-        router_init="virtual-group", progress=False, require_exact=True, config_overrides=EXACT_ROUTERS[router_type],
+        src,
+        tmp_path / "moe",
+        num_experts=8,
+        top_k=4,
+        granularity=2,
+        router_type=router_type,
+        router_init="virtual-group",
+        progress=False,
+        require_exact=True,
+        config_overrides=EXACT_ROUTERS[router_type],
     )
     config = json.loads((out / "config.json").read_text())
     assert config["moe_intermediate_size"] == 32 and config["num_experts"] == 8
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         router = f.get_tensor("model.layers.0.mlp.gate.weight")  # (E, H)
-    assert torch.equal(router[0], router[1]) and not torch.equal(router[1], router[2])  # groups of 2 share a row
+    assert torch.equal(router[0], router[1]) and not torch.equal(
+        router[1], router[2]
+    )  # groups of 2 share a row
     max_logit_diff(dense, out, input_ids())
 
 
 def test_split_granularity_4_with_shared_experts_is_exact(tmp_path, dense_models):
     src, dense = dense_models["qwen2_bias"]
-    out = upcycle(src, tmp_path / "moe", num_experts=8, top_k=4, granularity=4, num_shared_experts=4,
-                  progress=False, require_exact=True)
+    out = upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=8,
+        top_k=4,
+        granularity=4,
+        num_shared_experts=4,
+        progress=False,
+        require_exact=True,
+    )
     max_logit_diff(dense, out, input_ids())
 
 
@@ -166,8 +210,15 @@ def test_split_granularity_4_with_shared_experts_is_exact(tmp_path, dense_models
 @pytest.mark.parametrize("family", ["llama_tied", "mistral_sliding"])
 def test_shared_experts_are_exact(tmp_path, dense_models, family, shared):
     src, dense = dense_models[family]
-    out = upcycle(src, tmp_path / "moe", num_experts=4, top_k=1, num_shared_experts=shared, progress=False,
-                  require_exact=True)
+    out = upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=4,
+        top_k=1,
+        num_shared_experts=shared,
+        progress=False,
+        require_exact=True,
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["num_shared_experts"] == shared and config["shared_expert_intermediate_size"] == 64 * shared
     max_logit_diff(dense, out, input_ids())
@@ -228,8 +279,14 @@ def test_output_folder_contents_and_remote_code(tmp_path, dense_models):
     finally:
         (src / "tokenizer_config.json").unlink()
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "configuration_hf_moe.py", "modeling_hf_moe.py", "hf_moe_provenance.json",
-            "generation_config.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "configuration_hf_moe.py",
+        "modeling_hf_moe.py",
+        "hf_moe_provenance.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+    } <= names
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_moe" and config["architectures"] == ["HfMoeForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hf_moe.HfMoeForCausalLM"
@@ -249,25 +306,31 @@ def test_output_folder_contents_and_remote_code(tmp_path, dense_models):
         f"print(json.dumps(m(torch.tensor({ids})).logits[0, -1, :5].tolist()))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     remote = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     with torch.no_grad():
         torch.testing.assert_close(remote, dense(torch.tensor(ids)).logits[0, -1, :5], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("src_dtype,dtype,expected", [
-    (torch.bfloat16, None, torch.bfloat16),
-    (torch.float32, "bfloat16", torch.bfloat16),
-    (torch.float32, "float16", torch.float16),
-    (torch.bfloat16, "float32", torch.float32),
-])
+@pytest.mark.parametrize(
+    "src_dtype,dtype,expected",
+    [
+        (torch.bfloat16, None, torch.bfloat16),
+        (torch.float32, "bfloat16", torch.bfloat16),
+        (torch.float32, "float16", torch.float16),
+        (torch.bfloat16, "float32", torch.float32),
+    ],
+)
 def test_dtype_preserved_or_converted(tmp_path, src_dtype, dtype, expected):
     src, dense = make_dense(tmp_path / "dense", "llama_tied", dtype=src_dtype)
     out = upcycle(src, tmp_path / "moe", num_experts=4, top_k=2, dtype=dtype, progress=False)
     with CheckpointReader(out) as reader:
-        dtypes = {reader.dtype(name) for name in reader.keys() if not name.endswith("e_score_correction_bias")}
+        dtypes = {
+            reader.dtype(name) for name in reader.keys() if not name.endswith("e_score_correction_bias")
+        }
         assert dtypes == {expected}
         # conversion is a plain cast of the dense weights
         expected_embed = dense.model.embed_tokens.weight.detach().to(expected)
@@ -284,8 +347,11 @@ def test_dtype_preserved_or_converted(tmp_path, src_dtype, dtype, expected):
 
 def _dense_mlp(seed=0, inter=64, hidden=32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(inter, hidden, generator=g), torch.randn(inter, hidden, generator=g) * 2 + 0.5,
-            torch.randn(hidden, inter, generator=g) * 0.5 - 0.1)
+    return (
+        torch.randn(inter, hidden, generator=g),
+        torch.randn(inter, hidden, generator=g) * 2 + 0.5,
+        torch.randn(hidden, inter, generator=g) * 0.5 - 0.1,
+    )
 
 
 def test_expert_weights_copy_and_split():
@@ -298,13 +364,14 @@ def test_expert_weights_copy_and_split():
     assert gate_up.shape == (8, 32, 32) and d.shape == (8, 32, 16)
     for e in range(8):
         j = e % 4
-        assert torch.equal(gate_up[e], torch.cat([gate[16 * j:16 * (j + 1)], up[16 * j:16 * (j + 1)]]))
-        assert torch.equal(d[e], down[:, 16 * j:16 * (j + 1)] * 4.0)
+        assert torch.equal(gate_up[e], torch.cat([gate[16 * j : 16 * (j + 1)], up[16 * j : 16 * (j + 1)]]))
+        assert torch.equal(d[e], down[:, 16 * j : 16 * (j + 1)] * 4.0)
     # one virtual group (experts 0..3) with router weight 1/4 each reproduces the dense MLP
     x = torch.randn(5, 32)
     dense_out = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
     moe_out = sum(
-        0.25 * (torch.nn.functional.silu(x @ gate_up[e, :16].T) * (x @ gate_up[e, 16:].T)) @ d[e].T for e in range(4)
+        0.25 * (torch.nn.functional.silu(x @ gate_up[e, :16].T) * (x @ gate_up[e, 16:].T)) @ d[e].T
+        for e in range(4)
     )
     torch.testing.assert_close(moe_out, dense_out, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of granularity"):
@@ -324,7 +391,9 @@ def test_shared_expert_weights_cycle_slices():
 def test_drop_upcycle_reinitialises_the_specified_units(drop_ratio):
     gate, up, down = _dense_mlp(inter=256, hidden=64)
     gate_up, d = expert_weights(gate, up, down, num_experts=4)
-    new_gu, new_d, dropped = drop_upcycle(gate_up, d, drop_ratio=drop_ratio, generator=seeded_generator(0, "t"))
+    new_gu, new_d, dropped = drop_upcycle(
+        gate_up, d, drop_ratio=drop_ratio, generator=seeded_generator(0, "t")
+    )
     width = 256
     n = round(drop_ratio * width)
     assert dropped.shape == (4, n)
@@ -335,13 +404,22 @@ def test_drop_upcycle_reinitialises_the_specified_units(drop_ratio):
         keep = torch.ones(width, dtype=torch.bool)
         keep[idx] = False
         # kept units equal the original exactly; dropped units all differ
-        assert torch.equal(new_gu[e, :width][keep], gate[keep]) and torch.equal(new_gu[e, width:][keep], up[keep])
+        assert torch.equal(new_gu[e, :width][keep], gate[keep]) and torch.equal(
+            new_gu[e, width:][keep], up[keep]
+        )
         assert torch.equal(new_d[e][:, keep], down[:, keep])
-        changed = (new_gu[e, :width] != gate).any(dim=1) | (new_gu[e, width:] != up).any(dim=1) | (
-            new_d[e] != down).any(dim=0)
+        changed = (
+            (new_gu[e, :width] != gate).any(dim=1)
+            | (new_gu[e, width:] != up).any(dim=1)
+            | (new_d[e] != down).any(dim=0)
+        )
         assert torch.equal(changed, ~keep)
         # re-initialised values follow the original matrices' mean/std
-        for fresh, orig in ((new_gu[e, :width][idx], gate), (new_gu[e, width:][idx], up), (new_d[e][:, idx], down)):
+        for fresh, orig in (
+            (new_gu[e, :width][idx], gate),
+            (new_gu[e, width:][idx], up),
+            (new_d[e][:, idx], down),
+        ):
             assert abs(fresh.mean() - orig.mean()) < 0.1 * orig.std() + 0.02
             assert abs(fresh.std() / orig.std() - 1) < 0.1
     # different subsets per expert
@@ -380,7 +458,9 @@ def test_upcycle_drop_and_noise_reproducible_with_seed(tmp_path, dense_models):
         assert not torch.equal(ra.get_tensor(name), rc.get_tensor(name))
         experts = ra.get_tensor(name)  # (E, 2I, H)
         dense_gate = CheckpointReader(src).get_tensor("model.layers.1.mlp.gate_proj.weight")
-        for e in range(4):  # half of each expert's 64 units re-initialised (noise touches all, so compare loosely)
+        for e in range(
+            4
+        ):  # half of each expert's 64 units re-initialised (noise touches all, so compare loosely)
             far = ((experts[e, :64] - dense_gate).abs().max(dim=1).values > 0.05).sum().item()
             assert 28 <= far <= 32
         assert not torch.equal(experts[0], experts[1])
@@ -397,8 +477,12 @@ def test_parse_moe_layers():
     assert parse_moe_layers("0-2", 30) == [0, 1, 2]
     assert parse_moe_layers("0,2,4-5", 8) == [0, 2, 4, 5]
     assert parse_moe_layers([3, 1, 1], 4) == [1, 3]
-    for bad, match in (("0-11", "layers 0..3"), ("sometimes", "cannot parse"), ([], "selects no layer"),
-                       ("3-1", "reversed")):
+    for bad, match in (
+        ("0-11", "layers 0..3"),
+        ("sometimes", "cannot parse"),
+        ([], "selects no layer"),
+        ("3-1", "reversed"),
+    ):
         with pytest.raises(ValueError, match=match):
             parse_moe_layers(bad, 4)
 
@@ -410,16 +494,22 @@ def test_translate_config_options():
     qwen2 = translate_config(Qwen2Config(**SMALL).to_dict())
     assert qwen2["attention_bias"] and not qwen2.get("attention_output_bias", False)
     assert qwen2["sliding_window"] is None
-    sliding = translate_config(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=0)
-                               .to_dict())
+    sliding = translate_config(
+        Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=0).to_dict()
+    )
     assert sliding["sliding_window"] == 7
     with pytest.raises(ValueError, match="use_sliding_window"):
-        translate_config(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict())
+        translate_config(
+            Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
+        )
     with pytest.raises(ValueError, match="mlp_bias"):
         translate_config(LlamaConfig(**SMALL, mlp_bias=True).to_dict())
     # legacy (transformers 4) rope fields
-    legacy = {**LlamaConfig(**SMALL).to_diff_dict(), "rope_theta": 500000.0,
-              "rope_scaling": {"type": "linear", "factor": 4.0}}
+    legacy = {
+        **LlamaConfig(**SMALL).to_diff_dict(),
+        "rope_theta": 500000.0,
+        "rope_scaling": {"type": "linear", "factor": 4.0},
+    }
     legacy.pop("rope_parameters", None)
     rope = translate_config(legacy)["rope_parameters"]
     assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "linear" and rope["factor"] == 4.0
@@ -446,22 +536,46 @@ def _edit_config(path: Path, **changes) -> None:
 
 BAD_INPUTS = {
     "missing_config": (lambda p: (p / "config.json").unlink(), FileNotFoundError, "config.json"),
-    "missing_shard": (lambda p: sorted(p.glob("model-*.safetensors"))[1].unlink(), FileNotFoundError, "missing"),
+    "missing_shard": (
+        lambda p: sorted(p.glob("model-*.safetensors"))[1].unlink(),
+        FileNotFoundError,
+        "missing",
+    ),
     "truncated_shard": (
         lambda p: (lambda f: f.write_bytes(f.read_bytes()[:-64]))(sorted(p.glob("model-*.safetensors"))[-1]),
-        ValueError, "truncated"),
+        ValueError,
+        "truncated",
+    ),
     "index_outside": (
-        lambda p: (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-            **json.loads((p / "model.safetensors.index.json").read_text())["weight_map"],
-            "model.norm.weight": "../elsewhere/model.safetensors"}})),
-        ValueError, "outside"),
-    "shape_mismatch": (lambda p: _edit_config(p, intermediate_size=48), ValueError, "does not match|do not match"),
+        lambda p: (p / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        **json.loads((p / "model.safetensors.index.json").read_text())["weight_map"],
+                        "model.norm.weight": "../elsewhere/model.safetensors",
+                    }
+                }
+            )
+        ),
+        ValueError,
+        "outside",
+    ),
+    "shape_mismatch": (
+        lambda p: _edit_config(p, intermediate_size=48),
+        ValueError,
+        "does not match|do not match",
+    ),
     "hidden_mismatch": (lambda p: _edit_config(p, hidden_size=40, head_dim=8), ValueError, "match"),
-    "unsupported_arch": (lambda p: _edit_config(p, model_type="gpt2"), ValueError,
-                         r"unsupported source architecture.*llama, mistral, qwen2, qwen3"),
+    "unsupported_arch": (
+        lambda p: _edit_config(p, model_type="gpt2"),
+        ValueError,
+        r"unsupported source architecture.*llama, mistral, qwen2, qwen3",
+    ),
     "pickle_only": (
         lambda p: ([f.unlink() for f in p.glob("model*")], torch.save({}, p / "pytorch_model.bin")),
-        ValueError, r"pickle.*save_pretrained"),
+        ValueError,
+        r"pickle.*save_pretrained",
+    ),
 }
 
 
@@ -478,15 +592,18 @@ def test_bad_input_clear_error_nothing_written(tmp_path, dense_models, case):
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before  # inputs untouched
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_experts=4, top_k=5), "top_k"),
-    (dict(num_experts=4, top_k=2, granularity=3), "granularity"),
-    (dict(num_experts=6, top_k=2, granularity=3), "granularity=3 must divide"),
-    (dict(num_experts=4, top_k=2, router_init="magic"), "unknown router_init"),
-    (dict(num_experts=4, top_k=2, dtype="float8"), "dtype"),
-    (dict(num_experts=4, top_k=2, router_type="nope"), "router_type"),
-    (dict(num_experts=4, top_k=2, drop_ratio=1.5), "drop_ratio"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_experts=4, top_k=5), "top_k"),
+        (dict(num_experts=4, top_k=2, granularity=3), "granularity"),
+        (dict(num_experts=6, top_k=2, granularity=3), "granularity=3 must divide"),
+        (dict(num_experts=4, top_k=2, router_init="magic"), "unknown router_init"),
+        (dict(num_experts=4, top_k=2, dtype="float8"), "dtype"),
+        (dict(num_experts=4, top_k=2, router_type="nope"), "router_type"),
+        (dict(num_experts=4, top_k=2, drop_ratio=1.5), "drop_ratio"),
+    ],
+)
 def test_bad_options(tmp_path, dense_models, kwargs, match):
     out = tmp_path / "moe"
     with pytest.raises(ValueError, match=match):
@@ -520,7 +637,9 @@ def test_prompts_router_init_is_a_registry_hook(tmp_path, dense_models):
     # The entry is implemented in hf_moe.conversion.prompts (tests/conversion/test_prompts.py); without prompts it
     # refuses before writing anything.
     with pytest.raises(ValueError, match="needs prompts"):
-        upcycle(dense_models["llama_tied"][0], out, num_experts=4, top_k=2, router_init="prompts", progress=False)
+        upcycle(
+            dense_models["llama_tied"][0], out, num_experts=4, top_k=2, router_init="prompts", progress=False
+        )
     assert_nothing_written(out)
 
 
@@ -533,9 +652,25 @@ def test_cli_upcycle(tmp_path, dense_models, capsys):
     assert hf_moe.upcycle is upcycle  # the public lazy name
     src, dense = dense_models["mistral_sliding"]
     out = tmp_path / "moe"
-    argv = ["upcycle", str(src), str(out), "--num-experts", "4", "--top-k", "2", "--router", "topk_softmax",
-            "--moe-layers", "every-2", "--shared-experts", "1", "--max-shard-size", "30KB", "--no-progress",
-            "--require-exact"]
+    argv = [
+        "upcycle",
+        str(src),
+        str(out),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--router",
+        "topk_softmax",
+        "--moe-layers",
+        "every-2",
+        "--shared-experts",
+        "1",
+        "--max-shard-size",
+        "30KB",
+        "--no-progress",
+        "--require-exact",
+    ]
     assert cli_main(argv) == 0
     assert str(out) in capsys.readouterr().out
     assert hf_moe.HfMoeConfig.from_pretrained(out).moe_layers == [1]
@@ -611,8 +746,9 @@ def smollm2_reference(smollm2_dir, shakespeare_heldout_text) -> dict:
 @pytest.mark.parametrize("num_experts", [4, 8])
 def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, smollm2_reference, num_experts):
     ids = smollm2_reference["ids"]
-    out = upcycle(smollm2_dir, tmp_path / "moe", num_experts=num_experts, top_k=2, progress=False,
-                  require_exact=True)
+    out = upcycle(
+        smollm2_dir, tmp_path / "moe", num_experts=num_experts, top_k=2, progress=False, require_exact=True
+    )
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert moe.config.num_experts == num_experts and len(moe.config.moe_layers) == 30
     with torch.no_grad():
@@ -620,7 +756,11 @@ def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, smollm2_reference,
         generated = moe.generate(ids[:, :32], max_new_tokens=20, do_sample=False)
     diff = (got - smollm2_reference["logits"]).abs().max().item()
     floor = smollm2_reference["noise_floor"]
-    print(f"SmolLM2-135M -> {num_experts} experts: max |logit diff| = {diff:.3g} over {ids.shape[1]} tokens "
-          f"(dense sdpa vs eager: {floor:.3g})")
-    assert diff <= 1e-4, f"max |logit diff| {diff:.4g} > 1e-4 (the dense model's sdpa-vs-eager difference is {floor:.3g})"
+    print(
+        f"SmolLM2-135M -> {num_experts} experts: max |logit diff| = {diff:.3g} over {ids.shape[1]} tokens "
+        f"(dense sdpa vs eager: {floor:.3g})"
+    )
+    assert diff <= 1e-4, (
+        f"max |logit diff| {diff:.4g} > 1e-4 (the dense model's sdpa-vs-eager difference is {floor:.3g})"
+    )
     assert torch.equal(generated, smollm2_reference["generated"])
