@@ -764,3 +764,24 @@ def test_smollm2_upcycle_matches_dense(tmp_path, smollm2_dir, smollm2_reference,
         f"max |logit diff| {diff:.4g} > 1e-4 (the dense model's sdpa-vs-eager difference is {floor:.3g})"
     )
     assert torch.equal(generated, smollm2_reference["generated"])
+
+
+def test_router_init_registry_entry_is_used(tmp_path, dense_models, monkeypatch):
+    """A new router initialisation is a registry entry (how the prompts-based init plugs in)."""
+    from hf_moe.conversion.init import ROUTER_INITS, RouterInitContext
+
+    seen: list[RouterInitContext] = []
+
+    def layer_index_rows(context: RouterInitContext):
+        seen.append(context)
+        return lambda layer_idx: torch.full((context.num_experts, context.hidden_size), float(layer_idx + 1))
+
+    monkeypatch.setitem(ROUTER_INITS, "layer-index", layer_index_rows)
+    src, _ = dense_models["llama_tied"]
+    out = upcycle(src, tmp_path / "moe", num_experts=4, top_k=2, router_init="layer-index", progress=False)
+    assert len(seen) == 1 and seen[0].moe_layers == [0, 1] and seen[0].src_dir == src
+    with CheckpointReader(out) as reader:
+        for i in range(2):
+            assert torch.equal(
+                reader.get_tensor(f"model.layers.{i}.mlp.gate.weight"), torch.full((4, 32), i + 1.0)
+            )
