@@ -327,3 +327,35 @@ def test_cli_merge(models, tmp_path, capsys):
     assert cli_main(bad) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_merge_of_identical_copies_is_exact_and_prompts_route(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M (30 layers, tied embeddings) merged with itself: the key mapping holds on a real
+    checkpoint (same logits as the dense model) and prompt rows send each prompt to its own expert at layer 0."""
+    from transformers import AutoTokenizer
+
+    spec = [["To be, or not to be, that is the question"], ["def main():\n    return parse_args()"]]
+    out = merge_experts(
+        base=smollm2_dir,
+        experts=[smollm2_dir, smollm2_dir],
+        out_dir=tmp_path / "moe",
+        top_k=1,
+        router_init="prompts",
+        prompts=spec,
+        shared="average",
+        progress=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    batches = [tokenizer(text[0], return_tensors="pt")["input_ids"] for text in spec]
+    with torch.no_grad():
+        expected = [dense(ids).logits for ids in batches]
+    del dense
+    moe = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert moe.config.num_experts == 2 and len(moe.config.moe_layers) == 30
+    for e, ids in enumerate(batches):
+        with torch.no_grad():
+            output = moe(ids, output_router_logits=True)
+        torch.testing.assert_close(output.logits, expected[e], rtol=1e-4, atol=1e-3)
+        assert output.router_logits[0][1:].mean(0).argmax().item() == e
