@@ -37,6 +37,7 @@ _LAZY: dict[str, str] = {
     "router_statistics": "hf_moe.stats",
     "RouterStatistics": "hf_moe.stats",
     "lora_config": "hf_moe.peft",
+    "plan_serve": "hf_moe.serving.serve", "run_serve": "hf_moe.serving.serve",
     "write_model_card": "hf_moe.hub", "push_to_hub": "hf_moe.hub", "count_parameters": "hf_moe.hub",
 }
 
