@@ -2,7 +2,7 @@
 
 A card is rendered from what is on disk: `config.json`, the safetensors headers (parameters are counted without
 loading a tensor) and `hf_moe_provenance.json` when the folder was made by `hf-moe upcycle` / `merge` / `zoo
-create`. The template is `model_cards/template.md` (a `string.Template`: `${name}` placeholders, no new
+create`. The template is `hf_moe/templates/model_card.md` (a `string.Template`: `${name}` placeholders, no new
 dependency).
 
 Parameter convention (as Mixtral's "12.9B active of 46.7B"): *total* counts every parameter once (a tied
@@ -28,7 +28,8 @@ from .modeling import HfMoeConfig
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+# Inside the package so that wheels carry it (package-data in pyproject.toml).
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 PROVENANCE_FILE = "hf_moe_provenance.json"
 # In every rendered card; a README.md without it was written by someone else and is not replaced silently.
 CARD_MARKER = "<!-- Written by `hf-moe card`"
@@ -243,7 +244,7 @@ def _load_template(template: str | os.PathLike | None) -> Template:
     path = Path(template) if template is not None else TEMPLATE_PATH
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card template {path} not found; pass template=PATH (the file is model_cards/template.md in "
+            f"model card template {path} not found; pass template=PATH (the file is hf_moe/templates/model_card.md in "
             "the hf-moe source tree)"
         )
     return Template(path.read_text(encoding="utf-8"))
@@ -472,7 +473,7 @@ def render_model_card(
             provenance names a folder that exists), else "other" with a note.
         base_model: Hub id(s) of the source model(s); default: from the provenance.
         description: one paragraph under the title.
-        template: a template file instead of `model_cards/template.md`.
+        template: a template file instead of `hf_moe/templates/model_card.md`.
     Returns:
         The card text (YAML metadata + markdown).
     """
@@ -581,7 +582,7 @@ def write_model_card(
         license: Hub license id (default: from `hf_moe_provenance.json`, else "other" with a note).
         base_model: Hub id(s) of the source model(s) (default: from the provenance).
         description: a paragraph under the title.
-        template: a template file instead of `model_cards/template.md`.
+        template: a template file instead of `hf_moe/templates/model_card.md`.
         overwrite: replace a README.md that `hf-moe card` did not write (one it wrote is always replaced).
     Returns:
         The path of the written README.md.
