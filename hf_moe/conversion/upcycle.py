@@ -8,7 +8,6 @@ complete. See docs/upcycling.md for the exactness conditions and the shared-expe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -47,11 +46,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 REMOTE_CODE_FILES = ("configuration_hf_moe.py", "modeling_hf_moe.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_hf_moe.HfMoeConfig",
-    "AutoModel": "modeling_hf_moe.HfMoeModel",
-    "AutoModelForCausalLM": "modeling_hf_moe.HfMoeForCausalLM",
-}
 
 
 def parse_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
@@ -240,12 +234,8 @@ def _plan(
 
 
 def _save_config(config: HfMoeConfig, out: Path) -> None:
+    # HfMoeConfig.save_pretrained writes the full auto_map (config, base model, causal LM) once hf_moe is imported.
     config.save_pretrained(out)
-    # save_pretrained only maps the config class; the full auto_map lets trust_remote_code load the model too.
-    path = out / "config.json"
-    data = json.loads(path.read_text())
-    data["auto_map"] = dict(AUTO_MAP)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def upcycle(

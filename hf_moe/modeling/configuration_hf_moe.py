@@ -12,6 +12,13 @@ from transformers.modeling_rope_utils import RopeParameters
 # without importing the modeling code.
 ROUTER_TYPES = ("topk_softmax", "softmax_topk", "sigmoid_topk", "noisy_topk", "switch", "expert_choice")
 ROUTER_BIAS_UPDATE_MODES = ("forward", "manual")
+# Written into every saved config: all three Auto classes, not only the class that saved (vLLM's Transformers
+# backend, for one, builds the base model with AutoModel from remote code).
+AUTO_MAP = {
+    "AutoConfig": "configuration_hf_moe.HfMoeConfig",
+    "AutoModel": "modeling_hf_moe.HfMoeModel",
+    "AutoModelForCausalLM": "modeling_hf_moe.HfMoeForCausalLM",
+}
 
 
 def _invalid(field: str, value, allowed: str) -> ValueError:
@@ -206,6 +213,11 @@ class HfMoeConfig(PreTrainedConfig):
             raise _invalid("decoder_sparse_step", self.decoder_sparse_step, "must be >= 1")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise _invalid("sliding_window", self.sliding_window, "must be >= 1 or None")
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        if self._auto_class is not None:  # registered by `import hf_moe`: the checkpoint carries its code
+            self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds a sparse MoE block (else a dense MLP)."""

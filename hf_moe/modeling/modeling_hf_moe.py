@@ -694,6 +694,9 @@ class HfMoePreTrainedModel(PreTrainedModel):
         )
         kinds = ("missing_keys", "unexpected_keys") + (() if accept_mismatched else ("mismatched_keys",))
         problems = {k: sorted(info.get(k) or []) for k in kinds}
+        if not hasattr(model, "lm_head"):
+            # A base model (AutoModel) loaded from a causal-LM checkpoint leaves the head behind, by design.
+            problems["unexpected_keys"] = [k for k in problems["unexpected_keys"] if not k.startswith("lm_head.")]
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             details = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''} ({len(v)})" for k, v in problems.items())

@@ -40,7 +40,11 @@ CHILD = textwrap.dedent(
     payload = torch.load(data)
     with torch.no_grad():
         logits = model(payload["input_ids"]).logits
-    info = {"class_module": type(model).__module__, "class": type(model).__name__}
+    # The base model too: vLLM's Transformers backend builds it with AutoModel from the remote code.
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    info = {"class_module": type(model).__module__, "class": type(model).__name__, "base_class": type(base).__name__}
     torch.save({"logits": logits, **info}, data)
     """
 )
@@ -97,6 +101,7 @@ def test_saved_checkpoint_ships_the_code(checkpoint):
 def test_trust_remote_code_without_hf_moe_matches(child_run):
     _, child, expected = child_run
     assert child["class"] == "HfMoeForCausalLM"
+    assert child["base_class"] == "HfMoeModel"
     assert not child["class_module"].startswith("hf_moe")  # the copy in the checkpoint, not the package
     torch.testing.assert_close(child["logits"], expected)
 
