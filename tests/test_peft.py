@@ -487,7 +487,9 @@ def test_load_adapter_also_loads_target_parameters_adapters(tmp_path) -> None:
     peft_model.save_pretrained(tmp_path / "adapter")
     reloaded = load_adapter(build("hf_moe"), str(tmp_path / "adapter"))
     assert not any(isinstance(m, FusedExpertsLora) for m in reloaded.modules())
-    assert torch.equal(reloaded(ids).logits, want)
+    # Same weights; the reloaded adapter is frozen, so the experts may take their no-autograd kernel: equal up to
+    # float rounding, not bit for bit.
+    torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_base_with_gradient_checkpointing() -> None:
