@@ -363,14 +363,19 @@ class HfMoeExperts(nn.Module):
         routed = routed.to(self.gate_up_proj.dtype)
         weights = weights.to(routed.dtype)
         capacity = max(counts_list[: self.num_experts])
+        scale_activation = self.intermediate_dim <= self.hidden_dim
         if hidden_states.device.type == "cpu" and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
             out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
         elif grouped:
             offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
             gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            # The routing weight scales the (S, I) activation rather than the (S, H) output: the same product.
-            h = self.act_fn(gate) * up * weights  # (S, I)
+            # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
+            h = self.act_fn(gate) * up  # (S, I)
+            if scale_activation:
+                h = h * weights
             out = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)  # (S, H)
+            if not scale_activation:
+                out = out * weights
         else:
             gate_up_proj, down_proj = self._expert_weights()
             pieces = []
@@ -380,9 +385,12 @@ class HfMoeExperts(nn.Module):
                     continue
                 end = start + count
                 gate, up = F.linear(routed[start:end], gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
-                pieces.append(F.linear(self.act_fn(gate) * up * weights[start:end], down_proj[expert]))  # (n_e, H)
+                h = self.act_fn(gate) * up
+                pieces.append(F.linear(h * weights[start:end] if scale_activation else h, down_proj[expert]))
                 start = end
             out = torch.cat(pieces) if len(pieces) != 1 else pieces[0]  # (S, H)
+            if not scale_activation:
+                out = out * weights
         # Back to (token, slot) order by copying into distinct rows (deterministic, unlike index_add_ on CUDA),
         # then sum the k slots of each token; dropped slots stay zero.
         slots = out.new_zeros(num_tokens * top_k, self.hidden_dim).index_copy_(0, order, out)  # (T*K, H)
