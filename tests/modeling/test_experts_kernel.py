@@ -20,8 +20,8 @@ NUM_EXPERTS = 4  # tiny config; K=4 is then the expert-choice shape (every exper
 FP32 = dict(rtol=1e-4, atol=1e-5)  # summation order differs between the paths; real bugs are O(0.1)
 
 
-def make_experts(seed: int = 0, dtype: torch.dtype = torch.float32) -> HfMoeExperts:
-    config = tiny_config(num_experts=NUM_EXPERTS, num_experts_per_tok=2)
+def make_experts(seed: int = 0, dtype: torch.dtype = torch.float32, intermediate: int = 16) -> HfMoeExperts:
+    config = tiny_config(num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=intermediate)
     config._experts_implementation = "eager"  # our own forward, as HfMoePreTrainedModel selects by default
     torch.manual_seed(seed)
     experts = HfMoeExperts(config)
@@ -83,11 +83,13 @@ def path(request, monkeypatch):
     return request.param
 
 
+# The routing weight scales the smaller of the (S, I) activation and the (S, H) output: cover both (H = 32).
+@pytest.mark.parametrize("intermediate", [16, 48], ids=["I<H", "I>H"])
 @pytest.mark.parametrize("sentinels", [False, True], ids=["dropless", "sentinels"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64])
-def test_experts_match_naive_reference(path: str, num_tokens: int, top_k: int, sentinels: bool):
-    experts = make_experts()
+def test_experts_match_naive_reference(path: str, num_tokens: int, top_k: int, sentinels: bool, intermediate: int):
+    experts = make_experts(intermediate=intermediate)
     index, weights = make_routing(num_tokens, top_k, sentinels)
     x = torch.randn(num_tokens, experts.hidden_dim)
     grad_out = torch.randn(num_tokens, experts.hidden_dim)
