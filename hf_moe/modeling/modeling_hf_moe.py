@@ -252,8 +252,9 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
 def _use_grouped_mm(weight: torch.Tensor) -> bool:
     # One grouped GEMM per projection (F.grouped_mm) instead of a Python loop over the active experts.
     # CUDA: one kernel for all groups, for the half-precision dtypes it targets.
-    # CPU (torch 2.13, fp32/bf16): as fast as the loop in the forward and faster in fwd+bwd, because its backward
-    # writes each 3D weight gradient once (BENCHMARKS.md, moe_block). The CPU kernel of torch <= 2.10 needs
+    # CPU (torch 2.13, fp32/bf16): faster than the loop in fwd+bwd for small groups (its backward writes each 3D
+    # weight gradient once), slower for large ones, so the caller also checks the group size. The CPU kernel of
+    # torch <= 2.10 needs
     # 16-byte aligned weights (memory-mapped safetensors may not be), hence the data_ptr check; its inputs here are
     # always fresh gathers.
     if not hasattr(F, "grouped_mm"):
@@ -267,10 +268,14 @@ def _use_grouped_mm(weight: torch.Tensor) -> bool:
 
 @use_experts_implementation
 class HfMoeExperts(nn.Module):
-    """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert and each active expert's contiguous group
-    goes through one grouped GEMM (or one matmul per active expert where grouped GEMM is unavailable); experts with
-    no tokens cost nothing. A single token (decoding) skips the sort and runs its k experts directly.
-    Assignments with the sentinel index `num_experts` are skipped (they contribute zero)."""
+    """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert into contiguous groups; experts with no
+    tokens cost nothing. A single token (decoding) skips the sort and runs its k experts directly. Otherwise
+    CUDA runs one grouped GEMM per projection; CPU runs small groups as one padded bmm (inference) or one grouped
+    GEMM (training), and large groups as one matmul per active expert. Assignments with the sentinel index
+    `num_experts` are skipped (they contribute zero)."""
+
+    # Average routed rows per expert from which the CPU path loops over experts (one matmul each).
+    cpu_loop_min_rows_per_expert = 256
 
     def __init__(self, config: HfMoeConfig):
         super().__init__()
@@ -364,9 +369,13 @@ class HfMoeExperts(nn.Module):
         weights = weights.to(routed.dtype)
         capacity = max(counts_list[: self.num_experts])
         scale_activation = self.intermediate_dim <= self.hidden_dim
-        if hidden_states.device.type == "cpu" and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
+        on_cpu = hidden_states.device.type == "cpu"
+        # On CPU the batched kernels win for small groups and the per-expert matmul loop for large ones (measured
+        # on a quiet 2-core CPU at 16, 128 and 1024 rows per expert, BENCHMARKS.md); CUDA always groups.
+        small_groups = num_routed < self.cpu_loop_min_rows_per_expert * self.num_experts
+        if on_cpu and small_groups and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
             out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
-        elif grouped:
+        elif grouped and (small_groups or not on_cpu):
             offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
             gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
             # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
