@@ -74,12 +74,16 @@ def run_with_grads(fn, params: list[torch.Tensor], x: torch.Tensor, weights: tor
     return out.detach(), grads
 
 
-@pytest.fixture(params=["grouped_mm", "loop"])
+@pytest.fixture(params=["grouped_mm", "loop", "large_groups"])
 def path(request, monkeypatch):
+    """grouped_mm: the small-group path; loop: grouped GEMM unavailable; large_groups: the CPU per-expert loop that
+    groups above `cpu_loop_min_rows_per_expert` take even where grouped GEMM exists."""
     if request.param == "grouped_mm" and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no F.grouped_mm")
     if request.param == "loop":
         monkeypatch.setattr(modeling_hf_moe, "_use_grouped_mm", lambda weight: False)
+    if request.param == "large_groups":
+        monkeypatch.setattr(HfMoeExperts, "cpu_loop_min_rows_per_expert", 0)
     return request.param
 
 
