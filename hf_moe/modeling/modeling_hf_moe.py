@@ -270,11 +270,11 @@ def _use_grouped_mm(weight: torch.Tensor) -> bool:
 class HfMoeExperts(nn.Module):
     """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert into contiguous groups; experts with no
     tokens cost nothing. A single token (decoding) skips the sort and runs its k experts directly. Otherwise
-    CUDA runs one grouped GEMM per projection; CPU runs small groups as one padded bmm (inference) or one grouped
-    GEMM (training), and large groups as one matmul per active expert. Assignments with the sentinel index
-    `num_experts` are skipped (they contribute zero)."""
+    CUDA and CPU training run one grouped GEMM per projection; CPU inference runs small groups as one padded bmm
+    and large groups as one matmul per active expert (the fallback everywhere grouped GEMM is unavailable).
+    Assignments with the sentinel index `num_experts` are skipped (they contribute zero)."""
 
-    # Average routed rows per expert from which the CPU path loops over experts (one matmul each).
+    # Average routed rows per expert from which CPU inference loops over experts (one matmul each).
     cpu_loop_min_rows_per_expert = 256
 
     def __init__(self, config: HfMoeConfig):
@@ -370,12 +370,13 @@ class HfMoeExperts(nn.Module):
         capacity = max(counts_list[: self.num_experts])
         scale_activation = self.intermediate_dim <= self.hidden_dim
         on_cpu = hidden_states.device.type == "cpu"
-        # On CPU the batched kernels win for small groups and the per-expert matmul loop for large ones (measured
-        # on a quiet 2-core CPU at 16, 128 and 1024 rows per expert, BENCHMARKS.md); CUDA always groups.
+        # CPU inference: the batched kernels win for small groups, the per-expert matmul loop for large ones
+        # (16, 128, 1024 rows per expert measured). Training keeps grouped_mm at every size: the loop was ~13%
+        # faster on a quiet CPU at 1024 rows but ~45% slower when other jobs share the cores. CUDA always groups.
         small_groups = num_routed < self.cpu_loop_min_rows_per_expert * self.num_experts
         if on_cpu and small_groups and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
             out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
-        elif grouped and (small_groups or not on_cpu):
+        elif grouped and (needs_grad or small_groups or not on_cpu):
             offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
             gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
             # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
