@@ -76,8 +76,8 @@ def run_with_grads(fn, params: list[torch.Tensor], x: torch.Tensor, weights: tor
 
 @pytest.fixture(params=["grouped_mm", "loop", "large_groups"])
 def path(request, monkeypatch):
-    """grouped_mm: the small-group path; loop: grouped GEMM unavailable; large_groups: the CPU per-expert loop that
-    groups above `cpu_loop_min_rows_per_expert` take even where grouped GEMM exists."""
+    """grouped_mm: the default paths; loop: grouped GEMM unavailable; large_groups: every group counts as large, so
+    CPU inference takes the per-expert loop even where grouped GEMM exists."""
     if request.param == "grouped_mm" and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no F.grouped_mm")
     if request.param == "loop":
@@ -107,6 +107,8 @@ def test_experts_match_naive_reference(path: str, num_tokens: int, top_k: int, s
         lambda x, w: experts(x, index, w), [experts.gate_up_proj, experts.down_proj], x, weights, grad_out
     )
     torch.testing.assert_close(actual, expected, **FP32)
+    with torch.no_grad():  # the inference paths (padded bmm, or the loop for large groups)
+        torch.testing.assert_close(experts(x, index, weights), expected, **FP32)
     for name, a, e in zip(["input", "routing weights", "gate_up_proj", "down_proj"], actual_grads, expected_grads):
         torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"grad of {name}: {m}")
     if sentinels:
