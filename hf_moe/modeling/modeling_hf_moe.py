@@ -389,6 +389,8 @@ class HfMoeExperts(nn.Module):
         else:
             gate_up_proj, down_proj = self._expert_weights()
             pieces = []
+            # Without autograd each expert writes its rows in place (no concatenation copy).
+            out = None if needs_grad else routed.new_empty(num_routed, self.hidden_dim)  # (S, H)
             start = 0
             for expert, count in enumerate(counts_list[: self.num_experts]):
                 if count == 0:
@@ -396,11 +398,20 @@ class HfMoeExperts(nn.Module):
                 end = start + count
                 gate, up = F.linear(routed[start:end], gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
                 h = self.act_fn(gate) * up
-                pieces.append(F.linear(h * weights[start:end] if scale_activation else h, down_proj[expert]))
+                h = h * weights[start:end] if scale_activation else h
+                if out is None:
+                    pieces.append(F.linear(h, down_proj[expert]))  # (n_e, H)
+                else:
+                    torch.mm(h, down_proj[expert].t(), out=out[start:end])
                 start = end
-            out = torch.cat(pieces) if len(pieces) != 1 else pieces[0]  # (S, H)
+            if out is None:
+                out = torch.cat(pieces) if len(pieces) != 1 else pieces[0]  # (S, H)
             if not scale_activation:
                 out = out * weights
+        if on_cpu and not needs_grad:
+            # CPU index_add_ is deterministic and skips the (T*K, H) buffer below.
+            result = hidden_states.new_zeros(num_tokens, self.hidden_dim, dtype=out.dtype)
+            return result.index_add_(0, order // top_k, out).to(hidden_states.dtype)  # (T, H)
         # Back to (token, slot) order by copying into distinct rows (deterministic, unlike index_add_ on CUDA),
         # then sum the k slots of each token; dropped slots stay zero.
         slots = out.new_zeros(num_tokens * top_k, self.hidden_dim).index_copy_(0, order, out)  # (T*K, H)
