@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             verdict(results),
             "",
-            "Backends: " + "; ".join(notes) + ". `hf_moe` (CPU) runs one token as k matrix-vector products, "
-            "larger inputs without autograd as one padded `bmm` per projection, and under autograd `F.grouped_mm`.",
+            "Backends: " + "; ".join(notes) + ". `hf_moe` (CPU) runs one token as k matrix-vector products; without autograd, groups under 256 rows per "
+            "expert as one padded `bmm` per projection and larger ones as one matmul per expert; under autograd "
+            "`F.grouped_mm`.",
             f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timings "
             f"({os.cpu_count()} cores): other jobs shared the CPU, which inflates every multi-threaded kernel, most of "
             "all in the variants that launch many small ones.",
