@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"loss is {loss} at step {step}")
     if log:
         log.close()
+    monitor.remove()
+    # All ranks leave together: tearing the gloo group down while a peer is still in a collective can hang.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
