@@ -252,11 +252,9 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
 def _use_grouped_mm(weight: torch.Tensor) -> bool:
     # One grouped GEMM per projection (F.grouped_mm) instead of a Python loop over the active experts.
     # CUDA: one kernel for all groups, for the half-precision dtypes it targets.
-    # CPU (torch 2.13, fp32/bf16): faster than the loop in fwd+bwd for small groups (its backward writes each 3D
-    # weight gradient once), slower for large ones, so the caller also checks the group size. The CPU kernel of
-    # torch <= 2.10 needs
-    # 16-byte aligned weights (memory-mapped safetensors may not be), hence the data_ptr check; its inputs here are
-    # always fresh gathers.
+    # CPU (torch 2.13, fp32/bf16): used for training, where its backward writes each 3D weight gradient once
+    # (the forward picks other CPU kernels for inference). The CPU kernel of torch <= 2.10 needs 16-byte aligned
+    # weights (memory-mapped safetensors may not be), hence the data_ptr check; its inputs here are fresh gathers.
     if not hasattr(F, "grouped_mm"):
         return False
     if weight.is_cuda:
