@@ -27,7 +27,9 @@ import datetime
 import gc
 import os
 import platform
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,6 +116,20 @@ def bench_vllm(path: Path, batches: dict[int, list[list[int]]], new_tokens: int,
     return results
 
 
+def run_worker(case: str, spec: dict) -> int:
+    """One case in this process; prints {batch: tokens/s} as JSON on the last line."""
+    torch.set_num_threads(spec["threads"])
+    batches = {int(b): p for b, p in spec["batches"].items()}
+    if case == "generate":
+        result = {b: bench_transformers(Path(spec["native"]), p, spec["new_tokens"], spec["repeats"])
+                  for b, p in batches.items()}
+    else:
+        result = bench_vllm(Path(spec["hf_moe" if case == "plugin" else "native"]), batches, spec["new_tokens"],
+                            spec["repeats"], spec["compile"])
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def render(rows: dict[str, dict[int, float]], args: argparse.Namespace) -> str:
     import transformers
     import vllm
@@ -176,24 +192,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--worker", choices=["generate", "native", "plugin"], help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.worker:
+        return run_worker(args.worker, json.loads(Path(args.spec).read_text()))
     generator = torch.Generator().manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="hf_moe_vllm_bench_") as tmp:
         hf_moe_dir, native_dir = build_models(Path(tmp), args.preset, args.seed)
         vocab = 32000
         batches = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=generator).tolist()
                    for b in args.batches}
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"hf_moe": str(hf_moe_dir), "native": str(native_dir), "batches": batches,
+                                    "new_tokens": args.new_tokens, "repeats": args.repeats,
+                                    "compile": args.compile, "threads": args.threads}))
+
+        def worker(case: str):
+            # Each measurement runs in a fresh process: engines never share process-wide vLLM state, and vLLM's
+            # fusers (which read the modeling source with inspect) see the source of the code that was imported.
+            return lambda: {int(k): v for k, v in json.loads(subprocess.run(
+                [sys.executable, __file__, "--worker", case, "--spec", str(spec)], check=True, text=True,
+                stdout=subprocess.PIPE).stdout.strip().splitlines()[-1]).items()}
+
         cases = {
-            "transformers generate (Mixtral export)": lambda: {
-                b: bench_transformers(native_dir, p, args.new_tokens, args.repeats) for b, p in batches.items()},
-            "vLLM native (Mixtral export)": lambda: bench_vllm(native_dir, batches, args.new_tokens, args.repeats,
-                                                               args.compile),
-            "vLLM plugin (hf_moe checkpoint)": lambda: bench_vllm(hf_moe_dir, batches, args.new_tokens,
-                                                                  args.repeats, args.compile),
+            "transformers generate (Mixtral export)": worker("generate"),
+            "vLLM native (Mixtral export)": worker("native"),
+            "vLLM plugin (hf_moe checkpoint)": worker("plugin"),
         }
-        # Rounds visit every case in turn, so a burst of load from other jobs hits one round of each case rather
-        # than all runs of one case; the best round of each case is kept (the least disturbed).
         cases = {name: run for name, run in cases.items() if not args.cases or name.split()[-3] in args.cases
                  or name.split()[1] in args.cases}
         rows: dict[str, dict[int, float]] = {name: {b: 0.0 for b in batches} for name in cases}
