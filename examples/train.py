@@ -11,6 +11,7 @@ add `--num_machines/--machine_rank/--main_process_ip` for several nodes (see REA
 """
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -127,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if log:
         log.close()
     monitor.remove()
-    # All ranks leave together: tearing the gloo group down while a peer is still in a collective can hang.
     accelerator.wait_for_everyone()
+    # Free the DDP wrapper (its gradient reducer holds the gloo process group) while the group is still alive:
+    # freed after end_training(), its destructor joins gloo's worker threads while holding the GIL that one of them
+    # waits for, and the process never exits (torch 2.13, gloo on CPU).
+    del model, optimizer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return 0
 

@@ -126,7 +126,7 @@ def _run_train(tmp_path: Path, name: str, processes: int, *extra: str) -> list[f
     out_file = tmp_path / f"{name}.out"
     with open(out_file, "w") as out:
         # Output to a file, not a pipe: launcher children inherit it, and a full pipe would stall them.
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=300)
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=240)
     assert proc.returncode == 0, out_file.read_text()[-3000:]
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert {r["world"] for r in rows} == {processes}
