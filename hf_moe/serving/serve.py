@@ -139,8 +139,14 @@ def plan_serve(
 
 def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
     """Export if the plan needs it, then run the server in the foreground until it exits; returns its exit code."""
+    import importlib.util
     import subprocess
 
+    if plan.command[0] == sys.executable and importlib.util.find_spec("vllm") is None:
+        raise FileNotFoundError(
+            f"vLLM is not installed for {sys.executable}; install it (CPU: bash scripts/vllm_env.sh builds "
+            ".venv-vllm) or pass the interpreter that has it: --python .venv-vllm/bin/python"
+        )
     if plan.needs_export:
         from hf_moe.conversion.export import export
 

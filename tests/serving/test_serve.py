@@ -91,3 +91,14 @@ def test_cli_dry_run(tmp_path, capsys):
 def test_cli_missing_folder_is_exit_2(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope"), "--dry-run"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_without_vllm_names_the_fix(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the command would start a server")
+    src = build_tiny_for_target("qwen3_moe", tmp_path / "m")
+    assert main(["serve", str(src), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "--python" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists(), "nothing is exported when vLLM is missing"
