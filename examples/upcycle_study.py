@@ -140,6 +140,7 @@ def write_report(results: list[ArmResult], args, out: Path, seconds: float) -> N
         ax.plot([t / 1000 for t in r.tokens], r.heldout_ppl, marker="o", label=r.name)
     ax.set_xlabel("training tokens seen (thousands)")
     ax.set_ylabel("held-out perplexity (Shakespeare, unseen plays)")
+    ax.set_yscale("log")  # drop-upcycling starts orders of magnitude above the others
     ax.set_title("SmolLM2-135M: dense vs upcycled, equal tokens")
     ax.grid(alpha=0.3)
     ax.legend()
