@@ -35,7 +35,16 @@ from .io import (
     write_provenance,
 )
 from .sources import get_source, translate_config
-from .upcycle import DTYPES, MODELING_DIR, REMOTE_CODE_FILES, _expected_shapes, _plan, _save_config
+from .upcycle import (
+    DTYPES,
+    MODELING_DIR,
+    REMOTE_CODE_FILES,
+    _expected_shapes,
+    _plan,
+    _put_router_state,
+    _put_shared_experts,
+    _save_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -329,15 +338,8 @@ def merge_experts(
                             granularity=1,
                             down_scale=0.5 / num_shared_experts,
                         )
-                        put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
-                        put(f"{prefix}shared_experts.up_proj.weight", su.to(out_dtype))
-                        put(f"{prefix}shared_experts.down_proj.weight", sd.to(out_dtype))
-                    # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection)
-                    # starts at 0.
-                    for name, (shape, _) in expected.items():
-                        if name.startswith(f"{prefix}gate.") and name not in written:
-                            keep_fp32 = name.endswith("e_score_correction_bias")
-                            put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
+                        _put_shared_experts(put, prefix, (sg, su, sd), out_dtype)
+                    _put_router_state(put, prefix, expected, written, out_dtype)
                 for src, dst in tail:
                     put(dst, combined(src))
                 missing, extra = sorted(set(expected) - written), sorted(written - set(expected))

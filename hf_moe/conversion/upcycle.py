@@ -238,6 +238,20 @@ def _save_config(config: HfMoeConfig, out: Path) -> None:
     config.save_pretrained(out)
 
 
+def _put_shared_experts(put, prefix: str, weights: tuple[torch.Tensor, ...], out_dtype: torch.dtype) -> None:
+    for name, tensor in zip(("gate_proj", "up_proj", "down_proj"), weights):
+        put(f"{prefix}shared_experts.{name}.weight", tensor.to(out_dtype))
+
+
+def _put_router_state(put, prefix: str, expected: dict, written: set[str], out_dtype: torch.dtype) -> None:
+    """Router tensors other than the weight (DeepSeek-V3 correction bias, noisy-top-k noise projection) start at 0;
+    the correction bias stays float32, as the model keeps it."""
+    for name, (shape, _) in expected.items():
+        if name.startswith(f"{prefix}gate.") and name not in written:
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
+
+
 def upcycle(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -514,14 +528,8 @@ def upcycle(
                                 granularity=granularity,
                                 down_scale=0.5 / shared_copies,
                             )
-                            put(f"{prefix}shared_experts.gate_proj.weight", sg.to(out_dtype))
-                            put(f"{prefix}shared_experts.up_proj.weight", su.to(out_dtype))
-                            put(f"{prefix}shared_experts.down_proj.weight", sd.to(out_dtype))
-                        # Router state other than the weight (DeepSeek-V3 bias, noisy-top-k noise projection) starts at 0.
-                        for name, (shape, meta_dtype) in expected.items():
-                            if name.startswith(f"{prefix}gate.") and name not in written:
-                                keep_fp32 = name.endswith("e_score_correction_bias")
-                                put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
+                            _put_shared_experts(put, prefix, (sg, su, sd), out_dtype)
+                        _put_router_state(put, prefix, expected, written, out_dtype)
                     for src, dst in tail:
                         put(dst, cast(reader.get_tensor(src)))
                     missing = sorted(set(expected) - written)
