@@ -1,32 +1,53 @@
 """The hf_moe model, read top to bottom in data-flow order:
-config -> router -> experts -> sparse MoE block -> attention -> decoder layer -> model -> causal-LM head.
+config -> router -> experts -> sparse MoE block -> the base family's decoder -> model -> causal-LM head.
+
+hf_moe owns the MoE block; transformers owns the rest. The decoder (attention with every backend the base supports,
+norms, rotary, caches, generation, gradient checkpointing) is the base family's own model, built by transformers
+from `config.text_config`, with the `mlp` of each MoE layer replaced by `HfMoeSparseMoeBlock`. Tensor names outside
+the MLPs are the base's own.
 
 This file ships as Hub remote code: it imports only torch, transformers and its sibling config module.
 """
 
 import math
-from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+from transformers.utils import can_return_tuple
 
-from .configuration_hf_moe import HfMoeConfig
+from .configuration_hf_moe import HfMoeConfig, expert_activation
+
+# The transformers releases this code is tested on (the remote-code contract): older or newer ones are refused with
+# a message rather than risk wrong outputs. Keep in sync with pyproject.toml.
+SUPPORTED_TRANSFORMERS = (version.Version("5.19.0"), version.Version("5.25.0"))
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Raise if the installed transformers is outside the tested range (override: HF_MOE_ALLOW_ANY_TRANSFORMERS=1)."""
+    import os
+
+    current = version.Version(version.Version(installed).base_version)
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= current < high and os.environ.get("HF_MOE_ALLOW_ANY_TRANSFORMERS") != "1":
+        raise RuntimeError(
+            f"hf_moe supports transformers >={low},<{high}; this environment has {installed}. Install a supported "
+            f"release (pip install 'transformers>={low},<{high}') or set HF_MOE_ALLOW_ANY_TRANSFORMERS=1 to try anyway."
+        )
+
 
 # ================================================================================================================
 # Routers. Contract: router(h (T, H)) -> (router_logits (T, E), top_k_weights (T, K), top_k_index (T, K)).
@@ -36,13 +57,44 @@ from .configuration_hf_moe import HfMoeConfig
 
 
 class HfMoeRouter(nn.Module):
-    """Base router: a bias-free linear map from the hidden state to one logit per expert."""
+    """Base router: a bias-free linear map from the hidden state to one logit per expert.
+
+    A router class also carries its policy, so that a new router is one class: what it means for the losses and
+    statistics (`probabilities`), for exact upcycling (`weights_sum_to_one`), for model cards (`description`), for
+    export to native architectures (`routing_family`) and for serving (`batch_dependence`)."""
+
+    description: str = ""
+    # Whether `capacity_factor` applies (tokens beyond an expert's capacity are dropped).
+    uses_capacity: bool = False
+
+    @staticmethod
+    def probabilities(router_logits: torch.Tensor) -> torch.Tensor:
+        """(T, E) routing distribution (rows sum to one) used by the balancing loss and the statistics."""
+        return F.softmax(router_logits.float(), dim=-1)
+
+    @classmethod
+    def weights_sum_to_one(cls, config: HfMoeConfig) -> str | None:
+        """None if the top-k weights sum to one for every token in eval (so copied experts reproduce the dense
+        MLP), else why not."""
+        return None
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        """The inference-time routing as native architectures distinguish it: "softmax_renorm" (softmax over the
+        top-k logits: Mixtral, Qwen with norm_topk_prob), "softmax" (top-k of the full softmax), "sigmoid"
+        (DeepSeek-V3 / GLM-4.5), or "unexportable: <why>"."""
+        raise NotImplementedError
+
+    @classmethod
+    def batch_dependence(cls, config: HfMoeConfig) -> str | None:
+        """None if a token's routing depends on that token alone (servable by vLLM), else why not."""
+        return None
 
     def __init__(self, config: HfMoeConfig):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
-        self.hidden_dim = config.hidden_size
+        self.hidden_dim = config.get_text_config().hidden_size
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
 
@@ -76,6 +128,12 @@ def sum_to_one(weights: torch.Tensor) -> torch.Tensor:
 class TopKSoftmaxRouter(HfMoeRouter):
     """Mixtral: top-k over the logits, then softmax over the k selected logits (weights sum to one)."""
 
+    description = "Mixtral: top-k of the router logits, softmax over the k kept (weights sum to one)"
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        return "softmax_renorm"
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = self.logits(hidden_states)  # (T, E)
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (T, K)
@@ -85,6 +143,16 @@ class TopKSoftmaxRouter(HfMoeRouter):
 
 class SoftmaxTopKRouter(HfMoeRouter):
     """Qwen-MoE: softmax over all experts, then top-k; renormalised iff `norm_topk_prob`."""
+
+    description = "Qwen-MoE: softmax over all experts, then top-k"
+
+    @classmethod
+    def weights_sum_to_one(cls, config: HfMoeConfig) -> str | None:
+        return None if config.norm_topk_prob else "softmax_topk without norm_topk_prob: weights sum to < 1"
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        return "softmax_renorm" if config.norm_topk_prob else "softmax"
 
     def __init__(self, config: HfMoeConfig):
         super().__init__(config)
@@ -105,6 +173,26 @@ class SigmoidTopKRouter(HfMoeRouter):
     times `routed_scaling_factor`. The bias is moved toward balanced load without an auxiliary loss
     (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing"): +rate for under-loaded experts, -rate for
     over-loaded ones, from the load counted in training forwards."""
+
+    description = "DeepSeek-V3: sigmoid scores, bias-corrected selection (aux-loss-free balancing)"
+
+    @staticmethod
+    def probabilities(router_logits: torch.Tensor) -> torch.Tensor:
+        # Normalised sigmoid scores: DeepSeek-V3's sequence-wise balance loss form.
+        scores = router_logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+
+    @classmethod
+    def weights_sum_to_one(cls, config: HfMoeConfig) -> str | None:
+        if not config.norm_topk_prob:
+            return "sigmoid_topk without norm_topk_prob: weights do not sum to one"
+        if config.routed_scaling_factor != 1.0:
+            return f"sigmoid_topk with routed_scaling_factor={config.routed_scaling_factor}: weights sum to that factor"
+        return None
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        return "sigmoid"
 
     def __init__(self, config: HfMoeConfig):
         super().__init__(config)
@@ -155,6 +243,12 @@ class NoisyTopKRouter(HfMoeRouter):
     """Shazeer et al. 2017 noisy top-k gating: in training, logits + N(0, 1) * softplus(h W_noise^T); top-k of
     the noisy logits, softmax over the k kept. Without noise (eval) it equals `topk_softmax`."""
 
+    description = "Shazeer et al. 2017: noisy top-k gating (noise in training only)"
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        return "softmax_renorm"  # the noise is training-only
+
     def __init__(self, config: HfMoeConfig):
         super().__init__(config)
         self.noise_weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
@@ -178,6 +272,31 @@ class SwitchRouter(HfMoeRouter):
     """Switch Transformer (Fedus et al. 2021): top-1 expert weighted by its softmax probability. With a
     `capacity_factor`, each expert takes at most `expert_capacity(T, factor, E)` tokens in token order; the rest
     are dropped (sentinel index E, weight 0) and pass through the residual connection."""
+
+    description = "Switch Transformer: top-1, softmax probability as weight"
+    uses_capacity = True
+
+    @classmethod
+    def weights_sum_to_one(cls, config: HfMoeConfig) -> str | None:
+        return "switch weights a token by its top-1 softmax probability (< 1) and may drop tokens"
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        if config.capacity_factor is not None:
+            return (
+                f"unexportable: router_type='switch' with capacity_factor={config.capacity_factor} drops tokens; "
+                "native architectures are dropless (set capacity_factor=None to keep every token)"
+            )
+        return "softmax"
+
+    @classmethod
+    def batch_dependence(cls, config: HfMoeConfig) -> str | None:
+        if config.capacity_factor is None:
+            return None
+        return (
+            f"router_type='switch' with capacity_factor={config.capacity_factor}: which tokens are dropped depends on "
+            "the other tokens in the batch; set capacity_factor=None (dropless) to serve it"
+        )
 
     def __init__(self, config: HfMoeConfig):
         super().__init__(config)
@@ -206,6 +325,24 @@ class ExpertChoiceRouter(HfMoeRouter):
     Decoding limit: the choice is made among the tokens of one forward pass, so it is not causal and a
     one-token decoding step would route differently; the config therefore requires `use_cache=False`.
     Padding tokens compete for capacity like any other token."""
+
+    description = "Expert choice (Zhou et al. 2022): each expert picks its tokens"
+    uses_capacity = True
+
+    @classmethod
+    def weights_sum_to_one(cls, config: HfMoeConfig) -> str | None:
+        return "expert_choice routing gives each token a variable number of experts with weights that do not sum to one"
+
+    @classmethod
+    def routing_family(cls, config: HfMoeConfig) -> str:
+        return "unexportable: router_type='expert_choice' (experts pick tokens; every native architecture is token-choice)"
+
+    @classmethod
+    def batch_dependence(cls, config: HfMoeConfig) -> str | None:
+        return (
+            "router_type='expert_choice': each expert picks its top tokens among all tokens of a forward pass, which "
+            "is not causal and changes with whatever other requests vLLM batches alongside"
+        )
 
     def __init__(self, config: HfMoeConfig):
         super().__init__(config)
@@ -236,14 +373,8 @@ ROUTERS: dict[str, type[HfMoeRouter]] = {
 
 
 def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch.Tensor:
-    """Per-token routing distribution over experts (rows sum to one) used by the balancing loss and statistics:
-    softmax of the logits, or normalised sigmoid scores for `sigmoid_topk` (DeepSeek-V3's sequence-wise form)."""
-    if router_type == "sigmoid_topk":
-        scores = router_logits.float().sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True)
-    return F.softmax(router_logits.float(), dim=-1)
-
-
+    """Per-token routing distribution over experts (rows sum to one) of router `router_type` (its policy)."""
+    return ROUTERS[router_type].probabilities(router_logits)
 # ================================================================================================================
 # Experts: fused SwiGLU weights gate_up_proj (E, 2I, H), down_proj (E, H, I).
 # ================================================================================================================
@@ -278,11 +409,11 @@ class HfMoeExperts(nn.Module):
     def __init__(self, config: HfMoeConfig):
         super().__init__()
         self.num_experts = config.num_experts
-        self.hidden_dim = config.hidden_size
+        self.hidden_dim = config.get_text_config().hidden_size
         self.intermediate_dim = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[expert_activation(config.get_text_config())]
 
     def _expert_weights(self) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], ...]:
         # Indexing a 3D parameter once per expert makes autograd build one full-size (E, ...) zero gradient per
@@ -417,31 +548,34 @@ class HfMoeExperts(nn.Module):
 
 
 class HfMoeMLP(nn.Module):
-    """Dense SwiGLU MLP: the MLP of dense layers, and the (fused) shared experts."""
+    """Gated MLP with the base's activation: the (fused) shared experts."""
 
     def __init__(self, config: HfMoeConfig, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
+        hidden_size = config.get_text_config().hidden_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[expert_activation(config.get_text_config())]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class HfMoeSparseMoeBlock(nn.Module):
-    """router -> routed experts (+ shared experts, optionally sigmoid-gated as in Qwen2-MoE)."""
+    """router -> routed experts (+ shared experts, optionally sigmoid-gated as in Qwen2-MoE). Takes the place of
+    the base decoder layer's `mlp`: (B, S, H) in, (B, S, H) out."""
 
     def __init__(self, config: HfMoeConfig):
         super().__init__()
         self.config = config
+        hidden_size = config.get_text_config().hidden_size
         self.gate = ROUTERS[config.router_type](config)
         self.experts = HfMoeExperts(config)
         self.shared_experts = (
             HfMoeMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts > 0 else None
         )
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -462,263 +596,115 @@ class HfMoeSparseMoeBlock(nn.Module):
 
 
 # ================================================================================================================
-# Attention and the decoder.
+# The base family's decoder with MoE blocks, and the pretrained-model plumbing.
 # ================================================================================================================
 
 
-class HfMoeRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-class HfMoeRotaryEmbedding(nn.Module):
-    """Rotary tables for every rope type transformers knows; `partial_rotary_factor` (in `rope_parameters`)
-    rotates only the first part of each head, as GLM-4.5 does."""
-
-    inv_freq: torch.Tensor
-
-    def __init__(self, config: HfMoeConfig):
-        super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        rope_init_fn: Callable = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(config: HfMoeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
-        base = config.rope_parameters["rope_theta"]
-        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, rotary_dim)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+def _moe_init_weights(base_init, module: nn.Module, std: float) -> None:
+    """Initialise hf_moe's modules; every other module with the base family's own `_init_weights`."""
+    if isinstance(module, HfMoeExperts):
+        init.normal_(module.gate_up_proj, mean=0.0, std=std)
+        init.normal_(module.down_proj, mean=0.0, std=std)
+    elif isinstance(module, HfMoeRouter):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, NoisyTopKRouter):
+            init.zeros_(module.noise_weight)  # Shazeer et al. 2017 start the noise projection at zero
+        if isinstance(module, SigmoidTopKRouter):
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.load_since_update)
+    elif isinstance(module, nn.Linear) and _is_in_moe_block(module):
+        init.normal_(module.weight, mean=0.0, std=std)
+    else:
+        base_init(module)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _is_in_moe_block(module: nn.Module) -> bool:
+    return getattr(module, "_hf_moe_owned", False)
 
 
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first `cos.shape[-1]` channels of each (B, heads, S, D) query/key head; pass the rest through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rotary_dim = cos.shape[-1]
-    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
-    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
-    q_embed = torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), dim=-1)
-    k_embed = torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k_pass), dim=-1)
-    return q_embed, k_embed
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, kv_heads, S, D) -> (B, kv_heads * n_rep, S, D)."""
-    if n_rep == 1:
-        return hidden_states
-    batch, kv_heads, seq_len, head_dim = hidden_states.shape
-    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
-    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling  # (B, heads, S, S_kv)
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()  # (B, S, heads, D)
-    return attn_output, attn_weights
-
-
-class HfMoeAttention(nn.Module):
-    """Grouped-query attention through transformers' attention interface (eager, sdpa, flash_attention_2, ...)."""
-
-    def __init__(self, config: HfMoeConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.sliding_window = config.sliding_window
-        q_dim, kv_dim = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.attention_output_bias)
-        if config.use_qk_norm:
-            self.q_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)  # (B, S, heads, D)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if self.config.use_qk_norm:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, heads, S, D)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
+    """The base family's own model (`XxxForCausalLM` or `XxxModel`) built by transformers from `config.text_config`,
+    with the `mlp` of every MoE layer replaced by an `HfMoeSparseMoeBlock`."""
+    text_config = config.text_config
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if with_head else MODEL_MAPPING
+    if type(text_config) not in mapping:
+        raise ValueError(
+            f"hf_moe: transformers {transformers.__version__} has no {'causal-LM' if with_head else 'base'} model for "
+            f"text_config.model_type={text_config.model_type!r}"
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
+    base = mapping[type(text_config)](text_config)
+    decoder = base.get_decoder() if with_head else base
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) != config.num_hidden_layers or not all(hasattr(l, "mlp") for l in layers):
+        raise ValueError(
+            f"hf_moe: the {text_config.model_type} decoder does not keep its MLPs as `layers[i].mlp`, so hf_moe cannot "
+            "place its MoE blocks in it"
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
-
-
-class HfMoeDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: HfMoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = HfMoeAttention(config, layer_idx)
-        if config.is_moe_layer(layer_idx):
-            self.mlp = HfMoeSparseMoeBlock(config)
-        else:
-            self.mlp = HfMoeMLP(config, config.intermediate_size)
-        self.input_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-# ================================================================================================================
-# Pretrained-model plumbing, the model, router losses and the causal-LM head.
-# ================================================================================================================
+    for idx in config.moe_layers:
+        block = HfMoeSparseMoeBlock(config)
+        for sub in block.modules():
+            sub._hf_moe_owned = True
+        layers[idx].mlp = block
+    std = config.initializer_range
+    for model in {id(base): base, id(decoder): decoder}.values():
+        # Instance override: transformers' init dispatch calls `<pretrained model>._init_weights` for its subtree.
+        model._init_weights = lambda module, _base_init=model._init_weights: _moe_init_weights(_base_init, module, std)
+    return base
 
 
 class HfMoePreTrainedModel(PreTrainedModel):
+    """Shared plumbing. An hf_moe model presents the modules of a base-family model (built by `_build_base`) as its
+    own: the same module objects in the same `_modules` dict, so that a module replaced on either side (PEFT, vLLM,
+    accelerate) is replaced on both, and forwards to that model."""
+
     config_class = HfMoeConfig
     config: HfMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HfMoeDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = False  # the expert grouping is data-dependent
     _supports_attention_backend = True
-    _can_record_outputs = {
-        "router_logits": OutputRecorder(HfMoeRouter, index=0),
-        "router_indices": OutputRecorder(HfMoeRouter, index=2),
-        "hidden_states": HfMoeDecoderLayer,
-        "attentions": HfMoeAttention,
-    }
+
+    def _adopt(self, base: PreTrainedModel) -> None:
+        self._modules = base._modules
+        self._parameters = base._parameters
+        self._buffers = base._buffers
+        self._non_persistent_buffers_set = base._non_persistent_buffers_set
+        self.__dict__["_hf_moe_base"] = base  # not a registered child: its parameters are already ours
+        self._no_split_modules = list(base._no_split_modules or [])
+        self._tied_weights_keys = type(base)._tied_weights_keys
+
+    @property
+    def hf_moe_base(self) -> PreTrainedModel:
+        """The base-family model this model forwards to (sharing every module with it)."""
+        return self.__dict__["_hf_moe_base"]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.hf_moe_base.training = mode
+        return self
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        # transformers' `init` functions skip tensors already loaded from a checkpoint; plain in-place `normal_`
-        # would overwrite them when a module is only partly in the checkpoint (a non-persistent buffer).
-        if isinstance(module, HfMoeExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, HfMoeRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, NoisyTopKRouter):
-                init.zeros_(module.noise_weight)  # Shazeer et al. 2017 start the noise projection at zero
-            if isinstance(module, SigmoidTopKRouter):
-                init.zeros_(module.e_score_correction_bias)
-                init.zeros_(module.load_since_update)
+        _moe_init_weights(self.hf_moe_base._init_weights, module, self.config.initializer_range)
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or mismatched tensors is an
-        error rather than a log line and a silently random-initialised model. Pass `strict=False` for the
-        transformers behaviour."""
+        error rather than a log line and a silently random-initialised model, and an index that points outside the
+        checkpoint folder is refused. Pass `strict=False` for the transformers behaviour."""
         if not strict:
             return super().from_pretrained(*args, **kwargs)
+        if args and isinstance(args[0], (str, Path)) and Path(args[0]).is_dir():
+            _check_index_inside(Path(args[0]), kwargs.get("subfolder") or "")
         want_info = kwargs.pop("output_loading_info", False)
         # transformers raises a bare RuntimeError on a shape mismatch; load, then report it with the rest below.
         # An explicit ignore_mismatched_sizes=True accepts mismatched (re-initialised) tensors.
         accept_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         kinds = ("missing_keys", "unexpected_keys") + (() if accept_mismatched else ("mismatched_keys",))
         problems = {k: sorted(info.get(k) or []) for k in kinds}
         if not hasattr(model, "lm_head"):
@@ -739,62 +725,96 @@ class HfMoePreTrainedModel(PreTrainedModel):
         # ("grouped_mm", "batched_mm") stay available on request.
         return "eager" if requested_experts is None else super().get_correct_experts_implementation(requested_experts)
 
+    def update_router_biases(self) -> None:
+        """Apply the aux-loss-free bias update of every `sigmoid_topk` router (no-op for other routers). Called
+        after each training forward when `config.router_bias_update == "forward"`; call it once per optimizer step
+        yourself with `"manual"` (e.g. with gradient accumulation or gradient checkpointing)."""
+        for module in self.modules():
+            if isinstance(module, SigmoidTopKRouter):
+                module.update_bias()
+
+
+def _check_index_inside(folder: Path, subfolder: str) -> None:
+    """Refuse a safetensors index whose entries point outside the checkpoint folder (`../x` or absolute paths)."""
+    import json
+
+    root = (folder / subfolder).resolve()
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a valid safetensors index ({err}); re-save the checkpoint") from err
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).is_absolute() or not (root / file).resolve().is_relative_to(root):
+            raise ValueError(
+                f"{index}: tensor {name!r} points at {file!r}, outside the checkpoint folder {root}; refusing to read "
+                "files outside it. Fix the index so every shard is a file inside the folder."
+            )
+
+
+@contextmanager
+def _recording_routers(model: nn.Module, enabled: bool):
+    """Collect every router's (logits, weights, index) during one forward, in layer order, through forward hooks
+    that live only for that forward (no global state)."""
+    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    if not enabled:
+        yield records
+        return
+    handles = [
+        module.register_forward_hook(lambda _m, _args, output: records.append(output))
+        for module in model.modules()
+        if isinstance(module, HfMoeRouter)
+    ]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus the chosen experts of every MoE layer.
+
+    router_indices: one (T, K) tensor per MoE layer, sentinel `num_experts` for dropped assignments.
+    """
+
+    router_indices: tuple[torch.Tensor, ...] | None = None
+
 
 class HfMoeModel(HfMoePreTrainedModel):
+    """The base family's decoder (`LlamaModel`, `Gemma3TextModel`, ...) with hf_moe MoE blocks; the base model for
+    `AutoModel`. Its modules are the base decoder's, under the same names (`embed_tokens`, `layers`, `norm`)."""
+
     def __init__(self, config: HfMoeConfig):
+        check_transformers_version()
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(HfMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = HfMoeRotaryEmbedding(config)
-        self.gradient_checkpointing = False
+        self._adopt(_build_base(config, with_head=False))
         self.post_init()
 
-    @merge_with_config_defaults
-    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
-
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+        output_router_logits: bool | None = None,
+        output_router_indices: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> HfMoeModelOutputWithPast | tuple:
+        want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
+            out = self.hf_moe_base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        result = HfMoeModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state,
+            past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+            router_logits=tuple(r[0] for r in records) if want_logits else None,
+            router_indices=tuple(r[2] for r in records) if output_router_indices else None,
         )
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return result if return_dict is not False else result.to_tuple()
 
 
 def _token_mask(attention_mask: torch.Tensor | None, num_rows: int, device: torch.device) -> torch.Tensor | None:
@@ -868,15 +888,17 @@ class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    """The base family's causal LM (`LlamaForCausalLM`, `Gemma3ForCausalLM`, ...: its head, logit scaling or
+    soft-capping, loss) with hf_moe MoE blocks, plus the router losses."""
+
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: HfMoeConfig):
+        check_transformers_version()
         super().__init__(config)
-        self.model = HfMoeModel(config)
+        self._adopt(_build_base(config, with_head=True))
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     @can_return_tuple
@@ -884,44 +906,24 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_indices: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
+        **kwargs: Any,
     ) -> HfMoeCausalLMOutputWithPast:
-        r"""Causal-LM forward. With `output_router_logits=True` (argument or config) the load-balancing loss and the
-        router z-loss are computed and, when `labels` are given, added to the loss with `router_aux_loss_coef` and
-        `router_z_loss_coef`."""
-        output_router_logits = (
-            self.config.output_router_logits if output_router_logits is None else output_router_logits
-        )
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            output_router_indices=bool(output_router_logits or output_router_indices),
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        aux_loss = z_loss = None
-        router_logits = getattr(outputs, "router_logits", None)
-        router_indices = getattr(outputs, "router_indices", None)
-        if output_router_logits and router_logits:
+        r"""Causal-LM forward of the base family. With `output_router_logits=True` (argument or config) the
+        load-balancing loss and the router z-loss are computed and, when `labels` are given, added to the loss with
+        `router_aux_loss_coef` and `router_z_loss_coef`."""
+        want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        kwargs.pop("return_dict", None)
+        with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
+            out = self.hf_moe_base(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs
+            )
+        router_logits = tuple(r[0] for r in records)
+        router_indices = tuple(r[2] for r in records)
+        loss, aux_loss, z_loss = out.loss, None, None
+        if want_logits and router_logits:
             aux_loss = load_balancing_loss(
                 router_logits, router_indices, self.config.num_experts, self.config.router_type, attention_mask
             )
@@ -931,26 +933,17 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
         if self.training and self.config.router_bias_update == "forward":
             self.update_router_biases()
-
         return HfMoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=router_logits,
-            router_indices=router_indices,
+            logits=out.logits,
+            past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+            router_logits=router_logits if want_logits else None,
+            router_indices=router_indices if (want_logits or output_router_indices) else None,
         )
-
-    def update_router_biases(self) -> None:
-        """Apply the aux-loss-free bias update of every `sigmoid_topk` router (no-op for other routers). Called
-        after each training forward when `config.router_bias_update == "forward"`; call it once per optimizer step
-        yourself with `"manual"` (e.g. with gradient accumulation or gradient checkpointing)."""
-        for module in self.modules():
-            if isinstance(module, SigmoidTopKRouter):
-                module.update_bias()
 
 
 __all__ = [
@@ -959,6 +952,7 @@ __all__ = [
     "HfMoePreTrainedModel",
     "HfMoeSparseMoeBlock",
     "HfMoeExperts",
+    "HfMoeRouter",
     "ROUTERS",
     "load_balancing_loss",
     "router_z_loss",

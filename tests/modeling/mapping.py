@@ -3,6 +3,9 @@ by name. transformers 5 already stores MoE experts fused (`experts.gate_up_proj 
 `experts.down_proj [E, H, I]`) under the same names as hf_moe, so MoE models need only the shared-expert
 rename; dense models put their MLP into a single expert."""
 
+import copy
+import dataclasses
+
 import torch
 
 from hf_moe import HfMoeConfig
@@ -31,8 +34,17 @@ def decoder_kwargs(native) -> dict:
     return kwargs
 
 
+_MOE_FIELDS = {f.name for f in dataclasses.fields(HfMoeConfig)} - {"text_config"}
+
+
 def hf_moe_config_from_native(native, **moe) -> HfMoeConfig:
-    return HfMoeConfig(**decoder_kwargs(native), **moe)
+    """An hf_moe config whose base decoder is `native`'s own (a copy), with the MoE fields in `moe`; decoder flags
+    in `moe` (attention_bias, use_qk_norm, ...) are the base's already and are ignored."""
+    base = copy.deepcopy(native)
+    base.pad_token_id = None  # no padding-row zeroing in the embedding on either side
+    if hasattr(base, "output_router_logits"):
+        base.output_router_logits = False
+    return HfMoeConfig(text_config=base, **{k: v for k, v in moe.items() if k in _MOE_FIELDS})
 
 
 def rename_moe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ import importlib
 import shutil
 
 import pytest
+from transformers import LlamaModel
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -70,10 +71,12 @@ INVALID_CONFIGS = [
     "overrides, field", [c[1:] for c in INVALID_CONFIGS], ids=[c[0] for c in INVALID_CONFIGS]
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):
-    with pytest.raises(ValueError, match=f"`{field}`"):
+    # Decoder fields belong to the base config and are named with its prefix (`text_config.num_key_value_heads`).
+    with pytest.raises(ValueError, match=rf"`(text_config\.)?{field}`"):
         HfMoeConfig(**{**TINY, **overrides})
     # Through the Auto API too.
-    with pytest.raises(ValueError, match=f"`{field}`"):
+    # Decoder fields belong to the base config and are named with its prefix (`text_config.num_key_value_heads`).
+    with pytest.raises(ValueError, match=rf"`(text_config\.)?{field}`"):
         AutoConfig.for_model("hf_moe", **{**TINY, **overrides})
 
 
@@ -181,4 +184,6 @@ def test_auto_config_for_model():
     assert (config.num_experts, config.router_type) == (8, "topk_softmax")
     assert config.num_local_experts == 8  # transformers' alias
     model = AutoModelForCausalLM.from_config(config)
-    assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, HfMoeModel)
+    # The decoder is the base family's own (Llama here); AutoModel gives the hf_moe base model over it.
+    assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, LlamaModel)
+    assert isinstance(AutoModel.from_config(config), HfMoeModel)
