@@ -73,7 +73,7 @@ class ParameterCounts:
     """Parameters of an hf_moe model by component (see the module docstring for the convention)."""
 
     embedding: int  # input embedding + lm_head when untied
-    attention: int  # q/k/v/o (+ biases, + q/k norms), all layers
+    attention: int  # q/k/v/o (+ biases, + q/k norms) and any other decoder parameter of the base, all layers
     norms: int  # decoder-layer norms + final norm
     dense_mlp: int  # dense MLPs of the layers that stay dense
     router: int  # router weights (+ the noise projection of noisy_topk), all MoE layers
@@ -94,7 +94,8 @@ class ParameterCounts:
 
 
 def count_parameters(config: HfMoeConfig) -> ParameterCounts:
-    """Count the parameters an `HfMoeForCausalLM` built from `config` has, without building it.
+    """Count the parameters an `HfMoeForCausalLM` built from `config` has, from the model built on the meta device
+    (no memory), so that every base family is counted by its own layout.
 
     Args:
         config: the model configuration.
@@ -106,32 +107,20 @@ def count_parameters(config: HfMoeConfig) -> ParameterCounts:
     >>> count_parameters(HfMoeConfig(num_experts=8, num_experts_per_tok=2)).active
     ```
     """
-    h, v = config.hidden_size, config.vocab_size
-    q_dim = config.num_attention_heads * config.head_dim
-    kv_dim = config.num_key_value_heads * config.head_dim
-    attention = h * q_dim + 2 * h * kv_dim + q_dim * h
-    if config.attention_bias:
-        attention += q_dim + 2 * kv_dim
-    if config.attention_output_bias:
-        attention += h
-    if config.use_qk_norm:
-        attention += 2 * config.head_dim
-    moe_layers = len(config.moe_layers)
-    dense_layers = config.num_hidden_layers - moe_layers
-    expert = 3 * h * config.moe_intermediate_size
-    router = config.num_experts * h * (2 if config.router_type == "noisy_topk" else 1)
-    shared = 0
-    if config.num_shared_experts > 0:
-        shared = 3 * h * config.shared_expert_intermediate_size + (h if config.shared_expert_gate else 0)
+    import torch
+
+    from .modeling import HfMoeForCausalLM
+
+    with torch.device("meta"):
+        model = HfMoeForCausalLM(config)
+    counts = dict.fromkeys(
+        ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts"), 0
+    )
+    for name, param in model.named_parameters():  # a tied lm_head is the embedding: counted once
+        component = next((c for pattern, c in _COMPONENTS if pattern in name), "attention")
+        counts[component] += param.numel()
     return ParameterCounts(
-        embedding=v * h * (1 if config.tie_word_embeddings else 2),
-        attention=config.num_hidden_layers * attention,
-        norms=config.num_hidden_layers * 2 * h + h,
-        dense_mlp=dense_layers * 3 * h * config.intermediate_size,
-        router=moe_layers * router,
-        shared_experts=moe_layers * shared,
-        routed_experts=moe_layers * config.num_experts * expert,
-        routed_experts_active=moe_layers * config.num_experts_per_tok * expert,
+        **counts, routed_experts_active=counts["routed_experts"] * config.num_experts_per_tok // config.num_experts
     )
 
 
@@ -342,23 +331,23 @@ def _routing_rows(config: HfMoeConfig) -> list[tuple[str, Any]]:
 
 
 def _decoder_rows(config: HfMoeConfig) -> list[tuple[str, Any]]:
-    rope = config.rope_parameters or {}
+    # The decoder is the base family's own (transformers' `text_config.model_type` model); these rows are the
+    # fields every family has, read off its config.
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     rows = [
-        ("Layers", config.num_hidden_layers),
-        ("Hidden size", config.hidden_size),
-        ("Attention heads (query / key-value)", f"{config.num_attention_heads} / {config.num_key_value_heads}"),
-        ("Head dim", config.head_dim),
-        ("Vocabulary", config.vocab_size),
-        ("Context (max positions)", config.max_position_embeddings),
+        ("Base decoder (transformers)", f"`{text.model_type}`"),
+        ("Layers", text.num_hidden_layers),
+        ("Hidden size", text.hidden_size),
+        ("Attention heads (query / key-value)", f"{heads} / {kv_heads}"),
+        ("Vocabulary", text.vocab_size),
+        ("Context (max positions)", getattr(text, "max_position_embeddings", "n/a")),
         ("RoPE", ", ".join(f"{k}={v}" for k, v in sorted(rope.items())) or "default"),
         ("Tied embeddings", config.tie_word_embeddings),
     ]
-    if config.use_qk_norm:
-        rows.append(("Query/key RMSNorm", True))
-    if config.attention_bias:
-        rows.append(("q/k/v bias", True))
-    if config.sliding_window:
-        rows.append(("Sliding window", config.sliding_window))
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        rows.append(("Sliding window", text.sliding_window))
     return rows
 
 

@@ -38,7 +38,7 @@ TOKEN = "hf_FAKEtokenThatMustNeverBeLogged1234"
 COUNT_CASES = {
     **{f"router-{name}": dict(router_type=name, **extra) for name, extra in ROUTER_CASES.items()},
     "shared-gated-dense-first": dict(num_shared_experts=2, shared_expert_gate=True, first_k_dense_replace=1),
-    "qk-norm-biases-tied": dict(use_qk_norm=True, attention_bias=True, attention_output_bias=True,
+    "qk-norm-biases-tied": dict(base_model_type="qwen3", attention_bias=True,
                                 tie_word_embeddings=True),
     "sparse-step-head-dim": dict(decoder_sparse_step=2, head_dim=16, mlp_only_layers=[0]),
 }

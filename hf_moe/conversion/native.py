@@ -24,43 +24,189 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..modeling.configuration_hf_moe import HfMoeConfig
+from ..modeling.modeling_hf_moe import ROUTERS
 
-TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+# How a target keeps its shared experts: none, exactly one with a sigmoid gate (Qwen2-MoE), or
+# `n_shared_experts` ungated copies of the routed width (GLM-4.5, DeepSeek-V3).
+SHARED_POLICIES = ("none", "one_gated", "n_ungated")
+# Which layers a target can keep dense: none (Mixtral, OLMoE), any listed (Qwen: mlp_only_layers), or the first k.
+DENSE_POLICIES = ("none", "listed", "first_k")
 
 
 @dataclass(frozen=True)
 class NativeSpec:
-    """How one native architecture names things."""
+    """One native MoE architecture: names, what it can represent, and its config mapping both ways.
 
-    target: str  # our name for it (`export(to=...)`), equal to its transformers `model_type`
-    architecture: str  # `architectures[0]` in config.json
-    config_class: str  # transformers config class name
-    title: str  # for messages
-    moe_prefix: str  # module holding router + experts inside a decoder layer
-    expert_names: tuple[str, str, str]  # per-expert linear names for (gate, up, down)
-    shared_prefix: str | None  # module holding the shared expert(s), None = no shared experts
+    Attributes:
+        target: our name for it (`export(to=...)`), equal to its transformers `model_type`.
+        architecture: `architectures[0]` in config.json.
+        config_class: transformers config class name.
+        title: for messages.
+        moe_prefix: module holding router + experts inside a decoder layer in Hub checkpoints.
+        expert_names: per-expert linear names for (gate, up, down) in Hub checkpoints.
+        shared_prefix: module holding the shared expert(s) (None = no shared experts).
+        twins: base decoder families whose decoder is this architecture's (the target itself, and dense families
+            with the same attention/norm/rotary layout), so that export is key renaming plus config mapping.
+        routing: the router families (`HfMoeRouter.routing_family`) the architecture computes.
+        shared: one of SHARED_POLICIES.
+        dense: one of DENSE_POLICIES.
+        to_native: HfMoeConfig -> the target config's MoE fields.
+        from_native: the target's config -> HfMoeConfig MoE fields.
+    """
+
+    target: str
+    architecture: str
+    config_class: str
+    title: str
+    moe_prefix: str
+    expert_names: tuple[str, str, str]
+    shared_prefix: str | None
+    twins: tuple[str, ...]
+    routing: tuple[str, ...]
+    shared: str
+    dense: str
+    to_native: Callable[[HfMoeConfig], dict[str, Any]]
+    from_native: Callable[[Any], dict[str, Any]]
+
+
+def dense_layers(config: HfMoeConfig) -> list[int]:
+    """Indices of the decoder layers that keep a dense MLP."""
+    return [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+
+
+def _softmax_routing(config: HfMoeConfig) -> dict[str, Any]:
+    # Qwen/OLMoE: softmax over all experts, top-k, renormalised iff norm_topk_prob. topk_softmax / noisy_topk are
+    # the renormalised form; switch (dropless) is top-1 of the full softmax, not renormalised.
+    family = ROUTERS[config.router_type].routing_family(config)
+    return {"norm_topk_prob": family == "softmax_renorm"}
+
+
+def _shared_width(config: HfMoeConfig) -> int:
+    # An hf_moe model without shared experts exports to Qwen2-MoE with a shared expert of width 1 whose output is
+    # exactly zero (down_proj and gate zero): 3 * hidden_size + hidden_size extra parameters per layer.
+    return config.shared_expert_intermediate_size if config.num_shared_experts else 1
+
+
+def _sigmoid_to_native(config: HfMoeConfig) -> dict[str, Any]:
+    return dict(
+        n_routed_experts=config.num_experts,
+        moe_intermediate_size=config.moe_intermediate_size,
+        n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
+        routed_scaling_factor=config.routed_scaling_factor,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        norm_topk_prob=config.norm_topk_prob,
+        first_k_dense_replace=len(dense_layers(config)),
+    )
+
+
+def _sigmoid_from_native(native) -> dict[str, Any]:
+    n_shared = getattr(native, "n_shared_experts", 0) or 0
+    return dict(
+        router_type="sigmoid_topk",
+        num_experts=native.n_routed_experts,
+        moe_intermediate_size=native.moe_intermediate_size,
+        num_shared_experts=n_shared,
+        shared_expert_intermediate_size=n_shared * native.moe_intermediate_size or None,
+        routed_scaling_factor=float(getattr(native, "routed_scaling_factor", 1.0) or 1.0),
+        n_group=getattr(native, "n_group", 1) or 1,
+        topk_group=getattr(native, "topk_group", 1) or 1,
+        norm_topk_prob=bool(getattr(native, "norm_topk_prob", True)),
+        first_k_dense_replace=getattr(native, "first_k_dense_replace", 0) or 0,
+    )
+
+
+def _qwen_from_native(native) -> dict[str, Any]:
+    return dict(
+        router_type="softmax_topk",
+        num_experts=native.num_experts,
+        moe_intermediate_size=native.moe_intermediate_size,
+        norm_topk_prob=bool(native.norm_topk_prob),
+        mlp_only_layers=list(getattr(native, "mlp_only_layers", None) or []),
+        decoder_sparse_step=getattr(native, "decoder_sparse_step", 1) or 1,
+    )
+
+
+def _qwen_to_native(config: HfMoeConfig) -> dict[str, Any]:
+    return dict(
+        num_experts=config.num_experts,
+        moe_intermediate_size=config.moe_intermediate_size,
+        decoder_sparse_step=1,  # the dense layers are listed explicitly instead
+        mlp_only_layers=dense_layers(config),
+        **_softmax_routing(config),
+    )
 
 
 SPECS: dict[str, NativeSpec] = {
-    "mixtral": NativeSpec("mixtral", "MixtralForCausalLM", "MixtralConfig", "Mixtral", "block_sparse_moe",
-                          ("w1", "w3", "w2"), None),
-    "qwen2_moe": NativeSpec("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen2-MoE", "mlp",
-                            ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
-    "qwen3_moe": NativeSpec("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "Qwen3-MoE", "mlp",
-                            ("gate_proj", "up_proj", "down_proj"), None),
-    "glm4_moe": NativeSpec("glm4_moe", "Glm4MoeForCausalLM", "Glm4MoeConfig", "GLM-4.5-MoE", "mlp",
-                           ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    spec.target: spec
+    for spec in (
+        NativeSpec(
+            "mixtral", "MixtralForCausalLM", "MixtralConfig", "Mixtral", "block_sparse_moe", ("w1", "w3", "w2"), None,
+            twins=("mixtral", "llama", "mistral"), routing=("softmax_renorm",), shared="none", dense="none",
+            # Mixtral's experts use `intermediate_size`.
+            to_native=lambda c: dict(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
+                                     router_jitter_noise=c.router_jitter_noise),
+            from_native=lambda n: dict(router_type="topk_softmax", num_experts=n.num_local_experts,
+                                       moe_intermediate_size=n.intermediate_size,
+                                       router_jitter_noise=n.router_jitter_noise or 0.0),
+        ),
+        NativeSpec(
+            "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen2-MoE", "mlp",
+            ("gate_proj", "up_proj", "down_proj"), "shared_expert",
+            twins=("qwen2_moe", "qwen2"), routing=("softmax_renorm", "softmax"), shared="one_gated", dense="listed",
+            to_native=lambda c: dict(_qwen_to_native(c), shared_expert_intermediate_size=_shared_width(c)),
+            from_native=lambda n: dict(
+                _qwen_from_native(n), num_shared_experts=1 if n.shared_expert_intermediate_size else 0,
+                shared_expert_intermediate_size=n.shared_expert_intermediate_size or None,
+                shared_expert_gate=bool(n.shared_expert_intermediate_size)),
+        ),
+        NativeSpec(
+            "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "Qwen3-MoE", "mlp",
+            ("gate_proj", "up_proj", "down_proj"), None,
+            twins=("qwen3_moe", "qwen3"), routing=("softmax_renorm", "softmax"), shared="none", dense="listed",
+            to_native=_qwen_to_native, from_native=_qwen_from_native,
+        ),
+        NativeSpec(
+            "olmoe", "OlmoeForCausalLM", "OlmoeConfig", "OLMoE", "mlp", ("gate_proj", "up_proj", "down_proj"), None,
+            twins=("olmoe",), routing=("softmax_renorm", "softmax"), shared="none", dense="none",
+            to_native=lambda c: dict(num_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
+                                     **_softmax_routing(c)),
+            from_native=lambda n: dict(router_type="softmax_topk", num_experts=n.num_experts,
+                                       moe_intermediate_size=n.intermediate_size,
+                                       norm_topk_prob=bool(n.norm_topk_prob)),
+        ),
+        NativeSpec(
+            "glm4_moe", "Glm4MoeForCausalLM", "Glm4MoeConfig", "GLM-4.5-MoE", "mlp",
+            ("gate_proj", "up_proj", "down_proj"), "shared_experts",
+            twins=("glm4_moe",), routing=("sigmoid",), shared="n_ungated", dense="first_k",
+            to_native=_sigmoid_to_native, from_native=_sigmoid_from_native,
+        ),
+        NativeSpec(
+            "deepseek_v3", "DeepseekV3ForCausalLM", "DeepseekV3Config", "DeepSeek-V3", "mlp",
+            ("gate_proj", "up_proj", "down_proj"), "shared_experts",
+            twins=("deepseek_v3",), routing=("sigmoid",), shared="n_ungated", dense="first_k",
+            to_native=_sigmoid_to_native, from_native=_sigmoid_from_native,
+        ),
+    )
 }
+TARGETS = tuple(SPECS)
 
 # Native model types we know but cannot import, with the reason.
 UNSUPPORTED_SOURCES: dict[str, str] = {
-    "deepseek_v3": "DeepSeek-V3 uses multi-head latent attention (MLA: q_a/q_b/kv_a/kv_b projections), which hf_moe "
-    "does not implement; GLM-4.5-MoE has the same sigmoid/group routing on ordinary GQA attention and is supported",
-    "deepseek_v2": "DeepSeek-V2 uses multi-head latent attention (MLA), which hf_moe does not implement",
+    "deepseek_v2": "DeepSeek-V2's transformers model keeps its experts in a layout hf_moe does not map yet; "
+    "DeepSeek-V3 (same MLA attention) is supported",
+}
+
+# The upcycle option that produces each property, for refusals ("which options would have made it exportable").
+_ROUTER_HINT = {
+    "softmax_renorm": "--router topk_softmax (or softmax_topk with norm_topk_prob)",
+    "softmax": "--router softmax_topk",
+    "sigmoid": "--router sigmoid_topk",
 }
 
 
@@ -69,161 +215,68 @@ UNSUPPORTED_SOURCES: dict[str, str] = {
 # ================================================================================================================
 
 
-def routing_family(config: HfMoeConfig) -> str:
-    """The inference-time routing function of `config`, as native architectures distinguish them:
-    "softmax_renorm" (softmax over the top-k logits; Mixtral, Qwen with norm_topk_prob), "softmax" (top-k of the
-    full softmax, not renormalised), "sigmoid" (DeepSeek-V3 / GLM-4.5), "expert_choice" or "token_dropping".
-
-    `noisy_topk` adds noise in training only, so at inference it is `topk_softmax`. `switch` without a capacity
-    factor is top-1 of the full softmax, weighted by that probability."""
-    rt = config.router_type
-    if rt == "expert_choice":
-        return "expert_choice"
-    if rt == "switch":
-        return "token_dropping" if config.capacity_factor is not None else "softmax"
-    if rt in ("topk_softmax", "noisy_topk"):
-        return "softmax_renorm"
-    if rt == "softmax_topk":
-        return "softmax_renorm" if config.norm_topk_prob else "softmax"
-    return "sigmoid"
-
-
-def dense_layers(config: HfMoeConfig) -> list[int]:
-    """Indices of the decoder layers that keep a dense MLP."""
-    return [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
-
-
-def partial_rotary_factor(config: HfMoeConfig) -> float:
-    return float((config.rope_parameters or {}).get("partial_rotary_factor", 1.0))
-
-
-def _common_problems(config: HfMoeConfig) -> list[str]:
+def representability_problems(config: HfMoeConfig, target: str) -> list[str]:
+    """What keeps `config` from being written exactly as `target` (empty list = exportable). Each problem names
+    the blocking field and, where one exists, the upcycle option that would have avoided it."""
+    spec = check_target(target)
+    text = config.get_text_config()
+    base = text.model_type
     problems = []
-    family = routing_family(config)
-    if family == "expert_choice":
-        problems.append("router_type='expert_choice' (experts pick tokens; every native architecture is token-choice)")
-    if family == "token_dropping":
+    if base not in spec.twins:
         problems.append(
-            f"router_type='switch' with capacity_factor={config.capacity_factor} (token dropping; native "
-            "architectures are dropless: set capacity_factor=None to keep every token)"
+            f"base decoder {base!r} ({spec.title}'s decoder is that of {', '.join(spec.twins)}); upcycle a "
+            f"{'/'.join(t for t in spec.twins if t != target) or target} checkpoint for this target, or serve this "
+            "one through the hf_moe vLLM plugin (hf-moe serve)"
         )
-    if config.attention_output_bias:
-        problems.append("attention_output_bias=True (no target has a bias on o_proj)")
-    if config.hidden_act != "silu":
-        # vLLM 0.32 raises for the Qwen/GLM MoE models and silently computes SiLU for Mixtral.
-        problems.append(f"hidden_act={config.hidden_act!r} (vLLM's native MoE models run SiLU experts only)")
-    return problems
-
-
-def _mixtral_problems(config: HfMoeConfig) -> list[str]:
-    problems = []
-    family = routing_family(config)
-    if family not in ("softmax_renorm", "expert_choice", "token_dropping"):
+    family = ROUTERS[config.router_type].routing_family(config)
+    if family.startswith("unexportable"):
+        problems.append(family.removeprefix("unexportable: "))
+    elif family not in spec.routing:
         problems.append(
             f"router_type={config.router_type!r}"
-            + (" with norm_topk_prob=False" if config.router_type == "softmax_topk" else "")
-            + " (Mixtral renormalises softmax weights over the top-k: needs topk_softmax, noisy_topk, or "
-            "softmax_topk with norm_topk_prob=True)"
+            + (f" with norm_topk_prob={config.norm_topk_prob}" if config.router_type == "softmax_topk" else "")
+            + f" ({spec.title} routes as {' or '.join(spec.routing)}; upcycle with "
+            + " or ".join(_ROUTER_HINT[r] for r in spec.routing) + ")"
         )
-    if config.num_shared_experts:
-        problems.append(f"num_shared_experts={config.num_shared_experts} (Mixtral has no shared experts)")
-    if dense_layers(config):
-        problems.append(f"dense layers {dense_layers(config)} (Mixtral has an MoE block in every layer)")
-    if config.use_qk_norm:
-        problems.append("use_qk_norm=True (Mixtral has no q/k norm)")
-    if config.attention_bias:
-        problems.append("attention_bias=True (Mixtral has no q/k/v bias)")
-    if partial_rotary_factor(config) != 1.0:
-        problems.append(f"partial_rotary_factor={partial_rotary_factor(config)} (Mixtral rotates whole heads)")
-    return problems
-
-
-def _qwen_softmax_problem(config: HfMoeConfig, title: str) -> list[str]:
-    if routing_family(config) in ("softmax_renorm", "softmax", "expert_choice", "token_dropping"):
-        return []
-    return [f"router_type={config.router_type!r} ({title} routes with a softmax over all experts)"]
-
-
-def _no_sliding(config: HfMoeConfig, title: str) -> list[str]:
-    if config.sliding_window is None:
-        return []
-    return [f"sliding_window={config.sliding_window} ({title} checkpoints served by vLLM use full attention; "
-            "only mixtral applies one sliding window to every layer)"]
-
-
-def _qwen2_moe_problems(config: HfMoeConfig) -> list[str]:
-    problems = _qwen_softmax_problem(config, "Qwen2-MoE")
-    if config.num_shared_experts == 0:
-        problems.append("num_shared_experts=0 (Qwen2-MoE always has a shared expert)")
-    if config.use_qk_norm:
-        problems.append("use_qk_norm=True (Qwen2-MoE has no q/k norm)")
-    default_head_dim = config.hidden_size // config.num_attention_heads
-    if config.head_dim != default_head_dim:
+    if spec.shared == "none" and config.num_shared_experts:
         problems.append(
-            f"head_dim={config.head_dim} (vLLM's Qwen2-MoE uses hidden_size/num_attention_heads={default_head_dim})"
+            f"num_shared_experts={config.num_shared_experts} ({spec.title} has no shared experts; upcycle with "
+            "--shared-experts 0)"
         )
-    if partial_rotary_factor(config) != 1.0:
-        problems.append(f"partial_rotary_factor={partial_rotary_factor(config)} (Qwen2-MoE rotates whole heads)")
-    return problems + _no_sliding(config, "Qwen2-MoE")
-
-
-def _qwen3_moe_problems(config: HfMoeConfig) -> list[str]:
-    problems = _qwen_softmax_problem(config, "Qwen3-MoE")
-    if config.num_shared_experts:
-        problems.append(f"num_shared_experts={config.num_shared_experts} (Qwen3-MoE has no shared experts)")
-    if not config.use_qk_norm:
-        problems.append("use_qk_norm=False (Qwen3-MoE always applies q/k RMSNorm)")
-    if config.attention_bias:
-        problems.append("attention_bias=True (Qwen3-MoE as served by vLLM has no attention bias)")
-    if partial_rotary_factor(config) != 1.0:
-        problems.append(f"partial_rotary_factor={partial_rotary_factor(config)} (Qwen3-MoE rotates whole heads)")
-    return problems + _no_sliding(config, "Qwen3-MoE")
-
-
-def _glm4_moe_problems(config: HfMoeConfig) -> list[str]:
-    problems = []
-    if routing_family(config) not in ("sigmoid", "expert_choice", "token_dropping"):
-        problems.append(
-            f"router_type={config.router_type!r} (GLM-4.5-MoE routes with sigmoid scores: needs sigmoid_topk)"
-        )
-    if config.num_shared_experts == 0:
-        problems.append("num_shared_experts=0 (GLM-4.5-MoE always has shared experts)")
-    elif config.shared_expert_intermediate_size % config.moe_intermediate_size:
-        problems.append(
-            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} (GLM-4.5-MoE needs a multiple "
-            f"of moe_intermediate_size={config.moe_intermediate_size}: n_shared_experts * moe_intermediate_size)"
-        )
-    if config.shared_expert_gate:
-        problems.append("shared_expert_gate=True (GLM-4.5-MoE adds its shared experts ungated)")
+    if spec.shared == "n_ungated":
+        if config.num_shared_experts == 0:
+            problems.append(
+                f"num_shared_experts=0 ({spec.title} always has shared experts; upcycle with --shared-experts 1)"
+            )
+        elif config.shared_expert_intermediate_size % config.moe_intermediate_size:
+            problems.append(
+                f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} ({spec.title} needs a "
+                f"multiple of moe_intermediate_size={config.moe_intermediate_size})"
+            )
+        if config.shared_expert_gate:
+            problems.append(f"shared_expert_gate=True ({spec.title} adds its shared experts ungated)")
     dense = dense_layers(config)
-    if dense != list(range(len(dense))):
-        problems.append(f"dense layers {dense} (GLM-4.5-MoE keeps exactly the first first_k_dense_replace layers dense)")
-    return problems + _no_sliding(config, "GLM-4.5-MoE")
-
-
-_PROBLEMS: dict[str, Callable[[HfMoeConfig], list[str]]] = {
-    "mixtral": _mixtral_problems,
-    "qwen2_moe": _qwen2_moe_problems,
-    "qwen3_moe": _qwen3_moe_problems,
-    "glm4_moe": _glm4_moe_problems,
-}
+    if spec.dense == "none" and dense:
+        problems.append(f"dense layers {dense} ({spec.title} has an MoE block in every layer; upcycle with "
+                        "--moe-layers all)")
+    if spec.dense == "first_k" and dense != list(range(len(dense))):
+        problems.append(f"dense layers {dense} ({spec.title} keeps exactly the first first_k_dense_replace layers "
+                        "dense)")
+    act = config.hidden_act
+    if act != "silu":
+        # vLLM 0.32 raises for the Qwen/GLM MoE models and silently computes SiLU for Mixtral.
+        problems.append(f"hidden_act={act!r} (vLLM's native MoE models run SiLU experts only)")
+    if base in ("llama", "qwen3") and getattr(text, "attention_bias", False):
+        problems.append(f"attention_bias=True on the {base} base ({spec.title} as served by vLLM has no such bias)")
+    if target in ("qwen2_moe", "qwen3_moe") and getattr(text, "use_sliding_window", False):
+        problems.append(f"use_sliding_window=True ({spec.title} checkpoints served by vLLM use full attention)")
+    return problems
 
 
 def check_target(target: str) -> NativeSpec:
-    if target in UNSUPPORTED_SOURCES:
-        raise ValueError(
-            f"{target!r} is not an export target: {UNSUPPORTED_SOURCES[target]}; export DeepSeek-style routing "
-            "with to='glm4_moe'"
-        )
     if target not in SPECS:
         raise ValueError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     return SPECS[target]
-
-
-def representability_problems(config: HfMoeConfig, target: str) -> list[str]:
-    """What keeps `config` from being written exactly as `target` (empty list = exportable)."""
-    check_target(target)
-    return _common_problems(config) + _PROBLEMS[target](config)
 
 
 def compatible_targets(config: HfMoeConfig) -> list[str]:
@@ -232,77 +285,26 @@ def compatible_targets(config: HfMoeConfig) -> list[str]:
 
 
 # ================================================================================================================
-# Config translation.
+# Config translation, both ways.
 # ================================================================================================================
-
-# Fields every target shares with HfMoeConfig under the same name and meaning.
-_SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
-    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "tie_word_embeddings",
-    "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id", "num_experts_per_tok",
-    "router_aux_loss_coef",
-)
-
-
-def native_config_kwargs(config: HfMoeConfig, target: str) -> dict:
-    """Keyword arguments of the target's transformers config class for an exportable `config`."""
-    kwargs = {name: getattr(config, name) for name in _SHARED_FIELDS}
-    kwargs["rope_parameters"] = dict(config.rope_parameters)
-    kwargs["output_router_logits"] = False
-    if target == "mixtral":
-        kwargs.update(
-            intermediate_size=config.moe_intermediate_size,  # Mixtral's experts use intermediate_size
-            num_local_experts=config.num_experts,
-            head_dim=config.head_dim,
-            sliding_window=config.sliding_window,
-            router_jitter_noise=config.router_jitter_noise,
-        )
-        kwargs["rope_parameters"].pop("partial_rotary_factor", None)
-        return kwargs
-    kwargs.update(
-        intermediate_size=config.intermediate_size,
-        moe_intermediate_size=config.moe_intermediate_size,
-        norm_topk_prob=config.norm_topk_prob,
-    )
-    if target in ("qwen2_moe", "qwen3_moe"):
-        kwargs["rope_parameters"].pop("partial_rotary_factor", None)
-        kwargs.update(
-            num_experts=config.num_experts,
-            decoder_sparse_step=1,  # the dense layers are listed explicitly instead
-            mlp_only_layers=dense_layers(config),
-            use_sliding_window=False,
-        )
-        if routing_family(config) == "softmax_renorm":
-            kwargs["norm_topk_prob"] = True  # topk_softmax / noisy_topk: same weights as renormalised softmax
-        elif routing_family(config) == "softmax":
-            kwargs["norm_topk_prob"] = False  # switch (dropless): top-1 probability, not renormalised
-    if target == "qwen2_moe":
-        kwargs.update(shared_expert_intermediate_size=config.shared_expert_intermediate_size, qkv_bias=True)
-    elif target == "qwen3_moe":
-        kwargs.update(head_dim=config.head_dim, attention_bias=False)
-    elif target == "glm4_moe":
-        kwargs["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor(config)
-        kwargs.update(
-            n_routed_experts=config.num_experts,
-            n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
-            routed_scaling_factor=config.routed_scaling_factor,
-            n_group=config.n_group,
-            topk_group=config.topk_group,
-            first_k_dense_replace=len(dense_layers(config)),
-            use_qk_norm=config.use_qk_norm,
-            attention_bias=config.attention_bias,
-            head_dim=config.head_dim,
-            num_nextn_predict_layers=0,  # hf_moe has no multi-token-prediction layer
-        )
-    return kwargs
 
 
 def native_config_dict(config: HfMoeConfig, target: str, *, dtype: torch.dtype | None = None) -> dict:
-    """The config.json content of the exported checkpoint, built through the target's transformers config class."""
+    """The config.json content of the exported checkpoint: the base decoder's fields that the target's config class
+    declares, plus the target's MoE fields, built through that class."""
     import transformers
 
     spec = check_target(target)
-    native = getattr(transformers, spec.config_class)(**native_config_kwargs(config, target))
+    config_class = getattr(transformers, spec.config_class)
+    # Every field of the base decoder is kept: its twin reads the same names (fields a config class does not declare,
+    # such as Qwen3's head_dim for Qwen3-MoE, are read with getattr by transformers and vLLM).
+    kwargs = {
+        k: v for k, v in config.get_text_config().to_dict().items()
+        if k not in ("architectures", "dtype", "model_type", "transformers_version", "_name_or_path", "auto_map")
+    }
+    kwargs.update(spec.to_native(config), num_experts_per_tok=config.num_experts_per_tok, output_router_logits=False,
+                  router_aux_loss_coef=config.router_aux_loss_coef)
+    native = config_class(**kwargs)
     native.architectures = [spec.architecture]
     if dtype is not None:
         native.dtype = dtype
@@ -320,15 +322,9 @@ def native_config_dict(config: HfMoeConfig, target: str, *, dtype: torch.dtype |
 _HUB_KEYS: dict[str, dict[str, str]] = {"qwen3_moe": {"num_local_experts": "num_experts"}}
 
 
-def _first(native: dict, *keys: str):
-    for key in keys:
-        if native.get(key) is not None:
-            return native[key]
-    raise ValueError(f"config.json has none of {keys}; is it a complete {native.get('model_type')} config?")
-
-
 def hf_moe_config_kwargs(native: dict) -> dict:
-    """HfMoeConfig keyword arguments for a native config.json (`model_type` one of TARGETS).
+    """HfMoeConfig keyword arguments for a native config.json: its own config as the base decoder (`text_config`),
+    and the MoE fields it implies.
 
     Raises:
         ValueError: for an unsupported model type or a native option hf_moe cannot represent.
@@ -342,70 +338,17 @@ def hf_moe_config_kwargs(native: dict) -> dict:
         )
     import transformers
 
-    # Through the transformers config class first: it turns older Hub keys (`rope_theta`, `rope_scaling`,
-    # top-level `partial_rotary_factor`, `torch_dtype`) into today's fields and fills the class defaults.
-    native = getattr(transformers, SPECS[model_type].config_class).from_dict(native).to_dict()
-    kwargs = {name: native[name] for name in _SHARED_FIELDS if name in native}
-    rope = dict(native["rope_parameters"])
-    kwargs["rope_parameters"] = rope
-    heads = native["num_attention_heads"]
-    kwargs["head_dim"] = native.get("head_dim") or native["hidden_size"] // heads
-    if native.get("dtype") is not None:
-        kwargs["dtype"] = native["dtype"]
-    if model_type == "mixtral":
-        kwargs.update(
-            router_type="topk_softmax",
-            num_experts=_first(native, "num_local_experts", "num_experts"),
-            moe_intermediate_size=native["intermediate_size"],
-            intermediate_size=native["intermediate_size"],
-            sliding_window=native.get("sliding_window"),
-            router_jitter_noise=native.get("router_jitter_noise", 0.0),
-        )
-        return kwargs
-    kwargs.update(
-        intermediate_size=native["intermediate_size"],
-        moe_intermediate_size=native["moe_intermediate_size"],
-        norm_topk_prob=native.get("norm_topk_prob", False),
+    # Through the transformers config class: it turns older Hub keys (`rope_theta`, `rope_scaling`, `torch_dtype`)
+    # into today's fields and fills the class defaults.
+    base = getattr(transformers, SPECS[model_type].config_class).from_dict(
+        {k: v for k, v in native.items() if k not in ("architectures", "auto_map")}
     )
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        if native.get("use_sliding_window"):
-            raise ValueError(
-                f"cannot import {model_type} with use_sliding_window=True: its per-layer window pattern "
-                "(max_window_layers / layer_types) is not an hf_moe option."
-            )
-        kwargs.update(
-            router_type="softmax_topk",
-            num_experts=_first(native, "num_experts", "num_local_experts"),
-            mlp_only_layers=list(native.get("mlp_only_layers") or []),
-            decoder_sparse_step=native.get("decoder_sparse_step", 1),
-        )
-    if model_type == "qwen2_moe":
-        shared = native.get("shared_expert_intermediate_size", 0)
-        kwargs.update(
-            attention_bias=native.get("qkv_bias", True),
-            num_shared_experts=1 if shared else 0,
-            shared_expert_intermediate_size=shared or None,
-            shared_expert_gate=bool(shared),
-        )
-        kwargs["head_dim"] = native["hidden_size"] // heads  # vLLM's Qwen2-MoE ignores head_dim; so do we
-    elif model_type == "qwen3_moe":
-        bias = native.get("attention_bias", False)
-        kwargs.update(use_qk_norm=True, attention_bias=bias, attention_output_bias=bias)
-    elif model_type == "glm4_moe":
-        rope.setdefault("partial_rotary_factor", 0.5)  # transformers' and vLLM's default for GLM-4.5
-        n_shared = native.get("n_shared_experts") or 0
-        kwargs.update(
-            router_type="sigmoid_topk",
-            num_experts=_first(native, "n_routed_experts", "num_local_experts"),
-            num_shared_experts=n_shared,
-            shared_expert_intermediate_size=n_shared * native["moe_intermediate_size"] or None,
-            routed_scaling_factor=native.get("routed_scaling_factor", 1.0),
-            n_group=native.get("n_group", 1),
-            topk_group=native.get("topk_group", 1),
-            first_k_dense_replace=native.get("first_k_dense_replace", 0),
-            use_qk_norm=native.get("use_qk_norm", False),
-            attention_bias=native.get("attention_bias", False),
-        )
+    base.output_router_logits = False  # hf_moe computes its own router losses
+    kwargs: dict[str, Any] = {"text_config": base, "num_experts_per_tok": base.num_experts_per_tok}
+    kwargs.update(SPECS[model_type].from_native(base))
+    kwargs["router_aux_loss_coef"] = float(getattr(base, "router_aux_loss_coef", 0.001) or 0.0)
+    if native.get("dtype") or native.get("torch_dtype"):
+        kwargs["dtype"] = native.get("dtype") or native.get("torch_dtype")
     return kwargs
 
 
@@ -477,15 +420,17 @@ def extra_layer_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors the target requires that hf_moe does not store for this config; each is chosen so the native model
     computes exactly what the hf_moe model computes."""
-    if spec.target != "qwen2_moe":
+    if spec.target != "qwen2_moe" or not config.is_moe_layer(layer):
         return
-    prefix = f"model.layers.{layer}."
-    if not config.attention_bias:  # vLLM's Qwen2-MoE always loads q/k/v biases: zeros add nothing
-        q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        for proj, dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
-            yield f"{prefix}self_attn.{proj}.bias", torch.zeros(dim, dtype=dtype)
-    if config.is_moe_layer(layer) and not config.shared_expert_gate:
-        yield f"{prefix}mlp.shared_expert_gate.weight", torch.zeros(1, config.hidden_size, dtype=dtype)
+    prefix = f"model.layers.{layer}.mlp."
+    hidden = config.hidden_size
+    if config.num_shared_experts == 0:
+        # Qwen2-MoE always has a shared expert: one of width 1 with a zero down projection outputs exactly zero.
+        yield f"{prefix}shared_expert.gate_proj.weight", torch.zeros(1, hidden, dtype=dtype)
+        yield f"{prefix}shared_expert.up_proj.weight", torch.zeros(1, hidden, dtype=dtype)
+        yield f"{prefix}shared_expert.down_proj.weight", torch.zeros(hidden, 1, dtype=dtype)
+    if not config.shared_expert_gate:
+        yield f"{prefix}shared_expert_gate.weight", torch.zeros(1, hidden, dtype=dtype)
 
 
 # Import: native tensor name (after `model.layers.{i}.`) -> (hf_moe name or fused target, op).

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling import HfMoeConfig, HfMoeForCausalLM
+from ..modeling import ROUTERS, HfMoeConfig, HfMoeForCausalLM
 from .init import (
     RouterInitContext,
     add_relative_noise,
@@ -92,21 +92,8 @@ def parse_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: 
 
 
 def _weights_sum_to_one(config: HfMoeConfig) -> str | None:
-    """None if the router's top-k weights sum to one for every token (in eval), else why not."""
-    kind = config.router_type
-    if kind in ("topk_softmax", "noisy_topk"):
-        return None
-    if kind == "softmax_topk":
-        return None if config.norm_topk_prob else "softmax_topk without norm_topk_prob: weights sum to < 1"
-    if kind == "sigmoid_topk":
-        if not config.norm_topk_prob:
-            return "sigmoid_topk without norm_topk_prob: weights do not sum to one"
-        if config.routed_scaling_factor != 1.0:
-            return f"sigmoid_topk with routed_scaling_factor={config.routed_scaling_factor}: weights sum to that factor"
-        return None
-    if kind == "switch":
-        return "switch weights a token by its top-1 softmax probability (< 1) and may drop tokens"
-    return f"{kind} routing gives each token a variable number of experts with weights that do not sum to one"
+    """None if the router's top-k weights sum to one for every token (in eval), else why not (the router's policy)."""
+    return ROUTERS[config.router_type].weights_sum_to_one(config)
 
 
 def exactness_problems(
@@ -181,8 +168,14 @@ def _plan(
     head: list[tuple[str, str]] = []
     tail: list[tuple[str, str]] = []
     layers: dict[int, dict[str, Any]] = defaultdict(lambda: {"copy": []})
-    inter, hidden = config.intermediate_size, config.hidden_size
-    mlp_shapes = {"mlp.gate": (inter, hidden), "mlp.up": (inter, hidden), "mlp.down": (hidden, inter)}
+    text = config.get_text_config()
+    inter, hidden = text.intermediate_size, text.hidden_size
+    mlp_shapes = {
+        "mlp.gate": (inter, hidden),
+        "mlp.up": (inter, hidden),
+        "mlp.gate_up": (2 * inter, hidden),
+        "mlp.down": (hidden, inter),
+    }
     for name in reader.keys():
         target, op, layer = source.match(name)
         if layer is not None and not 0 <= layer < config.num_hidden_layers:
@@ -199,6 +192,8 @@ def _plan(
                     f"tensor {name!r} has shape {list(shape)} but config.json (hidden_size={hidden}, "
                     f"intermediate_size={inter}) implies {list(mlp_shapes[op])}; the weights do not match the config"
                 )
+            if layer is None:
+                raise ValueError(f"tensor {name!r} looks like an MLP weight but names no decoder layer")
             layers[layer][op] = name
             continue
         if target not in expected:
@@ -220,9 +215,15 @@ def _plan(
     # Everything the target model needs must come from somewhere.
     produced = {dst for _, dst in head + tail} | {dst for lay in layers.values() for _, dst in lay["copy"]}
     for i in range(config.num_hidden_layers):
-        missing_mlp = [op for op in mlp_shapes if op not in layers[i]]
+        missing_mlp = [op for op in source.mlp_ops if op not in layers[i]]
         if missing_mlp:
-            raise ValueError(f"the checkpoint lacks the MLP weights {missing_mlp} of layer {i}")
+            expected_names = [
+                f"model.layers.{i}.mlp.{op.removeprefix('mlp.')}_proj.weight" for op in source.mlp_ops
+            ]
+            raise ValueError(
+                f"the checkpoint lacks the MLP weights of layer {i}: expected {expected_names} ({source.model_type} "
+                f"names its MLP {source.mlp!r}); is this a complete {source.model_type} checkpoint?"
+            )
     missing = sorted(
         k
         for k in expected
@@ -351,12 +352,22 @@ def upcycle(
     with CheckpointReader(src_dir) as reader:
         source = get_source(reader.model_type)
         dense_kwargs = translate_config(reader.config)
-        inter = dense_kwargs["intermediate_size"]
+        text = dense_kwargs["text_config"]
+        if router_type == "expert_choice":
+            text.use_cache = False  # expert choice is not causal (see HfMoeConfig)
+        inter = text.intermediate_size
         if inter % granularity:
             raise ValueError(f"granularity={granularity} must divide the dense intermediate_size={inter}")
-        num_layers = dense_kwargs["num_hidden_layers"]
+        num_layers = text.num_hidden_layers
         moe_idx = parse_moe_layers(moe_layers, num_layers)
-        mlp_dtype = reader.dtype(next(n for n in reader.keys() if source.match(n)[1] == "mlp.gate"))
+        mlp_names = [n for n in reader.keys() if source.match(n)[1] in source.mlp_ops]
+        if not mlp_names:
+            raise ValueError(
+                f"{reader.root}: the {source.model_type} checkpoint has no MLP tensors (expected "
+                f"model.layers.N.mlp.{'gate_up_proj' if source.mlp == 'fused' else 'gate_proj'}.weight and its "
+                "siblings); there is nothing to turn into experts"
+            )
+        mlp_dtype = reader.dtype(mlp_names[0])
         out_dtype = dtype or mlp_dtype
         moe_width = inter // granularity
         config = HfMoeConfig(
@@ -369,7 +380,6 @@ def upcycle(
                 "num_shared_experts": num_shared_experts,
                 "shared_expert_intermediate_size": num_shared_experts * moe_width,
                 "mlp_only_layers": [i for i in range(num_layers) if i not in moe_idx],
-                "use_cache": router_type != "expert_choice",
                 **(config_overrides or {}),
             }
         )
@@ -464,14 +474,16 @@ def upcycle(
                         plan = layer_plan[i]
                         for src, dst in plan["copy"]:
                             put(dst, cast(reader.get_tensor(src)))
-                        gate, up, down = (
-                            reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
-                        )
                         prefix = f"model.layers.{i}.mlp."
-                        if i not in moe_idx:
-                            for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                                put(f"{prefix}{proj}.weight", cast(t))
+                        if i not in moe_idx:  # the base's own dense MLP, under its own names
+                            for op in source.mlp_ops:
+                                put(plan[op], cast(reader.get_tensor(plan[op])))
                             continue
+                        if source.mlp == "fused":
+                            gate, up = reader.get_tensor(plan["mlp.gate_up"]).chunk(2, dim=0)  # (I, H) each
+                        else:
+                            gate, up = reader.get_tensor(plan["mlp.gate"]), reader.get_tensor(plan["mlp.up"])
+                        down = reader.get_tensor(plan["mlp.down"])
                         if drop_ratio > 0 or noise_std > 0:
                             gate_up_w, down_w = expert_weights(
                                 gate,

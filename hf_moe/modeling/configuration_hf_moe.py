@@ -9,6 +9,7 @@ This file ships as Hub remote code next to `modeling_hf_moe.py`: it imports only
 transformers and huggingface_hub (a transformers dependency).
 """
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -150,7 +151,24 @@ class HfMoeConfig(PreTrainedConfig):
             moe_width = self.moe_intermediate_size if isinstance(self.moe_intermediate_size, int) else 0
             self.shared_expert_intermediate_size = self.num_shared_experts * moe_width
         self._check_moe()
+        self._sync_base_moe_fields()
         super().__post_init__(**kwargs)
+
+    def _sync_base_moe_fields(self) -> None:
+        """A native MoE base (deepseek_v3, qwen2_moe, ...) builds its own MoE blocks where its config says; keep its
+        same-named MoE fields equal to ours, so that its dense layers are ours and hf_moe's blocks replace exactly
+        its MoE ones. hf_moe computes the router losses itself, so the base never does."""
+        base = self.text_config
+        for f in dataclasses.fields(type(self)):
+            if f.name not in ("text_config", "output_router_logits") and f.name in vars(base):
+                setattr(base, f.name, getattr(self, f.name))
+        for alias in ("num_local_experts", "n_routed_experts"):
+            if alias in vars(base):
+                setattr(base, alias, self.num_experts)
+        if "n_shared_experts" in vars(base):
+            setattr(base, "n_shared_experts", self.shared_expert_intermediate_size // self.moe_intermediate_size)
+        if "output_router_logits" in vars(base):
+            base.output_router_logits = False
 
     def _build_text_config(
         self, text_config: dict | PreTrainedConfig | None, kwargs: dict[str, Any]
@@ -159,6 +177,13 @@ class HfMoeConfig(PreTrainedConfig):
         (the PreTrainedConfig fields this config keeps)."""
         if isinstance(text_config, PreTrainedConfig):
             base = text_config
+            overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TOP_LEVEL_KEYS}
+            if self.router_type == "expert_choice" and "use_cache" not in overrides and base.use_cache:
+                overrides["use_cache"] = False  # expert choice is not causal: the cache defaults off
+            if overrides:  # decoder fields next to a base config object: applied to a copy of it
+                base = copy.deepcopy(base)
+                for name, value in overrides.items():
+                    setattr(base, name, value)
         else:
             decoder = {k: v for k, v in kwargs.items() if k not in _TOP_LEVEL_KEYS}
             kwargs = {k: v for k, v in kwargs.items() if k in _TOP_LEVEL_KEYS}
@@ -334,6 +359,15 @@ class HfMoeConfig(PreTrainedConfig):
             )
 
     # --- views of the base ----------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Read-only view of the base decoder's fields (config.num_attention_heads, config.max_position_embeddings,
+        # ...), for tools that read them off the top-level config (PEFT, accelerate, vLLM, user code). Only called
+        # when normal lookup fails; the fields are stored once, in text_config.
+        text_config = self.__dict__.get("text_config")
+        if name.startswith("_") or not isinstance(text_config, PreTrainedConfig) or not hasattr(text_config, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(text_config, name)
+
     @property
     def base_model_type(self) -> str:
         """The base family, e.g. "llama" or "gemma3_text"."""

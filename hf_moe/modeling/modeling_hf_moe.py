@@ -632,7 +632,11 @@ def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
             f"hf_moe: transformers {transformers.__version__} has no {'causal-LM' if with_head else 'base'} model for "
             f"text_config.model_type={text_config.model_type!r}"
         )
-    base = mapping[type(text_config)](text_config)
+    # Built on the meta device: the base's own MLPs (dense, or a native family's MoE blocks) are replaced below and
+    # never take memory. The caller's `post_init` then initialises every tensor (from_pretrained: loads them).
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        base = mapping[type(text_config)](text_config)
     decoder = base.get_decoder() if with_head else base
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) != config.num_hidden_layers or not all(hasattr(l, "mlp") for l in layers):
@@ -640,11 +644,14 @@ def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
             f"hf_moe: the {text_config.model_type} decoder does not keep its MLPs as `layers[i].mlp`, so hf_moe cannot "
             "place its MoE blocks in it"
         )
-    for idx in config.moe_layers:
-        block = HfMoeSparseMoeBlock(config)
-        for sub in block.modules():
-            sub._hf_moe_owned = True
-        layers[idx].mlp = block
+    with torch.device("meta"):
+        for idx in config.moe_layers:
+            block = HfMoeSparseMoeBlock(config)
+            for sub in block.modules():
+                sub._hf_moe_owned = True
+            layers[idx].mlp = block
+    if device.type != "meta":
+        base.to_empty(device=device)
     std = config.initializer_range
     for model in {id(base): base, id(decoder): decoder}.values():
         # Instance override: transformers' init dispatch calls `<pretrained model>._init_weights` for its subtree.
@@ -786,12 +793,13 @@ class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
 
 class HfMoeModel(HfMoePreTrainedModel):
     """The base family's decoder (`LlamaModel`, `Gemma3TextModel`, ...) with hf_moe MoE blocks; the base model for
-    `AutoModel`. Its modules are the base decoder's, under the same names (`embed_tokens`, `layers`, `norm`)."""
+    `AutoModel`. Its modules are the base decoder's, under the same names (`embed_tokens`, `layers`, `norm`), and
+    its forward is the base decoder's, plus the router outputs."""
 
-    def __init__(self, config: HfMoeConfig):
+    def __init__(self, config: HfMoeConfig, decoder: PreTrainedModel | None = None):
         check_transformers_version()
         super().__init__(config)
-        self._adopt(_build_base(config, with_head=False))
+        self._adopt(decoder if decoder is not None else _build_base(config, with_head=False))
         self.post_init()
 
     def forward(
@@ -897,7 +905,16 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
     def __init__(self, config: HfMoeConfig):
         check_transformers_version()
         super().__init__(config)
-        self._adopt(_build_base(config, with_head=True))
+        base = _build_base(config, with_head=True)
+        # The base head's decoder becomes an HfMoeModel over the same modules: the checkpoint names stay the base's
+        # (`model.layers...`), and no transformers model class sits inside, so transformers applies no per-family
+        # key conversion when saving or loading (hf_moe checkpoints keep fused experts whatever the base).
+        if "model" not in base._modules:
+            raise ValueError(
+                f"hf_moe: {type(base).__name__} keeps its decoder under {base.base_model_prefix!r}, not 'model'"
+            )
+        base._modules["model"] = HfMoeModel(config, decoder=base._modules["model"])
+        self._adopt(base)
         self.vocab_size = config.vocab_size
         self.post_init()
 

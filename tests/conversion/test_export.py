@@ -83,9 +83,13 @@ def test_round_trip_is_exact(tmp_path, target):
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
     a, b = hf_moe.HfMoeConfig.from_pretrained(src), hf_moe.HfMoeConfig.from_pretrained(back)
     assert a.moe_layers == b.moe_layers
-    for field in ("router_type", "num_experts", "num_experts_per_tok", "head_dim", "norm_topk_prob",
-                  "num_shared_experts", "shared_expert_intermediate_size", "shared_expert_gate", "use_qk_norm",
-                  "attention_bias", "n_group", "topk_group", "routed_scaling_factor", "rope_parameters"):
+    # The imported model's base decoder is the native architecture's own (e.g. qwen3 -> qwen3_moe).
+    assert b.get_text_config().model_type == target
+    for field in ("router_type", "num_experts", "num_experts_per_tok", "norm_topk_prob", "num_shared_experts",
+                  "shared_expert_intermediate_size", "shared_expert_gate", "n_group", "topk_group",
+                  "routed_scaling_factor", "hidden_size", "num_hidden_layers", "rope_parameters"):
+        if field == "norm_topk_prob" and a.router_type != b.router_type:
+            continue  # topk_softmax imports as the equivalent renormalised softmax_topk
         assert getattr(a, field) == getattr(b, field), field
     # The imported checkpoint is a complete hf_moe folder: strict load (no missing keys), auto_map, model card.
     torch.testing.assert_close(_logits(HfMoeForCausalLM.from_pretrained(back)),
@@ -96,9 +100,11 @@ def test_round_trip_is_exact(tmp_path, target):
 
 # Configs that are exported through an exact rewrite rather than a one-to-one copy.
 EQUIVALENT_CASES = {
-    # Qwen2-MoE always gates its shared expert and vLLM always loads q/k/v biases: zero gate + doubled down_proj,
-    # zero biases.
-    "qwen2_moe-ungated-no-bias": ("qwen2_moe", {"shared_expert_gate": False, "attention_bias": False}),
+    # Qwen2-MoE always gates its shared expert: zero gate + doubled down_proj.
+    "qwen2_moe-ungated": ("qwen2_moe", {"shared_expert_gate": False}),
+    # ... and always has one: a Qwen2 upcycle without shared experts gets one of width 1 whose output is zero.
+    "qwen2_moe-no-shared": ("qwen2_moe", {"num_shared_experts": 0, "shared_expert_intermediate_size": None,
+                                          "shared_expert_gate": False}),
     # noisy_topk adds noise in training only.
     "mixtral-noisy_topk": ("mixtral", {"router_type": "noisy_topk"}),
     "mixtral-sliding-window-4": ("mixtral", {"sliding_window": 4}),  # shorter than the 11-token inputs
@@ -110,6 +116,7 @@ EQUIVALENT_CASES = {
                                                  "decoder_sparse_step": 2}),
     "glm4_moe-two-shared-no-groups": ("glm4_moe", {"num_shared_experts": 2, "n_group": 1, "topk_group": 1,
                                                    "use_qk_norm": False, "attention_bias": False}),
+    "deepseek_v3-unscaled": ("deepseek_v3", {"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}),
 }
 
 
@@ -171,31 +178,30 @@ REFUSALS = {
     "expert_choice": ("mixtral", {"router_type": "expert_choice", "use_cache": False}, "mixtral",
                       ["router_type='expert_choice'"], []),
     "switch-capacity": ("qwen3_moe", {"router_type": "switch", "num_experts_per_tok": 1, "capacity_factor": 1.0},
-                        "qwen3_moe", ["capacity_factor=1.0", "token dropping"], []),
-    "shared-into-mixtral": ("qwen2_moe", {}, "mixtral",
-                            ["num_shared_experts=1", "dense layers [1]", "attention_bias=True", "norm_topk_prob=False"],
-                            ["qwen2_moe"]),
-    "unnormalised-into-mixtral": ("qwen3_moe", {"norm_topk_prob": False, "mlp_only_layers": []}, "mixtral",
-                                  ["norm_topk_prob=False", "use_qk_norm=True"], ["qwen3_moe"]),
+                        "qwen3_moe", ["capacity_factor=1.0", "drops tokens"], []),
+    "qwen2-into-mixtral": ("qwen2_moe", {}, "mixtral",
+                           ["base decoder 'qwen2'", "num_shared_experts=1", "--shared-experts 0", "dense layers [1]",
+                            "norm_topk_prob=False", "--router topk_softmax"], ["qwen2_moe"]),
+    "unnormalised-into-mixtral": ("mixtral", {"router_type": "softmax_topk", "norm_topk_prob": False}, "mixtral",
+                                  ["norm_topk_prob=False"], []),
     "sigmoid-into-qwen3": ("glm4_moe", {}, "qwen3_moe",
-                           ["router_type='sigmoid_topk'", "num_shared_experts=1", "partial_rotary_factor=0.5"],
+                           ["base decoder 'glm4_moe'", "router_type='sigmoid_topk'", "num_shared_experts=1"],
                            ["glm4_moe"]),
-    "qwen3-without-qk-norm": ("mixtral", {"sliding_window": None}, "qwen3_moe", ["use_qk_norm=False"], ["mixtral"]),
+    "mistral-into-qwen3": ("mixtral", {}, "qwen3_moe", ["base decoder 'mistral'", "upcycle a qwen3 checkpoint"],
+                           ["mixtral"]),
     "qwen3-attention-bias": ("qwen3_moe", {"attention_bias": True}, "qwen3_moe", ["attention_bias=True"], []),
-    "qwen2-head-dim": ("qwen2_moe", {"head_dim": 64}, "qwen2_moe",
-                       ["head_dim=64", "hidden_size/num_attention_heads=32"], []),
-    "qwen2-no-shared": ("qwen3_moe", {"use_qk_norm": False}, "qwen2_moe", ["num_shared_experts=0"], []),
-    "sliding-into-qwen3": ("qwen3_moe", {"sliding_window": 64}, "qwen3_moe", ["sliding_window=64"], []),
+    "sliding-into-qwen3": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 64}, "qwen3_moe",
+                           ["use_sliding_window=True"], []),
+    "dense-into-mixtral": ("mixtral", {"mlp_only_layers": [0]}, "mixtral", ["dense layers [0]", "--moe-layers all"],
+                           []),
     "glm-dense-not-prefix": ("glm4_moe", {"first_k_dense_replace": 0, "mlp_only_layers": [2]}, "glm4_moe",
                              ["dense layers [2]"], []),
     "glm-gated-shared": ("glm4_moe", {"shared_expert_gate": True}, "glm4_moe", ["shared_expert_gate=True"], []),
     "glm-shared-width": ("glm4_moe", {"shared_expert_intermediate_size": 48}, "glm4_moe",
                          ["shared_expert_intermediate_size=48", "multiple of moe_intermediate_size=32"], []),
     "gelu": ("mixtral", {"hidden_act": "gelu"}, "mixtral", ["hidden_act='gelu'", "SiLU"], []),
-    "output-bias": ("mixtral", {"attention_output_bias": True}, "mixtral", ["attention_output_bias=True"], []),
-    "partial-rotary-into-mixtral": ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                                    "partial_rotary_factor": 0.5}},
-                                    "mixtral", ["partial_rotary_factor=0.5"], []),
+    "gemma-base": ("mixtral", {"base_model_type": "gemma3_text", "sliding_window": 4096}, "mixtral",
+                   ["base decoder 'gemma3_text'", "hf_moe vLLM plugin", "SiLU"], []),
 }
 
 
@@ -235,7 +241,7 @@ def test_bad_inputs_write_nothing(tmp_path):
         export(tmp_path / "missing", tmp_path / "out", to="mixtral")
     with pytest.raises(ValueError, match="unknown export target 'llama'"):
         export(src, tmp_path / "out", to="llama")
-    with pytest.raises(ValueError, match="latent attention .* to='glm4_moe'"):
+    with pytest.raises(ValueError, match="base decoder 'mistral'.*DeepSeek-V3's decoder"):
         export(src, tmp_path / "out", to="deepseek_v3")
     with pytest.raises(ValueError, match="cannot parse size"):  # fails inside the temporary output folder
         export(src, tmp_path / "out", to="mixtral", max_shard_size="lots")
@@ -273,7 +279,7 @@ def test_bad_inputs_write_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     ("model_type", "fragment"),
-    [("deepseek_v3", "multi-head latent attention"), ("llama", "supported native architectures are mixtral")],
+    [("deepseek_v2", "DeepSeek-V3 .* is supported"), ("llama", "supported native architectures are mixtral")],
 )
 def test_import_refuses_unsupported_architectures(tmp_path, model_type, fragment):
     src = tmp_path / "src"
@@ -288,14 +294,21 @@ def test_import_refuses_unsupported_architectures(tmp_path, model_type, fragment
 # --- import of checkpoints written by transformers itself -------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"])
-def test_import_transformers_saved_native_checkpoint(tmp_path, target):
-    from hf_moe.conversion.native import native_config_kwargs
+def _native_config(target: str):
+    """The transformers config of `target` that the tiny hf_moe config of that target exports to."""
+    from hf_moe.conversion.native import native_config_dict
 
-    config_cls = getattr(transformers, SPECS[target].config_class)
+    return getattr(transformers, SPECS[target].config_class).from_dict(
+        native_config_dict(tiny_target_config(target), target)
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_import_transformers_saved_native_checkpoint(tmp_path, target):
+    """Parity on the same weights: a native model saved by transformers, imported, gives the same logits."""
     model_cls = getattr(transformers, SPECS[target].architecture)
     torch.manual_seed(0)
-    native = model_cls(config_cls(**native_config_kwargs(tiny_target_config(target), target))).eval()
+    native = model_cls(_native_config(target)).eval()
     with torch.no_grad():
         for name, param in native.named_parameters():
             if "gate.weight" in name:
@@ -311,9 +324,7 @@ def test_import_transformers_saved_native_checkpoint(tmp_path, target):
 @pytest.mark.parametrize("target", ["mixtral", "glm4_moe"])
 def test_import_fused_layout(tmp_path, target):
     """A native checkpoint holding transformers 5's in-memory names (fused experts, Mixtral's `mlp.`) imports too."""
-    from hf_moe.conversion.native import native_config_kwargs
-
-    config = getattr(transformers, SPECS[target].config_class)(**native_config_kwargs(tiny_target_config(target), target))
+    config = _native_config(target)
     torch.manual_seed(0)
     native = getattr(transformers, SPECS[target].architecture)(config).eval()
     (tmp_path / "native").mkdir()
@@ -334,7 +345,7 @@ def test_import_hub_style_config_with_rope_scaling(tmp_path):
                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
     (native / "config.json").write_text(json.dumps(config))
     back = import_native(native, tmp_path / "back")
-    rope = hf_moe.HfMoeConfig.from_pretrained(back).rope_parameters
+    rope = hf_moe.HfMoeConfig.from_pretrained(back).get_text_config().rope_parameters
     assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["rope_theta"] == 50000.0
     ids = torch.randint(3, 99, (1, 100))  # longer than original_max_position_embeddings
     with torch.no_grad():
@@ -411,5 +422,5 @@ def test_cli_export_import_and_refusal(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(src), str(tmp_path / "mixtral"), "--to", "mixtral"]) == 2
     err = capsys.readouterr().err
-    assert "hf-moe export: error: cannot export" in err and "use_qk_norm=True" in err
+    assert "hf-moe export: error: cannot export" in err and "base decoder 'qwen3'" in err
     assert not (tmp_path / "mixtral").exists()

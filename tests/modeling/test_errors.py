@@ -184,6 +184,7 @@ def test_auto_config_for_model():
     assert (config.num_experts, config.router_type) == (8, "topk_softmax")
     assert config.num_local_experts == 8  # transformers' alias
     model = AutoModelForCausalLM.from_config(config)
-    # The decoder is the base family's own (Llama here); AutoModel gives the hf_moe base model over it.
-    assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, LlamaModel)
+    # The decoder is the base family's own (Llama here), presented as the hf_moe base model.
+    assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, HfMoeModel)
+    assert isinstance(model.model.hf_moe_base, LlamaModel) and model.model.layers is model.model.hf_moe_base.layers
     assert isinstance(AutoModel.from_config(config), HfMoeModel)
