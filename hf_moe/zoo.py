@@ -134,9 +134,8 @@ def upcycled_config(
             **dense_kwargs,
             "num_experts": num_experts,
             "num_experts_per_tok": top_k,
-            "moe_intermediate_size": dense_kwargs["intermediate_size"],
+            "moe_intermediate_size": dense_kwargs["text_config"].intermediate_size,
             "router_type": router_type,
-            "use_cache": router_type != "expert_choice",
             **config_overrides,
         }
     )
@@ -295,7 +294,7 @@ _PRESETS = [
             method="from_scratch",
             options=dict(
                 **{**_SMALL, "head_dim": 64}, num_experts=64, num_experts_per_tok=8, router_type="softmax_topk",
-                norm_topk_prob=True, use_qk_norm=True, moe_intermediate_size=96, intermediate_size=768,
+                norm_topk_prob=True, base_model_type="qwen3", moe_intermediate_size=96, intermediate_size=768,
                 router_aux_loss_coef=0.001,
             ),
         ),

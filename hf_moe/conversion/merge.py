@@ -44,6 +44,7 @@ from .upcycle import (
     _put_router_state,
     _put_shared_experts,
     _save_config,
+    dense_mlp,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,9 @@ STRUCTURAL_FIELDS = (
     "num_key_value_heads",
     "head_dim",
     "hidden_act",
+    "hidden_activation",
     "tie_word_embeddings",
     "attention_bias",
-    "attention_output_bias",
-    "use_qk_norm",
 )
 
 
@@ -78,7 +78,7 @@ def _check_compatible(
                 f"{who} has model_type={reader.model_type!r} but the base ({base.root}) has "
                 f"{base.model_type!r}; all experts must be fine-tunes of the same base architecture"
             )
-        kwargs = translate_config(reader.config)
+        kwargs = translate_config(reader.config)["text_config"].to_dict()
         for name in STRUCTURAL_FIELDS:
             if kwargs.get(name) != base_kwargs.get(name):
                 raise ValueError(
@@ -222,8 +222,11 @@ def merge_experts(
         readers = [stack.enter_context(CheckpointReader(p)) for p in experts]
         source = get_source(base_reader.model_type)
         base_kwargs = translate_config(base_reader.config)
-        _check_compatible(base_reader, base_kwargs, readers)
-        inter, num_layers = base_kwargs["intermediate_size"], base_kwargs["num_hidden_layers"]
+        base_text = base_kwargs["text_config"]
+        if router_type == "expert_choice":
+            base_text.use_cache = False  # expert choice is not causal (see HfMoeConfig)
+        _check_compatible(base_reader, base_text.to_dict(), readers)
+        inter, num_layers = base_text.intermediate_size, base_text.num_hidden_layers
         config = HfMoeConfig(
             **{
                 **base_kwargs,
@@ -234,7 +237,6 @@ def merge_experts(
                 "num_shared_experts": num_shared_experts,
                 "shared_expert_intermediate_size": num_shared_experts * inter,
                 "mlp_only_layers": [],
-                "use_cache": router_type != "expert_choice",
                 **(config_overrides or {}),
             }
         )
@@ -244,7 +246,7 @@ def merge_experts(
         for i, reader in enumerate(readers):
             skip = {n for r in (base_reader, reader) for n in r.keys() if _op(source, n) == "skip"}
             _check_same_tensors(base_reader, reader, f"fine-tune {i} ({reader.root})", skip)
-        mlp_dtype = base_reader.dtype(layer_plan[0]["mlp.gate"])
+        mlp_dtype = base_reader.dtype(layer_plan[0][source.mlp_ops[0]])
         out_dtype = dtype or mlp_dtype
         config.dtype = out_dtype
         # Prompts are validated (file, YAML, count) here, before any output exists.
@@ -308,9 +310,7 @@ def merge_experts(
                     prefix = f"model.layers.{i}.mlp."
                     gate_up_parts, down_parts = [], []
                     for reader in readers:  # one fine-tune's MLP at a time; the writer streams each part
-                        gate, up, down = (
-                            reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
-                        )
+                        gate, up, down = dense_mlp(reader, plan, source)
                         gate_up_parts.append(torch.cat([gate, up], dim=0).to(out_dtype))  # (2I, H)
                         down_parts.append(
                             (down * routed_scale if routed_scale != 1.0 else down).to(out_dtype)
@@ -327,9 +327,7 @@ def merge_experts(
                         )
                     put(f"{prefix}gate.weight", router.to(out_dtype))
                     if num_shared_experts:
-                        gate, up, down = (
-                            base_reader.get_tensor(plan[op]) for op in ("mlp.gate", "mlp.up", "mlp.down")
-                        )
+                        gate, up, down = dense_mlp(base_reader, plan, source)
                         sg, su, sd = shared_expert_weights(
                             gate,
                             up,

@@ -234,6 +234,17 @@ def _plan(
     return head, dict(layers), tail
 
 
+def dense_mlp(
+    reader: CheckpointReader, plan: dict[str, Any], source: DenseSource
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's dense MLP as (gate (I, H), up (I, H), down (H, I)), whichever way the family names it."""
+    if source.mlp == "fused":
+        gate, up = reader.get_tensor(plan["mlp.gate_up"]).chunk(2, dim=0)  # gate rows, then up rows
+    else:
+        gate, up = reader.get_tensor(plan["mlp.gate"]), reader.get_tensor(plan["mlp.up"])
+    return gate, up, reader.get_tensor(plan["mlp.down"])
+
+
 def _save_config(config: HfMoeConfig, out: Path) -> None:
     # HfMoeConfig.save_pretrained writes the full auto_map (config, base model, causal LM) once hf_moe is imported.
     config.save_pretrained(out)
@@ -479,11 +490,7 @@ def upcycle(
                             for op in source.mlp_ops:
                                 put(plan[op], cast(reader.get_tensor(plan[op])))
                             continue
-                        if source.mlp == "fused":
-                            gate, up = reader.get_tensor(plan["mlp.gate_up"]).chunk(2, dim=0)  # (I, H) each
-                        else:
-                            gate, up = reader.get_tensor(plan["mlp.gate"]), reader.get_tensor(plan["mlp.up"])
-                        down = reader.get_tensor(plan["mlp.down"])
+                        gate, up, down = dense_mlp(reader, plan, source)  # (I, H), (I, H), (H, I)
                         if drop_ratio > 0 or noise_std > 0:
                             gate_up_w, down_w = expert_weights(
                                 gate,

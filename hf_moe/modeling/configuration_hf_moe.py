@@ -414,7 +414,9 @@ class HfMoeConfig(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         if isinstance(out.get("text_config"), dict):
-            out["text_config"].pop("dtype", None)  # the top-level dtype is the model's; one source of truth
+            # The top-level dtype and architectures are the model's; one source of truth.
+            out["text_config"].pop("dtype", None)
+            out["text_config"].pop("architectures", None)
         return out
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:

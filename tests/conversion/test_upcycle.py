@@ -488,22 +488,19 @@ def test_parse_moe_layers():
 
 
 def test_translate_config_options():
-    llama = LlamaConfig(**SMALL, attention_bias=True).to_dict()
-    kwargs = translate_config(llama)
-    assert kwargs["attention_bias"] and kwargs["attention_output_bias"]
-    qwen2 = translate_config(Qwen2Config(**SMALL).to_dict())
-    assert qwen2["attention_bias"] and not qwen2.get("attention_output_bias", False)
-    assert qwen2["sliding_window"] is None
+    """The dense config becomes the base decoder's config as transformers parses it; options hf_moe cannot hold are
+    refused naming them."""
+    llama = translate_config(LlamaConfig(**SMALL, attention_bias=True).to_dict())["text_config"]
+    assert isinstance(llama, LlamaConfig) and llama.attention_bias and llama.architectures is None
     sliding = translate_config(
-        Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=0).to_dict()
-    )
-    assert sliding["sliding_window"] == 7
-    with pytest.raises(ValueError, match="use_sliding_window"):
-        translate_config(
-            Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
-        )
+        Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
+    )["text_config"]
+    assert sliding.layer_types == Qwen2Config(
+        **SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).layer_types  # mixed windows kept
     with pytest.raises(ValueError, match="mlp_bias"):
         translate_config(LlamaConfig(**SMALL, mlp_bias=True).to_dict())
+    with pytest.raises(ValueError, match="not gated"):
+        translate_config({"model_type": "starcoder2"})
     # legacy (transformers 4) rope fields
     legacy = {
         **LlamaConfig(**SMALL).to_diff_dict(),
@@ -511,9 +508,8 @@ def test_translate_config_options():
         "rope_scaling": {"type": "linear", "factor": 4.0},
     }
     legacy.pop("rope_parameters", None)
-    rope = translate_config(legacy)["rope_parameters"]
+    rope = translate_config(legacy)["text_config"].rope_parameters
     assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "linear" and rope["factor"] == 4.0
-    assert translate_config(Qwen3Config(**SMALL).to_dict())["use_qk_norm"] is True
 
 
 # ================================================================================================================
@@ -567,9 +563,9 @@ BAD_INPUTS = {
     ),
     "hidden_mismatch": (lambda p: _edit_config(p, hidden_size=40, head_dim=8), ValueError, "match"),
     "unsupported_arch": (
-        lambda p: _edit_config(p, model_type="gpt2"),
+        lambda p: _edit_config(p, model_type="mamba"),
         ValueError,
-        r"unsupported source architecture.*llama, mistral, qwen2, qwen3",
+        r"unsupported source architecture.*gemma3_text, .*llama, .*phi3, .*qwen3",
     ),
     "pickle_only": (
         lambda p: ([f.unlink() for f in p.glob("model*")], torch.save({}, p / "pytorch_model.bin")),
