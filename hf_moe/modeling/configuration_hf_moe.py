@@ -35,6 +35,12 @@ AUTO_MAP = {
 DEFAULT_BASE = "llama"
 # Decoder flags of configs saved by hf_moe 0.1 (a Llama-style decoder of its own), and the family each implies.
 _LEGACY_FLAGS = ("use_qk_norm", "attention_output_bias", "attention_bias", "sliding_window")
+# MoE fields also written into the base config, whatever its family: serving stacks that read the model's text config
+# (vLLM's Transformers backend sizes its fused-MoE layers from it) find the MoE geometry there.
+_MIRRORED_MOE_FIELDS = (
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "n_group", "topk_group",
+    "routed_scaling_factor",
+)
 # PreTrainedConfig keys that stay on the top-level config even though dense configs declare them too.
 _TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(PreTrainedConfig)} | {
     "auto_map",
@@ -160,7 +166,9 @@ class HfMoeConfig(PreTrainedConfig):
         its MoE ones. hf_moe computes the router losses itself, so the base never does."""
         base = self.text_config
         for f in dataclasses.fields(type(self)):
-            if f.name not in ("text_config", "output_router_logits") and f.name in vars(base):
+            if f.name not in ("text_config", "output_router_logits") and (
+                f.name in vars(base) or f.name in _MIRRORED_MOE_FIELDS
+            ):
                 setattr(base, f.name, getattr(self, f.name))
         for alias in ("num_local_experts", "n_routed_experts"):
             if alias in vars(base):

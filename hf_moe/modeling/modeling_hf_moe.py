@@ -806,6 +806,10 @@ class HfMoeModel(HfMoePreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_indices: bool | None = None,
         return_dict: bool | None = None,
@@ -813,7 +817,16 @@ class HfMoeModel(HfMoePreTrainedModel):
     ) -> HfMoeModelOutputWithPast | tuple:
         want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
-            out = self.hf_moe_base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+            out = self.hf_moe_base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                return_dict=True,
+                **kwargs,
+            )
         result = HfMoeModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
             past_key_values=getattr(out, "past_key_values", None),

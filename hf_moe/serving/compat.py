@@ -3,40 +3,36 @@
 
 from __future__ import annotations
 
-# Routers whose per-token decision depends on the other tokens of the forward pass (why, for the error message).
-BATCH_DEPENDENT = {
-    "expert_choice": "each expert picks its top tokens among all tokens of a forward pass, which is not causal and "
-    "changes with whatever other requests vLLM batches alongside",
-}
+from ..modeling.modeling_hf_moe import ROUTERS
 
 
 def serving_problems(config) -> list[str]:
-    """Reasons `config` cannot be served by vLLM with the same outputs as transformers (empty: servable).
+    """Reasons `config` cannot be served by vLLM with the same outputs as transformers (empty: servable). Whether
+    a router's decision depends on the other tokens of a batch is the router class's own policy
+    (`HfMoeRouter.batch_dependence`).
 
     Args:
-        config: an `HfMoeConfig` (or any object with its routing fields).
+        config: an `HfMoeConfig`.
 
     Returns:
         One message per blocking field.
     """
-    problems = []
-    router = getattr(config, "router_type", "softmax_topk")
-    if router in BATCH_DEPENDENT:
-        problems.append(f"router_type={router!r}: {BATCH_DEPENDENT[router]}")
-    if router == "switch" and getattr(config, "capacity_factor", None) is not None:
-        problems.append(
-            f"router_type='switch' with capacity_factor={config.capacity_factor}: which tokens are dropped depends "
-            "on the other tokens in the batch; set capacity_factor=None (dropless) to serve it"
-        )
-    return problems
+    why = ROUTERS[config.router_type].batch_dependence(config)
+    return [why] if why else []
 
 
 def adapt_config_for_vllm(config) -> None:
     """Make vLLM's internal routing read our config with our routers' meaning (in place, on vLLM's copy).
 
-    vLLM applies `routed_scaling_factor` in its own routing whenever it is not 1, but only `sigmoid_topk` uses the
-    field, and `sigmoid_topk` is routed by our own module (external routing). `n_group` / `topk_group` stay as they
-    are: for the other routers they are 1 / 1, and vLLM's grouped top-k over a single group is the plain top-k.
+    vLLM's Transformers backend sizes and routes its fused-MoE layers from the *text* config (the base decoder's,
+    where hf_moe mirrors its MoE fields). vLLM applies `routed_scaling_factor` in its own routing whenever it is not
+    1, but only `sigmoid_topk` uses the field, and `sigmoid_topk` is routed by our own module (external routing).
+    `n_group` / `topk_group` stay as they are: for the other routers they are 1 / 1, and vLLM's grouped top-k over a
+    single group is the plain top-k. Shared experts are hf_moe's own module, run next to vLLM's fused experts, so
+    vLLM must not count a native base's `n_shared_experts` into its fused layer.
     """
-    if config.router_type != "sigmoid_topk":
-        config.routed_scaling_factor = 1.0
+    for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+        if config.router_type != "sigmoid_topk":
+            cfg.routed_scaling_factor = 1.0
+        if "n_shared_experts" in vars(cfg):
+            cfg.n_shared_experts = 0

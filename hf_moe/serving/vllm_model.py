@@ -62,3 +62,10 @@ class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
         adapt_config_for_vllm(config)
         _use_vllm_decoder()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _patch_config(self) -> None:
+        # vLLM sets its attention implementation on the text config (the base decoder's). The hf_moe config holds
+        # that text config, and transformers propagates the top-level implementation to sub-configs when the model
+        # is built, so it is set at the top as well; otherwise the default (sdpa) would overwrite vLLM's.
+        super()._patch_config()
+        self.config._attn_implementation = self.text_config._attn_implementation

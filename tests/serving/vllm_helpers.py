@@ -70,13 +70,20 @@ def vllm_greedy(llm, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[Gree
 
 @torch.no_grad()
 def hf_greedy(model, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[Greedy]:
-    """Greedy decoding with transformers, one prompt at a time (no padding), with raw-logit log-probabilities."""
+    """Greedy decoding with transformers, one prompt at a time (no padding), with raw-logit log-probabilities.
+
+    The end-of-sequence token is neither a stop nor suppressed (no `min_new_tokens`, which would mask its logit),
+    as vLLM's `ignore_eos=True` does: both sides then take the plain argmax at every step."""
+    from transformers import GenerationConfig
+
+    never = model.config.get_text_config().vocab_size  # an id no logit has: generation never stops early
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=never, pad_token_id=0)
     results = []
     for prompt in prompts:
         ids = torch.tensor([list(prompt)])
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            ids, attention_mask=torch.ones_like(ids), generation_config=config, output_logits=True,
+            return_dict_in_generate=True,
         )
         tokens = out.sequences[0, ids.shape[1]:].tolist()
         logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)]
