@@ -2,9 +2,16 @@
 
 Importing the package registers `model_type="hf_moe"` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`
 (idempotent), and marks the classes so that `save_pretrained` writes `auto_map` plus the modeling code, which lets
-`trust_remote_code=True` load a checkpoint where hf_moe is not installed.
+`trust_remote_code=True` load a checkpoint where hf_moe is not installed. When PEFT is installed it also registers
+hf_moe's fused-experts LoRA layer with PEFT (as soon as PEFT is imported), so `PeftModel.from_pretrained` loads
+hf_moe adapters without extra calls.
 """
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import warnings
 from importlib import import_module
 from typing import Any
 
@@ -27,6 +34,46 @@ def register() -> None:
 
 
 register()
+
+
+def _register_with_peft() -> None:
+    """Let plain PEFT load adapters of hf_moe's fused-experts LoRA layer (`hf_moe.peft.register_with_peft`).
+
+    PEFT is optional and slow to import, so it is not imported here: if it is already loaded the layer is
+    registered now, otherwise a one-shot import hook registers it right after `import peft` completes."""
+    if "peft" in sys.modules:
+        import_module("hf_moe.peft")  # registers on import
+    elif importlib.util.find_spec("peft") is not None and not any(
+        isinstance(f, _PeftImportHook) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _PeftImportHook())
+
+
+class _PeftImportHook(importlib.abc.MetaPathFinder):
+    """Finds `peft` as the normal path finder does, and imports `hf_moe.peft` once `peft/__init__` has run."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "peft":
+            return None
+        sys.meta_path.remove(self)  # one shot, and no recursion while the real spec is looked up
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            try:
+                import_module("hf_moe.peft")
+            except Exception as err:  # never break `import peft` itself
+                warnings.warn(f"hf_moe could not register its fused-experts LoRA layer with PEFT: {err}")
+
+        loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+_register_with_peft()
 
 # Heavier entry points load on first use so `import hf_moe` stays cheap.
 _LAZY: dict[str, str] = {

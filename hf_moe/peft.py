@@ -34,14 +34,14 @@ through ``target_parameters`` on their ``weight`` (the same LoRA maths and the s
 
 Example::
 
-    from peft import get_peft_model
-    from hf_moe.peft import lora_config, load_adapter
+    from peft import PeftModel, get_peft_model
+    from hf_moe.peft import lora_config
 
     cfg = lora_config(model, targets=["experts", "attention"], r=16, alpha=32, rank_pattern={"attention": 8})
     peft_model = get_peft_model(model, cfg)
     ...
     peft_model.save_pretrained("adapter")
-    reloaded = load_adapter(base_model, "adapter")  # PeftModel.from_pretrained with the fast layer registered
+    reloaded = PeftModel.from_pretrained(base_model, "adapter")  # plain PEFT: `import hf_moe` registered the layer
 """
 
 from __future__ import annotations
@@ -370,6 +370,92 @@ def fused_experts_classes() -> list[type[nn.Module]]:
     return classes
 
 
+# ================================================================================================================
+# Plain PEFT: the fast experts layer registered process-wide
+# ================================================================================================================
+
+_LOAD_SECTION = "## Loading this adapter"
+_LOAD_TEXT = f"""{_LOAD_SECTION}
+
+The routed experts are adapted by hf-moe's fused-experts LoRA layer (`hf_moe.peft.FusedExpertsLora`). Import
+hf_moe before loading; that registers the layer with PEFT, and the standard PEFT calls work:
+
+```python
+import hf_moe  # registers the fused-experts LoRA layer with PEFT
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("<base model>")
+model = PeftModel.from_pretrained(base, "<this folder>")
+```
+
+hf-moe is not on PyPI yet: install it from a clone of its repository with `pip install -e ".[peft]"`. `hf-moe lora convert` turns this adapter into PEFT's `target_parameters` layout (loads with PEFT
+alone) or into per-expert modules (the layout vLLM's MoE-LoRA loader reads).
+"""
+
+
+def _fast_layer_for(config: LoraConfig, target: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether PEFT is asked to adapt a whole fused experts module (not one of its tensors) of a known class that
+    the config does not already map to a custom layer."""
+    if kwargs.get("parameter_name") is not None:  # target_parameters: PEFT's own ParamWrapper
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if any(isinstance(base, cls) for cls in config._custom_modules or {}):
+        return False
+    return isinstance(base, tuple(fused_experts_classes())) and _is_fused_experts(base)
+
+
+def register_with_peft() -> None:
+    """Make plain PEFT (`get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`) use `FusedExpertsLora` for
+    fused experts modules named in `target_modules`, and make `save_pretrained` write how to load such an adapter
+    into its README. PEFT has no global registry for custom layers (only `LoraConfig._register_custom_module`, which
+    an adapter_config.json cannot carry), so this wraps `LoraModel._create_new_module`: a fused experts target that
+    PEFT would refuse ("Target module ... is not supported") gets the fast layer; everything else goes to PEFT
+    unchanged. Idempotent; runs when `hf_moe.peft` is imported, which `import hf_moe` arranges whenever PEFT is
+    (or later gets) imported."""
+    from peft.tuners.lora.model import LoraModel
+
+    if getattr(LoraModel._create_new_module, "_hf_moe", False):
+        return
+    original = LoraModel._create_new_module
+
+    def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        if _fast_layer_for(lora_config, target, kwargs):
+            return FusedExpertsLora(target, adapter_name, config=lora_config, **kwargs)
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module._hf_moe = True  # type: ignore[attr-defined]
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+
+    original_card = PeftModel.create_or_update_model_card
+
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        original_card(self, output_dir)
+        if any(isinstance(m, FusedExpertsLora) for m in self.modules()):
+            _add_load_section(output_dir)
+
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _add_load_section(output_dir: str) -> None:
+    """Append the loading instructions to the adapter's README (once; written atomically)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    readme = Path(output_dir) / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if _LOAD_SECTION in text:
+        return
+    text = text.rstrip("\n") + "\n\n" + _LOAD_TEXT
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".README.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, readme)
+
+
 def load_adapter(
     model: nn.Module, adapter_path: str, *, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
 ) -> PeftModel:
@@ -667,6 +753,8 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+register_with_peft()
+
 __all__ = [
     "ALL_TARGETS",
     "EXPERTS_IMPLS",
@@ -682,5 +770,6 @@ __all__ = [
     "load_adapter",
     "lora_config",
     "lora_trainable_counts",
+    "register_with_peft",
     "resolve_targets",
 ]
