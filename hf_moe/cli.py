@@ -6,8 +6,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-# Each feature adds one `_add_<name>(subparsers)` function below and lists it in SUBCOMMANDS. A subcommand
-# parser sets `func=<callable taking the parsed args, returning an exit code or None>`.
+# A command is a pair: `_add_<name>(subparsers)` builds its parser and sets `func=_run_<name>`, and
+# `_run_<name>(args)` calls the library and returns an exit code (None means 0). Adding a command means writing
+# the pair and listing `_add_<name>` in SUBCOMMANDS.
 AddCommand = Callable[[argparse._SubParsersAction], None]
 
 
@@ -321,16 +322,32 @@ def _parse_eval(pairs: list[str] | None) -> dict | None:
 def _run_card(args: argparse.Namespace) -> int:
     from .hub import write_model_card
 
-    path = write_model_card(
-        args.model_dir,
-        eval_results=_parse_eval(args.eval),
-        model_name=args.name,
-        repo_id=args.repo_id,
-        license=args.license,
-        base_model=args.base_model,
-        overwrite=args.overwrite,
-    )
-    print(path)
+    from .hub import write_model_card
+    from .hub_ids import hub_origin
+
+    model_dir = Path(_model(args, args.model_dir))
+    origin = hub_origin(model_dir)
+    if origin is None and args.output:
+        raise ValueError("--output is for Hub repo ids; a local folder gets its README.md in place")
+    if origin is not None and not args.output:
+        raise ValueError(f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
+                         "--output README.md (where to write the card)")
+    options = dict(eval_results=_parse_eval(args.eval), model_name=args.name, license=args.license,
+                   base_model=args.base_model, overwrite=args.overwrite)
+    if origin is None:
+        print(write_model_card(model_dir, repo_id=args.repo_id, **options))
+        return 0
+    # A scratch folder of links to the snapshot's files, so the card is rendered without touching the cache.
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
+    with tempfile.TemporaryDirectory() as scratch:
+        for file in model_dir.iterdir():
+            os.symlink(file.resolve(), Path(scratch) / file.name)
+        card = write_model_card(scratch, repo_id=args.repo_id or origin["repo_id"],
+                                **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]})
+        shutil.copyfile(card, output)
+    print(output)
     return 0
 
 
@@ -424,6 +441,10 @@ def _run_zoo(args: argparse.Namespace) -> int:
 
 def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("zoo", help="named MoE presets: list, show, create")
+    if args.zoo_command == "render-cards":
+        for path in zoo.render_cards(args.cards_dir):
+            print(path)
+        return 0
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the presets")
     show = zoo_sub.add_parser("show", help="config, recipe and parameter counts of a preset")
@@ -465,6 +486,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"statistics: {args.json}")
     if args.plot:
         print(f"heatmap: {plot_expert_load(stats, args.plot)}")
+    render = zoo_sub.add_parser(
+        "render-cards", help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)"
+    )
+    render.add_argument("--cards-dir", default=None, help="write the cards here instead of model_cards/")
     return 0
 
 
@@ -479,10 +504,8 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL_DIR)")
     p.set_defaults(func=_run_inspect)
 
-# [training commands]
 
 SUBCOMMANDS: list[AddCommand] = [
-    # [SUBCOMMANDS list: add your _add_* functions here, one per line]
     _add_lora_targets,
     _add_export,
     _add_import,

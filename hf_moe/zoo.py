@@ -9,16 +9,14 @@ Two kinds of recipe:
   config.json), so the exact total/active parameter counts are known before any download. `create` runs the
   upcycling when given the dense checkpoint folder, else explains the command.
 
-`python -m hf_moe.zoo --render-cards` regenerates every `model_cards/<name>.md`; a test keeps them in sync.
+`hf-moe zoo render-cards` regenerates every `model_cards/<name>.md`; a test keeps them in sync.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -529,18 +527,6 @@ def _create_upcycled(preset: Preset, out_dir: Path, source: Path, *, overwrite: 
     return out_dir
 
 
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_moe.zoo", description=__doc__.splitlines()[0])
-    parser.add_argument("--render-cards", action="store_true", help="rewrite model_cards/<name>.md for every preset")
-    args = parser.parse_args(argv)
-    if args.render_cards:
-        for path in render_cards():
-            print(path)
-        return 0
-    parser.print_help()
-    return 0
-
-
 __all__ = [
     "Preset",
     "Recipe",
@@ -552,6 +538,3 @@ __all__ = [
     "create",
     "upcycle_command",
 ]
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -83,9 +83,9 @@ def test_upcycled_config_refuses_unknown_bases() -> None:
 def test_rendered_card_in_sync_and_valid(name: str) -> None:
     preset = PRESETS[name]
     path = card_path(name)
-    assert path.is_file(), f"{path} missing: run python -m hf_moe.zoo --render-cards"
+    assert path.is_file(), f"{path} missing: run hf-moe zoo render-cards"
     assert path.read_text(encoding="utf-8") == preset.render_card(), (
-        f"{path} is stale: run python -m hf_moe.zoo --render-cards"
+        f"{path} is stale: run hf-moe zoo render-cards"
     )
     card = ModelCard.load(path)
     assert card.data.license == preset.recipe.license
@@ -209,12 +209,3 @@ def test_smollm2_recipe_on_real_weights(
     assert stats["num_tokens"] == 256 and len(stats["layers"]) == 30
     assert all(sum(row) == 2 * 256 for row in stats["tokens_per_expert"])  # dropless top-2
     assert all(0 < h <= math.log(8) + 1e-6 for h in stats["entropy"])
-
-
-def test_render_cards_module_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import hf_moe.zoo as zoo
-
-    monkeypatch.setattr(zoo, "CARDS_DIR", tmp_path)
-    assert zoo._main(["--render-cards"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.md" for n in PRESETS)
-    assert str(tmp_path / "tiny.md") in capsys.readouterr().out
