@@ -322,32 +322,16 @@ def _parse_eval(pairs: list[str] | None) -> dict | None:
 def _run_card(args: argparse.Namespace) -> int:
     from .hub import write_model_card
 
-    from .hub import write_model_card
-    from .hub_ids import hub_origin
-
-    model_dir = Path(_model(args, args.model_dir))
-    origin = hub_origin(model_dir)
-    if origin is None and args.output:
-        raise ValueError("--output is for Hub repo ids; a local folder gets its README.md in place")
-    if origin is not None and not args.output:
-        raise ValueError(f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
-                         "--output README.md (where to write the card)")
-    options = dict(eval_results=_parse_eval(args.eval), model_name=args.name, license=args.license,
-                   base_model=args.base_model, overwrite=args.overwrite)
-    if origin is None:
-        print(write_model_card(model_dir, repo_id=args.repo_id, **options))
-        return 0
-    # A scratch folder of links to the snapshot's files, so the card is rendered without touching the cache.
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
-    with tempfile.TemporaryDirectory() as scratch:
-        for file in model_dir.iterdir():
-            os.symlink(file.resolve(), Path(scratch) / file.name)
-        card = write_model_card(scratch, repo_id=args.repo_id or origin["repo_id"],
-                                **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]})
-        shutil.copyfile(card, output)
-    print(output)
+    path = write_model_card(
+        args.model_dir,
+        eval_results=_parse_eval(args.eval),
+        model_name=args.name,
+        repo_id=args.repo_id,
+        license=args.license,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+    )
+    print(path)
     return 0
 
 
@@ -410,6 +394,10 @@ def _run_zoo(args: argparse.Namespace) -> int:
     from . import zoo
     from .hub import human
 
+    if args.zoo_command == "render-cards":
+        for path in zoo.render_cards(args.cards_dir):
+            print(path)
+        return 0
     if args.zoo_command == "list":
         print(f"{'name':<24} {'recipe':<13} {'total':>8} {'active':>8}  description")
         for preset in zoo.list_presets():
@@ -441,10 +429,6 @@ def _run_zoo(args: argparse.Namespace) -> int:
 
 def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("zoo", help="named MoE presets: list, show, create")
-    if args.zoo_command == "render-cards":
-        for path in zoo.render_cards(args.cards_dir):
-            print(path)
-        return 0
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the presets")
     show = zoo_sub.add_parser("show", help="config, recipe and parameter counts of a preset")
@@ -455,6 +439,10 @@ def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--source", help="dense base folder (upcycling presets)")
     create.add_argument("--seed", type=int, default=0, help="random seed (from-scratch presets)")
     create.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    render = zoo_sub.add_parser(
+        "render-cards", help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)"
+    )
+    render.add_argument("--cards-dir", default=None, help="write the cards here instead of model_cards/")
     p.set_defaults(func=_run_zoo)
 
 
@@ -486,10 +474,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"statistics: {args.json}")
     if args.plot:
         print(f"heatmap: {plot_expert_load(stats, args.plot)}")
-    render = zoo_sub.add_parser(
-        "render-cards", help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)"
-    )
-    render.add_argument("--cards-dir", default=None, help="write the cards here instead of model_cards/")
     return 0
 
 
