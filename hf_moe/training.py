@@ -18,41 +18,24 @@ With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`.
 """
 
 import math
-from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from .modeling.modeling_hf_moe import HfMoeRouter, SigmoidTopKRouter, router_probabilities
-
-
-@dataclass
-class _LayerAccumulator:
-    num_experts: int
-    assignments: torch.Tensor = field(init=False)  # (E,) routed assignments per expert
-    prob_sum: torch.Tensor = field(init=False)  # (E,) summed routing probabilities
-    tokens: float = 0.0
-    dropped: float = 0.0  # sentinel (dropped) assignments
-    slots: float = 0.0  # all assignment slots (tokens * K)
-    entropy_sum: float = 0.0
-    z_sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.assignments = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.tokens = self.dropped = self.slots = self.entropy_sum = self.z_sum = 0.0
+from .stats import RoutingSummary, routing_summary
 
 
 class RouterMonitor:
     """Accumulates router statistics over the forwards of a model until `summary()` is called.
 
-    Forward hooks on every hf_moe router record, per MoE layer: tokens per expert, the routing distribution,
-    dropped assignments, entropy and the z-loss term. Padding tokens are excluded when the model is called with an
-    `attention_mask` (captured by a pre-hook on the model). State lives in this object only.
+    Forward hooks on every hf_moe router add each forward's `hf_moe.stats.routing_summary` (the same sums the
+    balancing loss and `router_statistics` use) per MoE layer: tokens per expert, routing probability mass,
+    dropped assignments (expert choice: tokens no expert picked), entropy and the z-loss term. Padding tokens are
+    excluded when the model is called with an `attention_mask` (captured by a pre-hook on the model). State lives
+    in this object only.
 
     Args:
         model: an hf_moe model (possibly wrapped by DDP/FSDP/PEFT: routers are found by walking the modules).
@@ -66,62 +49,60 @@ class RouterMonitor:
         config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
         self.router_type = router_type or getattr(config, "router_type", "softmax_topk")
         self.num_experts = routers[0].num_experts
-        self._layers = [_LayerAccumulator(r.num_experts) for r in routers]
+        self._probabilities = partial(router_probabilities, router_type=self.router_type)
+        self._layers: list[RoutingSummary | None] = [None] * len(routers)
         self._mask: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
-        for acc, router in zip(self._layers, routers):
-            self._handles.append(router.register_forward_hook(self._make_hook(acc)))
+        for i, router in enumerate(routers):
+            self._handles.append(router.register_forward_hook(self._make_hook(i, router.num_experts)))
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _make_hook(self, acc: _LayerAccumulator):
+    def _make_hook(self, layer: int, num_experts: int):
         @torch.no_grad()
         def hook(module: nn.Module, inputs: tuple, output: tuple) -> None:
             logits, _, index = output  # (T, E), _, (T, K)
-            num_tokens = logits.shape[0]
-            if self._mask is not None and self._mask.numel() >= num_tokens:
-                seq_len = num_tokens // self._mask.shape[0]
-                keep = self._mask[:, -seq_len:].reshape(-1).to(logits.device).bool()  # (T,)
-                logits, index = logits[keep], index[keep]
-            probs = router_probabilities(logits, self.router_type)  # (T', E)
-            counts = torch.bincount(index.reshape(-1), minlength=acc.num_experts + 1).double().cpu()
-            acc.assignments += counts[: acc.num_experts]
-            acc.dropped += float(counts[acc.num_experts :].sum())
-            acc.slots += float(index.numel())
-            acc.prob_sum += probs.sum(dim=0).double().cpu()
-            acc.tokens += float(probs.shape[0])
-            acc.entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum())
-            acc.z_sum += float(torch.logsumexp(logits.float(), dim=-1).square().sum())
+            mask = self._mask
+            if mask is not None and logits.shape[0] % mask.shape[0] != 0:
+                mask = None  # a forward this mask does not describe (e.g. a packed batch): count every row
+            summary = routing_summary(
+                logits, index, num_experts, self._probabilities, mask,
+                expert_choice=self.router_type == "expert_choice",
+            ).detached()
+            previous = self._layers[layer]
+            self._layers[layer] = summary if previous is None else previous + summary
 
         return hook
 
     def expert_load(self) -> torch.Tensor:
         """(num_moe_layers, E) fraction of routed assignments per expert since the last reset."""
-        load = torch.stack([acc.assignments for acc in self._layers])
-        return load / load.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.stack(
+            [s.expert_load if s is not None else torch.zeros(self.num_experts, dtype=torch.float64)
+             for s in self._layers]
+        )
 
     def summary(self, *, reset: bool = True, per_layer: bool = True) -> dict[str, float]:
         """Scalar metrics since the last reset: `moe/aux_loss` (Switch/GShard, as the model computes it),
         `moe/z_loss`, `moe/load_cv` (coefficient of variation of expert load, 0 = balanced), `moe/load_max`
-        (max load / mean load), `moe/dropped` (fraction of dropped assignments), `moe/entropy` (mean routing
-        entropy, nats); per layer too with `per_layer=True` (keys `moe/layer_{i}/...`). Empty if nothing ran."""
+        (max load / mean load), `moe/dropped` (fraction of dropped assignments; for expert choice the fraction of
+        tokens no expert picked), `moe/entropy` (mean routing entropy, nats); per layer too with `per_layer=True`
+        (keys `moe/layer_{i}/...`). Empty if nothing ran."""
         rows = []
         for acc in self._layers:
-            if acc.tokens == 0:
+            if acc is None or acc.num_tokens == 0:
                 continue
-            tokens_per_expert = acc.assignments / acc.tokens
-            prob_per_expert = acc.prob_sum / acc.tokens
-            load = acc.assignments / max(acc.assignments.sum().item(), 1.0)
+            load = acc.expert_load
+            routed = bool(load.sum() > 0)
             rows.append(
                 {
-                    "aux_loss": float(acc.num_experts * (tokens_per_expert * prob_per_expert).sum()),
-                    "z_loss": acc.z_sum / acc.tokens,
-                    "load_cv": float(load.std(unbiased=False) / load.mean()) if load.sum() > 0 else 0.0,
-                    "load_max": float(load.max() / load.mean()) if load.sum() > 0 else 0.0,
-                    "dropped": acc.dropped / acc.slots if acc.slots else 0.0,
-                    "entropy": acc.entropy_sum / acc.tokens,
+                    "aux_loss": float(acc.aux_loss),
+                    "z_loss": float(acc.z_loss),
+                    "load_cv": float(load.std(unbiased=False) / load.mean()) if routed else 0.0,
+                    "load_max": float(load.max() / load.mean()) if routed else 0.0,
+                    "dropped": float(acc.dropped_fraction),
+                    "entropy": float(acc.entropy),
                 }
             )
         out: dict[str, float] = {}
@@ -136,9 +117,8 @@ class RouterMonitor:
         return out
 
     def reset(self) -> None:
-        """Forget everything accumulated so far (the hooks keep their accumulators; they are cleared in place)."""
-        for acc in self._layers:
-            acc.clear()
+        """Forget everything accumulated so far."""
+        self._layers = [None] * len(self._layers)
 
     def remove(self) -> None:
         """Detach every hook."""
