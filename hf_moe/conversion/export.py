@@ -32,6 +32,7 @@ from .io import (
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_out_dir,
     copy_tokenizer_files,
     write_provenance,
 )
@@ -79,12 +80,6 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
     if dtype is not None and tensor.is_floating_point():
         return tensor.to(dtype)
     return tensor
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    # Checked before any work so a clash fails fast; atomic_output_dir checks again at the end.
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another path or pass overwrite=True")
 
 
 def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
@@ -214,12 +209,14 @@ def export(
         FileNotFoundError: `model_dir`, its config/weights, or the adapter folder is missing.
         FileExistsError: `out_dir` exists and `overwrite` is False.
         ValueError: not an hf_moe checkpoint, tensors not matching its config, or a config the target cannot
-            represent (the message lists the blocking fields and the targets that would fit).
+            represent (the message lists the blocking fields and the targets that would fit); `out_dir` is,
+            contains or lies inside an input.
     """
     spec = check_target(to)
     out_dtype = parse_dtype(dtype)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    inputs = [model_dir] + ([Path(merge_adapter)] if merge_adapter is not None else [])
+    check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(model_dir)
     if reader.model_type != HfMoeConfig.model_type:
         raise ValueError(
@@ -250,7 +247,7 @@ def export(
             return _cast(name, state[name], out_dtype or reader.dtype(name))
         return _cast(name, reader.get_tensor(name), out_dtype)
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *source_files]) as tmp:
         with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
             for name in tqdm(names, desc=f"export to {to}", unit="tensor", disable=len(names) < 200):
                 for native_name, tensor in export_tensor(name, get(name), spec=spec, config=config):
@@ -399,11 +396,12 @@ def import_native(
     Raises:
         FileNotFoundError: missing folder, config or weights.
         FileExistsError: `out_dir` exists and `overwrite` is False.
-        ValueError: an unsupported architecture (DeepSeek-V3: MLA) or option, or tensors not matching the config.
+        ValueError: `out_dir` is, contains or lies inside `src_dir`; an unsupported architecture (DeepSeek-V3: MLA)
+            or option; tensors not matching the config (a mis-shaped expert is named by layer and expert).
     """
     out_dtype = parse_dtype(dtype)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, [src_dir], overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(src_dir)
     if reader.model_type == HfMoeConfig.model_type:
         raise ValueError(f"{src_dir} is already an hf_moe checkpoint; nothing to import")
@@ -414,7 +412,7 @@ def import_native(
     if skipped:
         logger.info("not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else "")
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
         written: dict[str, tuple[int, ...]] = {}
         with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 
