@@ -30,6 +30,7 @@ from .io import (
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_out_dir,
     copy_tokenizer_files,
     sha256_file,
     write_provenance,
@@ -177,6 +178,7 @@ def merge_experts(
         the
             base (the message names the model and the field or tensor); unreadable prompts.
         FileExistsError: `out_dir` exists and `overwrite` is False.
+        ValueError: `out_dir` is, contains or lies inside the base or a fine-tune folder.
 
     Example:
     ```python
@@ -186,10 +188,6 @@ def merge_experts(
     ```
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
-        )
     if isinstance(experts, str | os.PathLike) or not experts:
         raise ValueError("experts must be a non-empty list of fine-tune folders (one per expert)")
     num_experts = len(experts)
@@ -212,10 +210,7 @@ def merge_experts(
             )
         dtype = DTYPES[dtype]
     inputs = [Path(base), *map(Path, experts)]
-    if any(out_dir.resolve() == p.resolve() for p in inputs):
-        raise ValueError(
-            "out_dir must differ from the base and the fine-tune folders: inputs are never modified"
-        )
+    check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
@@ -291,7 +286,8 @@ def merge_experts(
             max_shard_size=max_shard_size,
             config_overrides=config_overrides or {},
         )
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        read = [p for r in (base_reader, *readers) for p in r.files_read]
+        with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *read]) as tmp:
             written: set[str] = set()
             with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 
