@@ -541,6 +541,48 @@ def error_message(err: BaseException) -> str:
     return (_library_label(err) or "") + " ".join(text.split())
 
 
+# What the CLI calls a library error: a problem with the user's input or environment that the message alone lets
+# them fix. It is printed as one line on stderr with exit code 2. Anything else is a bug in hf-moe or in a
+# dependency, and keeps its traceback (exit code 1).
+#   - ValueError and subclasses: invalid options, configs and checkpoint contents (json.JSONDecodeError and
+#     UnicodeDecodeError are ValueErrors, and so is the config's own validation error);
+#   - OSError and subclasses: missing, existing or unreadable paths (FileNotFoundError, FileExistsError,
+#     NotADirectoryError, PermissionError), a full disk, transformers' "not a valid JSON file" for config.json;
+#   - errors of dependencies named below, matched by name so that checking one imports nothing: corrupt or
+#     truncated .safetensors files, a config.json field of the wrong type (transformers' configs are
+#     huggingface_hub strict dataclasses), a malformed YAML prompts file.
+# ImportError, RuntimeError, KeyError and the rest stay internal errors: a command whose optional dependency is
+# missing says so itself, as a ValueError naming the extra to install.
+LIBRARY_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+LIBRARY_ERRORS_BY_NAME: dict[str, str] = {  # qualified class name -> label put before the message
+    "safetensors._safetensors_rust.SafetensorError": "invalid safetensors file: ",
+    "huggingface_hub.errors.StrictDataclassError": "invalid config: ",
+    "yaml.error.YAMLError": "invalid YAML: ",
+}
+
+
+def _library_label(err: BaseException) -> str | None:
+    for cls in type(err).__mro__:
+        label = LIBRARY_ERRORS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if label is not None:
+            return label
+    return None
+
+
+def is_library_error(err: BaseException) -> bool:
+    """Whether `err` is reported as a one-line message with exit code 2 (see LIBRARY_ERRORS above)."""
+    return isinstance(err, LIBRARY_ERRORS) or _library_label(err) is not None
+
+
+def error_message(err: BaseException) -> str:
+    """`err` as one line for stderr."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return (_library_label(err) or "") + " ".join(text.split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

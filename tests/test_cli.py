@@ -37,3 +37,109 @@ def test_cli_is_the_only_command_line_entry_point() -> None:
         if path.name != "cli.py" and ("argparse" in (text := path.read_text()) or "__main__" in text)
     ]
     assert others == [], f"only hf_moe/cli.py may parse arguments or run as a script: {others}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error policy: a library error is one line on stderr and exit code 2; a bug keeps its traceback and exits 1.
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+    assert done.returncode == 2, f"exit {done.returncode}, stderr:\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, f"one line on stderr, got:\n{done.stderr}"
+    assert lines[0].startswith(f"hf-moe {command}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved tiny hf_moe checkpoint with a tokenizer; tests copy it before breaking it."""
+    from tests.helpers.native import build_tiny_for_target
+
+    return build_tiny_for_target("mixtral", tmp_path_factory.mktemp("cli") / "tiny", with_tokenizer=True)
+
+
+def broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_wrong_typed_config_field_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    model = broken_copy(tiny_checkpoint, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_size"] = "32"  # a string where transformers' strict config dataclass wants an int
+    (model / "config.json").write_text(json.dumps(config))
+    done = run_cli("export", str(model), str(tmp_path / "out"), "--to", "mixtral")
+    assert_one_line_error(done, "export", "invalid config", "hidden_size", "int")
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_config_json_in_inspect_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = broken_copy(tiny_checkpoint, tmp_path / "m")
+    (model / "config.json").write_text('{"model_type": "hf_moe", ')  # truncated
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    done = run_cli("inspect", str(model), "--text", str(tmp_path / "text.txt"), "--max-tokens", "16")
+    assert_one_line_error(done, "inspect", "config.json")
+
+
+def test_missing_paths_are_one_line(tmp_path: Path) -> None:
+    done = run_cli("import", str(tmp_path / "no-such-model"), str(tmp_path / "out"))
+    assert_one_line_error(done, "import", "no-such-model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = broken_copy(tiny_checkpoint, tmp_path / "m")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # the header survives, the tensors do not
+    done = run_cli("export", str(model), str(tmp_path / "out"), "--to", "mixtral")
+    assert_one_line_error(done, "export", "model.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_internal_error_keeps_its_traceback_and_exits_1(tmp_path: Path) -> None:
+    # A command whose code has a bug (here: a RuntimeError), run through the real dispatch in cli.main.
+    code = (
+        "import sys\n"
+        "from hf_moe import cli\n"
+        "def _run_bug(args):\n"
+        "    raise RuntimeError('an internal invariant broke')\n"
+        "def _add_bug(subparsers):\n"
+        "    subparsers.add_parser('bug').set_defaults(func=_run_bug)\n"
+        "cli.SUBCOMMANDS.append(_add_bug)\n"
+        "sys.exit(cli.main(['bug']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "RuntimeError: an internal invariant broke" in done.stderr
+
+
+def _raise(err: Exception) -> None:
+    raise err
+
+
+@pytest.mark.parametrize(
+    "make_error, library",
+    [
+        (lambda: _raise(ValueError("bad option")), True),
+        (lambda: __import__("json").loads("{"), True),  # json.JSONDecodeError
+        (lambda: open("/no/such/file"), True),  # FileNotFoundError
+        (lambda: __import__("safetensors.torch").torch.load(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"), True),
+        (lambda: __import__("yaml").safe_load("a: [1, 2"), True),
+        (lambda: {}["missing"], False),  # KeyError: a bug
+        (lambda: __import__("torch").zeros(2) @ __import__("torch").zeros(3), False),  # RuntimeError: a bug
+    ],
+    ids=["ValueError", "JSONDecodeError", "FileNotFoundError", "SafetensorError", "YAMLError", "KeyError",
+         "RuntimeError"],
+)
+def test_library_error_classification(make_error, library: bool) -> None:
+    with pytest.raises(Exception) as info:
+        make_error()
+    assert cli.is_library_error(info.value) is library
+    if library:
+        assert "\n" not in cli.error_message(info.value)

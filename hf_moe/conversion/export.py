@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub_ids import resolve_model
 from ..modeling.configuration_hf_moe import HfMoeConfig
 from .io import (
     PROVENANCE_NAME,
@@ -214,7 +215,7 @@ def export(
     """
     spec = check_target(to)
     out_dtype = parse_dtype(dtype)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
     inputs = [model_dir] + ([Path(merge_adapter)] if merge_adapter is not None else [])
     check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(model_dir)
@@ -400,7 +401,7 @@ def import_native(
             or option; tensors not matching the config (a mis-shaped expert is named by layer and expert).
     """
     out_dtype = parse_dtype(dtype)
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    src_dir, out_dir = resolve_model(src_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
     check_out_dir(out_dir, [src_dir], overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(src_dir)
     if reader.model_type == HfMoeConfig.model_type:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub_ids import resolve_model
 from ..modeling import HfMoeConfig
 from .init import RouterInitContext, get_router_init, shared_expert_weights
 from .io import (
@@ -209,6 +210,7 @@ def merge_experts(
                 f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
             )
         dtype = DTYPES[dtype]
+    base, experts = resolve_model(base), [resolve_model(e) for e in experts]  # folders or Hub ids (org/name[@rev])
     inputs = [Path(base), *map(Path, experts)]
     check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
 
