@@ -19,6 +19,7 @@ With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`.
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,13 +148,93 @@ def update_router_biases(model: nn.Module) -> int:
     return len(routers)
 
 
+def _trl_fused_forward(model: nn.Module):
+    """TRL's fused-LM-head forward if `trl.trainer.utils.add_fused_lm_head` patched `model`, else None. TRL sets it
+    as an instance attribute whose function takes a `fused_lm_head` keyword."""
+    forward = vars(model).get("forward")
+    func = getattr(forward, "__func__", None)
+    code = getattr(func, "__code__", None)
+    return forward if code is not None and "fused_lm_head" in code.co_varnames else None
+
+
+def install_router_losses_for_trl(model: nn.Module) -> bool:
+    """Make TRL's fused LM head (`trl.SFTTrainer` >= 1.x patches the model's forward with it) train an hf_moe model
+    with hf_moe's router losses.
+
+    TRL's fused forward adds Mixtral's load-balancing loss, recomputed from the router logits with a softmax top-k,
+    and no z-loss: wrong for `sigmoid_topk`, `switch` with capacity and `expert_choice` routers, and the z-loss
+    (`router_z_loss_coef`) is lost. This wraps that forward: router forward hooks keep the experts each layer
+    actually chose, and the output's `aux_loss` becomes `aux + (z_coef / aux_coef) * z` (from
+    `hf_moe.stats.routing_summary`, as the model's own loss computes them), so the term TRL adds to the loss,
+    `router_aux_loss_coef * aux_loss`, is exactly `aux_coef * aux + z_coef * z`. Without `fused_lm_head` the forward
+    is untouched (generation, evaluation with logits). Idempotent.
+
+    Args:
+        model: the model given to the trainer (a PeftModel is unwrapped to its base model).
+    Returns:
+        True when the forward was wrapped (or already was), False when `model` has no TRL fused forward or is not
+        an hf_moe model.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    fused = _trl_fused_forward(base)
+    if fused is None or getattr(config, "model_type", None) != "hf_moe":
+        return False
+    if getattr(fused, "_hf_moe_router_losses", False):
+        return True
+    routers = [m for m in base.modules() if isinstance(m, HfMoeRouter)]
+    probabilities = partial(router_probabilities, router_type=config.router_type)
+    expert_choice = config.router_type == "expert_choice"
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    capturing = [False]
+
+    def capture(module: nn.Module, inputs: tuple, output: tuple) -> None:
+        if capturing[0]:  # only inside the wrapped call: gradient checkpointing re-runs routers in backward
+            captured.append((output[0], output[2]))  # (T, E) logits, (T, K) indices
+
+    for router in routers:
+        router.register_forward_hook(capture)
+
+    def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any):
+        if not fused_lm_head:
+            return fused(*args, **kwargs)
+        captured.clear()
+        capturing[0] = True
+        try:
+            out = fused(*args, fused_lm_head=True, **kwargs)
+        finally:
+            capturing[0] = False
+        if getattr(out, "aux_loss", None) is None or not captured:
+            return out  # TRL did not ask for router logits (router_aux_loss_coef=0): no router loss at all
+        mask = kwargs.get("attention_mask")
+        summaries = [
+            routing_summary(logits, index, config.num_experts, probabilities, mask, expert_choice=expert_choice)
+            for logits, index in captured
+        ]
+        captured.clear()
+        aux = torch.stack([s.aux_loss for s in summaries]).mean()
+        z = torch.stack([s.z_loss for s in summaries]).mean()
+        aux_coef, z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
+        router_term = aux + (z_coef / aux_coef) * z if aux_coef else aux
+        if out.loss is not None:
+            out.loss = out.loss - aux_coef * out.aux_loss + aux_coef * router_term.to(out.loss.dtype)
+        out.aux_loss = router_term
+        return out
+
+    forward._hf_moe_router_losses = True  # type: ignore[attr-defined]
+    base.forward = forward
+    return True
+
+
 class MoeTrainerCallback(TrainerCallback):
     """`transformers.Trainer` callback for hf_moe models.
 
     - logs the `RouterMonitor` metrics (expert load balance, dropped fraction, routing entropy, aux and z loss)
       at every logging step;
     - switches `sigmoid_topk` aux-loss-free balancing to once per optimizer step (`router_bias_update="manual"`),
-      so gradient accumulation does not multiply the update.
+      so gradient accumulation does not multiply the update;
+    - under `trl.SFTTrainer`, puts hf_moe's own router losses into the training loss (see
+      `install_router_losses_for_trl`).
 
     Args:
         per_layer: also log per-layer metrics.
@@ -163,6 +244,7 @@ class MoeTrainerCallback(TrainerCallback):
         self.per_layer = per_layer
         self.monitor: RouterMonitor | None = None
         self.bias_updates = 0
+        self.router_losses_installed = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -172,6 +254,7 @@ class MoeTrainerCallback(TrainerCallback):
             config = getattr(module, "config", None)
             if config is not None and getattr(config, "model_type", None) == "hf_moe":
                 config.router_bias_update = "manual"
+        self.router_losses_installed = install_router_losses_for_trl(model)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None and update_router_biases(model):
