@@ -12,12 +12,28 @@ from collections.abc import Callable
 AddCommand = Callable[[argparse._SubParsersAction], None]
 
 
+# [model folders or Hub repo ids]
+
+
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="branch, tag or commit of Hub repo ids given as models "
+                   "(default: the repo's default branch); org/name@REV sets it for one model")
+
+
+def _model(args: argparse.Namespace, name: str, *, weights: bool = True) -> str:
+    """A model argument as a local folder: existing paths as given, Hub repo ids downloaded (docs/merge.md)."""
+    from .hub_ids import resolve_model
+
+    return str(resolve_model(name, revision=getattr(args, "revision", None), weights=weights))
+
+
 # [conversion commands: upcycle, merge]
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
     from .conversion.upcycle import upcycle
 
+    args.src_dir = _model(args, args.src_dir)
     out = upcycle(
         args.src_dir,
         args.out_dir,
@@ -49,8 +65,9 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
         description="Upcycle a dense checkpoint folder (config.json + safetensors) into an hf_moe checkpoint, "
         "streamed layer by layer; OUT_DIR appears only when complete. See docs/upcycling.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder or Hub repo id (org/name)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
@@ -76,6 +93,7 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     from .conversion.merge import merge_experts
 
+    args.base, args.expert = _model(args, args.base), [_model(args, e) for e in args.expert]
     print(merge_experts(
         base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k, router_type=args.router,
         router_init=args.router_init or ("prompts" if args.prompts else "random"), prompts=args.prompts,
@@ -95,9 +113,11 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "appears only when complete. See docs/merge.md.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--base", required=True, metavar="BASE_DIR", help="dense base model folder (tokenizer source)")
+    p.add_argument("--base", required=True, metavar="BASE_DIR", help="dense base model folder or Hub repo id "
+                   "(tokenizer source)")
     p.add_argument("--expert", required=True, action="append", metavar="FT_DIR",
-                   help="fine-tune folder; repeat once per expert, in expert order")
+                   help="fine-tune folder or Hub repo id; repeat once per expert, in expert order")
+    _add_revision(p)
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
     p.add_argument("--router-init", default=None, help="random | prompts (default: prompts when --prompts is given, "
@@ -121,7 +141,7 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .conversion.export import export
 
-    print(export(args.model_dir, args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
+    print(export(_model(args, args.model_dir), args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
                  overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
 
@@ -134,8 +154,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         "without hf-moe. Configs the target cannot represent exactly are refused with the blocking fields and the "
         "targets that would fit. See docs/export.md.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
                    help="target architecture")
     p.add_argument("--merge-adapter", metavar="ADAPTER_DIR", default=None,
@@ -150,7 +171,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _run_import(args: argparse.Namespace) -> int:
     from .conversion.export import import_native
 
-    print(import_native(args.src_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+    print(import_native(_model(args, args.src_dir), args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size))
     return 0
 
@@ -162,8 +183,10 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
         description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer). "
         "DeepSeek-V3 is refused: its latent attention (MLA) has no hf_moe equivalent. See docs/export.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors)")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors) or Hub "
+                   "repo id")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="output dtype (default: keep each tensor's dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
@@ -176,7 +199,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from .serving.serve import plan_serve, run_serve
 
-    plan = plan_serve(args.model_dir, host=args.host, port=args.port, route=args.route,
+    plan = plan_serve(_model(args, args.model_dir), host=args.host, port=args.port, route=args.route,
                       kv_cache_bytes=args.kv_cache_bytes, python=args.python, cache_dir=args.cache_dir,
                       extra_args=shlex.split(args.vllm_args))
     if args.dry_run:
@@ -197,7 +220,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "the hf-moe vLLM plugin. Expert-choice routing and switch routing with a capacity factor are refused. "
         "See docs/serving.md.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
+    _add_revision(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     route = p.add_mutually_exclusive_group()
@@ -260,7 +284,7 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ValueError(f"{err} (lora-targets uses PEFT's own target rules)") from err
 
-    model_dir = Path(args.model_dir)
+    model_dir = Path(_model(args, args.model_dir, weights=False))  # shapes only: no weights downloaded
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}/config.json not found: MODEL_DIR must be a model folder with a config.json")
     config = AutoConfig.from_pretrained(model_dir)
@@ -289,7 +313,9 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
 
 def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("lora-targets", help="print what each LoRA preset target would adapt in a model")
-    p.add_argument("model_dir", help="model folder (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...)")
+    p.add_argument("model_dir", help="model folder or Hub repo id (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                   "DeepSeek-V3, ...)")
+    _add_revision(p)
     p.add_argument("--r", type=int, default=16, help="LoRA rank for the parameter counts (default 16)")
     p.add_argument("--experts-impl", choices=["fast", "target_parameters"], default="fast",
                    help="how routed experts are adapted (default fast)")
@@ -316,24 +342,45 @@ def _parse_eval(pairs: list[str] | None) -> dict | None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    from .hub import write_model_card
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    path = write_model_card(
-        args.model_dir,
-        eval_results=_parse_eval(args.eval),
-        model_name=args.name,
-        repo_id=args.repo_id,
-        license=args.license,
-        base_model=args.base_model,
-        overwrite=args.overwrite,
-    )
-    print(path)
+    from .hub import write_model_card
+    from .hub_ids import hub_origin
+
+    model_dir = Path(_model(args, args.model_dir))
+    origin = hub_origin(model_dir)
+    if origin is None and args.output:
+        raise ValueError("--output is for Hub repo ids; a local folder gets its README.md in place")
+    if origin is not None and not args.output:
+        raise ValueError(f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
+                         "--output README.md (where to write the card)")
+    options = dict(eval_results=_parse_eval(args.eval), model_name=args.name, license=args.license,
+                   base_model=args.base_model, overwrite=args.overwrite)
+    if origin is None:
+        print(write_model_card(model_dir, repo_id=args.repo_id, **options))
+        return 0
+    # A scratch folder of links to the snapshot's files, so the card is rendered without touching the cache.
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
+    with tempfile.TemporaryDirectory() as scratch:
+        for file in model_dir.iterdir():
+            os.symlink(file.resolve(), Path(scratch) / file.name)
+        card = write_model_card(scratch, repo_id=args.repo_id or origin["repo_id"],
+                                **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]})
+        shutil.copyfile(card, output)
+    print(output)
     return 0
 
 
 def _add_card(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("card", help="write README.md (model card) into a checkpoint folder")
-    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", help="hf_moe checkpoint folder, or Hub repo id (then --output is required)")
+    _add_revision(p)
+    p.add_argument("--output", metavar="FILE", help="for a Hub repo id: where to write the card")
     p.add_argument("--eval", action="append", metavar="NAME=VALUE", help="an evaluation figure (repeatable)")
     p.add_argument("--name", help="card title (default: the folder name)")
     p.add_argument("--repo-id", help="Hub repo id used in the usage snippets")
@@ -458,9 +505,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'hf-moe[plot]'")
     stats = inspect_routing(
-        args.model_dir,
+        _model(args, args.model_dir),
         text_path.read_text(encoding="utf-8", errors="replace"),
-        tokenizer_dir=args.tokenizer,
+        tokenizer_dir=args.tokenizer and _model(args, args.tokenizer, weights=False),
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
     )
@@ -475,7 +522,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="per-layer expert load, dropped tokens and routing entropy over a text")
-    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", help="hf_moe checkpoint folder or Hub repo id")
+    _add_revision(p)
     p.add_argument("--text", required=True, help="UTF-8 text file to route")
     p.add_argument("--plot", help="write a layer x expert load heatmap PNG here")
     p.add_argument("--json", help="write the statistics as JSON here")

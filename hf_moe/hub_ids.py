@@ -93,8 +93,10 @@ def _check_weights(repo_id: str, revision: str | None, files: list[str], where: 
     pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise ValueError(_pickle_only_message(repo_id, revision, pickles))
-    raise HubModelError(f"{repo_id}{f'@{revision}' if revision else ''} has no weights ({where} lists no "
-                        "*.safetensors files); is it a model repo?")
+    raise HubModelError(
+        f"{repo_id}{f'@{revision}' if revision else ''} has no weights ({where} lists no "
+        "*.safetensors files); is it a model repo?"
+    )
 
 
 def resolve_model(
@@ -179,7 +181,9 @@ def _download(repo_id: str, revision: str | None, *, token: str | bool | None, w
             f"{repo_id} is gated: accept its terms on the Hub page, then log in (`hf auth login`) or set HF_TOKEN"
         ) from err
     except RevisionNotFoundError as err:
-        raise HubModelError(f"{repo_id} has no revision {revision!r}; give a branch, tag or commit sha") from err
+        raise HubModelError(
+            f"{repo_id} has no revision {revision!r}; give a branch, tag or commit sha"
+        ) from err
     except RepositoryNotFoundError as err:
         raise HubModelError(
             f"{label!r} is not a local folder, and the Hub ({endpoint}) has no model repo {repo_id} that this "
@@ -224,9 +228,9 @@ def hub_origin(folder: str | os.PathLike) -> dict[str, str] | None:
 
 __all__ = [
     "CONFIG_PATTERNS",
-    "HubModelError",
     "PICKLE_SUFFIXES",
     "WEIGHT_PATTERNS",
+    "HubModelError",
     "hub_origin",
     "parse_repo_id",
     "resolve_model",

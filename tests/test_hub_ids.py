@@ -49,8 +49,12 @@ def dense_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def _publish_dense(hub: FakeHubServer, dense_dirs: dict[str, Path]) -> dict[str, str]:
     """alice/tiny-llama: main = dense_dirs["main"] plus files hf-moe must not fetch, branch v2 = dense_dirs["v2"]."""
-    extra = {"README.md": b"---\nlicense: mit\n---\n", "pytorch_model.bin": b"\x80\x04pickle",
-             "onnx/model.onnx": b"onnx", "training_args.bin": b"\x80\x04pickle"}
+    extra = {
+        "README.md": b"---\nlicense: mit\n---\n",
+        "pytorch_model.bin": b"\x80\x04pickle",
+        "onnx/model.onnx": b"onnx",
+        "training_args.bin": b"\x80\x04pickle",
+    }
     return {
         "main": hub.add_repo("alice/tiny-llama", {**folder_files(dense_dirs["main"]), **extra}),
         "v2": hub.add_repo("alice/tiny-llama", folder_files(dense_dirs["v2"]), ref="v2"),
@@ -74,7 +78,9 @@ def _dense_down0(folder: Path) -> torch.Tensor:
 def test_upcycle_a_repo_id_end_to_end(hub, dense_dirs, tmp_path, capsys) -> None:
     shas = _publish_dense(hub, dense_dirs)
     out = tmp_path / "moe"
-    code = cli.main(["upcycle", "alice/tiny-llama", str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"])
+    code = cli.main(
+        ["upcycle", "alice/tiny-llama", str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"]
+    )
     assert code == 0, capsys.readouterr().err
     assert capsys.readouterr().out.strip() == str(out)
     # Only what hf-moe reads: no README, no pickles, no ONNX; every safetensors shard, the config, the tokenizer.
@@ -100,8 +106,18 @@ def os_hf_home(tmp_path: Path) -> Path:
 def test_revision_is_passed_through(hub, dense_dirs, tmp_path, capsys) -> None:
     shas = _publish_dense(hub, dense_dirs)
     out = tmp_path / "moe-v2"
-    argv = ["upcycle", "alice/tiny-llama", str(out), "--revision", "v2", "--num-experts", "2", "--top-k", "1",
-            "--no-progress"]
+    argv = [
+        "upcycle",
+        "alice/tiny-llama",
+        str(out),
+        "--revision",
+        "v2",
+        "--num-experts",
+        "2",
+        "--top-k",
+        "1",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert any(r["path"] == "/api/models/alice/tiny-llama/revision/v2" for r in hub.requests)
     assert torch.equal(_expert0_layer0(out), _dense_down0(dense_dirs["v2"]))
@@ -109,7 +125,10 @@ def test_revision_is_passed_through(hub, dense_dirs, tmp_path, capsys) -> None:
     # The inline form, and a commit sha, resolve to the same snapshot; two different revisions are refused.
     assert resolve_model("alice/tiny-llama@v2").name == shas["v2"]
     assert resolve_model("alice/tiny-llama", revision=shas["main"]).name == shas["main"]
-    assert hub_origin(resolve_model("alice/tiny-llama@v2")) == {"repo_id": "alice/tiny-llama", "revision": shas["v2"]}
+    assert hub_origin(resolve_model("alice/tiny-llama@v2")) == {
+        "repo_id": "alice/tiny-llama",
+        "revision": shas["v2"],
+    }
     with pytest.raises(ValueError, match="give one"):
         resolve_model("alice/tiny-llama@v2", revision="main")
     with pytest.raises(HubModelError, match="no revision 'nope'"):
@@ -138,7 +157,10 @@ def test_pickle_only_repo_is_refused_before_any_weight_download(hub, dense_dirs,
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*save_pretrained"):
         resolve_model("bob/old-llama")
     assert hub.downloaded() == []  # refused from the listing: not even config.json was fetched
-    assert cli.main(["upcycle", "bob/old-llama", str(tmp_path / "moe"), "--num-experts", "2", "--top-k", "1"]) == 2
+    assert (
+        cli.main(["upcycle", "bob/old-llama", str(tmp_path / "moe"), "--num-experts", "2", "--top-k", "1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "pickle" in err and "refs/pr/N" in err
     assert hub.downloaded() == [] and not (tmp_path / "moe").exists()
@@ -158,7 +180,12 @@ def test_local_path_wins_and_bad_names_are_named(hub, dense_dirs, tmp_path, monk
     with pytest.raises(HubModelError, match="no model repo carol/nothing"):
         resolve_model("carol/nothing")
     assert [parse_repo_id(s) for s in ("a/b", "a/b@refs/pr/1", "a--b/c", "/abs/path", "a/b/c")] == [
-        ("a/b", None), ("a/b", "refs/pr/1"), None, None, None]
+        ("a/b", None),
+        ("a/b", "refs/pr/1"),
+        None,
+        None,
+        None,
+    ]
 
 
 def test_token_reaches_the_server(hub, dense_dirs, monkeypatch) -> None:
@@ -211,8 +238,19 @@ def test_export_card_and_python_apis_take_repo_ids(hub, moe_repo, tmp_path, caps
 def test_merge_takes_repo_ids_with_revisions(hub, dense_dirs, tmp_path, capsys) -> None:
     shas = _publish_dense(hub, dense_dirs)
     out = tmp_path / "merged"
-    argv = ["merge", str(out), "--base", "alice/tiny-llama", "--expert", "alice/tiny-llama",
-            "--expert", "alice/tiny-llama@v2", "--top-k", "1", "--no-progress"]
+    argv = [
+        "merge",
+        str(out),
+        "--base",
+        "alice/tiny-llama",
+        "--expert",
+        "alice/tiny-llama",
+        "--expert",
+        "alice/tiny-llama@v2",
+        "--top-k",
+        "1",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     state = {}
     for shard in out.glob("*.safetensors"):
@@ -220,8 +258,10 @@ def test_merge_takes_repo_ids_with_revisions(hub, dense_dirs, tmp_path, capsys) 
     down = state["model.layers.0.mlp.experts.down_proj"]  # (E, H, I)
     assert torch.equal(down[0], _dense_down0(dense_dirs["main"]))
     assert torch.equal(down[1], _dense_down0(dense_dirs["v2"]))
-    assert {r["path"] for r in hub.requests} >= {"/api/models/alice/tiny-llama/revision/main",
-                                                  "/api/models/alice/tiny-llama/revision/v2"}
+    assert {r["path"] for r in hub.requests} >= {
+        "/api/models/alice/tiny-llama/revision/main",
+        "/api/models/alice/tiny-llama/revision/v2",
+    }
     assert resolve_model("alice/tiny-llama").name == shas["main"]
 
 

@@ -35,7 +35,9 @@ class FakeRepo:
 
     def add_commit(self, files: dict[str, bytes], *, ref: str = "main") -> str:
         """Add a commit holding `files` and point `ref` at it. Returns the 40-hex commit sha."""
-        digest = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode())
+        digest = hashlib.sha1(
+            repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+        )
         sha = hashlib.sha1(f"{digest.hexdigest()}:{len(self.commits)}".encode()).hexdigest()
         self.commits[sha] = dict(files)
         self.refs[ref] = sha
@@ -59,7 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
 
-    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False) -> None:
+    def _send(
+        self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False
+    ) -> None:
         self.send_response(code)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -69,19 +73,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, code: int, payload: object, headers: dict[str, str] | None = None) -> None:
-        self._send(code, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+        self._send(
+            code, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})}
+        )
 
     def _error(self, code: str, message: str, *, head: bool = False) -> None:
-        self._send(404, json.dumps({"error": message}).encode(),
-                   {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message}, head=head)
+        self._send(
+            404,
+            json.dumps({"error": message}).encode(),
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message},
+            head=head,
+        )
 
-    def _record(self) -> tuple[str, dict[str, str]]:
+    def _record(self) -> str:
         url = urlsplit(self.path)
         self.server.requests.append(
-            {"method": self.command, "path": unquote(url.path), "query": url.query,
-             "headers": {k.lower(): v for k, v in self.headers.items()}}
+            {
+                "method": self.command,
+                "path": unquote(url.path),
+                "query": url.query,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            }
         )
-        return unquote(url.path), {}
+        return unquote(url.path)
 
     def _repo(self, repo_id: str, *, head: bool = False) -> FakeRepo | None:
         repo = self.server.repos.get(repo_id)
@@ -96,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def _serve(self, *, head: bool) -> None:
-        path, _ = self._record()
+        path = self._record()
         if path.startswith("/api/models/"):
             return self._api(path.removeprefix("/api/models/"))
         # /{org}/{name}/resolve/{rev}/{file}
@@ -114,8 +128,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error("EntryNotFound", f"{filename} does not exist at {sha}", head=head)
             data = files[filename]
             etag = hashlib.sha256(data).hexdigest()
-            return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{etag}"',
-                                          "Content-Type": "application/octet-stream"}, head=head)
+            return self._send(
+                200,
+                data,
+                {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"},
+                head=head,
+            )
         return self._send(404, b"unexpected endpoint", head=head)
 
     def _api(self, rest: str) -> None:
@@ -138,8 +156,16 @@ class _Handler(BaseHTTPRequestHandler):
                 for p, d in sorted(files.items())
             ]
             return self._json(200, entries)
-        return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                                "siblings": [{"rfilename": p} for p in sorted(files)]})
+        return self._json(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": sha,
+                "private": False,
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            },
+        )
 
 
 class FakeHubServer(ThreadingHTTPServer):
