@@ -209,3 +209,22 @@ def test_smollm2_recipe_on_real_weights(
     assert stats["num_tokens"] == 256 and len(stats["layers"]) == 30
     assert all(sum(row) == 2 * 256 for row in stats["tokens_per_expert"])  # dropless top-2
     assert all(0 < h <= math.log(8) + 1e-6 for h in stats["entropy"])
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_zoo_cards_are_hub_ready(name: str) -> None:
+    from tests.test_hub import _assert_hub_ready
+
+    _assert_hub_ready(card_path(name).read_text(encoding="utf-8"))
+
+
+def test_created_card_is_hub_ready_and_provenance_has_the_one_schema(tmp_path: Path) -> None:
+    from tests.test_hub import _assert_hub_ready
+
+    out = create("tiny", tmp_path / "tiny", seed=1)
+    record = json.loads((out / "hf_moe_provenance.json").read_text())
+    assert set(record["source"]) == {"path", "model_type", "files_sha256"}  # conversion.io.write_provenance's
+    assert list(record["source"]["files_sha256"]) == ["zoo.py"] and record["zoo_preset"] == "tiny"
+    text = (out / "README.md").read_text()
+    _assert_hub_ready(text, tmp_path)
+    assert "ships no tokenizer" in text and "99 entries" in text

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub_ids import resolve_model
+from ..hub import write_export_card
 from ..modeling.configuration_hf_moe import HfMoeConfig
 from .io import (
     PROVENANCE_NAME,
@@ -40,7 +41,6 @@ from .io import (
 from .native import (
     SPECS,
     TARGETS,
-    NativeSpec,
     check_target,
     compatible_targets,
     export_tensor,
@@ -266,67 +266,11 @@ def export(
         extra["architecture"] = spec.architecture
         write_provenance(tmp, source=reader, method="export", options=options, source_files=source_files,
                          extra=extra)
-        _write_export_card(tmp, config, spec, model_dir)
+        # The card lives in one place (hf_moe.hub); its export variant describes the native architecture.
+        write_export_card(tmp, config, architecture=spec.architecture, model_name=f"{model_dir.resolve().name} "
+                          f"({spec.title})")
     logger.info("exported %s to %s (%s)", model_dir, out_dir, spec.architecture)
     return out_dir
-
-
-_CARD_NOTE = """
-This checkpoint uses the native `{architecture}` architecture (`model_type: {model_type}`): transformers and
-vLLM load it without hf-moe and without `trust_remote_code`. It was exported from an hf-moe checkpoint with
-`hf-moe export --to {model_type}` and computes the same function as the hf-moe model it came from.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # {architecture}
-```
-
-```python
-from vllm import LLM
-
-llm = LLM(model="path/to/this/folder")
-```
-"""
-
-
-def _write_export_card(out: Path, config: HfMoeConfig, spec: NativeSpec, model_dir: Path) -> None:
-    """README.md: the hf_moe model card (parameters, routing, provenance) with a note on the native architecture;
-    the source README.md if the card cannot be rendered."""
-    try:
-        from ..hub import render_model_card
-    except ImportError:
-        render_model_card = None
-    text = None
-    if render_model_card is not None:
-        try:
-            provenance = json.loads((out / PROVENANCE_NAME).read_text())
-            # The template ships in the source tree (model_cards/); without it, fall back below.
-            text = render_model_card(
-                config,
-                provenance=provenance,
-                model_name=f"{model_dir.resolve().name} ({spec.title})",
-                description=_CARD_NOTE.format(architecture=spec.architecture, model_type=spec.target).strip(),
-            )
-            text = _strip_hf_moe_usage(text).replace(
-                "in the hf-moe `hf_moe` architecture", f"exported from hf-moe to `{spec.architecture}`"
-            )
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            logger.warning("model card not rendered (%s); copying the source README.md", err)
-            text = None
-    if text is None:
-        source_card = model_dir / "README.md"
-        if source_card.is_file():
-            text = source_card.read_text(encoding="utf-8")
-    if text is not None:
-        (out / "README.md").write_text(text, encoding="utf-8")
-
-
-def _strip_hf_moe_usage(card: str) -> str:
-    # The hf_moe template's usage section describes the hf_moe architecture (plugin, trust_remote_code); the
-    # export note above replaces it.
-    head, sep, _ = card.partition("\n## Usage")
-    return head.rstrip() + "\n" if sep else card
 
 
 # ================================================================================================================
