@@ -108,9 +108,13 @@ def test_router_bf16_within_bound(device, router_type):
 
 
 def experts_implementations() -> list[str]:
-    """The names `set_experts_implementation` accepts for hf_moe's experts that run without extra kernel packages:
-    hf_moe's own ("eager") and transformers' generic kernels."""
-    return ["eager", "grouped_mm", "batched_mm"]
+    """Every name `set_experts_implementation` accepts for hf_moe's experts that runs without extra kernel packages:
+    the reference ("eager"), hf_moe's named implementations, and transformers' generic kernels."""
+    try:
+        from hf_moe.modeling.experts import EXPERTS_IMPLEMENTATIONS
+    except ImportError:  # before hf_moe.modeling.experts existed, hf_moe's own forward was "eager"
+        EXPERTS_IMPLEMENTATIONS = {}
+    return ["eager", *EXPERTS_IMPLEMENTATIONS, "grouped_mm", "batched_mm"]
 
 
 def naive_block_output(block: nn.Module, flat: torch.Tensor) -> torch.Tensor:
@@ -167,6 +171,8 @@ def test_experts_implementations_agree(device, dtype, router_type):
     assert len(results) >= 2
     if device.type == "cuda" and dtype == torch.bfloat16:
         assert any(kernels_seen.values()), f"no implementation ran a grouped-GEMM kernel: {kernels_seen}"
+        for name in ("hf_moe", "hf_moe_grouped"):  # hf_moe's CUDA path is the grouped GEMM
+            assert kernels_seen.get(name, ["absent"]), f"{name} ran no grouped-GEMM kernel on CUDA bf16"
 
 
 # ---- generation: with cache == without; attention backends agree --------------------------------------------------
