@@ -13,9 +13,8 @@ import importlib.util
 import sys
 import warnings
 from importlib import import_module
+from pathlib import PurePath
 from typing import Any
-
-from .modeling import HfMoeConfig, HfMoeForCausalLM, HfMoeModel
 
 __version__ = "0.1.0"
 
@@ -23,6 +22,8 @@ __version__ = "0.1.0"
 def register() -> None:
     """Register the hf_moe classes with the transformers Auto classes. Safe to call any number of times."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .modeling import HfMoeConfig, HfMoeForCausalLM, HfMoeModel
 
     AutoConfig.register(HfMoeConfig.model_type, HfMoeConfig, exist_ok=True)
     AutoModel.register(HfMoeConfig, HfMoeModel, exist_ok=True)
@@ -33,7 +34,18 @@ def register() -> None:
     HfMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-register()
+def _in_console_script() -> bool:
+    """True in the `hf-moe` command: its launcher imports this package before `hf_moe.cli` parses the arguments."""
+    return PurePath(sys.argv[0] if sys.argv else "").stem == "hf-moe"
+
+
+# Importing the model classes means importing torch and transformers (3-7 s). The `hf-moe` command defers that
+# until its arguments are parsed (hf_moe.cli calls register()), so that `--help` and argument errors are instant.
+# Everywhere else importing hf_moe registers, as documented above.
+if not _in_console_script():
+    from .modeling import HfMoeConfig, HfMoeForCausalLM, HfMoeModel
+
+    register()
 
 
 def _register_with_peft() -> None:
@@ -77,6 +89,7 @@ _register_with_peft()
 
 # Heavier entry points load on first use so `import hf_moe` stays cheap.
 _LAZY: dict[str, str] = {
+    "HfMoeConfig": "hf_moe.modeling", "HfMoeModel": "hf_moe.modeling", "HfMoeForCausalLM": "hf_moe.modeling",
     "upcycle": "hf_moe.conversion.upcycle",
     "merge_experts": "hf_moe.conversion.merge",
     "export": "hf_moe.conversion.export",

@@ -646,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Only now, with valid arguments, load the library (torch, transformers): `--help` and usage errors are instant.
+    from . import register
+
+    register()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)

@@ -143,3 +143,20 @@ def test_library_error_classification(make_error, library: bool) -> None:
     assert cli.is_library_error(info.value) is library
     if library:
         assert "\n" not in cli.error_message(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Help and usage errors load no library (their latency is a benchmark: benchmarks/cli_latency.py).
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["zoo", "create", "--help"], ["export"]],
+                         ids=["help", "serve-help", "zoo-create-help", "usage-error"])
+def test_help_and_usage_errors_import_neither_torch_nor_transformers(args: list[str]) -> None:
+    # -X importtime lists every module the process imported, on stderr.
+    done = subprocess.run([sys.executable, "-X", "importtime", HF_MOE, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == (0 if "--help" in args else 2), done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "hf_moe.cli" in imported
+    heavy = sorted(name for name in imported if name.split(".")[0] in ("torch", "transformers", "safetensors"))
+    assert heavy == [], f"hf-moe {' '.join(args)} imported {heavy[:5]}"
