@@ -312,7 +312,14 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
 
 
 def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("lora-targets", help="print what each LoRA preset target would adapt in a model")
+    p = subparsers.add_parser(
+        "lora-targets",
+        help="print what each LoRA preset target would adapt in a model",
+        description="For each LoRA target preset of hf_moe.lora_config (experts, shared_experts, router, attention, "
+        "dense_mlp), list the modules of MODEL_DIR it adapts and the LoRA parameters it adds at rank --r. Only "
+        "config.json is read: the model is built on the meta device, no weights are loaded. Needs PEFT "
+        "(pip install 'hf-moe[peft]'). See docs/peft.md.",
+    )
     p.add_argument("model_dir", help="model folder or Hub repo id (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, "
                    "DeepSeek-V3, ...)")
     _add_revision(p)
@@ -377,7 +384,14 @@ def _run_card(args: argparse.Namespace) -> int:
 
 
 def _add_card(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("card", help="write README.md (model card) into a checkpoint folder")
+    p = subparsers.add_parser(
+        "card",
+        help="write README.md (model card) into a checkpoint folder",
+        description="Render the model card README.md of a checkpoint from what is on disk: config, parameter "
+        "counts (total and active per token, checked against the safetensors), provenance "
+        "(hf_moe_provenance.json), the --eval figures and usage snippets. A README.md that hf-moe card did not "
+        "write is kept unless --overwrite. See docs/hub_zoo.md.",
+    )
     p.add_argument("model_dir", help="hf_moe checkpoint folder, or Hub repo id (then --output is required)")
     _add_revision(p)
     p.add_argument("--output", metavar="FILE", help="for a Hub repo id: where to write the card")
@@ -420,7 +434,13 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("push", help="upload a checkpoint folder (safetensors + card) to the Hugging Face Hub")
+    p = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint folder (safetensors + card) to the Hugging Face Hub",
+        description="Create the Hub repo REPO_ID if needed and upload MODEL_DIR to it: safetensors, json, md, py "
+        "and tokenizer files only. The folder needs a README.md (write it with hf-moe card). The token comes from "
+        "$HF_TOKEN or `hf auth login` and is never printed. See docs/hub_zoo.md.",
+    )
     p.add_argument("model_dir", help="checkpoint folder with README.md and *.safetensors")
     p.add_argument("repo_id", help="owner/name")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -448,6 +468,7 @@ def _run_zoo(args: argparse.Namespace) -> int:
                 f"{preset.name:<24} {preset.recipe.method:<13} {human(preset.expected_total):>8} "
                 f"{human(preset.expected_active):>8}  {textwrap.shorten(preset.description, 70)}"
             )
+        print("from_scratch presets have random weights and ship no tokenizer; upcycle presets keep their base's.")
         return 0
     preset = zoo.get_preset(args.name)
     if args.zoo_command == "show":
@@ -463,15 +484,27 @@ def _run_zoo(args: argparse.Namespace) -> int:
             print(f"   or: {zoo.upcycle_command(preset)}")
         else:
             print(f"build: hf-moe zoo create {preset.name} OUT_DIR")
+            print(f"tokenizer: none shipped; bring one with vocab_size {preset.config().get_text_config().vocab_size}")
         print(f"card: {zoo.card_path(preset.name)}")
         return 0
     out = zoo.create(args.name, args.out_dir, source=args.source, seed=args.seed, overwrite=args.overwrite)
+    if preset.recipe.method == "from_scratch":
+        vocab_size = preset.config().get_text_config().vocab_size
+        print(f"hf-moe zoo: {out} has random weights and no tokenizer: save one with vocab_size {vocab_size} into it "
+              "before generating text", file=sys.stderr)
     print(out)
     return 0
 
 
 def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("zoo", help="named MoE presets: list, show, create")
+    p = subparsers.add_parser(
+        "zoo",
+        help="named MoE presets: list, show, create",
+        description="Named MoE presets. from_scratch presets are architectures in the style of a published MoE "
+        "family, built with random weights; they ship no tokenizer (bring one with the preset's vocab_size). "
+        "upcycle presets turn a dense base model into an MoE and need a local copy of that base (--source). "
+        "See docs/hub_zoo.md.",
+    )
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the presets")
     show = zoo_sub.add_parser("show", help="config, recipe and parameter counts of a preset")
@@ -521,7 +554,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("inspect", help="per-layer expert load, dropped tokens and routing entropy over a text")
+    p = subparsers.add_parser(
+        "inspect",
+        help="per-layer expert load, dropped tokens and routing entropy over a text",
+        description="Route the first --max-tokens tokens of a text through an hf_moe checkpoint (loaded on the "
+        "CPU) and print, per MoE layer, each expert's share of the tokens, the tokens no expert took and the "
+        "routing entropy. --plot writes a layer x expert heatmap, --json the figures. See docs/router-statistics.md.",
+    )
     p.add_argument("model_dir", help="hf_moe checkpoint folder or Hub repo id")
     _add_revision(p)
     p.add_argument("--text", required=True, help="UTF-8 text file to route")
@@ -561,48 +600,6 @@ SUBCOMMANDS: list[AddCommand] = [
 # missing says so itself, as a ValueError naming the extra to install.
 LIBRARY_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 LIBRARY_ERRORS_BY_NAME: dict[str, str] = {  # qualified class name -> label put before the message
-    "safetensors._safetensors_rust.SafetensorError": "safetensors file: ",
-    "huggingface_hub.errors.StrictDataclassError": "invalid config: ",
-    "yaml.error.YAMLError": "invalid YAML: ",
-}
-
-
-def _library_label(err: BaseException) -> str | None:
-    for cls in type(err).__mro__:
-        label = LIBRARY_ERRORS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
-        if label is not None:
-            return label
-    return None
-
-
-def is_library_error(err: BaseException) -> bool:
-    """Whether `err` is reported as a one-line message with exit code 2 (see LIBRARY_ERRORS above)."""
-    return isinstance(err, LIBRARY_ERRORS) or _library_label(err) is not None
-
-
-def error_message(err: BaseException) -> str:
-    """`err` as one line for stderr."""
-    if isinstance(err, OSError) and err.strerror and err.filename is not None:
-        text = f"{err.strerror}: {err.filename}"
-    else:
-        text = str(err) or type(err).__name__
-    return (_library_label(err) or "") + " ".join(text.split())
-
-
-# What the CLI calls a library error: a problem with the user's input or environment that the message alone lets
-# them fix. It is printed as one line on stderr with exit code 2. Anything else is a bug in hf-moe or in a
-# dependency, and keeps its traceback (exit code 1).
-#   - ValueError and subclasses: invalid options, configs and checkpoint contents (json.JSONDecodeError and
-#     UnicodeDecodeError are ValueErrors, and so is the config's own validation error);
-#   - OSError and subclasses: missing, existing or unreadable paths (FileNotFoundError, FileExistsError,
-#     NotADirectoryError, PermissionError), a full disk, transformers' "not a valid JSON file" for config.json;
-#   - errors of dependencies named below, matched by name so that checking one imports nothing: corrupt or
-#     truncated .safetensors files, a config.json field of the wrong type (transformers' configs are
-#     huggingface_hub strict dataclasses), a malformed YAML prompts file.
-# ImportError, RuntimeError, KeyError and the rest stay internal errors: a command whose optional dependency is
-# missing says so itself, as a ValueError naming the extra to install.
-LIBRARY_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
-LIBRARY_ERRORS_BY_NAME: dict[str, str] = {  # qualified class name -> label put before the message
     "safetensors._safetensors_rust.SafetensorError": "invalid safetensors file: ",
     "huggingface_hub.errors.StrictDataclassError": "invalid config: ",
     "yaml.error.YAMLError": "invalid YAML: ",
@@ -622,12 +619,19 @@ def is_library_error(err: BaseException) -> bool:
     return isinstance(err, LIBRARY_ERRORS) or _library_label(err) is not None
 
 
+# Library messages name keyword arguments (`overwrite=True`); a CLI user needs the flag. A message that already
+# gives both ("overwrite=True (--overwrite)") shows the flag alone.
+CLI_SPELLINGS: dict[str, str] = {"overwrite=True": "--overwrite"}
+
+
 def error_message(err: BaseException) -> str:
-    """`err` as one line for stderr."""
+    """`err` as one line for stderr, with options spelled as the CLI's flags."""
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         text = f"{err.strerror}: {err.filename}"
     else:
         text = str(err) or type(err).__name__
+    for keyword, flag in CLI_SPELLINGS.items():
+        text = text.replace(f"{keyword} ({flag})", flag).replace(keyword, flag)
     return (_library_label(err) or "") + " ".join(text.split())
 
 

@@ -160,3 +160,45 @@ def test_help_and_usage_errors_import_neither_torch_nor_transformers(args: list[
     assert "hf_moe.cli" in imported
     heavy = sorted(name for name in imported if name.split(".")[0] in ("torch", "transformers", "safetensors"))
     assert heavy == [], f"hf-moe {' '.join(args)} imported {heavy[:5]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a CLI user reads: flags rather than keyword arguments, descriptions, the zoo's missing tokenizers.
+
+
+def test_existing_output_names_the_overwrite_flag(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    done = run_cli("export", str(tiny_checkpoint), str(tmp_path / "out"), "--to", "mixtral")
+    line = assert_one_line_error(done, "export", "already exists", "--overwrite")
+    assert "overwrite=True" not in line
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("output folder x already exists; choose another path or pass overwrite=True", "pass --overwrite"),
+    ("x exists and was not written by hf-moe card; move it away or pass overwrite=True (--overwrite)",
+     "move it away or pass --overwrite"),
+])
+def test_keyword_arguments_are_spelled_as_flags(message: str, shown: str) -> None:
+    assert cli.error_message(FileExistsError(message)).endswith(shown)
+
+
+@pytest.mark.parametrize("command", ["card", "push", "zoo", "inspect", "lora-targets", "upcycle", "merge", "export",
+                                     "import", "serve"])
+def test_every_command_has_a_description(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    help_text = capsys.readouterr().out
+    usage, _, rest = help_text.partition("\n\n")
+    description = rest.split("\n\n", 1)[0]
+    assert not description.startswith(("positional arguments", "options")), f"hf-moe {command} has no description"
+    assert len(description.split()) >= 12
+
+
+def test_zoo_says_from_scratch_presets_ship_no_tokenizer(tmp_path: Path, capsys) -> None:
+    assert cli.main(["zoo", "show", "tiny"]) == 0
+    assert "tokenizer: none shipped; bring one with vocab_size 99" in capsys.readouterr().out
+    assert cli.main(["zoo", "create", "tiny", str(tmp_path / "tiny")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "tiny")
+    assert "no tokenizer" in captured.err and "vocab_size 99" in captured.err
+    assert not any((tmp_path / "tiny" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
