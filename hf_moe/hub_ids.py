@@ -133,7 +133,7 @@ def resolve_model(
     parsed = parse_repo_id(text)
     if parsed is None:
         raise FileNotFoundError(
-            f"{text!r} is neither an existing folder nor a Hub repo id; give a local model folder (config.json + "
+            f"{text!r} does not exist, and is not a Hub repo id either; give a local model folder (config.json + "
             "safetensors), or a Hub model repo id as org/name (optionally org/name@revision)"
         )
     repo_id, inline_revision = parsed

@@ -173,9 +173,9 @@ def test_local_path_wins_and_bad_names_are_named(hub, dense_dirs, tmp_path, monk
     local.mkdir(parents=True)
     assert resolve_model("alice/tiny-llama") == local
     assert hub.requests == []
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="does not exist, and is not a Hub repo id"):
         resolve_model("./missing/model/dir")
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="does not exist, and is not a Hub repo id"):
         resolve_model("not a repo")
     with pytest.raises(HubModelError, match="no model repo carol/nothing"):
         resolve_model("carol/nothing")
