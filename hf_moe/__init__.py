@@ -92,6 +92,7 @@ _LAZY: dict[str, str] = {
     "HfMoeConfig": "hf_moe.modeling", "HfMoeModel": "hf_moe.modeling", "HfMoeForCausalLM": "hf_moe.modeling",
     "upcycle": "hf_moe.conversion.upcycle",
     "merge_experts": "hf_moe.conversion.merge",
+    "compress": "hf_moe.compression",
     "export": "hf_moe.conversion.export",
     "import_native": "hf_moe.conversion.export",
     "router_statistics": "hf_moe.stats",
