@@ -330,6 +330,51 @@ def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_lora_targets)
 
 
+def _run_lora(args: argparse.Namespace) -> int:
+    import json
+
+    try:  # PEFT is optional: the bridge lives in hf_moe.peft
+        from hf_moe.peft import convert_moe_adapter, verify_moe_adapter
+    except ImportError as err:
+        raise ValueError(f"{err} (hf-moe lora needs PEFT)") from err
+
+    if args.lora_command == "convert":
+        result = convert_moe_adapter(args.adapter, args.out, to=args.to, naming=args.naming,
+                                     overwrite=args.overwrite)
+        print(f"{result['out']}: {result['experts_modules']} experts modules, {result['from']} -> {result['to']}")
+        return 0
+    result = verify_moe_adapter(_model(args, args.model), args.adapter, num_tokens=args.tokens,
+                                rtol=args.rtol, atol=args.atol)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def _add_lora(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lora", help="convert MoE LoRA adapters between layouts, and verify an adapter against its merged export",
+        description="Routed-experts LoRA in three layouts: fused (hf_moe's fused-experts LoRA layer), "
+        "target-parameters (PEFT's ParamWrapper on fused experts) and per-expert (one LoRA per expert projection, "
+        "the layout vLLM's MoE-LoRA loader reads). docs/peft.md says which vLLM versions load which.",
+    )
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="SUBCOMMAND")
+    convert = sub.add_parser("convert", help="rewrite an adapter's experts in another layout (exact)")
+    convert.add_argument("adapter", metavar="IN", help="PEFT adapter folder")
+    convert.add_argument("out", metavar="OUT", help="new adapter folder (must not exist unless --overwrite)")
+    convert.add_argument("--to", required=True, choices=["fused", "target-parameters", "per-expert"])
+    convert.add_argument("--naming", choices=["qwen", "mixtral"], default="qwen",
+                         help="per-expert module names: qwen = mlp.experts.{i}.gate_proj/up_proj/down_proj, "
+                         "mixtral = block_sparse_moe.experts.{i}.w1/w3/w2 (default qwen)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    verify = sub.add_parser("verify", help="check that MODEL + ADAPTER and its merged export give equal logits")
+    verify.add_argument("model", metavar="MODEL", help="base model folder or Hub repo id")
+    verify.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (any of the three layouts)")
+    _add_revision(verify)
+    verify.add_argument("--tokens", type=int, default=32, help="random tokens compared (default 32)")
+    verify.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance on the logits (default 1e-4)")
+    verify.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.set_defaults(func=_run_lora)
+
+
 # [hub commands: card, push, zoo, inspect]
 
 
@@ -574,6 +619,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[AddCommand] = [
     _add_lora_targets,
+    _add_lora,
     _add_export,
     _add_import,
     _add_serve,
