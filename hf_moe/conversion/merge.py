@@ -199,7 +199,7 @@ def merge_experts(
     if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
         raise ValueError(f"num_shared_experts={num_shared_experts!r} must be a non-negative integer")
     make_router_init = get_router_init(router_init)
-    if prompts is not None and router_init != "prompts":
+    if prompts is not None and router_init in ("random", "virtual-group"):  # inits that read no prompts
         raise ValueError(
             f"prompts were given but router_init={router_init!r} would ignore them; pass "
             "router_init='prompts' (CLI: --router-init prompts) or drop the prompts"
