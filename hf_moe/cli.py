@@ -346,6 +346,51 @@ def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_lora_targets)
 
 
+def _run_lora(args: argparse.Namespace) -> int:
+    import json
+
+    try:  # PEFT is optional: the bridge lives in hf_moe.peft
+        from hf_moe.peft import convert_moe_adapter, verify_moe_adapter
+    except ImportError as err:
+        raise ValueError(f"{err} (hf-moe lora needs PEFT)") from err
+
+    if args.lora_command == "convert":
+        result = convert_moe_adapter(args.adapter, args.out, to=args.to, naming=args.naming,
+                                     overwrite=args.overwrite)
+        print(f"{result['out']}: {result['experts_modules']} experts modules, {result['from']} -> {result['to']}")
+        return 0
+    result = verify_moe_adapter(_model(args, args.model), args.adapter, num_tokens=args.tokens,
+                                rtol=args.rtol, atol=args.atol)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def _add_lora(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lora", help="convert MoE LoRA adapters between layouts, and verify an adapter against its merged export",
+        description="Routed-experts LoRA in three layouts: fused (hf_moe's fused-experts LoRA layer), "
+        "target-parameters (PEFT's ParamWrapper on fused experts) and per-expert (one LoRA per expert projection, "
+        "the layout vLLM's MoE-LoRA loader reads). docs/peft.md says which vLLM versions load which.",
+    )
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="SUBCOMMAND")
+    convert = sub.add_parser("convert", help="rewrite an adapter's experts in another layout (exact)")
+    convert.add_argument("adapter", metavar="IN", help="PEFT adapter folder")
+    convert.add_argument("out", metavar="OUT", help="new adapter folder (must not exist unless --overwrite)")
+    convert.add_argument("--to", required=True, choices=["fused", "target-parameters", "per-expert"])
+    convert.add_argument("--naming", choices=["qwen", "mixtral"], default="qwen",
+                         help="per-expert module names: qwen = mlp.experts.{i}.gate_proj/up_proj/down_proj, "
+                         "mixtral = block_sparse_moe.experts.{i}.w1/w3/w2 (default qwen)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    verify = sub.add_parser("verify", help="check that MODEL + ADAPTER and its merged export give equal logits")
+    verify.add_argument("model", metavar="MODEL", help="base model folder or Hub repo id")
+    verify.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (any of the three layouts)")
+    _add_revision(verify)
+    verify.add_argument("--tokens", type=int, default=32, help="random tokens compared (default 32)")
+    verify.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance on the logits (default 1e-4)")
+    verify.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.set_defaults(func=_run_lora)
+
+
 # [hub commands: card, push, zoo, inspect]
 
 
@@ -590,6 +635,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[AddCommand] = [
     _add_lora_targets,
+    _add_lora,
     _add_export,
     _add_import,
     _add_serve,
@@ -649,6 +695,39 @@ def error_message(err: BaseException) -> str:
     for keyword, flag in CLI_SPELLINGS.items():
         text = text.replace(f"{keyword} ({flag})", flag).replace(keyword, flag)
     return (_library_label(err) or "") + " ".join(text.split())
+def _run_compress(args: argparse.Namespace) -> int:
+    from .compression import compress
+
+    print(compress(args.model_dir, args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
+                   calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
+                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    return 0
+
+
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="prune or merge the experts of an MoE checkpoint (REAP / frequency / random, calibration text)",
+        description="Prune (or with --merge, merge) the routed experts of an hf_moe or native MoE checkpoint, "
+        "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
+        "experts kept, removed and merged per layer.",
+    )
+    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
+    p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
+                   help="expert saliency (default reap: router-weighted expert output norm)")
+    p.add_argument("--calib", metavar="FILE", default=None, help="calibration text file (UTF-8)")
+    p.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens used (default 65536)")
+    p.add_argument("--recover-router", type=int, default=0, metavar="N",
+                   help="steps of router-only distillation against the original model (default 0)")
+    p.add_argument("--merge", action="store_true", help="merge experts by output similarity instead of pruning")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    p.set_defaults(func=_run_compress)
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -661,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
+    _add_compress,
 
 
 def main(argv: list[str] | None = None) -> int:
