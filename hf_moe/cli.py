@@ -698,7 +698,7 @@ def error_message(err: BaseException) -> str:
 def _run_compress(args: argparse.Namespace) -> int:
     from .compression import compress
 
-    print(compress(args.model_dir, args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
+    print(compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
                    calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
                    seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
@@ -712,8 +712,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
         "experts kept, removed and merged per layer.",
     )
-    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id")
     p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
     p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
                    help="expert saliency (default reap: router-weighted expert output norm)")

@@ -270,3 +270,10 @@ def test_serve_dry_run_takes_a_repo_id(hub, moe_repo, tmp_path, capsys) -> None:
     code = cli.main(["serve", repo_id, "--dry-run", "--plugin"])
     out = capsys.readouterr().out
     assert code == 0 and "models--alice--tiny-moe" in out
+
+
+def test_compress_takes_a_repo_id(hub, moe_repo, tmp_path, capsys) -> None:
+    repo_id, _ = moe_repo
+    out = tmp_path / "pruned"
+    assert cli.main(["compress", repo_id, str(out), "--keep", "0.5", "--method", "random"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 2  # tiny_model has 4
