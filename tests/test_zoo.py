@@ -228,3 +228,32 @@ def test_created_card_is_hub_ready_and_provenance_has_the_one_schema(tmp_path: P
     text = (out / "README.md").read_text()
     _assert_hub_ready(text, tmp_path)
     assert "ships no tokenizer" in text and "99 entries" in text
+
+
+@pytest.mark.slow  # builds a wheel (about 20 s)
+def test_a_wheel_ships_what_the_library_points_at(tmp_path: Path) -> None:
+    """A non-editable install has the cards `hf-moe zoo show` names and the card templates, and not the demo's
+    asset fetcher (which runs pip: it lives in examples/)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "hf_moe", src / "hf_moe", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=src, check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hf_moe-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"hf_moe/model_cards/{name}.md" for name in PRESETS} <= names
+    assert {"hf_moe/templates/model_card.md", "hf_moe/templates/usage_hf_moe.md",
+            "hf_moe/templates/usage_export.md"} <= names
+    assert not any("assets" in n for n in names)
+    library = "".join(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".py"))
+    assert "parent.parent / \"model_cards\"" not in library
