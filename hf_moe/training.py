@@ -14,7 +14,9 @@ for batch in loader:
 monitor.remove()
 ```
 
-With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`.
+With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`. With TRL: `trl.SFTTrainer(...,
+callbacks=[MoeTrainerCallback()])` (the callback also puts hf_moe's router losses into the loss TRL's fused LM
+head computes; see `install_router_losses_for_trl` and `examples/trl_sft.py`).
 """
 
 import math

@@ -477,7 +477,14 @@ def test_second_adapter_and_native_experts_fast_layer() -> None:
     assert (out_default - out_other).abs().max() > 1e-4
     layer = next(m for m in peft_model.modules() if isinstance(m, FusedExpertsLora))
     assert layer.lora_A["other"].gate_up_proj.shape == (4, 2, 32)
-    assert copy.deepcopy(peft_model) is not None
+    # a deep copy (FusedExpertsLora.__new__ without arguments) is an independent model with the same outputs
+    clone = copy.deepcopy(peft_model)
+    assert torch.equal(clone(ids).logits, out_other)
+    clone_layer = next(m for m in clone.modules() if isinstance(m, FusedExpertsLora))
+    with torch.no_grad():
+        clone_layer.lora_B["other"].gate_up_proj.add_(1.0)
+    assert not torch.equal(clone(ids).logits, out_other)
+    assert torch.equal(peft_model(ids).logits, out_other)
 
 
 def test_cli_lora_targets(tmp_path, capsys) -> None:
