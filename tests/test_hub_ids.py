@@ -277,3 +277,31 @@ def test_compress_takes_a_repo_id(hub, moe_repo, tmp_path, capsys) -> None:
     out = tmp_path / "pruned"
     assert cli.main(["compress", repo_id, str(out), "--keep", "0.5", "--method", "random"]) == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["num_experts"] == 2  # tiny_model has 4
+
+
+def test_mergekit_config_with_repo_ids(hub, dense_dirs, tmp_path, capsys) -> None:
+    # mergekit's model reference forms: "org/name", "org/name@rev" and {model: {path, revision}}.
+    shas = _publish_dense(hub, dense_dirs)
+    config = tmp_path / "moe.yml"
+    config.write_text(
+        "base_model: alice/tiny-llama\n"
+        "gate_mode: random\n"
+        "experts:\n"
+        "  - source_model: alice/tiny-llama\n"
+        "  - source_model: alice/tiny-llama@v2\n"
+        "  - source_model:\n"
+        "      model:\n"
+        f"        path: alice/tiny-llama\n        revision: {shas['v2']}\n"
+        "shared_experts:\n"
+        "  - source_model: alice/tiny-llama\n"
+    )
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--mergekit-config", str(config), str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    state = {}
+    for shard in out.glob("*.safetensors"):
+        state.update(load_file(shard))
+    down = state["model.layers.0.mlp.experts.down_proj"]  # (E, H, I); halved: one shared expert
+    assert torch.equal(down[0], _dense_down0(dense_dirs["main"]) * 0.5)
+    assert torch.equal(down[1], _dense_down0(dense_dirs["v2"]) * 0.5)
+    assert torch.equal(down[2], down[1])
+    assert "model.layers.0.mlp.shared_experts.down_proj.weight" in state
