@@ -190,6 +190,11 @@ def _download(repo_id: str, revision: str | None, *, token: str | bool | None, w
             "token can see; check the spelling, or log in (`hf auth login`, HF_TOKEN) for a private repo"
         ) from err
     except LocalEntryNotFoundError as err:
+        if offline and type(err).__name__ == "IncompleteSnapshotError":
+            raise HubModelError(
+                f"the cached snapshot of {label} lacks files hf-moe needs (only its config may have been fetched) and "
+                "HF_HUB_OFFLINE is set; download it once online, or unset HF_HUB_OFFLINE"
+            ) from err
         if offline:
             raise HubModelError(
                 f"{label} is not in the Hub cache ({cache_dir}) and HF_HUB_OFFLINE is set; download it once "

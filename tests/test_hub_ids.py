@@ -148,6 +148,14 @@ def test_offline_mode_uses_the_cache_without_requests(hub, dense_dirs, monkeypat
     with pytest.raises(HubModelError, match="not in the Hub cache.*HF_HUB_OFFLINE"):
         resolve_model("alice/never-downloaded")
     assert hub.requests == []
+    # A snapshot fetched without weights (as lora-targets does) does not pass for a complete one offline.
+    hub.add_repo("alice/config-only", folder_files(dense_dirs["main"]))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    resolve_model("alice/config-only", weights=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("alice/config-only", weights=False).is_dir()
+    with pytest.raises(HubModelError, match="lacks files hf-moe needs"):
+        resolve_model("alice/config-only")
 
 
 def test_pickle_only_repo_is_refused_before_any_weight_download(hub, dense_dirs, tmp_path, capsys) -> None:
