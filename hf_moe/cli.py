@@ -91,6 +91,7 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from .conversion import mergekit  # noqa: F401  (registers router_init="cheap_embed")
     from .conversion.merge import merge_experts
 
     if args.mergekit_config:
@@ -136,8 +137,8 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
     _add_revision(p)
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
-    p.add_argument("--router-init", default=None, help="random | prompts (default: prompts when --prompts is given, "
-                   "else random)")
+    p.add_argument("--router-init", default=None, help="random | prompts | cheap_embed (default: prompts when "
+                   "--prompts is given, else random)")
     p.add_argument("--prompts", default=None, help="YAML file with one positive_prompts entry per expert")
     p.add_argument("--shared", default=None, choices=["base", "average"],
                    help="non-MLP weights from the base or averaged over the fine-tunes (default base)")

@@ -277,3 +277,16 @@ def test_cli_refuses_flags_the_config_sets(models, tmp_path, capsys) -> None:
     assert "--top-k: the mergekit config sets these" in capsys.readouterr().err
     assert cli_main(["merge", str(tmp_path / "o")]) == 2
     assert "--mergekit-config" in capsys.readouterr().err
+
+
+def test_cli_router_init_cheap_embed_matches_the_mergekit_route(models, tmp_path) -> None:
+    config = write_yaml(tmp_path / "moe.yml", mergekit_yaml(models, "cheap_embed"))
+    via_yaml = merge_from_mergekit(config, tmp_path / "yaml", progress=False)
+    prompts = write_yaml(tmp_path / "prompts.yml", yaml.safe_dump(hf_moe_prompts()))
+    argv = ["merge", str(tmp_path / "cli"), "--base", str(models["base"]), "--router-init", "cheap_embed",
+            "--prompts", str(prompts), "--dtype", "float32", "--no-progress"]
+    for ft in models["fts"]:
+        argv += ["--expert", str(ft)]
+    assert cli_main(argv) == 0
+    got, want = state(tmp_path / "cli"), state(via_yaml)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
