@@ -21,6 +21,7 @@ Subcommands (each writes one JSON file; `--device cpu` with tiny sizes is the CP
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -112,6 +113,7 @@ def write_json(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, path)
 
 
@@ -136,12 +138,19 @@ def build_block_variants(args, dtype: torch.dtype, device: torch.device) -> dict
         num_experts_per_tok=args.top_k, norm_topk_prob=True, hidden_act="silu",
     )
     ours_cfg = HfMoeConfig(router_type="softmax_topk", **shape)
-    ours_cfg._experts_implementation = args.hf_moe_impl
+    ours_cfg._experts_implementation = args.hf_moe_impl[0]
     ours = HfMoeSparseMoeBlock(ours_cfg)
     with torch.no_grad():
         ours.gate.weight.normal_(0.0, 0.5)  # a decided, uneven routing, as in a trained model
         ours.experts.gate_up_proj.normal_(0.0, 0.02)
         ours.experts.down_proj.normal_(0.0, 0.02)
+    ours_variants = {"hf_moe" if len(args.hf_moe_impl) == 1 else f"hf_moe {args.hf_moe_impl[0]}": ours}
+    for impl in args.hf_moe_impl[1:]:  # the same weights under another experts implementation
+        cfg = copy.deepcopy(ours_cfg)
+        cfg._experts_implementation = impl
+        other = HfMoeSparseMoeBlock(cfg)
+        other.load_state_dict(ours.state_dict(), strict=True)
+        ours_variants[f"hf_moe {impl}"] = other
     qwen_cfg = Qwen3MoeConfig(intermediate_size=args.top_k * args.intermediate, **shape)
     qwen_cfg._experts_implementation = "grouped_mm"
     theirs = Qwen3MoeSparseMoeBlock(qwen_cfg)
@@ -150,21 +159,32 @@ def build_block_variants(args, dtype: torch.dtype, device: torch.device) -> dict
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0.0, 0.02)
-    variants = {"dense-active": dense, "hf_moe": ours, "transformers grouped_mm": theirs}
+    variants = {"dense-active": dense, **ours_variants, "transformers grouped_mm": theirs}
     return {name: m.to(device=device, dtype=dtype).train() for name, m in variants.items()}
+
+
+def default_experts_implementation() -> str:
+    """What an hf_moe model runs when nothing is set."""
+    try:
+        from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
+    except ImportError:  # before hf_moe.modeling.experts: hf_moe's own forward was "eager"
+        return "eager"
+    return DEFAULT_EXPERTS_IMPLEMENTATION
 
 
 def check_block_variants(variants: dict[str, nn.Module], args, dtype, device) -> dict:
     """hf_moe and transformers agree on one input; which grouped kernel each ran."""
     x = torch.randn(1, 256, args.hidden, dtype=dtype, device=device)
     kernels, outs = {}, {}
-    for name in ("hf_moe", "transformers grouped_mm"):
+    for name, module in variants.items():
+        if name == "dense-active":
+            continue
         with torch.no_grad(), torch.profiler.profile() as prof:
-            outs[name] = variants[name](x)
+            outs[name] = module(x)
         ops = {e.name for e in prof.events()}
         kernels[name] = sorted(k for k in GROUPED_KERNELS if k in ops)
-    return {"hf_moe_vs_transformers_rel_err": rel_err(outs["hf_moe"], outs["transformers grouped_mm"]),
-            "grouped_kernels": kernels}
+    reference = outs.pop("transformers grouped_mm")
+    return {"rel_err_vs_transformers": {n: rel_err(o, reference) for n, o in outs.items()}, "grouped_kernels": kernels}
 
 
 def block_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool) -> Callable[[], None]:
@@ -358,6 +378,10 @@ def plot_study(payload: dict, png: Path) -> None:
 def cmd_study(args) -> dict:
     from upcycle_study import ARMS, build_arm, run_arm, windows
 
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; examples/upcycle_study.py defines {list(ARMS)}")
+
     device = torch.device(args.device)
     started = time.perf_counter()
     train_ids, heldout_ids, config_path = load_assets(args.assets)
@@ -396,8 +420,14 @@ def cmd_study(args) -> dict:
             seed_seconds = time.perf_counter() - seed_started
             payload["seeds_run"].append(seed)
             payload["seconds"][f"seed {seed}"] = seed_seconds
+            finish_study(payload, args, started, arm_rows, base_rows)  # partial results survive a timeout
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return finish_study(payload, args, started, arm_rows, base_rows)
+
+
+def finish_study(payload: dict, args, started: float, arm_rows: int, base_rows: int) -> dict:
+    """Totals, per-arm summary over seeds, JSON and plot (called after every seed and at the end)."""
     payload["seconds"]["total"] = time.perf_counter() - started
     payload["tokens_per_arm"] = arm_rows * args.seq_len
     payload["pretrain_tokens"] = base_rows * args.seq_len
@@ -409,9 +439,10 @@ def cmd_study(args) -> dict:
                          "start_ppl": runs[0]["heldout_ppl"][0], "sec_per_step": runs[0]["sec_per_step"],
                          "total_params": runs[0]["total_params"], "active_params": runs[0]["active_params"]}
     payload["summary"] = summary
-    if args.png:
+    if args.png and payload["arms"]:
         plot_study(payload, args.png)
-    assert set(ARMS) >= set(args.arms)
+    if args.json:
+        write_json(args.json, payload)
     return payload
 
 
@@ -436,7 +467,7 @@ def cmd_assets(args) -> dict:
         return {"synthetic": True}
     from transformers import AutoTokenizer
 
-    from hf_moe.assets import shakespeare_texts, smollm2_dense_dir
+    from offline_assets import shakespeare_texts, smollm2_dense_dir
 
     dense_dir = smollm2_dense_dir()
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
@@ -446,6 +477,87 @@ def cmd_assets(args) -> dict:
     np.savez(args.assets / "shakespeare_ids.npz", **{k: np.asarray(v, dtype=np.uint16) for k, v in ids.items()})
     shutil.copy(dense_dir / "config.json", args.assets / "config.json")
     return {"train_tokens": len(ids["train"]), "heldout_tokens": len(ids["heldout"])}
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+
+def _env_line(env: dict) -> str:
+    where = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores, load {env.get('load_avg_1min', 0):.1f})"
+    return (f"{env['date_utc']} UTC, {where}, torch {env['torch']}"
+            + (f" (CUDA {env['cuda']})" if env.get("cuda") else "") + f", transformers {env['transformers']}")
+
+
+def render_block(data: dict) -> list[str]:
+    sh = data["shape"]
+    names = list(data["cases"][0]["ms"])
+    lines = [f"MoE block, {data['dtype']}, H={sh['hidden']} I={sh['intermediate']} E={sh['experts']} top-{sh['top_k']}; "
+             f"{_env_line(data['env'])}; median of {data['reps']} interleaved rounds after {data['warmup']} warm-up "
+             f"calls. `x dense` = time / dense-active (SwiGLU of intermediate top_k*I) in the same run.", "",
+             "| tokens | pass | " + " | ".join(f"{n} ms (x dense)" for n in names) + " | peak MiB " + "/".join(names) + " |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for c in data["cases"]:
+        peaks = "/".join("-" if c["peak_mib"][n] is None else f"{c['peak_mib'][n]:.0f}" for n in names)
+        lines.append(f"| {c['tokens']} | {c['pass']} | "
+                     + " | ".join(f"{c['ms'][n]:.3f} ({c['x_dense'][n]:.2f}x)" for n in names) + f" | {peaks} |")
+    ch = data["checks"]
+    errors = ", ".join(f"{n} {e:.2e}" for n, e in ch["rel_err_vs_transformers"].items())
+    lines += ["", f"Output relative error vs transformers on 256 tokens: {errors}; grouped-GEMM kernels seen: "
+              f"{ch['grouped_kernels']}; hf_moe experts implementation: {data['hf_moe_impl']}."]
+    return lines
+
+
+def render_train(data: dict) -> list[str]:
+    b, s = data["batch"]
+    lines = [f"Training step (fwd + bwd + AdamW), {data['shape']}-shaped, {data['weights']} weights, batch {b} x {s} "
+             f"random tokens; {_env_line(data['env'])}; median of {data['steps']} steps after {data['warmup']}. "
+             "`bf16` = bf16 weights and optimizer state, `autocast` = fp32 weights with bf16 autocast.", "",
+             "| precision | model | params | ms/step | tokens/s | x dense | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['precision']} | {r['arm']} | {r['params'] / 1e6:.1f}M | {r['ms']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['x_dense']:.2f} | {peak} |")
+    return lines
+
+
+def render_study(data: dict) -> list[str]:
+    lines = [f"Upcycling study; {_env_line(data['env'])}. Base: {data['base']}, {data['pretrain_tokens']:,} dense "
+             f"pretraining tokens; then {data['tokens_per_arm']:,} tokens per arm, seeds {data['seeds_run']} (data "
+             f"order and RNG; the upcycled weights are built once); {data['seconds']['total']:.0f} s in all.", "",
+             "| arm | total params | active params | ppl at branch | final held-out ppl (mean +- std over seeds) | s/step |",
+             "|---|---|---|---|---|---|"]
+    for arm, r in data["summary"].items():
+        lines.append(f"| {arm} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | {r['start_ppl']:.2f} "
+                     f"| {r['final_ppl_mean']:.3f} +- {r['final_ppl_std']:.3f} | {r['sec_per_step']:.3f} |")
+    return lines + ["", "![held-out perplexity](study.png)"]
+
+
+def cmd_report(args) -> dict:
+    """SUMMARY.md in the results folder: the step statuses and one table per result, ready for BENCHMARKS.md and
+    RESULTS.md."""
+    out = args.results
+    lines = ["# GPU check results", ""]
+    if args.status and args.status.exists():
+        lines += ["| step | exit status | seconds |", "|---|---|---|"]
+        for row in args.status.read_text().splitlines():
+            step, code, secs = row.split()
+            lines.append(f"| {step} | {'ok' if code == '0' else f'FAILED ({code})'} | {secs} |")
+        lines.append("")
+    for name, render in (("block.json", render_block), ("train_step.json", render_train), ("study.json", render_study)):
+        path = out / name
+        lines += [f"## {name}", ""]
+        if not path.exists():
+            lines += ["(missing: the step failed or timed out; see gpu_check.log)", ""]
+            continue
+        try:
+            lines += render(json.loads(path.read_text())) + [""]
+        except (KeyError, IndexError, ValueError) as error:  # a partial file: say so, keep the other sections
+            lines += [f"(unreadable: {error!r})", ""]
+    tmp = out / ".SUMMARY.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out / "SUMMARY.md")
+    print("\n".join(lines))
+    return {}
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------
@@ -463,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--top-k", type=int, default=8)
     b.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    b.add_argument("--hf-moe-impl", default="eager", help="config._experts_implementation of the hf_moe block")
+    b.add_argument("--hf-moe-impl", nargs="+", default=[default_experts_implementation()],
+                   help="config._experts_implementation of the hf_moe block (several: one variant each)")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reps", type=int, default=10)
     b.set_defaults(func=cmd_block)
@@ -506,10 +619,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default=default_device)
     for p in (b, t):
         p.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("report", help="SUMMARY.md from the JSON files in a gpu_check results folder")
+    r.add_argument("results", type=Path)
+    r.add_argument("--status", type=Path, default=None, help="lines 'step exit_code seconds'")
+    r.set_defaults(func=cmd_report)
+
     for p in (b, t, s, a):
         p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     payload = args.func(args)
+    if args.command == "report":
+        return 0
     payload["command"] = "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         write_json(args.json, payload)
