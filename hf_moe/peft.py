@@ -762,7 +762,7 @@ class FusedExpertsLora(nn.Module, LoraLayer):
 # target-parameters (PEFT ParamWrapper)  P.base_layer.lora_A.weight (E*r, H)    P.base_layer.lora_B.weight (2I, r*E)
 #                                        P.lora_A.weight            (E*r, I)    P.lora_B.weight            (H, r*E)
 #     A rows are expert-major (row e*r + j), B columns rank-major (column j*E + e): PEFT reshapes B to (out, r, E).
-#     The wrapper of the parameter listed first in target_parameters is the inner one (`base_layer.`).
+#     PEFT nests the two wrappers in the module's parameter order: gate_up_proj is the inner one (`base_layer.`).
 # per-expert (vLLM's 2-D MoE LoRA)       P'.{e}.{gate}.lora_A.weight (r, H)     P'.{e}.{gate}.lora_B.weight (I, r)
 #                                        P'.{e}.{up}  .lora_A.weight (r, H)     P'.{e}.{up}  .lora_B.weight (I, r)
 #                                        P'.{e}.{down}.lora_A.weight (r, I)     P'.{e}.{down}.lora_B.weight (H, r)
@@ -941,16 +941,32 @@ def _read_target_parameters(
     experts: dict[str, ExpertsFactors] = {}
     used: set[str] = set()
     for path, params in _experts_parameters(config).items():
-        # Nested ParamWrappers: the parameter targeted first is the innermost, `base_layer.` once per outer wrapper.
-        # Other parameters of the same module (none on fused experts) would add wrappers, hence the count.
-        all_params = [n.rpartition(".")[2] for n in config["target_parameters"] if n.rpartition(".")[0] == path]
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for param in params:
-            depth = len(all_params) - 1 - all_params.index(param)
-            prefix = f"{path}." + "base_layer." * depth
+        # Two targeted tensors on one module are nested ParamWrappers: PEFT wraps in the module's parameter order
+        # (not the config's, which it saves from a set), so the inner wrapper, saved under `base_layer.`, is
+        # gate_up_proj on every fused experts class here. The shapes decide regardless: gate_up's lora_B has 2I
+        # rows where down's lora_A has I columns, and down's lora_B has H rows where gate_up's lora_A has H columns.
+        pairs = []
+        for prefix in (f"{path}.base_layer.", f"{path}."):
             key_a, key_b = f"{prefix}lora_A.weight", f"{prefix}lora_B.weight"
-            if key_a not in tensors or key_b not in tensors:
-                raise ValueError(f"target_parameters adapter: {key_a} / {key_b} missing for {path}.{param}.")
+            if key_a in tensors and key_b in tensors:
+                pairs.append((key_a, key_b))
+        if len(pairs) != len(params):
+            raise ValueError(
+                f"target_parameters adapter: {path} lists {', '.join(params)} but the file holds {len(pairs)} "
+                "lora_A/lora_B pair(s) for it; the adapter is incomplete."
+            )
+        if len(pairs) == 2:
+            (a0, b0), (a1, b1) = ((tensors[x].shape, tensors[y].shape) for x, y in pairs)
+            if b0[0] == 2 * a1[1] and b1[0] == a0[1]:
+                named = {"gate_up_proj": pairs[0], "down_proj": pairs[1]}
+            elif b1[0] == 2 * a0[1] and b0[0] == a1[1]:
+                named = {"gate_up_proj": pairs[1], "down_proj": pairs[0]}
+            else:
+                raise ValueError(f"{path}: the two lora_A/lora_B pairs do not fit gate_up_proj and down_proj shapes.")
+        else:
+            named = {params[0]: pairs[0]}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for param, (key_a, key_b) in named.items():
             used.update((key_a, key_b))
             r = _rank_for(config, f"{path}.{param}")
             a, b = tensors[key_a], tensors[key_b]  # (E*r, in), (out, r*E)

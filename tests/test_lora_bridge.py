@@ -173,6 +173,14 @@ def test_peft_target_parameters_adapter_converts_to_fused(tmp_path, family):
         torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-5)
     convert_moe_adapter(tmp_path / "fused", tmp_path / "tp2", to="target-parameters")
     assert_same_tensors(tmp_path / "tp", tmp_path / "tp2")
+    # PEFT saves target_parameters from a set (its order varies between runs); the reader must not rely on it
+    config_file = tmp_path / "tp" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for order in (sorted, lambda names: sorted(names, reverse=True)):
+        config["target_parameters"] = order(config["target_parameters"])
+        config_file.write_text(json.dumps(config))
+        convert_moe_adapter(tmp_path / "tp", tmp_path / "fused-again", to="fused", overwrite=True)
+        assert_same_tensors(tmp_path / "fused", tmp_path / "fused-again")
 
 
 def test_independent_gate_and_up_factors_fuse_at_double_rank(tmp_path):
