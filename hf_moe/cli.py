@@ -646,6 +646,7 @@ SUBCOMMANDS: list[AddCommand] = [
     _add_push,
     _add_zoo,
     _add_inspect,
+    _add_compress,
 ]
 
 
@@ -742,7 +743,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
-    _add_compress,
 
 
 def main(argv: list[str] | None = None) -> int:
