@@ -251,7 +251,8 @@ def save_random_dense(shape: str | Path, out: Path, seed: int) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    LlamaForCausalLM(dense_config(shape)).save_pretrained(out)
+    # bf16 on disk halves the upcycles' I/O (2.8 GB -> 1.4 GB for copy-8x2); the values are random anyway.
+    LlamaForCausalLM(dense_config(shape)).to(torch.bfloat16).save_pretrained(out)
     return out
 
 
