@@ -634,6 +634,40 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_inspect)
 
 
+def _run_compress(args: argparse.Namespace) -> int:
+    from .compression import compress
+
+    print(compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
+                   calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
+                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    return 0
+
+
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="prune or merge the experts of an MoE checkpoint (REAP / frequency / random, calibration text)",
+        description="Prune (or with --merge, merge) the routed experts of an hf_moe or native MoE checkpoint, "
+        "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
+        "experts kept, removed and merged per layer.",
+    )
+    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
+    p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
+    p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
+                   help="expert saliency (default reap: router-weighted expert output norm)")
+    p.add_argument("--calib", metavar="FILE", default=None, help="calibration text file (UTF-8)")
+    p.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens used (default 65536)")
+    p.add_argument("--recover-router", type=int, default=0, metavar="N",
+                   help="steps of router-only distillation against the original model (default 0)")
+    p.add_argument("--merge", action="store_true", help="merge experts by output similarity instead of pruning")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    p.set_defaults(func=_run_compress)
+
+
 SUBCOMMANDS: list[AddCommand] = [
     _add_lora_targets,
     _add_lora,
@@ -697,42 +731,6 @@ def error_message(err: BaseException) -> str:
     for keyword, flag in CLI_SPELLINGS.items():
         text = text.replace(f"{keyword} ({flag})", flag).replace(keyword, flag)
     return (_library_label(err) or "") + " ".join(text.split())
-def _run_compress(args: argparse.Namespace) -> int:
-    from .compression import compress
-
-    print(compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
-                   calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
-                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
-    return 0
-
-
-def _add_compress(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "compress",
-        help="prune or merge the experts of an MoE checkpoint (REAP / frequency / random, calibration text)",
-        description="Prune (or with --merge, merge) the routed experts of an hf_moe or native MoE checkpoint, "
-        "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
-        "experts kept, removed and merged per layer.",
-    )
-    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id")
-    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    _add_revision(p)
-    p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
-    p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
-                   help="expert saliency (default reap: router-weighted expert output norm)")
-    p.add_argument("--calib", metavar="FILE", default=None, help="calibration text file (UTF-8)")
-    p.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens used (default 65536)")
-    p.add_argument("--recover-router", type=int, default=0, metavar="N",
-                   help="steps of router-only distillation against the original model (default 0)")
-    p.add_argument("--merge", action="store_true", help="merge experts by output similarity instead of pruning")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
-    p.set_defaults(func=_run_compress)
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
