@@ -104,6 +104,27 @@ def test_router_bf16_within_bound(device, router_type):
     assert errors[worst] <= BF16_GRAD_BOUND, f"{worst}: relative gradient error {errors[worst]:.3g}"
 
 
+@pytest.mark.parametrize("router_type", ["softmax_topk", "sigmoid_topk", "switch"])
+def test_autocast_bf16_over_fp32_weights(device, router_type):
+    """Mixed precision as users train and evaluate: fp32 weights under bf16 autocast, forward with and without
+    autograd, within the bf16 bounds of the fp32 CPU reference."""
+    reference = router_model(router_type)
+    moved = copy.deepcopy(reference).to(device)
+    ids = ids_batch()
+    ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        inference_logits = moved(ids.to(device)).logits
+    assert rel_err(inference_logits, ref_logits) <= BF16_OUTPUT_BOUND
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss, logits, grads = loss_and_grads(moved, ids.to(device))
+    assert rel_err(logits, ref_logits) <= BF16_OUTPUT_BOUND
+    assert abs(loss.item() - ref_loss.item()) <= BF16_LOSS_BOUND * ref_loss.item()
+    assert all(p.dtype == torch.float32 for p in moved.parameters())
+    errors = {n: rel_err(g, ref_grads[n]) for n, g in grads.items() if ref_grads[n].norm() > 0}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= BF16_GRAD_BOUND, f"{worst}: relative gradient error {errors[worst]:.3g}"
+
+
 # ---- the experts implementations: grouped_mm and the per-expert loop agree -----------------------------------------
 
 
