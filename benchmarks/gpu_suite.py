@@ -384,6 +384,9 @@ def cmd_study(args) -> dict:
         raise SystemExit(f"unknown arms {unknown}; examples/upcycle_study.py defines {list(ARMS)}")
 
     device = torch.device(args.device)
+    if device.type == "cuda":
+        # TF32 for the fp32 matmuls that autocast leaves (the experts' fp32 weights), as GPU training usually runs.
+        torch.set_float32_matmul_precision("high")
     started = time.perf_counter()
     train_ids, heldout_ids, config_path = load_assets(args.assets)
     train_w, eval_w = windows(train_ids, args.seq_len), windows(heldout_ids, args.seq_len)
@@ -395,6 +398,7 @@ def cmd_study(args) -> dict:
                          f"({len(train_w)} windows of {args.seq_len}); lower --steps/--pretrain-steps/--batch-size")
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_study_"))
     payload: dict = {"env": environment(device), "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+                     "float32_matmul_precision": torch.get_float32_matmul_precision(),
                      "base": "random init of the config's shape, trained densely first (real weights cannot travel)",
                      "arms": {}, "seeds_run": [], "seconds": {}}
     try:
@@ -418,6 +422,8 @@ def cmd_study(args) -> dict:
                 payload["arms"].setdefault(name, []).append({"seed": seed, **result.__dict__})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                if seed == args.seeds[0]:  # the first seed's arms survive a timeout one by one
+                    finish_study(payload, args, started, arm_rows, base_rows)
             seed_seconds = time.perf_counter() - seed_started
             payload["seeds_run"].append(seed)
             payload["seconds"][f"seed {seed}"] = seed_seconds
@@ -435,7 +441,7 @@ def finish_study(payload: dict, args, started: float, arm_rows: int, base_rows: 
     summary = {}
     for name, runs in payload["arms"].items():
         finals = [r["heldout_ppl"][-1] for r in runs]
-        summary[name] = {"final_ppl_mean": statistics.fmean(finals),
+        summary[name] = {"seeds": len(finals), "final_ppl_mean": statistics.fmean(finals),
                          "final_ppl_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                          "start_ppl": runs[0]["heldout_ppl"][0], "sec_per_step": runs[0]["sec_per_step"],
                          "total_params": runs[0]["total_params"], "active_params": runs[0]["active_params"]}
@@ -524,12 +530,15 @@ def render_train(data: dict) -> list[str]:
 def render_study(data: dict) -> list[str]:
     lines = [f"Upcycling study; {_env_line(data['env'])}. Base: {data['base']}, {data['pretrain_tokens']:,} dense "
              f"pretraining tokens; then {data['tokens_per_arm']:,} tokens per arm, seeds {data['seeds_run']} (data "
-             f"order and RNG; the upcycled weights are built once); {data['seconds']['total']:.0f} s in all.", "",
-             "| arm | total params | active params | ppl at branch | final held-out ppl (mean +- std over seeds) | s/step |",
+             f"order and RNG; the upcycled weights are built once); "
+             f"{'bf16 autocast' if data['args'].get('bf16') == 'True' else 'fp32'}, float32 matmul precision "
+             f"{data.get('float32_matmul_precision', '?')}; {data['seconds']['total']:.0f} s in all.", "",
+             "| arm | total params | active params | ppl at branch | final held-out ppl, mean +- std (seeds) | s/step |",
              "|---|---|---|---|---|---|"]
     for arm, r in data["summary"].items():
         lines.append(f"| {arm} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | {r['start_ppl']:.2f} "
-                     f"| {r['final_ppl_mean']:.3f} +- {r['final_ppl_std']:.3f} | {r['sec_per_step']:.3f} |")
+                     f"| {r['final_ppl_mean']:.3f} +- {r['final_ppl_std']:.3f} ({r.get('seeds', '?')}) "
+                     f"| {r['sec_per_step']:.3f} |")
     return lines + ["", "![held-out perplexity](study.png)"]
 
 
