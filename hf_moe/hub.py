@@ -532,7 +532,7 @@ def _vllm_section(config: HfMoeConfig, model_id: str) -> str:
     local = "path/to/this/folder" if _hub_repo_id(model_id) is None else "model/"
     fetch = "" if _hub_repo_id(model_id) is None else f"hf download {model_id} --local-dir model/\n"
     serve = (
-        "`hf-moe serve` starts vLLM's OpenAI-compatible server on it (port 8000), in the checkpoint's dtype:\n\n"
+        "`hf-moe serve` starts vLLM's OpenAI-compatible server on it (port 8000; `--dry-run` shows the command):\n\n"
         f"```bash\n{fetch}hf-moe serve {local}\n```\n\n"
     )
     plugin = (
