@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh OUTDIR --cpu           # CPU dry run: tiny sizes, no wheel install (tests/test_gpu_check_dryrun.py)
 #   scripts/gpu_check.sh --prepare              # here, where PyPI is reachable: the two commands below
 #
-# Options: --no-install (use the interpreter's own packages), --wheels DIR (default .whl), --assets DIR (default
+# Options: --only STEP[,STEP] (of tests, block, train_step, study: a second visit reruns what failed),
+# --no-install (use the interpreter's own packages), --wheels DIR (default .whl), --assets DIR (default
 # .gpu_assets; with --cpu a tiny synthetic stand-in unless given), --python PY (default python3; .venv/bin/python with --cpu when present). GPU_CHECK_SECONDS (default
 # 470) is the whole run's budget: the study gets what the earlier steps leave.
 #
@@ -35,7 +36,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-OUT="" CPU=0 INSTALL=1 PREPARE=0 WHEELS="$ROOT/.whl" ASSETS="" PY="" SYNTHETIC=""
+OUT="" CPU=0 INSTALL=1 PREPARE=0 WHEELS="$ROOT/.whl" ASSETS="" PY="" SYNTHETIC="" ONLY=""
+STEPS="tests block train_step study"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) CPU=1; INSTALL=0 ;;
@@ -44,7 +46,11 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS="$2"; shift ;;
     --assets) ASSETS="$(cd "$2" 2>/dev/null && pwd || echo "$2")"; shift ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    --only) ONLY="${2//,/ }"; shift
+      for name in $ONLY; do
+        case " $STEPS " in *" $name "*) ;; *) echo "gpu_check.sh: unknown step '$name' in --only (steps: $STEPS)" >&2; exit 2 ;; esac
+      done ;;
+    -h|--help) awk 'NR > 1 && /^set -uo/ {exit} NR > 1' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUTDIR only (got $OUT and $1)" >&2; exit 2; }; OUT="$1" ;;
   esac
@@ -76,9 +82,14 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 log() { echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
 # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, output into the log, status recorded; never aborts the run.
+# Steps left out by --only are skipped.
 step() {
   local name="$1" limit="$2" started=$SECONDS code
   shift 2
+  if [ -n "$ONLY" ] && [[ " $STEPS " == *" $name "* ]] && [[ " $ONLY " != *" $name "* ]]; then
+    log "step $name: skipped (--only $ONLY)"
+    return 0
+  fi
   log "step $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
   code=$?

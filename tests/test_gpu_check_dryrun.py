@@ -31,10 +31,13 @@ def test_usage_errors_name_the_fix(tmp_path):
     assert missing.returncode == 2 and "usage: scripts/gpu_check.sh OUTDIR" in missing.stderr
     bogus = run_script(str(tmp_path / "out"), "--bogus")
     assert bogus.returncode == 2 and "unknown option --bogus" in bogus.stderr
+    only = run_script(str(tmp_path / "out"), "--cpu", "--only", "block,studdy")
+    assert only.returncode == 2 and "unknown step 'studdy'" in only.stderr and "train_step" in only.stderr
     two = run_script(str(tmp_path / "a"), str(tmp_path / "b"))
     assert two.returncode == 2 and "one OUTDIR only" in two.stderr
     # GPU mode without the wheels: stops before running anything, and says how to get them
     no_wheels = run_script(str(tmp_path / "out"), "--wheels", str(tmp_path / "nowheels"))
+    assert run_script("--help").stdout.startswith("# The prepared GPU check")
     assert no_wheels.returncode == 2 and "--prepare" in no_wheels.stdout
     assert not any((tmp_path / "out").glob("*.json"))
 
