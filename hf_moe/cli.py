@@ -54,8 +54,26 @@ def _run_upcycle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         require_exact=args.require_exact,
     )
+    _write_card(out)
     print(out)
     return 0
+
+
+def _write_card(out_dir: object) -> None:
+    """Every CLI output folder gets its model card (hf_moe.hub writes them all); a conversion that succeeded is
+    kept when the card cannot be written, and the message says how to write it."""
+    import json
+    from pathlib import Path
+
+    from .hub import write_model_card
+
+    out_dir = Path(str(out_dir))
+    if json.loads((out_dir / "config.json").read_text()).get("model_type") != "hf_moe":
+        return  # a native checkpoint: export writes its own card variant
+    try:
+        write_model_card(out_dir)
+    except (ValueError, OSError) as err:
+        print(f"warning: no model card written ({err}); write one with `hf-moe card {out_dir}`", file=sys.stderr)
 
 
 def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
@@ -103,20 +121,24 @@ def _run_merge(args: argparse.Namespace) -> int:
         if clashes:
             raise ValueError(f"{', '.join(clashes)}: the mergekit config sets these; drop them or edit the YAML "
                              "(docs/merge.md maps each mergekit-moe key to its hf-moe option)")
-        print(merge_from_mergekit(args.mergekit_config, args.out_dir, router_type=args.router, overwrite=args.overwrite,
-                                  seed=args.seed, max_shard_size=args.max_shard_size, progress=not args.no_progress,
-                                  revision=args.revision))
+        out = merge_from_mergekit(args.mergekit_config, args.out_dir, router_type=args.router,
+                                  overwrite=args.overwrite, seed=args.seed, max_shard_size=args.max_shard_size,
+                                  progress=not args.no_progress, revision=args.revision)
+        _write_card(out)
+        print(out)
         return 0
     if not args.base or not args.expert:
         raise ValueError("give --base and one --expert per fine-tune, or --mergekit-config moe.yml")
     args.base, args.expert = _model(args, args.base), [_model(args, e) for e in args.expert]
-    print(merge_experts(
+    out = merge_experts(
         base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k or 2, router_type=args.router,
         router_init=args.router_init or ("prompts" if args.prompts else "random"), prompts=args.prompts,
         shared=args.shared or "base",
         num_shared_experts=args.shared_experts or 0, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
         max_shard_size=args.max_shard_size, progress=not args.no_progress,
-    ))
+    )
+    _write_card(out)
+    print(out)
     return 0
 
 
@@ -637,9 +659,11 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def _run_compress(args: argparse.Namespace) -> int:
     from .compression import compress
 
-    print(compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
+    out = compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
                    calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
-                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _write_card(out)
+    print(out)
     return 0
 
 

@@ -538,3 +538,19 @@ def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
     assert "native `MixtralForCausalLM` architecture" in card.text
     assert "import hf_moe" not in card.text and "trust_remote_code=True)" not in card.text
     _assert_hub_ready(str(card), tmp_path)
+
+
+def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = tiny_dense_llama(tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "r1")
+    out = tmp_path / "moe"
+    assert cli.main(["upcycle", str(base), str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/tiny-llama" and "Method: **upcycle**" in card.text
+    _assert_hub_ready(str(card), tmp_path)
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", str(merged), "--base", str(base), "--expert", str(base), "--expert", str(base),
+                     "--no-progress"]) == 0
+    card = ModelCard.load(merged / "README.md")
+    assert card.data.base_model_relation == "merge" and "Method: **merge_experts**" in card.text
+    _assert_hub_ready(str(card), tmp_path)
+    assert capsys.readouterr().out.split() == [str(out), str(merged)]
