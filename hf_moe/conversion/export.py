@@ -371,7 +371,10 @@ def import_native(
             for layer in tqdm(sorted(layers), desc=f"import {reader.model_type}", unit="layer",
                               disable=len(layers) < 8):
                 tensors = {name: reader.get_tensor(name) for name in layers[layer]}
-                converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
+                try:
+                    converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
+                except ValueError as err:  # a missing or mis-shaped expert: say which checkpoint
+                    raise ValueError(f"{src_dir}: {err}") from err
                 for name in sorted(converted):
                     add(name, converted[name])
             _check_tensors(written, expected, f"{src_dir} imported as hf_moe")
