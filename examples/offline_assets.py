@@ -202,19 +202,21 @@ def _run_pip_with_progress(cmd: list[str], label: str) -> tuple[int, str]:
     raw = _pip_supports_raw_progress()
     cmd = [*cmd[:-1], "--progress-bar", "raw" if raw else "off", cmd[-1]]
     output: list[str] = []
-    with tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                match = re.fullmatch(r"Progress (\d+) of (\d+)\s*", line)
-                if match is None:
-                    output.append(line)
-                    bar.set_postfix_str(line.strip()[:60], refresh=True)
-                    continue
-                done, total = int(match[1]), int(match[2])
-                if total and bar.total != total:
-                    bar.total = total
-                bar.update(done - bar.n)
+    with (
+        tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = re.fullmatch(r"Progress (\d+) of (\d+)\s*", line)
+            if match is None:
+                output.append(line)
+                bar.set_postfix_str(line.strip()[:60], refresh=True)
+                continue
+            done, total = int(match[1]), int(match[2])
+            if total and bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
     return proc.returncode, "".join(output)
 
 

@@ -678,9 +678,9 @@ _UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
 
 
 def _table_cells(line: str) -> int:
-    inner = line.strip()
-    inner = inner[1:] if inner.startswith("|") else inner
-    inner = inner[:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner
+    inner = line.strip().removeprefix("|")
+    if inner.endswith("|") and not inner.endswith("\\|"):
+        inner = inner[:-1]
     return len(_UNESCAPED_PIPE.split(inner))
 
 

@@ -13,10 +13,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import offline_assets as assets  # examples/offline_assets.py: tests/conftest.py puts examples/ on sys.path
 import pytest
 import torch
-
-import offline_assets as assets  # examples/ is on sys.path (tests/conftest.py)
 
 # ----------------------------------------------------------------------------------------------------------
 # Cache folder
