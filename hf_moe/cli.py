@@ -236,16 +236,18 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from .serving.serve import plan_serve, run_serve
+    from .serving.serve import describe_plan, plan_serve, run_serve
 
     plan = plan_serve(_model(args, args.model_dir), host=args.host, port=args.port, route=args.route,
                       kv_cache_bytes=args.kv_cache_bytes, python=args.python, cache_dir=args.cache_dir,
-                      extra_args=shlex.split(args.vllm_args))
+                      extra_args=shlex.split(args.vllm_args), dtype=args.dtype)
     if args.dry_run:
         if plan.needs_export:
             print(f"# would export {plan.source_dir} to {plan.target} in {plan.model_dir}")
         print(plan.shell())
-        print(f"# {plan.route} route; OpenAI API at {plan.url}")
+        for line in describe_plan(plan):
+            print(f"# {line}")
+        print(f"# OpenAI API at {plan.url}")
         return 0
     return run_serve(plan)
 
@@ -270,6 +272,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="serve HfMoeForCausalLM through the hf-moe vLLM plugin")
     p.set_defaults(route="auto")
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache size for vLLM (default 1 GiB)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="precision to serve in (default: the checkpoint's dtype, as transformers loads it; 'auto' lets "
+                   "vLLM choose, which serves float32 checkpoints in 16 bits)")
     p.add_argument("--python", default=None, help="interpreter with vLLM installed (default: this one)")
     p.add_argument("--cache-dir", default=None, help="where native exports are cached "
                    "(default ~/.cache/hf_moe/serve)")

@@ -1,8 +1,9 @@
-"""`hf-moe serve` planning and its dry run (no vLLM needed), the plugin's router policy, and the promise that
-`import hf_moe` never imports vLLM."""
+"""`hf-moe serve` planning and its dry run (no vLLM needed), the served dtype, the plugin's router policy, and the
+promise that `import hf_moe` never imports vLLM."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 from hf_moe.cli import main
 from hf_moe.serving.compat import serving_problems
-from hf_moe.serving.serve import plan_serve
+from hf_moe.serving.serve import describe_plan, plan_serve
 from tests.helpers.native import build_tiny_for_target, tiny_target_config
 from tests.helpers.tiny import tiny_router_config
 
@@ -102,3 +103,57 @@ def test_cli_without_vllm_names_the_fix(tmp_path, capsys):
     assert main(["serve", str(src), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "--python" in capsys.readouterr().err
     assert not (tmp_path / "c").exists(), "nothing is exported when vLLM is missing"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision: the checkpoint's dtype unless asked otherwise (vLLM's "auto" serves float32 in 16 bits).
+
+
+def _command_dtype(plan) -> str:
+    return plan.command[plan.command.index("--dtype") + 1]
+
+
+def test_serves_in_the_checkpoints_dtype(tmp_path):
+    import torch
+
+    from hf_moe import HfMoeForCausalLM
+
+    fp32 = build_tiny_for_target("mixtral", tmp_path / "fp32")
+    plan = plan_serve(fp32, route="plugin")
+    assert _command_dtype(plan) == "float32" and plan.dtype_origin == "the checkpoint's"
+    assert "serving in float32 (the checkpoint's dtype" in describe_plan(plan)[0]
+    assert plan.command.count("--dtype") == 1
+
+    HfMoeForCausalLM(tiny_target_config("mixtral")).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert _command_dtype(plan_serve(tmp_path / "bf16", route="plugin")) == "bfloat16"
+
+    chosen = plan_serve(fp32, route="plugin", dtype="auto")
+    assert _command_dtype(chosen) == "auto" and chosen.dtype_origin == "--dtype"
+    with pytest.raises(ValueError, match="--dtype"):
+        plan_serve(fp32, route="plugin", extra_args=["--dtype", "half"])
+
+
+def test_dtype_from_the_weights_when_the_config_names_none(tmp_path):
+    import torch
+
+    from hf_moe import HfMoeForCausalLM
+
+    HfMoeForCausalLM(tiny_target_config("mixtral")).to(torch.float16).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert _command_dtype(plan_serve(tmp_path / "m", route="plugin")) == "float16"
+
+
+def test_cli_dry_run_says_dtype_and_export_cache(tmp_path, capsys):
+    src = build_tiny_for_target("qwen3_moe", tmp_path / "m")
+    cache = tmp_path / "cache"
+    (cache / "older-export").mkdir(parents=True)
+    (cache / "older-export" / "model.safetensors").write_bytes(b"x" * 2500)
+    assert main(["serve", str(src), "--dry-run", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype float32" in out and "serving in float32 (the checkpoint's dtype" in out
+    assert f"the export cache {cache} holds 2.5 KB" in out
+    assert main(["serve", str(src), "--dry-run", "--cache-dir", str(cache), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype bfloat16" in out and "serving in bfloat16 (--dtype)" in out

@@ -1,6 +1,6 @@
 """One smoke test of vLLM's OpenAI server on an hf_moe checkpoint through the plugin (the command `hf-moe serve
---plugin` builds): /v1/completions returns transformers' greedy completion. Loopback only, a free port, a bounded
-wait, and the server's process group is killed in `finally`."""
+--plugin` builds, in the checkpoint's dtype): /v1/completions returns transformers' greedy completion. Loopback only,
+a free port, a bounded wait, and the server's process group is killed in `finally`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,20 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def _wait_ready(server: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert server.poll() is None, "server exited:\n" + log.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, "server not ready:\n" + log.read_text()[-4000:]
+        time.sleep(1.0)
+
+
 def test_openai_server_serves_hf_moe_through_plugin(tmp_path):
     # switch routing (top-1, dropless) fits no native architecture: this is what the plugin is for.
     model = tiny_target_model("mixtral", router_type="switch", num_experts_per_tok=1)
@@ -52,23 +67,14 @@ def test_openai_server_serves_hf_moe_through_plugin(tmp_path):
 
     port = _free_port()
     plan = plan_serve(tmp_path / "model", route="plugin", port=port, kv_cache_bytes=KV_CACHE_BYTES,
-                      extra_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "128"])
+                      extra_args=["--enforce-eager", "--max-model-len", "128"])
     assert plan.route == "plugin"
+    assert plan.command[plan.command.index("--dtype") + 1] == "float32"  # the checkpoint's, as transformers loads it
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(plan.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, **plan.env})
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert server.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server not ready:\n" + (tmp_path / "server.log").read_text()[-4000:]
-            time.sleep(1.0)
+        _wait_ready(server, port, tmp_path / "server.log")
         reply = _post(f"{plan.url}/completions", {
             "model": "model", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0,
             "ignore_eos": True, "return_token_ids": True,
