@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from .conversion.io import index_entry_path, read_safetensors_header
 from .modeling import HfMoeConfig
 
 logger = logging.getLogger(__name__)
@@ -156,18 +156,6 @@ def count_parameters(config: HfMoeConfig) -> ParameterCounts:
     )
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    # Format: 8-byte little-endian header length, then a JSON header; the tensor data is never read.
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: safetensors header of {size} bytes is implausible; is the file corrupt?")
-        return json.loads(f.read(size))
-
-
 def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) of every tensor in the folder's safetensors files, read from the headers only.
 
@@ -180,7 +168,9 @@ def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         # The index names the model's shards; other safetensors files (a PEFT adapter saved alongside) are not it.
-        files = sorted({model_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+        # Entries pointing outside the folder (`../x`, an absolute path) are refused, as on every other read.
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({index_entry_path(model_dir, name) for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are missing: {missing[:5]}")
@@ -192,7 +182,7 @@ def tensor_shapes_on_disk(model_dir: str | os.PathLike) -> dict[str, tuple[list[
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}; is it a saved checkpoint folder?")
     shapes: dict[str, tuple[list[int], str]] = {}
     for path in files:
-        for name, info in _safetensors_header(path).items():
+        for name, info in read_safetensors_header(path).items():  # the one validated header reader
             if name != "__metadata__":
                 shapes[name] = (info["shape"], info["dtype"])
     return shapes
