@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     train_text = "\n\n".join(list(shakespeare_texts(split="train", cache=args.cache_dir).values())[:3])
     token_ids = tokenizer(train_text[: args.routing_tokens * 8], add_special_tokens=False)["input_ids"]
     input_ids, mask = chunk_token_ids(token_ids[: args.routing_tokens], seq_len=512, pad_token_id=0)  # (B, 512)
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=1, desc=f"routing {mask.sum().item()} tokens", unit="forward") as bar:
         # Only the last position's logits are computed: the statistics need the routers, not a (B, S, V) tensor.
         outputs = moe(input_ids=input_ids, attention_mask=mask, output_router_logits=True, logits_to_keep=1)
+        bar.update()
     stats = router_statistics(outputs, attention_mask=mask, config=moe.config)
     del moe, outputs
     print(stats.format_table())
