@@ -633,6 +633,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         tokenizer_dir=args.tokenizer and _model(args, args.tokenizer, weights=False),
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
+        progress=not args.no_progress,
     )
     print(stats.format_table())
     if args.json:
@@ -659,6 +660,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens from the start of the text (default 2048)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row of the batch (default 512)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_inspect)
 
 

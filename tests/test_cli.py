@@ -202,3 +202,13 @@ def test_zoo_says_from_scratch_presets_ship_no_tokenizer(tmp_path: Path, capsys)
     assert captured.out.strip() == str(tmp_path / "tiny")
     assert "no tokenizer" in captured.err and "vocab_size 99" in captured.err
     assert not any((tmp_path / "tiny" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def test_inspect_shows_progress_over_the_layers(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    args = ["inspect", str(tiny_checkpoint), "--text", str(tmp_path / "text.txt"), "--max-tokens", "16"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "routing 16 tokens" in err and "2/2" in err  # the tiny model's two decoder layers
+    assert cli.main([*args, "--no-progress"]) == 0
+    assert "routing 16 tokens" not in capsys.readouterr().err
