@@ -163,7 +163,7 @@ def run(args) -> dict:
     out_root = work / "compressed"
     for keep in args.keep:
         for arm, kwargs in ARMS.items():
-            for steps in (0, args.recover_steps):
+            for steps in (0, args.recover_steps) if keep in args.recover_keep else (0,):
                 name = f"{arm}-{int(keep * 100)}" + (f"-rr{steps}" if steps else "")
                 t0 = time.perf_counter()
                 out = hf_moe.compress(moe_dir, out_root / name, keep=keep, calib=calib, statistics=stats,
@@ -193,10 +193,14 @@ def plot(results: dict, args) -> None:
     for i, arm in enumerate(ARMS):
         color = f"C{i}"
         for steps, style in ((0, "-"), (args.recover_steps, "--")):
-            ys = [base] + [results["ppl"][str(lv)][f"{arm}-{lv}" + (f"-rr{steps}" if steps else "")]
-                           for lv in levels[1:]]
+            names = [(lv, f"{arm}-{lv}" + (f"-rr{steps}" if steps else "")) for lv in levels[1:]]
+            points = [(100, base)] + [(lv, results["ppl"][str(lv)][n]) for lv, n in names
+                                      if n in results["ppl"][str(lv)]]
+            if len(points) < 2:
+                continue
+            xs, ys = zip(*points, strict=True)
             label = arm + (f" + router recovery ({steps} steps)" if steps else "")
-            ax.plot(levels, ys, style, marker="o", color=color, label=label)
+            ax.plot(xs, ys, style, marker="o", color=color, label=label)
     ax.set_xlabel("experts kept (%)")
     ax.set_ylabel("held-out perplexity (4 domains)")
     ax.set_yscale("log")
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recover-steps", type=int, default=4)
     p.add_argument("--recover-lr", type=float, default=1e-3)
     p.add_argument("--recover-batch", type=int, default=1, help="windows per router-recovery step")
+    p.add_argument("--recover-keep", type=float, nargs="+", default=[0.75, 0.5],
+                   help="keep levels at which router recovery is also run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--build-only", action="store_true", help="only fine-tune and merge (cached)")
     args = p.parse_args(argv)

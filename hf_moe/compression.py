@@ -714,6 +714,8 @@ def compress(
             f"method={method!r}{' with merge' if merge else ''}{' with router recovery' if recover_router else ''} "
             "needs calibration text: pass calib= (CLI: --calib FILE)"
         )
+    if recover_router and calib is None:
+        raise ValueError("recover_router needs the calibration text to distil on: pass calib= (CLI: --calib FILE)")
     teacher = None
     windows = None
     tokenizer = None

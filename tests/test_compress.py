@@ -251,6 +251,10 @@ def test_errors(hf_moe_dir, tmp_path):
         compress(hf_moe_dir, hf_moe_dir / "inside", method="random")
     with pytest.raises(ValueError, match="needs calibration text"):
         compress(hf_moe_dir, tmp_path / "x", method="reap")
+    with pytest.raises(ValueError, match="with router recovery needs calibration text"):
+        compress(hf_moe_dir, tmp_path / "x", method="random", recover_router=2)
+    with pytest.raises(ValueError, match="merge=True"):
+        compress(hf_moe_dir, tmp_path / "x", method="random", merge=True, calib=CALIB)
     with pytest.raises(ValueError, match="keep=0"):
         compress(hf_moe_dir, tmp_path / "x", keep=0, method="random")
     with pytest.raises(ValueError, match="unknown method"):
