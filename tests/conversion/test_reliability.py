@@ -427,6 +427,18 @@ def test_each_corruption_is_refused_naming_the_file(tmp_path, pristine, conversi
     assert tree_hash(src) == before and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("conversion", ["export", "import"])
+def test_integer_weights_are_refused(tmp_path, pristine, conversion):
+    key, run = CONVERSIONS[conversion]
+    src = tmp_path / "src"
+    shutil.copytree(pristine[key], src, symlinks=True)
+    _reshape_tensor(src, {"file": 0, "tensor": 1, "how": "dtype"})  # a real int32 tensor of the right shape
+    with pytest.raises(ValueError, match="has dtype torch.int32; model weights must be floating point") as info:
+        run(src, tmp_path / "out", False, pristine)
+    assert_clear(info.value, src)
+    assert not (tmp_path / "out").exists()
+
+
 def test_import_names_layer_and_expert_of_a_misshaped_tensor(tmp_path, pristine):
     src = tmp_path / "src"
     shutil.copytree(pristine["native"], src, symlinks=True)
