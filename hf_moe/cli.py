@@ -763,6 +763,8 @@ def error_message(err: BaseException) -> str:
     for keyword, flag in CLI_SPELLINGS.items():
         text = text.replace(f"{keyword} ({flag})", flag).replace(keyword, flag)
     return (_library_label(err) or "") + " ".join(text.split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
