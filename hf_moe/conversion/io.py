@@ -179,7 +179,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} has an unreadable safetensors header ({err}); {fix}") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{path} has a malformed safetensors header (not a JSON object); {fix}")
+        raise ValueError(f"{path} has a malformed safetensors header (not a JSON object); {fix}")  # noqa: TRY004
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: the safetensors __metadata__ must map strings to strings; {fix}")
@@ -273,9 +273,13 @@ class CheckpointReader:
         try:
             self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err}); re-download or re-save the checkpoint") from err
+            raise ValueError(
+                f"{config_path} is not valid JSON ({err}); re-download or re-save the checkpoint"
+            ) from err
         if not isinstance(self.config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object of config fields; re-save the checkpoint")
+            raise ValueError(  # noqa: TRY004 (bad file content, like every other checkpoint error)
+                f"{config_path} must hold a JSON object of config fields; re-save the checkpoint"
+            )
         self.files_read: list[Path] = [config_path]
         self.weight_map: dict[str, str] = self._find_weights()
         file_names = list(dict.fromkeys(self.weight_map.values()))
@@ -1017,6 +1021,7 @@ def write_provenance(
 
 
 __all__ = [
+    "PROVENANCE_NAME",
     "CheckpointReader",
     "ConversionTerminated",
     "ShardWriter",
@@ -1026,12 +1031,11 @@ __all__ = [
     "check_no_overlap",
     "check_out_dir",
     "clean_stale_temp_dirs",
-    "index_entry_path",
-    "recover_output",
     "copy_tokenizer_files",
+    "index_entry_path",
     "parse_size",
     "read_safetensors_header",
+    "recover_output",
     "sha256_file",
     "write_provenance",
-    "PROVENANCE_NAME",
 ]

@@ -30,7 +30,6 @@ import struct
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -56,8 +55,13 @@ COUNTS: Counter[str] = Counter()
 def _dense(path: Path, seed: int, shard: str | None = "20KB") -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     LlamaForCausalLM(config).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return path
@@ -96,7 +100,9 @@ CONVERSIONS = {
     "import": ("native", lambda src, out, ow, p: hf_moe.import_native(src, out, overwrite=ow)),
     "upcycle": (
         "dense",
-        lambda src, out, ow, p: hf_moe.upcycle(src, out, num_experts=4, top_k=2, progress=False, overwrite=ow),
+        lambda src, out, ow, p: hf_moe.upcycle(
+            src, out, num_experts=4, top_k=2, progress=False, overwrite=ow
+        ),
     ),
     "merge": (
         "dense",
@@ -116,7 +122,9 @@ def assert_clear(err: BaseException, src: Path) -> None:
     (Upcycle's and merge's tensor-plan errors name the tensor but not the folder: noted for the upcycle rewrite.)"""
     assert type(err) in CLEAR_ERRORS or "ValidationError" in type(err).__name__, repr(err)
     message = str(err)
-    assert str(src) in message or re.search(r"'model\.[\w.]+'", message), f"names neither {src} nor a tensor: {err}"
+    assert str(src) in message or re.search(r"'model\.[\w.]+'", message), (
+        f"names neither {src} nor a tensor: {err}"
+    )
 
 
 def assert_valid_output(out: Path, conversion: str) -> None:
@@ -124,7 +132,7 @@ def assert_valid_output(out: Path, conversion: str) -> None:
     with CheckpointReader(out) as reader:
         config = reader.config
         assert config["model_type"] == ("mixtral" if conversion == "export" else "hf_moe")
-        for name in reader.keys():  # every tensor readable
+        for name in reader.keys():  # noqa: SIM118 (a CheckpointReader) every tensor readable
             reader.get_tensor(name)
     assert (out / hf_io.PROVENANCE_NAME).is_file()
 
@@ -138,7 +146,13 @@ def _overlap_cases(src: Path) -> dict[str, Path]:
     link = src.parent / f"{src.name}-link"
     if not link.exists():
         link.symlink_to(src, target_is_directory=True)
-    return {"same": src, "parent": src.parent, "child": src / "out", "symlink": link, "inside-link": link / "x"}
+    return {
+        "same": src,
+        "parent": src.parent,
+        "child": src / "out",
+        "symlink": link,
+        "inside-link": link / "x",
+    }
 
 
 @pytest.mark.parametrize("relation", ["same", "parent", "child", "symlink", "inside-link"])
@@ -232,9 +246,15 @@ def _index_entry(folder: Path, p: dict) -> None:
     index = folder / "model.safetensors.index.json"
     data = json.loads(index.read_text())
     names = sorted(data["weight_map"])
-    target = {"parent": "../model.safetensors", "absolute": str(folder.parent / "elsewhere.safetensors"),
-              "missing": "model-99999-of-99999.safetensors", "number": 7}[p["kind"]]
-    if p["kind"] == "absolute":  # a real file outside the folder: following it would read data the user did not give
+    target = {
+        "parent": "../model.safetensors",
+        "absolute": str(folder.parent / "elsewhere.safetensors"),
+        "missing": "model-99999-of-99999.safetensors",
+        "number": 7,
+    }[p["kind"]]
+    if (
+        p["kind"] == "absolute"
+    ):  # a real file outside the folder: following it would read data the user did not give
         save_file({"x": torch.zeros(1)}, target)
     data["weight_map"][names[p["tensor"] % len(names)]] = target
     index.write_text(json.dumps(data))
@@ -256,7 +276,9 @@ def _shape(folder: Path, p: dict) -> None:
 
     def change(header: dict) -> None:
         shape = header[name]["shape"]
-        header[name]["shape"] = shape[::-1] if p["how"] == "transpose" else [*shape[:-1], shape[-1] + p["delta"]]
+        header[name]["shape"] = (
+            shape[::-1] if p["how"] == "transpose" else [*shape[:-1], shape[-1] + p["delta"]]
+        )
 
     _rewrite_header(f, change)
 
@@ -298,9 +320,11 @@ def _flip_data(folder: Path, p: dict) -> None:
 
 def _config(folder: Path, p: dict) -> None:
     (folder / "config.json").write_bytes(
-        {"garbage": b"\x89PNG\xff\xfe", "list": b"[1, 2]", "truncated": (folder / "config.json").read_bytes()[:40]}[
-            p["kind"]
-        ]
+        {
+            "garbage": b"\x89PNG\xff\xfe",
+            "list": b"[1, 2]",
+            "truncated": (folder / "config.json").read_bytes()[:40],
+        }[p["kind"]]
     )
 
 
@@ -313,7 +337,9 @@ CORRUPTIONS = {
     ),
     "header_length": (
         _header_length,
-        st.fixed_dictionaries({"file": _IDX, "value": st.one_of(st.integers(0, 4096), st.integers(0, 2**64 - 1))}),
+        st.fixed_dictionaries(
+            {"file": _IDX, "value": st.one_of(st.integers(0, 4096), st.integers(0, 2**64 - 1))}
+        ),
     ),
     "index_entry": (
         _index_entry,
@@ -324,13 +350,22 @@ CORRUPTIONS = {
     "dtype": (
         _dtype,
         st.fixed_dictionaries(
-            {"file": _IDX, "tensor": _IDX, "dtype": st.sampled_from(["F16", "I32", "U16", "BOOL", "F99", "F64"])}
+            {
+                "file": _IDX,
+                "tensor": _IDX,
+                "dtype": st.sampled_from(["F16", "I32", "U16", "BOOL", "F99", "F64"]),
+            }
         ),
     ),
     "shape": (
         _shape,
         st.fixed_dictionaries(
-            {"file": _IDX, "tensor": _IDX, "how": st.sampled_from(["transpose", "grow"]), "delta": st.integers(-3, 3)}
+            {
+                "file": _IDX,
+                "tensor": _IDX,
+                "how": st.sampled_from(["transpose", "grow"]),
+                "delta": st.integers(-3, 3),
+            }
         ),
     ),
     "missing_tensor": (
@@ -433,7 +468,9 @@ def test_integer_weights_are_refused(tmp_path, pristine, conversion):
     src = tmp_path / "src"
     shutil.copytree(pristine[key], src, symlinks=True)
     _reshape_tensor(src, {"file": 0, "tensor": 1, "how": "dtype"})  # a real int32 tensor of the right shape
-    with pytest.raises(ValueError, match="has dtype torch.int32; model weights must be floating point") as info:
+    with pytest.raises(
+        ValueError, match="has dtype torch.int32; model weights must be floating point"
+    ) as info:
         run(src, tmp_path / "out", False, pristine)
     assert_clear(info.value, src)
     assert not (tmp_path / "out").exists()
@@ -448,7 +485,9 @@ def test_import_names_layer_and_expert_of_a_misshaped_tensor(tmp_path, pristine)
         if name in tensors:
             tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
             save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"layer 1, expert 2: .*experts\.2\.w1\.weight has shape \[\d+, \d+\] but the other"):
+    with pytest.raises(
+        ValueError, match=r"layer 1, expert 2: .*experts\.2\.w1\.weight has shape \[\d+, \d+\] but the other"
+    ):
         hf_moe.import_native(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -460,7 +499,9 @@ def test_import_names_layer_and_expert_of_a_misshaped_tensor(tmp_path, pristine)
 _WATCHED = {"rename", "replace", "fsync", "rmtree", "renameat2", "mkdir", "unlink", "signal"}
 
 
-def _child(conversion: str, args: dict, kill_at: int | None, sig: int, trace_file: str | None, fallback: bool):
+def _child(
+    conversion: str, args: dict, kill_at: int | None, sig: int, trace_file: str | None, fallback: bool
+):
     """Run one conversion in this (forked) process; with `kill_at`, send `sig` to itself at profiler event n."""
     import sys as child_sys
 
@@ -499,8 +540,15 @@ _KILL_CONVERSIONS = {
 @pytest.fixture(scope="module")
 def forkserver():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "hf_moe.conversion.upcycle", "hf_moe.conversion.export",
-                                "tests.conversion.test_reliability"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "transformers",
+            "hf_moe.conversion.upcycle",
+            "hf_moe.conversion.export",
+            "tests.conversion.test_reliability",
+        ]
+    )
     return ctx
 
 
@@ -517,13 +565,24 @@ def _spawn(ctx, *args) -> int:
 def _kill_points(trace: dict, n: int, rng: random.Random) -> list[int]:
     """n points, one drawn in each of n equal stretches of the run, plus every watched call and the one after."""
     total = trace["events"]
-    points = {rng.randrange(i * total // n, max((i + 1) * total // n, i * total // n + 1)) + 1 for i in range(n)}
+    points = {
+        rng.randrange(i * total // n, max((i + 1) * total // n, i * total // n + 1)) + 1 for i in range(n)
+    }
     points |= {w for w, _ in trace["watched"]} | {w + 1 for w, _ in trace["watched"]}
     return sorted(p for p in points if 1 <= p <= total)
 
 
-def _kill_campaign(tmp_path, pristine, forkserver, conversion: str, overwrite: bool, fallback: bool, n: int,
-                   rng: random.Random, max_kills: int | None = None) -> None:
+def _kill_campaign(
+    tmp_path,
+    pristine,
+    forkserver,
+    conversion: str,
+    overwrite: bool,
+    fallback: bool,
+    n: int,
+    rng: random.Random,
+    max_kills: int | None = None,
+) -> None:
     src = pristine["dense" if conversion == "upcycle" else "moe"]
     before_src = tree_hash(src)
     parent = tmp_path / f"{conversion}-{overwrite}-{fallback}"
@@ -536,8 +595,18 @@ def _kill_campaign(tmp_path, pristine, forkserver, conversion: str, overwrite: b
     trace_file = parent / "trace.json"
     if overwrite:  # the trace run takes the same path (replacing an old output) as the runs it times
         _KILL_CONVERSIONS["upcycle"](pristine["dense"], out, False, 1)
-    assert _spawn(forkserver, conversion, dict(src=src, out=out, overwrite=overwrite, seed=0), None, 0,
-                  str(trace_file), fallback) == 0
+    assert (
+        _spawn(
+            forkserver,
+            conversion,
+            {"src": src, "out": out, "overwrite": overwrite, "seed": 0},
+            None,
+            0,
+            str(trace_file),
+            fallback,
+        )
+        == 0
+    )
     assert tree_hash(out) == new_hash  # the child's result equals the in-process one (deterministic)
     trace = json.loads(trace_file.read_text())
     trace_file.unlink()
@@ -550,9 +619,18 @@ def _kill_campaign(tmp_path, pristine, forkserver, conversion: str, overwrite: b
         if overwrite:  # an existing, different output that must survive until the new one is complete
             _KILL_CONVERSIONS["upcycle"](pristine["dense"], out, False, 1)  # any complete, different folder
             old_hash = tree_hash(out)
-        code = _spawn(forkserver, conversion, dict(src=src, out=out, overwrite=overwrite, seed=0), point,
-                      signal.SIGKILL, None, fallback)
-        COUNTS[f"kill/{conversion}/{'overwrite' if overwrite else 'new'}{'/fallback' if fallback else ''}"] += 1
+        code = _spawn(
+            forkserver,
+            conversion,
+            {"src": src, "out": out, "overwrite": overwrite, "seed": 0},
+            point,
+            signal.SIGKILL,
+            None,
+            fallback,
+        )
+        COUNTS[
+            f"kill/{conversion}/{'overwrite' if overwrite else 'new'}{'/fallback' if fallback else ''}"
+        ] += 1
         assert code in (-signal.SIGKILL, 0), code
         # No half-written OUT_DIR: absent, or exactly the old or the new output ...
         if os.path.lexists(out):
@@ -609,8 +687,18 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, pristine, forkserver, overwrite
     trace_file = parent / "trace.json"
     if overwrite:  # the trace run takes the same path as the runs it times
         _KILL_CONVERSIONS["upcycle"](src, out, False, 1)
-    assert _spawn(forkserver, "upcycle", dict(src=src, out=out, overwrite=overwrite, seed=0), None, 0,
-                  str(trace_file), False) == 0
+    assert (
+        _spawn(
+            forkserver,
+            "upcycle",
+            {"src": src, "out": out, "overwrite": overwrite, "seed": 0},
+            None,
+            0,
+            str(trace_file),
+            False,
+        )
+        == 0
+    )
     new_hash = tree_hash(out)
     trace = json.loads(trace_file.read_text())
     trace_file.unlink()
@@ -625,8 +713,15 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, pristine, forkserver, overwrite
         if overwrite:
             _KILL_CONVERSIONS["upcycle"](src, out, False, 1)
             old_hash = tree_hash(out)
-        code = _spawn(forkserver, "upcycle", dict(src=src, out=out, overwrite=overwrite, seed=0), point,
-                      signal.SIGTERM, None, False)
+        code = _spawn(
+            forkserver,
+            "upcycle",
+            {"src": src, "out": out, "overwrite": overwrite, "seed": 0},
+            point,
+            signal.SIGTERM,
+            None,
+            False,
+        )
         COUNTS["sigterm"] += 1
         assert code in (143, 0), code
         assert leftovers(parent, {"out"}) == [], f"SIGTERM at event {point} left a temporary folder"
