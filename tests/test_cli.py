@@ -75,7 +75,9 @@ def test_wrong_typed_config_field_is_one_line(tiny_checkpoint: Path, tmp_path: P
     config["hidden_size"] = "32"  # a string where transformers' strict config dataclass wants an int
     (model / "config.json").write_text(json.dumps(config))
     done = run_cli("export", str(model), str(tmp_path / "out"), "--to", "mixtral")
-    assert_one_line_error(done, "export", "invalid config", "hidden_size", "int")
+    # transformers' strict dataclass error today ("invalid config: ... expected int, got str"); whichever layer
+    # refuses it, the user gets one line naming the field.
+    assert_one_line_error(done, "export", "hidden_size")
     assert not (tmp_path / "out").exists()
 
 
