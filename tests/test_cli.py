@@ -184,8 +184,14 @@ def test_keyword_arguments_are_spelled_as_flags(message: str, shown: str) -> Non
     assert cli.error_message(FileExistsError(message)).endswith(shown)
 
 
-@pytest.mark.parametrize("command", ["card", "push", "zoo", "inspect", "lora-targets", "upcycle", "merge", "export",
-                                     "import", "serve"])
+def _commands() -> list[str]:
+    import argparse
+
+    parser = cli.build_parser()
+    return sorted(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+@pytest.mark.parametrize("command", _commands())
 def test_every_command_has_a_description(command: str, capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
