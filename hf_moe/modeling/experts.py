@@ -11,7 +11,7 @@ compute the same function and are registered in transformers' experts interface,
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
   without autograd, small groups as one padded `bmm` per projection and large or skewed groups as one matmul
-  per expert; under autograd "hf_moe_grouped".
+  per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the routed rows only.
 - "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling).
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
 points those at expert 0 with weight 0). BENCHMARKS.md holds the timings behind each choice.
@@ -217,47 +217,70 @@ def _combine(self: HfMoeExperts, out: torch.Tensor, groups: ExpertGroups, num_to
     return out.new_zeros(num_tokens, self.hidden_dim).index_add_(0, groups.token[: out.shape[0]], out)
 
 
-def grouped_experts_forward(
-    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+def _grouped_forward(
+    self: HfMoeExperts,
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    groups: ExpertGroups,
+    num_routed: int | None,
 ) -> torch.Tensor:
-    """"hf_moe_grouped": sort, two grouped GEMMs over all T*K rows (sentinel rows masked), combine."""
-    num_tokens = top_k_index.shape[0]
-    groups = group_by_expert(top_k_index, self.num_experts)
-    dropped = (torch.arange(groups.order.numel(), device=groups.order.device) >= groups.offsets[-1]).unsqueeze(-1)
-    # The kernel leaves sentinel rows unwritten (forward output and input gradient): zero them on the way in and
-    # out, so that neither the combine nor the input gradient reads them.
-    x = hidden_states[groups.token].to(self.gate_up_proj.dtype).masked_fill(dropped, 0.0)  # (T*K, H)
-    weights = top_k_weights.reshape(-1, 1)[groups.order].to(x.dtype).masked_fill(dropped, 0.0)  # (T*K, 1)
-    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), groups.offsets).chunk(2, dim=-1)  # (T*K, I) each
+    # Two grouped GEMMs over the rows grouped by expert. With `num_routed` known (a host sync, free on the CPU) the
+    # sentinel rows are cut off; otherwise all T*K rows go through, and as the kernel leaves sentinel rows unwritten
+    # (forward output and input gradient), they are zeroed on the way in and out.
+    num_tokens = hidden_states.shape[0]
+    order, token = groups.order, groups.token
+    dropped = None
+    if num_routed is None:
+        dropped = (torch.arange(order.numel(), device=order.device) >= groups.offsets[-1]).unsqueeze(-1)
+    elif num_routed < order.numel():
+        order, token = order[:num_routed], token[:num_routed]
+    x = hidden_states[token].to(self.gate_up_proj.dtype)  # (S, H)
+    weights = top_k_weights.reshape(-1, 1)[order].to(x.dtype)  # (S, 1)
+    if dropped is not None:
+        x, weights = x.masked_fill(dropped, 0.0), weights.masked_fill(dropped, 0.0)
+    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), groups.offsets).chunk(2, dim=-1)  # (S, I) each
     h = self.act_fn(gate) * up
     # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
     if self.intermediate_dim <= self.hidden_dim:
         out = grouped_mm(h * weights, self.down_proj.transpose(1, 2), groups.offsets)
     else:
         out = grouped_mm(h, self.down_proj.transpose(1, 2), groups.offsets) * weights
-    out = out.masked_fill(dropped, 0.0)  # (T*K, H)
+    if dropped is not None:
+        out = out.masked_fill(dropped, 0.0)  # (S, H)
     return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)
+
+
+def grouped_experts_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """"hf_moe_grouped": sort, two grouped GEMMs over all T*K rows (sentinel rows masked), combine. No host sync."""
+    groups = group_by_expert(top_k_index, self.num_experts)
+    return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed=None)
 
 
 def _one_token_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     # Inference only (the routing weights are read as numbers). The k experts of one token as matrix-vector
-    # products on weight views: no sort, no gather, no weight copy; the routing weight is addmm's scalar.
-    x = hidden_states.to(self.gate_up_proj.dtype)  # (1, H)
-    out = None
-    for expert, weight in zip(top_k_index[0].tolist(), top_k_weights[0].tolist()):
+    # products on weight views: no sort, no gather, no weight copy. The routing weights are addmm's scalars: the
+    # running sum is scaled by beta, the new expert's output by alpha.
+    dtype = self.gate_up_proj.dtype
+    x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # (1, H)
+    out, scale = None, 1.0
+    for expert, weight in zip(top_k_index.tolist()[0], top_k_weights.tolist()[0]):
         if expert >= self.num_experts:  # sentinel: dropped assignment
             continue
         gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
         h = self.act_fn(gate) * up  # (1, I)
         if out is None:
-            out = torch.mm(h, self.down_proj[expert].t()).mul_(weight)  # (1, H)
+            out, scale = F.linear(h, self.down_proj[expert]), weight  # (1, H), scaled later
         else:
-            out = torch.addmm(out, h, self.down_proj[expert].t(), alpha=weight)
+            out, scale = torch.addmm(out, h, self.down_proj[expert].t(), beta=scale, alpha=weight), 1.0
     if out is None:  # every assignment dropped
         return torch.zeros_like(hidden_states)
-    return out.to(hidden_states.dtype)
+    if scale != 1.0:
+        out = out.mul_(scale)
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
 def _padded_bmm_forward(
@@ -303,14 +326,14 @@ def cpu_experts_forward(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
     )
-    if needs_grad:
-        return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens = top_k_index.shape[0]
-    if num_tokens == 1:
+    if num_tokens == 1 and not needs_grad:
         return _one_token_forward(self, hidden_states, top_k_index, top_k_weights)
     groups = group_by_expert(top_k_index, self.num_experts)
     counts = groups.counts.tolist()
     num_routed = sum(counts)
+    if needs_grad:
+        return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
