@@ -237,7 +237,10 @@ def merge_experts(
         )
         config.architectures = ["HfMoeForCausalLM"]
         expected = _expected_shapes(config)
-        head, layer_plan, tail = _plan(base_reader, source, config, expected)
+        try:
+            head, layer_plan, tail = _plan(base_reader, source, config, expected)
+        except ValueError as err:  # the plan's messages name tensors, not the folder: say it is the base
+            raise ValueError(f"base {base_reader.root}: {err}") from err
         for i, reader in enumerate(readers):
             skip = {n for r in (base_reader, reader) for n in r.keys() if _op(source, n) == "skip"}
             _check_same_tensors(base_reader, reader, f"fine-tune {i} ({reader.root})", skip)
