@@ -10,8 +10,9 @@ compute the same function and are registered in transformers' experts interface,
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
-  without autograd, small groups as one padded `bmm` per projection and large or skewed groups as one matmul
-  per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the routed rows only.
+  without autograd, small balanced groups as one padded `bmm` per projection, small skewed ones through the
+  grouped GEMM, large groups as one matmul per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the
+  routed rows only (sentinel rows cut off).
 - "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling).
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
 points those at expert 0 with weight 0). BENCHMARKS.md holds the timings behind each choice.
@@ -336,12 +337,16 @@ def cpu_experts_forward(
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
+    # Small groups: one padded bmm while the padding stays under 2x the routed rows, else the grouped GEMM;
+    # large groups: one matmul per expert.
+    small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
+    capacity = max(counts)
+    if small_groups and self.num_experts * capacity > 2 * num_routed:
+        return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed)
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
-    capacity = max(counts)
-    # Padding stays under 2x the routed rows, and groups stay small; otherwise one matmul per expert.
-    if num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts and self.num_experts * capacity <= 2 * num_routed:
+    if small_groups:
         out = _padded_bmm_forward(self, x, weights, groups, capacity)
     else:
         out = _expert_loop_forward(self, x, weights, counts)

@@ -148,9 +148,9 @@ def test_implementation_matches_reference(
 
 @pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"])
-def test_inference_loop_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
-    """Routings that leave the padded bmm: one crowded expert (padding would exceed 2x the routed rows), and about
-    1200 routed rows (from 256 rows per expert on average the CPU runs one matmul per expert)."""
+def test_inference_unpadded_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
+    """Routings that leave the padded bmm: one crowded expert (padding would exceed 2x the routed rows: the grouped
+    GEMM runs), and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
     reference = make_experts("eager")
     fast = with_implementation(reference, implementation)
     index, weights = make_routing(num_tokens, 2, sentinels=True, skew=skew)
