@@ -6,11 +6,12 @@ CACHE ?= $(HOME)/.cache/hf_moe
 
 .PHONY: venv demo test test-core test-vllm vllm-env clean
 
-$(BIN)/.installed: pyproject.toml requirements/ci.txt
+$(BIN)/.installed: pyproject.toml requirements/ci.txt scripts/install_torch.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel first: a bare `torch` requirement would otherwise pull a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch's CPU build first (a local wheel if pip finds one, else PyTorch's CPU index): PyPI's torch for
+	# Linux is the CUDA build, several GB with its NVIDIA libraries. TORCH_SPEC=torch==2.13.0 takes PyPI's.
+	bash scripts/install_torch.sh $(BIN)/python
 	$(BIN)/pip install -q -c requirements/ci.txt -e ".[dev]"
 	touch $@
 

@@ -4,21 +4,26 @@ All variants are timed in one run, interleaved round by round (the machine is sh
 the ratios within one run are the figures that mean something). The table goes to stdout and, unless
 `--no-write`, into BENCHMARKS.md between this benchmark's begin/end markers (a rerun replaces its own section).
 
-Variants, fp32 by default, H=512, I=1024, E=8, top-2:
-- `dense-active`: `HfMoeMLP` with intermediate 2 * 1024 = 2048, the same parameters per token as the MoE block.
-- `hf_moe`: `HfMoeSparseMoeBlock` (softmax_topk router) with our default experts implementation.
+Shapes (`--shape`): `small` H=512, I=1024, E=8, top-2; `qwen3-30b-a3b` the MoE layer of Qwen3-30B-A3B, H=2048,
+I=768, E=128, top-8 (many small experts; token counts scaled to the CPU). Variants, fp32 by default:
+- `dense-active`: `HfMoeMLP` with intermediate top_k * I, the same parameters per token as the MoE block.
+- `hf_moe`: `HfMoeSparseMoeBlock` (softmax_topk router) with the default experts implementation ("hf_moe").
+- `hf_moe[name]` (with `--implementations name ...`): the same block and weights with that experts implementation.
+- `hf_moe compiled` (with `--compile`): the same block under `torch.compile(fullgraph=True)`, compile time excluded.
 - `qwen3 eager` / `qwen3 grouped_mm`: transformers' `Qwen3MoeSparseMoeBlock`, same router and expert weights,
   with `config._experts_implementation` set to "eager" / "grouped_mm" (the kernel that runs is checked with the
   profiler and printed).
 
 Usage:
     python benchmarks/moe_block.py                      # 1, 64, 4096 tokens; fwd and fwd+bwd; writes BENCHMARKS.md
+    python benchmarks/moe_block.py --shape qwen3-30b-a3b   # 1, 64, 512 tokens; its own section
     python benchmarks/moe_block.py --tokens 64 --no-write --repeats 21
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -37,15 +42,34 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
+from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
-HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K = 512, 1024, 8, 2
+# name -> (hidden, moe intermediate, experts, top-k, default token counts)
+SHAPES = {
+    "small": (512, 1024, 8, 2, [1, 64, 4096]),
+    "qwen3-30b-a3b": (2048, 768, 128, 8, [1, 64, 512]),
+}
+HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, _ = SHAPES["small"]
 ANCHOR = "<!-- moe_block: written by benchmarks/moe_block.py -->"
 BEGIN, END = "<!-- moe_block:begin -->", "<!-- moe_block:end -->"
+
+
+def set_shape(name: str, section: str | None = None) -> None:
+    """Select the layer shape (module-level constants read by the builders below) and the BENCHMARKS.md section
+    (by default the shape's own; the small shape's is the original `moe_block` one)."""
+    global HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, ANCHOR, BEGIN, END
+    HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, _ = SHAPES[name]
+    section = section or name
+    if section != "small":
+        ANCHOR = f"<!-- moe_block {section}: written by benchmarks/moe_block.py -->"
+        BEGIN, END = f"<!-- moe_block {section}:begin -->", f"<!-- moe_block {section}:end -->"
 GROUPED_KERNELS = ("aten::_grouped_mm", "aten::grouped_mm", "transformers::grouped_mm_fallback")
 
 
-def build_variants(dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
+def build_variants(
+    dtype: torch.dtype, seed: int, compile_block: bool = False, implementations: tuple[str, ...] = ()
+) -> dict[str, nn.Module]:
     """The four modules, MoE variants sharing one set of router and expert weights."""
     torch.manual_seed(seed)
     ours_cfg = HfMoeConfig(
@@ -57,8 +81,8 @@ def build_variants(dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
         norm_topk_prob=True,
         hidden_act="silu",
     )
-    # What HfMoePreTrainedModel.get_correct_experts_implementation(None) picks for a model: our own forward.
-    ours_cfg._experts_implementation = "eager"
+    # What HfMoePreTrainedModel.get_correct_experts_implementation(None) picks for a model.
+    ours_cfg._experts_implementation = DEFAULT_EXPERTS_IMPLEMENTATION
     ours = HfMoeSparseMoeBlock(ours_cfg)
     std = 0.02
     with torch.no_grad():
@@ -74,6 +98,17 @@ def build_variants(dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
             p.normal_(0.0, std)
     variants["dense-active"] = dense
     variants["hf_moe"] = ours
+    for impl in implementations:
+        # The same weights through one named experts implementation each (own config, shared tensors).
+        cfg = copy.deepcopy(ours_cfg)
+        cfg._experts_implementation = impl
+        block = HfMoeSparseMoeBlock(cfg)
+        block.gate.weight = ours.gate.weight
+        block.experts.gate_up_proj, block.experts.down_proj = ours.experts.gate_up_proj, ours.experts.down_proj
+        variants[f"hf_moe[{impl}]"] = block
+    if compile_block:
+        # The same block (same weights) under torch.compile; "hf_moe" takes the sync-free grouped path there.
+        variants["hf_moe compiled"] = torch.compile(ours, fullgraph=True)
     for impl in ("eager", "grouped_mm"):
         cfg = Qwen3MoeConfig(
             hidden_size=HIDDEN,
@@ -85,7 +120,11 @@ def build_variants(dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
         )
         cfg._experts_implementation = impl  # read by @use_experts_implementation on every forward
         block = Qwen3MoeSparseMoeBlock(cfg)
-        block.load_state_dict(ours.state_dict(), strict=True)  # same names: gate.weight, experts.*
+        assert block.state_dict().keys() == ours.state_dict().keys()  # same names: gate.weight, experts.*
+        # Share the tensors themselves (E=128 experts are 2.4 GB in fp32; the fresh ones were never touched, so
+        # never resident): gradients are reset before each step.
+        block.gate.weight = ours.gate.weight
+        block.experts.gate_up_proj, block.experts.down_proj = ours.experts.gate_up_proj, ours.experts.down_proj
         variants[f"qwen3 {impl}"] = block
     return {name: module.to(dtype).train() for name, module in variants.items()}
 
@@ -191,6 +230,8 @@ def verdict(results: list[tuple[int, str, dict[str, float]]]) -> str:
         if min(times[n] for n in times if n.startswith("qwen3")) < times["hf_moe"]:
             slower.append(f"{tokens} tokens {mode} ({', '.join(faster)})")
     line = "Targets: " + "; ".join(parts) + "."
+    if not parts:
+        line = "No targets are set for this shape."
     if slower:
         return line + " A transformers backend was faster than hf_moe in: " + "; ".join(slower) + "."
     return line + " hf_moe was at least as fast as every transformers backend in every case."
@@ -200,8 +241,9 @@ def verdict(results: list[tuple[int, str, dict[str, float]]]) -> str:
 def write_section(path: Path, body: str) -> None:
     """Replace this benchmark's section after its anchor, atomically (temp file beside, then rename)."""
     text = path.read_text()
-    if ANCHOR not in text:
-        raise ValueError(f"{path} has no anchor line {ANCHOR!r}; add it where the moe_block section belongs")
+    if ANCHOR not in text:  # a new shape's section goes after the first one
+        first = "<!-- moe_block:end -->"
+        text = text.replace(first, f"{first}\n\n{ANCHOR}", 1) if first in text else text + f"\n{ANCHOR}\n"
     section = f"{BEGIN}\n{body.strip()}\n{END}"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
@@ -216,26 +258,35 @@ def write_section(path: Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default: the shape's)")
+    parser.add_argument("--section", help="BENCHMARKS.md section to write (default: the shape's)")
+    parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=101, help="most timed rounds per case")
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case (fewer rounds)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="add the hf_moe block under torch.compile(fullgraph)")
+    parser.add_argument("--implementations", nargs="*", default=[],
+                        help="add the hf_moe block with each of these experts implementations (e.g. eager hf_moe_cpu "
+                        "hf_moe_grouped grouped_mm)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
+    set_shape(args.shape, args.section)
+    args.tokens = args.tokens or SHAPES[args.shape][4]
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    variants = build_variants(dtype, args.seed)
+    variants = build_variants(dtype, args.seed, args.compile, tuple(args.implementations))
     notes = check_variants(variants, dtype)
     names = list(variants)
     load_before = os.getloadavg()[0]
     results = []
     for tokens in args.tokens:
-        for backward in (False, True):
-            mode = "fwd+bwd" if backward else "fwd"
+        for mode in args.passes:
+            backward = mode == "fwd+bwd"
             times = time_case(variants, tokens, backward, dtype, args.repeats, args.budget)
             results.append((tokens, mode, times))
             print(f"{tokens:>5} {mode:<8}" + "".join(f" {n}={fmt_ms(t)}ms" for n, t in times.items()), flush=True)
@@ -244,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join(
         [
-            f"### MoE block speed ({args.dtype}, CPU)",
+            f"### MoE block speed, {args.shape} shape ({args.dtype}, CPU)",
             "",
             f"`{command.strip()}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
             f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
@@ -259,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             verdict(results),
             "",
-            "Backends: " + "; ".join(notes) + ". `hf_moe` (CPU) runs one token as k matrix-vector products; without autograd, groups under 256 rows per "
-            "expert as one padded `bmm` per projection and larger ones as one matmul per expert; under autograd "
-            "`F.grouped_mm`.",
+            "Backends: " + "; ".join(notes) + ". `hf_moe` (\"hf_moe\" = \"hf_moe_cpu\" on the CPU) runs one token "
+            "as k matrix-vector products; without autograd, groups under 256 rows per expert as one padded `bmm` per "
+            "projection (while the padding stays under 2x the routed rows) and otherwise one matmul per expert; "
+            "under autograd `F.grouped_mm` (\"hf_moe_grouped\").",
             f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timings "
             f"({os.cpu_count()} cores): other jobs shared the CPU, which inflates every multi-threaded kernel, most of "
             "all in the variants that launch many small ones.",

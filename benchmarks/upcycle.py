@@ -5,7 +5,7 @@ Measures, in one run so machine noise hits both sides alike:
 - peak RSS of the upcycle process (``os.wait4`` rusage, ru_maxrss) vs the largest input shard, and vs the RSS of a
   process that only imports hf_moe's upcycler (the interpreter + torch + transformers floor).
 
-Inputs: the single-file float32 SmolLM2 folder from ``hf_moe.assets`` and, with ``--sharded``, the same weights
+Inputs: the single-file float32 SmolLM2 folder from ``examples/offline_assets.py`` and, with ``--sharded``, the same weights
 re-saved in shards of ``--shard-size``. The page cache is flushed (``sync``) before every timed command, not after
 (neither side waits for the disk).
 
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.src is None:
-        from hf_moe.assets import smollm2_dense_dir
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/offline_assets.py
+        from offline_assets import smollm2_dense_dir
 
         args.src = smollm2_dense_dir()
     work = Path(tempfile.mkdtemp(prefix="hf_moe_bench_", dir=args.workdir))

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path(tempfile.mkdtemp(prefix="hf_moe_lora_"))
     out.mkdir(parents=True, exist_ok=True)
 
-    from hf_moe.assets import shakespeare_texts
+    from offline_assets import shakespeare_texts
 
     train_text = "\n".join(shakespeare_texts(split="train").values())
     heldout_text = "\n".join(shakespeare_texts(split="heldout").values())

@@ -1,13 +1,16 @@
 """Train an hf_moe model on text with accelerate: one process, several, or FSDP2-sharded, the same script.
 
-    python examples/train.py --steps 20                                   # one process
-    accelerate launch --num_processes 2 --cpu examples/train.py --steps 20          # two processes (DDP, gloo on CPU)
-    accelerate launch --num_processes 2 --cpu examples/train.py --steps 20 --fsdp   # FSDP2 sharding
+    python examples/train.py --steps 20
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --steps 20         # two processes
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --steps 20 --fsdp  # FSDP2 sharding
+
+(the README's commands, "Training"). On a CPU-only machine `--multi_gpu` is just accelerate's torchrun launcher:
+the script passes `cpu=True` when no CUDA device exists, so the processes use gloo.
 
 The global batch is fixed (`--batch-size`, split evenly across processes in rank order), so every process count
 sees the same tokens per step and the loss curves agree up to floating-point reduction order and the router
-losses, which are computed per process. On GPUs the same command scales: drop `--cpu`, raise `--num_processes`,
-add `--num_machines/--machine_rank/--main_process_ip` for several nodes (see README, "Training").
+losses, which are computed per process. On GPUs the same command scales: raise `--num_processes` to the GPU
+count, add `--num_machines/--machine_rank/--main_process_ip` for several nodes (see README, "Training").
 """
 
 import argparse
@@ -33,7 +36,7 @@ def byte_tokens(text: str) -> torch.Tensor:
 
 
 def default_text() -> str:
-    from hf_moe.assets import shakespeare_texts
+    from offline_assets import shakespeare_texts
 
     return "\n".join(shakespeare_texts(split="train").values())
 

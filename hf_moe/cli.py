@@ -6,9 +6,25 @@ import logging
 import sys
 from collections.abc import Callable
 
-# Each feature adds one `_add_<name>(subparsers)` function below and lists it in SUBCOMMANDS. A subcommand
-# parser sets `func=<callable taking the parsed args, returning an exit code or None>`.
+# A command is a pair: `_add_<name>(subparsers)` builds its parser and sets `func=_run_<name>`, and
+# `_run_<name>(args)` calls the library and returns an exit code (None means 0). Adding a command means writing
+# the pair and listing `_add_<name>` in SUBCOMMANDS.
 AddCommand = Callable[[argparse._SubParsersAction], None]
+
+
+# [model folders or Hub repo ids]
+
+
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="branch, tag or commit of Hub repo ids given as models "
+                   "(default: the repo's default branch); org/name@REV sets it for one model")
+
+
+def _model(args: argparse.Namespace, name: str, *, weights: bool = True) -> str:
+    """A model argument as a local folder: existing paths as given, Hub repo ids downloaded (docs/merge.md)."""
+    from .hub_ids import resolve_model
+
+    return str(resolve_model(name, revision=getattr(args, "revision", None), weights=weights))
 
 
 # [conversion commands: upcycle, merge]
@@ -17,32 +33,47 @@ AddCommand = Callable[[argparse._SubParsersAction], None]
 def _run_upcycle(args: argparse.Namespace) -> int:
     from .conversion.upcycle import upcycle
 
-    try:
-        out = upcycle(
-            args.src_dir,
-            args.out_dir,
-            num_experts=args.num_experts,
-            top_k=args.top_k,
-            router_type=args.router,
-            granularity=args.granularity,
-            num_shared_experts=args.shared_experts,
-            drop_ratio=args.drop_ratio,
-            noise_std=args.noise_std,
-            router_init=args.router_init,
-            prompts=args.prompts,
-            moe_layers=args.moe_layers,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            require_exact=args.require_exact,
-        )
-    except NotImplementedError as err:  # e.g. a router init whose provider is not installed
-        print(f"hf-moe upcycle: error: {err}", file=sys.stderr)
-        return 2
+    args.src_dir = _model(args, args.src_dir)
+    out = upcycle(
+        args.src_dir,
+        args.out_dir,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        router_type=args.router,
+        granularity=args.granularity,
+        num_shared_experts=args.shared_experts,
+        drop_ratio=args.drop_ratio,
+        noise_std=args.noise_std,
+        router_init=args.router_init,
+        prompts=args.prompts,
+        moe_layers=args.moe_layers,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        require_exact=args.require_exact,
+    )
+    _write_card(out)
     print(out)
     return 0
+
+
+def _write_card(out_dir: object) -> None:
+    """Every CLI output folder gets its model card (hf_moe.hub writes them all); a conversion that succeeded is
+    kept when the card cannot be written, and the message says how to write it."""
+    import json
+    from pathlib import Path
+
+    from .hub import write_model_card
+
+    out_dir = Path(str(out_dir))
+    if json.loads((out_dir / "config.json").read_text()).get("model_type") != "hf_moe":
+        return  # a native checkpoint: export writes its own card variant
+    try:
+        write_model_card(out_dir)
+    except (ValueError, OSError) as err:
+        print(f"warning: no model card written ({err}); write one with `hf-moe card {out_dir}`", file=sys.stderr)
 
 
 def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
@@ -52,8 +83,9 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
         description="Upcycle a dense checkpoint folder (config.json + safetensors) into an hf_moe checkpoint, "
         "streamed layer by layer; OUT_DIR appears only when complete. See docs/upcycling.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder or Hub repo id (org/name)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
@@ -77,15 +109,36 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from .conversion import mergekit  # noqa: F401  (registers router_init="cheap_embed")
     from .conversion.merge import merge_experts
 
-    print(merge_experts(
-        base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k, router_type=args.router,
+    if args.mergekit_config:
+        from .conversion.mergekit import merge_from_mergekit
+
+        clashes = [flag for flag, value in (("--base", args.base), ("--expert", args.expert), ("--top-k", args.top_k),
+                   ("--router-init", args.router_init), ("--prompts", args.prompts), ("--dtype", args.dtype),
+                   ("--shared-experts", args.shared_experts), ("--shared", args.shared)) if value]
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)}: the mergekit config sets these; drop them or edit the YAML "
+                             "(docs/merge.md maps each mergekit-moe key to its hf-moe option)")
+        out = merge_from_mergekit(args.mergekit_config, args.out_dir, router_type=args.router,
+                                  overwrite=args.overwrite, seed=args.seed, max_shard_size=args.max_shard_size,
+                                  progress=not args.no_progress, revision=args.revision)
+        _write_card(out)
+        print(out)
+        return 0
+    if not args.base or not args.expert:
+        raise ValueError("give --base and one --expert per fine-tune, or --mergekit-config moe.yml")
+    args.base, args.expert = _model(args, args.base), [_model(args, e) for e in args.expert]
+    out = merge_experts(
+        base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k or 2, router_type=args.router,
         router_init=args.router_init or ("prompts" if args.prompts else "random"), prompts=args.prompts,
-        shared=args.shared,
-        num_shared_experts=args.shared_experts, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
+        shared=args.shared or "base",
+        num_shared_experts=args.shared_experts or 0, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
         max_shard_size=args.max_shard_size, progress=not args.no_progress,
-    ))
+    )
+    _write_card(out)
+    print(out)
     return 0
 
 
@@ -98,17 +151,20 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "appears only when complete. See docs/merge.md.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--base", required=True, metavar="BASE_DIR", help="dense base model folder (tokenizer source)")
-    p.add_argument("--expert", required=True, action="append", metavar="FT_DIR",
-                   help="fine-tune folder; repeat once per expert, in expert order")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--base", metavar="BASE_DIR", help="dense base model folder or Hub repo id (tokenizer source)")
+    p.add_argument("--expert", action="append", metavar="FT_DIR",
+                   help="fine-tune folder or Hub repo id; repeat once per expert, in expert order")
+    p.add_argument("--mergekit-config", metavar="MOE_YML", help="a mergekit-moe YAML config instead of --base, "
+                   "--expert, --prompts, --top-k, --dtype and shared experts (docs/merge.md)")
+    _add_revision(p)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
-    p.add_argument("--router-init", default=None, help="random | prompts (default: prompts when --prompts is given, "
-                   "else random)")
+    p.add_argument("--router-init", default=None, help="random | prompts | cheap_embed (default: prompts when "
+                   "--prompts is given, else random)")
     p.add_argument("--prompts", default=None, help="YAML file with one positive_prompts entry per expert")
-    p.add_argument("--shared", default="base", choices=["base", "average"],
+    p.add_argument("--shared", default=None, choices=["base", "average"],
                    help="non-MLP weights from the base or averaged over the fine-tunes (default base)")
-    p.add_argument("--shared-experts", type=int, default=0, help="always-active experts copied from the base MLP")
+    p.add_argument("--shared-experts", type=int, default=None, help="always-active experts copied from the base MLP")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="output dtype (default: keep the base's)")
     p.add_argument("--seed", type=int, default=0, help="seed of random router rows")
@@ -124,7 +180,7 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .conversion.export import export
 
-    print(export(args.model_dir, args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
+    print(export(_model(args, args.model_dir), args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
                  overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
 
@@ -137,8 +193,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         "without hf-moe. Configs the target cannot represent exactly are refused with the blocking fields and the "
         "targets that would fit. See docs/export.md.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
                    help="target architecture")
     p.add_argument("--merge-adapter", metavar="ADAPTER_DIR", default=None,
@@ -153,7 +210,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _run_import(args: argparse.Namespace) -> int:
     from .conversion.export import import_native
 
-    print(import_native(args.src_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+    print(import_native(_model(args, args.src_dir), args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size))
     return 0
 
@@ -165,8 +222,10 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
         description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer). "
         "DeepSeek-V3 is refused: its latent attention (MLA) has no hf_moe equivalent. See docs/export.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors)")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors) or Hub "
+                   "repo id")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="output dtype (default: keep each tensor's dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
@@ -177,16 +236,18 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from .serving.serve import plan_serve, run_serve
+    from .serving.serve import describe_plan, plan_serve, run_serve
 
-    plan = plan_serve(args.model_dir, host=args.host, port=args.port, route=args.route,
+    plan = plan_serve(_model(args, args.model_dir), host=args.host, port=args.port, route=args.route,
                       kv_cache_bytes=args.kv_cache_bytes, python=args.python, cache_dir=args.cache_dir,
-                      extra_args=shlex.split(args.vllm_args))
+                      extra_args=shlex.split(args.vllm_args), dtype=args.dtype)
     if args.dry_run:
         if plan.needs_export:
             print(f"# would export {plan.source_dir} to {plan.target} in {plan.model_dir}")
         print(plan.shell())
-        print(f"# {plan.route} route; OpenAI API at {plan.url}")
+        for line in describe_plan(plan):
+            print(f"# {line}")
+        print(f"# OpenAI API at {plan.url}")
         return 0
     return run_serve(plan)
 
@@ -198,9 +259,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         description="Serve MODEL_DIR with vLLM (python -m vllm.entrypoints.openai.api_server). By default a config "
         "that fits a native architecture is exported once (cached) and served natively; anything else goes through "
         "the hf-moe vLLM plugin. Expert-choice routing and switch routing with a capacity factor are refused. "
-        "See docs/serving.md.",
+        "The server runs in the checkpoint's dtype unless --dtype says otherwise, in its own process group: "
+        "SIGINT/SIGTERM stop all of it. See docs/serving.md.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
+    _add_revision(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     route = p.add_mutually_exclusive_group()
@@ -210,6 +273,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="serve HfMoeForCausalLM through the hf-moe vLLM plugin")
     p.set_defaults(route="auto")
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache size for vLLM (default 1 GiB)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="precision to serve in (default: the checkpoint's dtype, as transformers loads it; 'auto' lets "
+                   "vLLM choose, which serves float32 checkpoints in 16 bits)")
     p.add_argument("--python", default=None, help="interpreter with vLLM installed (default: this one)")
     p.add_argument("--cache-dir", default=None, help="where native exports are cached "
                    "(default ~/.cache/hf_moe/serve)")
@@ -263,7 +329,7 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ValueError(f"{err} (lora-targets uses PEFT's own target rules)") from err
 
-    model_dir = Path(args.model_dir)
+    model_dir = Path(_model(args, args.model_dir, weights=False))  # shapes only: no weights downloaded
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}/config.json not found: MODEL_DIR must be a model folder with a config.json")
     config = AutoConfig.from_pretrained(model_dir)
@@ -291,13 +357,67 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
 
 
 def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("lora-targets", help="print what each LoRA preset target would adapt in a model")
-    p.add_argument("model_dir", help="model folder (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...)")
+    p = subparsers.add_parser(
+        "lora-targets",
+        help="print what each LoRA preset target would adapt in a model",
+        description="For each LoRA target preset of hf_moe.lora_config (experts, shared_experts, router, attention, "
+        "dense_mlp), list the modules of MODEL_DIR it adapts and the LoRA parameters it adds at rank --r. Only "
+        "config.json is read: the model is built on the meta device, no weights are loaded. Needs PEFT "
+        "(pip install 'hf-moe[peft]'). See docs/peft.md.",
+    )
+    p.add_argument("model_dir", help="model folder or Hub repo id (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                   "DeepSeek-V3, ...)")
+    _add_revision(p)
     p.add_argument("--r", type=int, default=16, help="LoRA rank for the parameter counts (default 16)")
     p.add_argument("--experts-impl", choices=["fast", "target_parameters"], default="fast",
                    help="how routed experts are adapted (default fast)")
     p.add_argument("--json", action="store_true", help="print JSON with every adapted name")
     p.set_defaults(func=_run_lora_targets)
+
+
+def _run_lora(args: argparse.Namespace) -> int:
+    import json
+
+    try:  # PEFT is optional: the bridge lives in hf_moe.peft
+        from hf_moe.peft import convert_moe_adapter, verify_moe_adapter
+    except ImportError as err:
+        raise ValueError(f"{err} (hf-moe lora needs PEFT)") from err
+
+    if args.lora_command == "convert":
+        result = convert_moe_adapter(args.adapter, args.out, to=args.to, naming=args.naming,
+                                     overwrite=args.overwrite)
+        print(f"{result['out']}: {result['experts_modules']} experts modules, {result['from']} -> {result['to']}")
+        return 0
+    result = verify_moe_adapter(_model(args, args.model), args.adapter, num_tokens=args.tokens,
+                                rtol=args.rtol, atol=args.atol)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def _add_lora(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lora", help="convert MoE LoRA adapters between layouts, and verify an adapter against its merged export",
+        description="Routed-experts LoRA in three layouts: fused (hf_moe's fused-experts LoRA layer), "
+        "target-parameters (PEFT's ParamWrapper on fused experts) and per-expert (one LoRA per expert projection, "
+        "the layout vLLM's MoE-LoRA loader reads). docs/peft.md says which vLLM versions load which.",
+    )
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="SUBCOMMAND")
+    convert = sub.add_parser("convert", help="rewrite an adapter's experts in another layout (exact)")
+    convert.add_argument("adapter", metavar="IN", help="PEFT adapter folder")
+    convert.add_argument("out", metavar="OUT", help="new adapter folder (must not exist unless --overwrite)")
+    convert.add_argument("--to", required=True, choices=["fused", "target-parameters", "per-expert"])
+    convert.add_argument("--naming", choices=["qwen", "mixtral"], default="qwen",
+                         help="per-expert module names: qwen = mlp.experts.{i}.gate_proj/up_proj/down_proj, "
+                         "mixtral = block_sparse_moe.experts.{i}.w1/w3/w2 (default qwen)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    verify = sub.add_parser("verify", help="check that MODEL + ADAPTER and its merged export give equal logits")
+    verify.add_argument("model", metavar="MODEL", help="base model folder or Hub repo id")
+    verify.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (any of the three layouts)")
+    _add_revision(verify)
+    verify.add_argument("--tokens", type=int, default=32, help="random tokens compared (default 32)")
+    verify.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance on the logits (default 1e-4)")
+    verify.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.set_defaults(func=_run_lora)
 
 
 # [hub commands: card, push, zoo, inspect]
@@ -319,24 +439,52 @@ def _parse_eval(pairs: list[str] | None) -> dict | None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    from .hub import write_model_card
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    path = write_model_card(
-        args.model_dir,
-        eval_results=_parse_eval(args.eval),
-        model_name=args.name,
-        repo_id=args.repo_id,
-        license=args.license,
-        base_model=args.base_model,
-        overwrite=args.overwrite,
-    )
-    print(path)
+    from .hub import write_model_card
+    from .hub_ids import hub_origin
+
+    model_dir = Path(_model(args, args.model_dir))
+    origin = hub_origin(model_dir)
+    if origin is None and args.output:
+        raise ValueError("--output is for Hub repo ids; a local folder gets its README.md in place")
+    if origin is not None and not args.output:
+        raise ValueError(f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
+                         "--output README.md (where to write the card)")
+    options = dict(eval_results=_parse_eval(args.eval), model_name=args.name, license=args.license,
+                   base_model=args.base_model, overwrite=args.overwrite)
+    if origin is None:
+        print(write_model_card(model_dir, repo_id=args.repo_id, **options))
+        return 0
+    # A scratch folder of links to the snapshot's files, so the card is rendered without touching the cache.
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
+    with tempfile.TemporaryDirectory() as scratch:
+        for file in model_dir.iterdir():
+            os.symlink(file.resolve(), Path(scratch) / file.name)
+        card = write_model_card(scratch, repo_id=args.repo_id or origin["repo_id"],
+                                **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]})
+        shutil.copyfile(card, output)
+    print(output)
     return 0
 
 
 def _add_card(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("card", help="write README.md (model card) into a checkpoint folder")
-    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p = subparsers.add_parser(
+        "card",
+        help="write README.md (model card) into a checkpoint folder",
+        description="Render the model card README.md of a checkpoint from what is on disk: config, parameter "
+        "counts (total and active per token, checked against the safetensors), provenance "
+        "(hf_moe_provenance.json), the --eval figures and usage snippets. A README.md that hf-moe card did not "
+        "write is kept unless --overwrite. See docs/hub_zoo.md.",
+    )
+    p.add_argument("model_dir", help="hf_moe checkpoint folder, or Hub repo id (then --output is required)")
+    _add_revision(p)
+    p.add_argument("--output", metavar="FILE", help="for a Hub repo id: where to write the card")
     p.add_argument("--eval", action="append", metavar="NAME=VALUE", help="an evaluation figure (repeatable)")
     p.add_argument("--name", help="card title (default: the folder name)")
     p.add_argument("--repo-id", help="Hub repo id used in the usage snippets")
@@ -376,7 +524,13 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("push", help="upload a checkpoint folder (safetensors + card) to the Hugging Face Hub")
+    p = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint folder (safetensors + card) to the Hugging Face Hub",
+        description="Create the Hub repo REPO_ID if needed and upload MODEL_DIR to it: safetensors, json, md, py "
+        "and tokenizer files only. The folder needs a README.md (write it with hf-moe card). The token comes from "
+        "$HF_TOKEN or `hf auth login` and is never printed. See docs/hub_zoo.md.",
+    )
     p.add_argument("model_dir", help="checkpoint folder with README.md and *.safetensors")
     p.add_argument("repo_id", help="owner/name")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -393,6 +547,10 @@ def _run_zoo(args: argparse.Namespace) -> int:
     from . import zoo
     from .hub import human
 
+    if args.zoo_command == "render-cards":
+        for path in zoo.render_cards(args.cards_dir):
+            print(path)
+        return 0
     if args.zoo_command == "list":
         print(f"{'name':<24} {'recipe':<13} {'total':>8} {'active':>8}  description")
         for preset in zoo.list_presets():
@@ -400,6 +558,7 @@ def _run_zoo(args: argparse.Namespace) -> int:
                 f"{preset.name:<24} {preset.recipe.method:<13} {human(preset.expected_total):>8} "
                 f"{human(preset.expected_active):>8}  {textwrap.shorten(preset.description, 70)}"
             )
+        print("from_scratch presets have random weights and ship no tokenizer; upcycle presets keep their base's.")
         return 0
     preset = zoo.get_preset(args.name)
     if args.zoo_command == "show":
@@ -415,15 +574,27 @@ def _run_zoo(args: argparse.Namespace) -> int:
             print(f"   or: {zoo.upcycle_command(preset)}")
         else:
             print(f"build: hf-moe zoo create {preset.name} OUT_DIR")
+            print(f"tokenizer: none shipped; bring one with vocab_size {preset.config().get_text_config().vocab_size}")
         print(f"card: {zoo.card_path(preset.name)}")
         return 0
     out = zoo.create(args.name, args.out_dir, source=args.source, seed=args.seed, overwrite=args.overwrite)
+    if preset.recipe.method == "from_scratch":
+        vocab_size = preset.config().get_text_config().vocab_size
+        print(f"hf-moe zoo: {out} has random weights and no tokenizer: save one with vocab_size {vocab_size} into it "
+              "before generating text", file=sys.stderr)
     print(out)
     return 0
 
 
 def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("zoo", help="named MoE presets: list, show, create")
+    p = subparsers.add_parser(
+        "zoo",
+        help="named MoE presets: list, show, create",
+        description="Named MoE presets. from_scratch presets are architectures in the style of a published MoE "
+        "family, built with random weights; they ship no tokenizer (bring one with the preset's vocab_size). "
+        "upcycle presets turn a dense base model into an MoE and need a local copy of that base (--source). "
+        "See docs/hub_zoo.md.",
+    )
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the presets")
     show = zoo_sub.add_parser("show", help="config, recipe and parameter counts of a preset")
@@ -434,6 +605,10 @@ def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--source", help="dense base folder (upcycling presets)")
     create.add_argument("--seed", type=int, default=0, help="random seed (from-scratch presets)")
     create.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    render = zoo_sub.add_parser(
+        "render-cards", help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)"
+    )
+    render.add_argument("--cards-dir", default=None, help="write the cards here instead of model_cards/")
     p.set_defaults(func=_run_zoo)
 
 
@@ -453,11 +628,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'hf-moe[plot]'")
     stats = inspect_routing(
-        args.model_dir,
+        _model(args, args.model_dir),
         text_path.read_text(encoding="utf-8", errors="replace"),
-        tokenizer_dir=args.tokenizer,
+        tokenizer_dir=args.tokenizer and _model(args, args.tokenizer, weights=False),
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
+        progress=not args.no_progress,
     )
     print(stats.format_table())
     if args.json:
@@ -469,21 +645,64 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("inspect", help="per-layer expert load, dropped tokens and routing entropy over a text")
-    p.add_argument("model_dir", help="hf_moe checkpoint folder")
+    p = subparsers.add_parser(
+        "inspect",
+        help="per-layer expert load, dropped tokens and routing entropy over a text",
+        description="Route the first --max-tokens tokens of a text through an hf_moe checkpoint (loaded on the "
+        "CPU) and print, per MoE layer, each expert's share of the tokens, the tokens no expert took and the "
+        "routing entropy. --plot writes a layer x expert heatmap, --json the figures. See docs/router-statistics.md.",
+    )
+    p.add_argument("model_dir", help="hf_moe checkpoint folder or Hub repo id")
+    _add_revision(p)
     p.add_argument("--text", required=True, help="UTF-8 text file to route")
     p.add_argument("--plot", help="write a layer x expert load heatmap PNG here")
     p.add_argument("--json", help="write the statistics as JSON here")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens from the start of the text (default 2048)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row of the batch (default 512)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_inspect)
 
-# [training commands]
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from .compression import compress
+
+    out = compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
+                   calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
+                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _write_card(out)
+    print(out)
+    return 0
+
+
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="prune or merge the experts of an MoE checkpoint (REAP / frequency / random, calibration text)",
+        description="Prune (or with --merge, merge) the routed experts of an hf_moe or native MoE checkpoint, "
+        "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
+        "experts kept, removed and merged per layer.",
+    )
+    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    _add_revision(p)
+    p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
+    p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
+                   help="expert saliency (default reap: router-weighted expert output norm)")
+    p.add_argument("--calib", metavar="FILE", default=None, help="calibration text file (UTF-8)")
+    p.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens used (default 65536)")
+    p.add_argument("--recover-router", type=int, default=0, metavar="N",
+                   help="steps of router-only distillation against the original model (default 0)")
+    p.add_argument("--merge", action="store_true", help="merge experts by output similarity instead of pruning")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    p.set_defaults(func=_run_compress)
+
 
 SUBCOMMANDS: list[AddCommand] = [
-    # [SUBCOMMANDS list: add your _add_* functions here, one per line]
     _add_lora_targets,
+    _add_lora,
     _add_export,
     _add_import,
     _add_serve,
@@ -493,7 +712,57 @@ SUBCOMMANDS: list[AddCommand] = [
     _add_push,
     _add_zoo,
     _add_inspect,
+    _add_compress,
 ]
+
+
+# What the CLI calls a library error: a problem with the user's input or environment that the message alone lets
+# them fix. It is printed as one line on stderr with exit code 2. Anything else is a bug in hf-moe or in a
+# dependency, and keeps its traceback (exit code 1).
+#   - ValueError and subclasses: invalid options, configs and checkpoint contents (json.JSONDecodeError and
+#     UnicodeDecodeError are ValueErrors, and so is the config's own validation error);
+#   - OSError and subclasses: missing, existing or unreadable paths (FileNotFoundError, FileExistsError,
+#     NotADirectoryError, PermissionError), a full disk, transformers' "not a valid JSON file" for config.json;
+#   - errors of dependencies named below, matched by name so that checking one imports nothing: corrupt or
+#     truncated .safetensors files, a config.json field of the wrong type (transformers' configs are
+#     huggingface_hub strict dataclasses), a malformed YAML prompts file.
+# ImportError, RuntimeError, KeyError and the rest stay internal errors: a command whose optional dependency is
+# missing says so itself, as a ValueError naming the extra to install.
+LIBRARY_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+LIBRARY_ERRORS_BY_NAME: dict[str, str] = {  # qualified class name -> label put before the message
+    "safetensors._safetensors_rust.SafetensorError": "invalid safetensors file: ",
+    "huggingface_hub.errors.StrictDataclassError": "invalid config: ",
+    "yaml.error.YAMLError": "invalid YAML: ",
+}
+
+
+def _library_label(err: BaseException) -> str | None:
+    for cls in type(err).__mro__:
+        label = LIBRARY_ERRORS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if label is not None:
+            return label
+    return None
+
+
+def is_library_error(err: BaseException) -> bool:
+    """Whether `err` is reported as a one-line message with exit code 2 (see LIBRARY_ERRORS above)."""
+    return isinstance(err, LIBRARY_ERRORS) or _library_label(err) is not None
+
+
+# Library messages name keyword arguments (`overwrite=True`); a CLI user needs the flag. A message that already
+# gives both ("overwrite=True (--overwrite)") shows the flag alone.
+CLI_SPELLINGS: dict[str, str] = {"overwrite=True": "--overwrite"}
+
+
+def error_message(err: BaseException) -> str:
+    """`err` as one line for stderr, with options spelled as the CLI's flags."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    for keyword, flag in CLI_SPELLINGS.items():
+        text = text.replace(f"{keyword} ({flag})", flag).replace(keyword, flag)
+    return (_library_label(err) or "") + " ".join(text.split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -511,15 +780,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Only now, with valid arguments, load the library (torch, transformers): `--help` and usage errors are instant.
+    from . import register
+
+    register()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
-        print(f"hf-moe {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"hf-moe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not is_library_error(err):
+            raise  # a bug: Python prints the traceback and exits 1
+        print(f"hf-moe {args.command}: error: {error_message(err)}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

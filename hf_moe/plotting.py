@@ -74,6 +74,7 @@ def inspect_routing(
     tokenizer_dir: str | os.PathLike | None = None,
     max_tokens: int = 2048,
     seq_len: int = 512,
+    progress: bool = False,
 ) -> RouterStatistics:
     """Load a checkpoint and its tokenizer, and compute router statistics over the first `max_tokens` tokens of
     `text`.
@@ -87,6 +88,7 @@ def inspect_routing(
         tokenizer_dir: where the tokenizer is (default: `model_dir`).
         max_tokens: tokens to use from the start of the text.
         seq_len: tokens per row of the batch.
+        progress: show a tqdm bar over the decoder layers during the forward pass (minutes for a real model on a CPU).
     Returns:
         A `RouterStatistics`.
     """
@@ -114,7 +116,20 @@ def inspect_routing(
             break
         chars *= 2
     ids = ids[:max_tokens]
-    return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
+    if not progress:
+        return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
+    # The statistics come from one batched forward pass (expert choice depends on the whole batch), so progress is
+    # counted in layers, by hooks that only observe.
+    from tqdm.auto import tqdm
+
+    layers = model.model.layers
+    with tqdm(total=len(layers), desc=f"routing {len(ids)} tokens", unit="layer") as bar:
+        hooks = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+        try:
+            return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def plot_expert_load(

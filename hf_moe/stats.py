@@ -11,7 +11,9 @@ Example:
 ```
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,17 +76,146 @@ class RouterStatistics:
         return "\n".join(rows)
 
 
-def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor:
-    """(B, S_total) padding mask -> (num_rows,) bool over the rows of this forward (its last S columns)."""
-    if attention_mask is None:
-        return torch.ones(num_rows, dtype=torch.bool)
-    if attention_mask.dim() != 2 or num_rows % attention_mask.shape[0] != 0:
+# ================================================================================================================
+# The one routing summary: the balancing loss, `router_statistics` and `RouterMonitor` all read these sums.
+# A pure function of tensors (no config, no model), so it can live next to the routers in the modeling file.
+# ================================================================================================================
+
+
+def token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
+    """(B, S_total) padding mask -> (num_rows,) bool over the routed rows of this forward (its last S columns,
+    so a decoding step with a KV cache keeps its own tokens). None when there is no 2-D mask (every row counts).
+
+    Raises:
+        ValueError: a 2-D mask whose batch size does not divide the routed rows.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    if num_rows % attention_mask.shape[0] != 0 or num_rows // attention_mask.shape[0] > attention_mask.shape[1]:
         raise ValueError(
-            f"router_statistics: attention_mask of shape {tuple(attention_mask.shape)} does not match "
-            f"{num_rows} routed tokens; pass the (batch, seq_len) mask used for the forward pass"
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match {num_rows} routed tokens; "
+            "pass the (batch, seq_len) mask used for the forward pass"
         )
     seq_len = num_rows // attention_mask.shape[0]
-    return attention_mask[:, -seq_len:].reshape(-1).bool().cpu()
+    return attention_mask[:, -seq_len:].reshape(-1).bool()
+
+
+@dataclass(frozen=True)
+class RoutingSummary:
+    """Sums over the non-padding tokens of one MoE layer (or of several forwards, added with `+`).
+
+    Sums rather than means, so forwards accumulate exactly; the properties turn them into the reported figures.
+    `prob_sum` and `z_sum` keep their autograd graph when the inputs have one (the balancing and z losses are
+    built from them); every other field is a count.
+
+    Attributes:
+        num_tokens: () non-padding tokens.
+        tokens_per_expert: (E,) routed assignments per expert (sentinel slots excluded).
+        prob_sum: (E,) summed routing probabilities.
+        dropped: () dropped assignments (top-k routers) or tokens that no expert picked (expert choice).
+        dropped_of: () what `dropped` is a part of: assignment slots (tokens * K), or tokens for expert choice.
+        entropy_sum: () summed per-token entropy (nats) of the routing distribution.
+        z_sum: () summed logsumexp(logits)^2 (the router z-loss term).
+    """
+
+    num_tokens: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    prob_sum: torch.Tensor
+    dropped: torch.Tensor
+    dropped_of: torch.Tensor
+    entropy_sum: torch.Tensor
+    z_sum: torch.Tensor
+
+    def __add__(self, other: "RoutingSummary") -> "RoutingSummary":
+        return RoutingSummary(*(a + b.to(a.device) for a, b in zip(self._fields(), other._fields())))
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.num_tokens, self.tokens_per_expert, self.prob_sum, self.dropped, self.dropped_of,
+                self.entropy_sum, self.z_sum)
+
+    def detached(self) -> "RoutingSummary":
+        """float64 CPU copies without autograd history (for accumulating over many forwards)."""
+        return RoutingSummary(*(t.detach().double().cpu() for t in self._fields()))
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Switch / GShard balancing loss E * sum_i f_i P_i (Fedus et al. 2021, eq. 4-6): f_i assignments and
+        P_i probability mass per token; with top-k routing sum_i f_i = k, as in transformers' Mixtral/Qwen loss."""
+        tokens = self.num_tokens.clamp_min(1)
+        f = self.tokens_per_expert.to(self.prob_sum.dtype) / tokens  # (E,)
+        return self.prob_sum.shape[-1] * (f * (self.prob_sum / tokens)).sum()
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+        return self.z_sum / self.num_tokens.clamp_min(1)
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """(E,) share of the routed assignments per expert (sums to 1; zeros when nothing was routed)."""
+        counts = self.tokens_per_expert.double()
+        return counts / counts.sum().clamp_min(1)
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        """Dropped assignments over all slots; for expert choice, the fraction of tokens no expert picked."""
+        return self.dropped.double() / self.dropped_of.double().clamp_min(1)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Mean per-token routing entropy (nats); log(E) is uniform routing."""
+        return self.entropy_sum / self.num_tokens.clamp_min(1)
+
+
+def routing_summary(
+    router_logits: torch.Tensor,
+    router_indices: torch.Tensor,
+    num_experts: int,
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    expert_choice: bool = False,
+) -> RoutingSummary:
+    """Summarise how one MoE layer routed the non-padding tokens of one forward pass.
+
+    Args:
+        router_logits: (T, E) router logits.
+        router_indices: (T, K) chosen experts, sentinel `num_experts` for a dropped assignment (expert choice:
+            K = E, slot e holds e when expert e picked the token).
+        num_experts: E.
+        probabilities: (T, E) logits -> (T, E) routing distribution (rows sum to one), e.g.
+            `partial(router_probabilities, router_type=config.router_type)`.
+        attention_mask: (B, S_total) padding mask, 0 = padding; rows of this forward are its last S columns.
+        expert_choice: count dropped *tokens* (no expert picked them) instead of dropped assignments: with expert
+            choice most slots are empty by design (a token gets 0..E experts), so the slot fraction would be
+            about 1 - capacity/E and say nothing about lost tokens.
+    Returns:
+        A `RoutingSummary`; `prob_sum` and `z_sum` carry gradients to the logits.
+    """
+    keep = token_mask(attention_mask, router_logits.shape[0])  # (T,) or None
+    if keep is not None:
+        keep = keep.to(router_logits.device)
+        router_logits, router_indices = router_logits[keep], router_indices[keep.to(router_indices.device)]
+    device = router_logits.device
+    router_indices = router_indices.to(device)
+    probs = probabilities(router_logits)  # (T', E)
+    counts = torch.bincount(router_indices.reshape(-1), minlength=num_experts + 1)  # (E + 1,), last = sentinel
+    num_tokens = torch.tensor(router_logits.shape[0], device=device)
+    if expert_choice:
+        dropped = (router_indices == num_experts).all(dim=-1).sum()
+        dropped_of = num_tokens
+    else:
+        dropped = counts[num_experts:].sum()
+        dropped_of = torch.tensor(router_indices.numel(), device=device)
+    return RoutingSummary(
+        num_tokens=num_tokens,
+        tokens_per_expert=counts[:num_experts],
+        prob_sum=probs.sum(dim=0),
+        dropped=dropped,
+        dropped_of=dropped_of,
+        entropy_sum=-torch.special.xlogy(probs, probs).sum(),
+        z_sum=torch.logsumexp(router_logits.float(), dim=-1).square().sum(),
+    )
 
 
 def router_statistics(
@@ -138,29 +269,19 @@ def router_statistics(
 
     num_experts = config.num_experts
     expert_choice = config.router_type == "expert_choice"
-    tokens_per_expert, expert_load, dropped_fraction, entropy = [], [], [], []
-    num_tokens = 0
-    for logits, indices in zip(router_logits, router_indices):
-        logits, indices = logits.detach().float().cpu(), indices.detach().cpu()  # (T, E), (T, K)
-        keep = _token_mask(attention_mask, logits.shape[0])  # (T,)
-        logits, indices = logits[keep], indices[keep]
-        num_tokens = int(keep.sum())
-        counts = torch.bincount(indices.reshape(-1), minlength=num_experts + 1)  # (E + 1,), last = sentinel
-        routed = counts[:num_experts]
-        total = int(routed.sum())
-        tokens_per_expert.append(routed.tolist())
-        expert_load.append((routed.double() / total).tolist() if total else [0.0] * num_experts)
-        if num_tokens == 0:
-            dropped_fraction.append(0.0)
-        elif expert_choice:
-            # Expert choice has no fixed k per token: a token is "dropped" when no expert picked it.
-            unpicked = (indices == num_experts).all(dim=-1)
-            dropped_fraction.append(unpicked.double().mean().item())
-        else:
-            dropped_fraction.append(int(counts[num_experts]) / indices.numel())
-        probs = router_probabilities(logits, config.router_type)  # (T, E), rows sum to one
-        token_entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # (T,)
-        entropy.append(token_entropy.double().mean().item() if num_tokens else 0.0)
+    probabilities = partial(router_probabilities, router_type=config.router_type)
+    if attention_mask is not None:
+        attention_mask = attention_mask.cpu()
+    summaries = [
+        routing_summary(logits.detach().float().cpu(), indices.detach().cpu(), num_experts, probabilities,
+                        attention_mask, expert_choice=expert_choice)
+        for logits, indices in zip(router_logits, router_indices)
+    ]
+    tokens_per_expert = [s.tokens_per_expert.tolist() for s in summaries]
+    expert_load = [s.expert_load.tolist() for s in summaries]
+    dropped_fraction = [s.dropped_fraction.item() for s in summaries]
+    entropy = [s.entropy.double().item() for s in summaries]
+    num_tokens = int(summaries[-1].num_tokens)
 
     return RouterStatistics(
         layers=list(config.moe_layers),
@@ -175,4 +296,4 @@ def router_statistics(
     )
 
 
-__all__ = ["RouterStatistics", "router_statistics"]
+__all__ = ["RouterStatistics", "RoutingSummary", "router_statistics", "routing_summary", "token_mask"]

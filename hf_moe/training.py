@@ -14,45 +14,31 @@ for batch in loader:
 monitor.remove()
 ```
 
-With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`.
+With `Trainer`: `Trainer(..., callbacks=[MoeTrainerCallback()])`. With TRL: `trl.SFTTrainer(...,
+callbacks=[MoeTrainerCallback()])` (the callback also puts hf_moe's router losses into the loss TRL's fused LM
+head computes; see `install_router_losses_for_trl` and `examples/trl_sft.py`).
 """
 
 import math
-from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from .modeling.modeling_hf_moe import HfMoeRouter, SigmoidTopKRouter, router_probabilities
-
-
-@dataclass
-class _LayerAccumulator:
-    num_experts: int
-    assignments: torch.Tensor = field(init=False)  # (E,) routed assignments per expert
-    prob_sum: torch.Tensor = field(init=False)  # (E,) summed routing probabilities
-    tokens: float = 0.0
-    dropped: float = 0.0  # sentinel (dropped) assignments
-    slots: float = 0.0  # all assignment slots (tokens * K)
-    entropy_sum: float = 0.0
-    z_sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.assignments = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.tokens = self.dropped = self.slots = self.entropy_sum = self.z_sum = 0.0
+from .stats import RoutingSummary, routing_summary
 
 
 class RouterMonitor:
     """Accumulates router statistics over the forwards of a model until `summary()` is called.
 
-    Forward hooks on every hf_moe router record, per MoE layer: tokens per expert, the routing distribution,
-    dropped assignments, entropy and the z-loss term. Padding tokens are excluded when the model is called with an
-    `attention_mask` (captured by a pre-hook on the model). State lives in this object only.
+    Forward hooks on every hf_moe router add each forward's `hf_moe.stats.routing_summary` (the same sums the
+    balancing loss and `router_statistics` use) per MoE layer: tokens per expert, routing probability mass,
+    dropped assignments (expert choice: tokens no expert picked), entropy and the z-loss term. Padding tokens are
+    excluded when the model is called with an `attention_mask` (captured by a pre-hook on the model). State lives
+    in this object only.
 
     Args:
         model: an hf_moe model (possibly wrapped by DDP/FSDP/PEFT: routers are found by walking the modules).
@@ -66,62 +52,60 @@ class RouterMonitor:
         config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
         self.router_type = router_type or getattr(config, "router_type", "softmax_topk")
         self.num_experts = routers[0].num_experts
-        self._layers = [_LayerAccumulator(r.num_experts) for r in routers]
+        self._probabilities = partial(router_probabilities, router_type=self.router_type)
+        self._layers: list[RoutingSummary | None] = [None] * len(routers)
         self._mask: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
-        for acc, router in zip(self._layers, routers):
-            self._handles.append(router.register_forward_hook(self._make_hook(acc)))
+        for i, router in enumerate(routers):
+            self._handles.append(router.register_forward_hook(self._make_hook(i, router.num_experts)))
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _make_hook(self, acc: _LayerAccumulator):
+    def _make_hook(self, layer: int, num_experts: int):
         @torch.no_grad()
         def hook(module: nn.Module, inputs: tuple, output: tuple) -> None:
             logits, _, index = output  # (T, E), _, (T, K)
-            num_tokens = logits.shape[0]
-            if self._mask is not None and self._mask.numel() >= num_tokens:
-                seq_len = num_tokens // self._mask.shape[0]
-                keep = self._mask[:, -seq_len:].reshape(-1).to(logits.device).bool()  # (T,)
-                logits, index = logits[keep], index[keep]
-            probs = router_probabilities(logits, self.router_type)  # (T', E)
-            counts = torch.bincount(index.reshape(-1), minlength=acc.num_experts + 1).double().cpu()
-            acc.assignments += counts[: acc.num_experts]
-            acc.dropped += float(counts[acc.num_experts :].sum())
-            acc.slots += float(index.numel())
-            acc.prob_sum += probs.sum(dim=0).double().cpu()
-            acc.tokens += float(probs.shape[0])
-            acc.entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum())
-            acc.z_sum += float(torch.logsumexp(logits.float(), dim=-1).square().sum())
+            mask = self._mask
+            if mask is not None and logits.shape[0] % mask.shape[0] != 0:
+                mask = None  # a forward this mask does not describe (e.g. a packed batch): count every row
+            summary = routing_summary(
+                logits, index, num_experts, self._probabilities, mask,
+                expert_choice=self.router_type == "expert_choice",
+            ).detached()
+            previous = self._layers[layer]
+            self._layers[layer] = summary if previous is None else previous + summary
 
         return hook
 
     def expert_load(self) -> torch.Tensor:
         """(num_moe_layers, E) fraction of routed assignments per expert since the last reset."""
-        load = torch.stack([acc.assignments for acc in self._layers])
-        return load / load.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.stack(
+            [s.expert_load if s is not None else torch.zeros(self.num_experts, dtype=torch.float64)
+             for s in self._layers]
+        )
 
     def summary(self, *, reset: bool = True, per_layer: bool = True) -> dict[str, float]:
         """Scalar metrics since the last reset: `moe/aux_loss` (Switch/GShard, as the model computes it),
         `moe/z_loss`, `moe/load_cv` (coefficient of variation of expert load, 0 = balanced), `moe/load_max`
-        (max load / mean load), `moe/dropped` (fraction of dropped assignments), `moe/entropy` (mean routing
-        entropy, nats); per layer too with `per_layer=True` (keys `moe/layer_{i}/...`). Empty if nothing ran."""
+        (max load / mean load), `moe/dropped` (fraction of dropped assignments; for expert choice the fraction of
+        tokens no expert picked), `moe/entropy` (mean routing entropy, nats); per layer too with `per_layer=True`
+        (keys `moe/layer_{i}/...`). Empty if nothing ran."""
         rows = []
         for acc in self._layers:
-            if acc.tokens == 0:
+            if acc is None or acc.num_tokens == 0:
                 continue
-            tokens_per_expert = acc.assignments / acc.tokens
-            prob_per_expert = acc.prob_sum / acc.tokens
-            load = acc.assignments / max(acc.assignments.sum().item(), 1.0)
+            load = acc.expert_load
+            routed = bool(load.sum() > 0)
             rows.append(
                 {
-                    "aux_loss": float(acc.num_experts * (tokens_per_expert * prob_per_expert).sum()),
-                    "z_loss": acc.z_sum / acc.tokens,
-                    "load_cv": float(load.std(unbiased=False) / load.mean()) if load.sum() > 0 else 0.0,
-                    "load_max": float(load.max() / load.mean()) if load.sum() > 0 else 0.0,
-                    "dropped": acc.dropped / acc.slots if acc.slots else 0.0,
-                    "entropy": acc.entropy_sum / acc.tokens,
+                    "aux_loss": float(acc.aux_loss),
+                    "z_loss": float(acc.z_loss),
+                    "load_cv": float(load.std(unbiased=False) / load.mean()) if routed else 0.0,
+                    "load_max": float(load.max() / load.mean()) if routed else 0.0,
+                    "dropped": float(acc.dropped_fraction),
+                    "entropy": float(acc.entropy),
                 }
             )
         out: dict[str, float] = {}
@@ -136,9 +120,8 @@ class RouterMonitor:
         return out
 
     def reset(self) -> None:
-        """Forget everything accumulated so far (the hooks keep their accumulators; they are cleared in place)."""
-        for acc in self._layers:
-            acc.clear()
+        """Forget everything accumulated so far."""
+        self._layers = [None] * len(self._layers)
 
     def remove(self) -> None:
         """Detach every hook."""
@@ -167,13 +150,93 @@ def update_router_biases(model: nn.Module) -> int:
     return len(routers)
 
 
+def _trl_fused_forward(model: nn.Module):
+    """TRL's fused-LM-head forward if `trl.trainer.utils.add_fused_lm_head` patched `model`, else None. TRL sets it
+    as an instance attribute whose function takes a `fused_lm_head` keyword."""
+    forward = vars(model).get("forward")
+    func = getattr(forward, "__func__", None)
+    code = getattr(func, "__code__", None)
+    return forward if code is not None and "fused_lm_head" in code.co_varnames else None
+
+
+def install_router_losses_for_trl(model: nn.Module) -> bool:
+    """Make TRL's fused LM head (`trl.SFTTrainer` >= 1.x patches the model's forward with it) train an hf_moe model
+    with hf_moe's router losses.
+
+    TRL's fused forward adds Mixtral's load-balancing loss, recomputed from the router logits with a softmax top-k,
+    and no z-loss: wrong for `sigmoid_topk`, `switch` with capacity and `expert_choice` routers, and the z-loss
+    (`router_z_loss_coef`) is lost. This wraps that forward: router forward hooks keep the experts each layer
+    actually chose, and the output's `aux_loss` becomes `aux + (z_coef / aux_coef) * z` (from
+    `hf_moe.stats.routing_summary`, as the model's own loss computes them), so the term TRL adds to the loss,
+    `router_aux_loss_coef * aux_loss`, is exactly `aux_coef * aux + z_coef * z`. Without `fused_lm_head` the forward
+    is untouched (generation, evaluation with logits). Idempotent.
+
+    Args:
+        model: the model given to the trainer (a PeftModel is unwrapped to its base model).
+    Returns:
+        True when the forward was wrapped (or already was), False when `model` has no TRL fused forward or is not
+        an hf_moe model.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    fused = _trl_fused_forward(base)
+    if fused is None or getattr(config, "model_type", None) != "hf_moe":
+        return False
+    if getattr(fused, "_hf_moe_router_losses", False):
+        return True
+    routers = [m for m in base.modules() if isinstance(m, HfMoeRouter)]
+    probabilities = partial(router_probabilities, router_type=config.router_type)
+    expert_choice = config.router_type == "expert_choice"
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    capturing = [False]
+
+    def capture(module: nn.Module, inputs: tuple, output: tuple) -> None:
+        if capturing[0]:  # only inside the wrapped call: gradient checkpointing re-runs routers in backward
+            captured.append((output[0], output[2]))  # (T, E) logits, (T, K) indices
+
+    for router in routers:
+        router.register_forward_hook(capture)
+
+    def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any):
+        if not fused_lm_head:
+            return fused(*args, **kwargs)
+        captured.clear()
+        capturing[0] = True
+        try:
+            out = fused(*args, fused_lm_head=True, **kwargs)
+        finally:
+            capturing[0] = False
+        if getattr(out, "aux_loss", None) is None or not captured:
+            return out  # TRL did not ask for router logits (router_aux_loss_coef=0): no router loss at all
+        mask = kwargs.get("attention_mask")
+        summaries = [
+            routing_summary(logits, index, config.num_experts, probabilities, mask, expert_choice=expert_choice)
+            for logits, index in captured
+        ]
+        captured.clear()
+        aux = torch.stack([s.aux_loss for s in summaries]).mean()
+        z = torch.stack([s.z_loss for s in summaries]).mean()
+        aux_coef, z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
+        router_term = aux + (z_coef / aux_coef) * z if aux_coef else aux
+        if out.loss is not None:
+            out.loss = out.loss - aux_coef * out.aux_loss + aux_coef * router_term.to(out.loss.dtype)
+        out.aux_loss = router_term
+        return out
+
+    forward._hf_moe_router_losses = True  # type: ignore[attr-defined]
+    base.forward = forward
+    return True
+
+
 class MoeTrainerCallback(TrainerCallback):
     """`transformers.Trainer` callback for hf_moe models.
 
     - logs the `RouterMonitor` metrics (expert load balance, dropped fraction, routing entropy, aux and z loss)
       at every logging step;
     - switches `sigmoid_topk` aux-loss-free balancing to once per optimizer step (`router_bias_update="manual"`),
-      so gradient accumulation does not multiply the update.
+      so gradient accumulation does not multiply the update;
+    - under `trl.SFTTrainer`, puts hf_moe's own router losses into the training loss (see
+      `install_router_losses_for_trl`).
 
     Args:
         per_layer: also log per-layer metrics.
@@ -183,6 +246,7 @@ class MoeTrainerCallback(TrainerCallback):
         self.per_layer = per_layer
         self.monitor: RouterMonitor | None = None
         self.bias_updates = 0
+        self.router_losses_installed = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -192,6 +256,7 @@ class MoeTrainerCallback(TrainerCallback):
             config = getattr(module, "config", None)
             if config is not None and getattr(config, "model_type", None) == "hf_moe":
                 config.router_bias_update = "manual"
+        self.router_losses_installed = install_router_losses_for_trl(model)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None and update_router_biases(model):

@@ -1,5 +1,5 @@
 """The hf-moe model zoo: named presets, each an `HfMoeConfig` + a recipe (how to build it) + a rendered card in
-`model_cards/<name>.md`.
+`hf_moe/model_cards/<name>.md`.
 
 Two kinds of recipe:
 - `from_scratch`: an architecture in the style of a published MoE family, at a size that trains on one GPU
@@ -9,16 +9,14 @@ Two kinds of recipe:
   config.json), so the exact total/active parameter counts are known before any download. `create` runs the
   upcycling when given the dense checkpoint folder, else explains the command.
 
-`python -m hf_moe.zoo --render-cards` regenerates every `model_cards/<name>.md`; a test keeps them in sync.
+`hf-moe zoo render-cards` regenerates every `hf_moe/model_cards/<name>.md`; a test keeps them in sync.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from .modeling import HfMoeConfig
 
 logger = logging.getLogger(__name__)
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+# Package data (pyproject.toml), so that `hf-moe zoo show` points at a file every install has.
+CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,22 @@ class Preset:
         return count_parameters(self.config())
 
     def provenance(self) -> dict[str, Any]:
-        """The recipe as a provenance-like record (no versions or checksums: those belong to a built folder)."""
-        record: dict[str, Any] = {"method": self.recipe.method, "zoo_preset": self.name}
-        if self.recipe.method == "upcycle":
-            record["source"] = {"repo_id": self.recipe.base_model, "model_type": self.recipe.dense_config["model_type"]}
-        record["options"] = self.recipe.options
-        record["license"] = self.recipe.license
+        """The recipe as a provenance record, in the schema `conversion.io.write_provenance` writes (no path,
+        versions or checksums: those belong to a built folder)."""
+        dense_type = (self.recipe.dense_config or {}).get("model_type")
+        record: dict[str, Any] = {
+            "source": {"path": None, "model_type": dense_type, "files_sha256": {}},
+            "method": self.recipe.method,
+            "options": self.recipe.options,
+            "zoo_preset": self.name,
+            "license": self.recipe.license,
+        }
+        if self.recipe.base_model:
+            record["base_model"] = self.recipe.base_model
         return record
 
     def render_card(self) -> str:
-        """The model card of this preset (what `model_cards/<name>.md` holds)."""
+        """The model card of this preset (what `hf_moe/model_cards/<name>.md` holds)."""
         return render_model_card(
             self.config(),
             provenance=self.provenance(),
@@ -98,7 +103,16 @@ def _build_note(preset: Preset) -> str:
             f"Build it with `hf-moe zoo create {preset.name} OUT_DIR --source DENSE_DIR`, where DENSE_DIR holds "
             f"`{preset.recipe.base_model}` (e.g. `hf download {preset.recipe.base_model} --local-dir DENSE_DIR`)."
         )
-    return f"Build it (random initialisation) with `hf-moe zoo create {preset.name} OUT_DIR`."
+    return (
+        f"Build it (random initialisation) with `hf-moe zoo create {preset.name} OUT_DIR`. {_no_tokenizer(preset)}"
+    )
+
+
+def _no_tokenizer(preset: Preset) -> str:
+    return (
+        f"The folder ships no tokenizer (there is no trained one for random weights): bring one whose vocabulary has "
+        f"{preset.config().get_text_config().vocab_size} entries and save it into the folder."
+    )
 
 
 # ================================================================================================================
@@ -412,7 +426,7 @@ def card_path(name: str) -> Path:
 
 
 def render_cards(cards_dir: str | os.PathLike | None = None) -> list[Path]:
-    """(Re)write `model_cards/<name>.md` for every preset.
+    """(Re)write `hf_moe/model_cards/<name>.md` for every preset.
 
     Returns:
         The paths written.
@@ -463,7 +477,7 @@ def create(
     """
     import torch
 
-    from .conversion.io import atomic_output_dir, package_versions
+    from .conversion.io import atomic_output_dir, write_provenance
 
     preset = get_preset(name)
     out_dir = Path(out_dir)
@@ -482,19 +496,24 @@ def create(
         torch.manual_seed(seed)
         model = HfMoeForCausalLM(config).eval()
         model.save_pretrained(tmp)
-        provenance = {
-            "method": "from_scratch",
-            "zoo_preset": name,
-            "options": {"seed": seed, **preset.recipe.options},
-            "versions": package_versions(),
-        }
-        (tmp / "hf_moe_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        # The one provenance writer the conversions use. A random initialisation has no source checkpoint: the
+        # recipe is, so the source recorded is hf_moe's package folder with the sha256 of this file.
+        write_provenance(
+            tmp,
+            source=Path(__file__).resolve().parent,
+            method="from_scratch",
+            options={"seed": seed, **preset.recipe.options},
+            source_files=[Path(__file__).resolve()],
+            extra={"zoo_preset": name, "license": preset.recipe.license},
+        )
         write_model_card(
             tmp,
             model_name=out_dir.name,
             license=preset.recipe.license,
             description=f"Built from the hf-moe zoo preset `{name}` with random weights (seed {seed}). "
-            + preset.description,
+            + preset.description
+            + " "
+            + _no_tokenizer(preset),
         )
     return out_dir
 
@@ -528,18 +547,6 @@ def _create_upcycled(preset: Preset, out_dir: Path, source: Path, *, overwrite: 
     return out_dir
 
 
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_moe.zoo", description=__doc__.splitlines()[0])
-    parser.add_argument("--render-cards", action="store_true", help="rewrite model_cards/<name>.md for every preset")
-    args = parser.parse_args(argv)
-    if args.render_cards:
-        for path in render_cards():
-            print(path)
-        return 0
-    parser.print_help()
-    return 0
-
-
 __all__ = [
     "Preset",
     "Recipe",
@@ -551,6 +558,3 @@ __all__ = [
     "create",
     "upcycle_command",
 ]
-
-if __name__ == "__main__":
-    sys.exit(_main())

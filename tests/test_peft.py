@@ -347,15 +347,67 @@ def test_save_and_reload_exact(tmp_path) -> None:
     keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.1.mlp.experts.lora_A.gate_up_proj" in keys
     assert "base_model.model.model.layers.1.mlp.experts.lora_B.down_proj" in keys
-    # plain PEFT needs the custom layer registered; load_adapter does that
-    with pytest.raises(ValueError, match="not supported"):
-        PeftModel.from_pretrained(build("hf_moe"), tmp_path / "adapter")
+    # `import hf_moe` registered the fast layer with PEFT: plain PEFT and load_adapter both load it
+    plain = PeftModel.from_pretrained(build("hf_moe"), tmp_path / "adapter")
+    assert any(isinstance(m, FusedExpertsLora) for m in plain.modules())
+    assert torch.equal(plain(ids).logits, want)
     reloaded = load_adapter(build("hf_moe"), str(tmp_path / "adapter"))
     assert torch.equal(reloaded(ids).logits, want)
     assert not any(p.requires_grad for p in reloaded.parameters())
     trainable = load_adapter(build("hf_moe"), str(tmp_path / "adapter"), is_trainable=True)
     assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == sum(
         lora_trainable_counts(build("hf_moe"), config).values())
+
+
+_SAVE_WITH_PLAIN_PEFT = """
+import sys, torch
+import peft  # PEFT first: `import hf_moe` then registers at once
+import hf_moe
+from peft import LoraConfig, get_peft_model
+from tests.helpers.tiny import tiny_model
+out = sys.argv[1]
+model = tiny_model(seed=0, num_shared_experts=1)
+model.save_pretrained(out + "/base")
+config = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+peft_model = get_peft_model(model, config)
+ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+torch.save({"ids": ids, "logits": peft_model(ids).logits}, out + "/want.pt")
+peft_model.save_pretrained(out + "/adapter")
+"""
+
+_LOAD_WITH_PLAIN_PEFT = """
+import sys, torch
+import hf_moe  # PEFT not imported yet: the layer is registered when it is
+assert "peft" not in sys.modules, "import hf_moe imported PEFT eagerly"
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from hf_moe.peft import FusedExpertsLora
+out = sys.argv[1]
+base = AutoModelForCausalLM.from_pretrained(out + "/base")
+model = PeftModel.from_pretrained(base, out + "/adapter").eval()
+assert sum(isinstance(m, FusedExpertsLora) for m in model.modules()) == 2, "experts not on the fast layer"
+want = torch.load(out + "/want.pt")
+assert torch.equal(model(want["ids"]).logits, want["logits"]), "logits differ after reload"
+print("RELOADED-EQUAL")
+"""
+
+
+def test_plain_peft_round_trip_in_fresh_processes(tmp_path) -> None:
+    # Issue: `PeftModel.from_pretrained` failed with "Target module HfMoeExperts ... is not supported" unless
+    # hf_moe.peft.load_adapter was used. Both processes call PEFT only; hf_moe is merely imported.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for script in (_SAVE_WITH_PLAIN_PEFT, _LOAD_WITH_PLAIN_PEFT):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "RELOADED-EQUAL" in done.stdout
+    readme = (tmp_path / "adapter" / "README.md").read_text()
+    assert "## Loading this adapter" in readme and "PeftModel.from_pretrained" in readme and "import hf_moe" in readme
 
 
 def test_target_parameters_adapter_reloads_with_plain_peft(tmp_path) -> None:
@@ -425,7 +477,14 @@ def test_second_adapter_and_native_experts_fast_layer() -> None:
     assert (out_default - out_other).abs().max() > 1e-4
     layer = next(m for m in peft_model.modules() if isinstance(m, FusedExpertsLora))
     assert layer.lora_A["other"].gate_up_proj.shape == (4, 2, 32)
-    assert copy.deepcopy(peft_model) is not None
+    # a deep copy (FusedExpertsLora.__new__ without arguments) is an independent model with the same outputs
+    clone = copy.deepcopy(peft_model)
+    assert torch.equal(clone(ids).logits, out_other)
+    clone_layer = next(m for m in clone.modules() if isinstance(m, FusedExpertsLora))
+    with torch.no_grad():
+        clone_layer.lora_B["other"].gate_up_proj.add_(1.0)
+    assert not torch.equal(clone(ids).logits, out_other)
+    assert torch.equal(peft_model(ids).logits, out_other)
 
 
 def test_cli_lora_targets(tmp_path, capsys) -> None:

@@ -140,3 +140,68 @@ def test_errors_name_the_fix():
         router_statistics(model)
     with pytest.raises(ValueError, match="attention_mask"):
         router_statistics(out, attention_mask=torch.ones(3, 4), config=model.config)
+
+
+# ---- the one routing summary (issue 14): stats, RouterMonitor and the balancing loss agree ---------------------
+
+
+def test_expert_choice_dropped_is_fraction_of_tokens_no_expert_picked():
+    # capacity factor 0.5 -> each of the 4 experts picks 2 of the 12 rows (padding competes too), so some real
+    # tokens get no expert. The old monitor reported the share of empty slots, about 1 - capacity/E, whatever the
+    # tokens got.
+    from hf_moe.training import RouterMonitor
+
+    torch.manual_seed(5)
+    config = tiny_router_config("expert_choice", capacity_factor=0.5)
+    model = HfMoeForCausalLM(config).eval()
+    input_ids = torch.randint(3, 99, (2, 6))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with RouterMonitor(model) as monitor, torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+        logged = monitor.summary()
+    stats = router_statistics(out, attention_mask=attention_mask, config=config)
+    keep = attention_mask.reshape(-1).bool()
+    want = []
+    for indices in out.router_indices:
+        real = indices[keep]  # (10, E): slot e holds e when expert e picked the token, else the sentinel E
+        unpicked = sum(all(e == config.num_experts for e in row.tolist()) for row in real)
+        want.append(unpicked / 10)
+        slot_share = (real == config.num_experts).float().mean().item()
+        assert unpicked / 10 != pytest.approx(slot_share)  # the two definitions differ on this input
+    assert stats.dropped_fraction == pytest.approx(want, abs=1e-12)
+    assert logged["moe/dropped"] == pytest.approx(sum(want) / len(want), abs=1e-12)
+    assert [logged[f"moe/layer_{i}/dropped"] for i in range(2)] == pytest.approx(want, abs=1e-12)
+    assert 0 < min(want)
+
+
+@pytest.mark.parametrize("router_type", ["softmax_topk", "sigmoid_topk", "switch"])
+def test_routing_summary_reproduces_the_model_losses(router_type):
+    from functools import partial
+
+    from hf_moe.modeling.modeling_hf_moe import router_probabilities
+    from hf_moe.stats import routing_summary
+
+    torch.manual_seed(6)
+    overrides = {"capacity_factor": 0.5} if router_type == "switch" else {}
+    config = tiny_router_config(router_type, **overrides)
+    model = HfMoeForCausalLM(config).eval()
+    input_ids = torch.randint(3, 99, (2, 7))
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    probabilities = partial(router_probabilities, router_type=router_type)
+    summaries = [
+        routing_summary(logits, indices, config.num_experts, probabilities, attention_mask)
+        for logits, indices in zip(out.router_logits, out.router_indices)
+    ]
+    aux = torch.stack([s.aux_loss for s in summaries]).mean()
+    z = torch.stack([s.z_loss for s in summaries]).mean()
+    torch.testing.assert_close(aux, out.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, out.z_loss, rtol=1e-5, atol=1e-6)
+    # the gradients flow to the router as the model's loss does
+    (grad_summary,) = torch.autograd.grad(aux + z, out.router_logits[0], retain_graph=True)
+    (grad_model,) = torch.autograd.grad(out.aux_loss + out.z_loss, out.router_logits[0])
+    torch.testing.assert_close(grad_summary, grad_model, rtol=1e-5, atol=1e-7)
+    # and adding two forwards' sums equals one summary of both
+    both = summaries[0] + summaries[0]
+    assert int(both.num_tokens) == 2 * 13
+    torch.testing.assert_close(both.entropy, summaries[0].entropy)

@@ -85,9 +85,9 @@ def test_upcycled_config_refuses_unknown_bases() -> None:
 def test_rendered_card_in_sync_and_valid(name: str) -> None:
     preset = PRESETS[name]
     path = card_path(name)
-    assert path.is_file(), f"{path} missing: run python -m hf_moe.zoo --render-cards"
+    assert path.is_file(), f"{path} missing: run hf-moe zoo render-cards"
     assert path.read_text(encoding="utf-8") == preset.render_card(), (
-        f"{path} is stale: run python -m hf_moe.zoo --render-cards"
+        f"{path} is stale: run hf-moe zoo render-cards"
     )
     card = ModelCard.load(path)
     assert card.data.license == preset.recipe.license
@@ -215,10 +215,49 @@ def test_smollm2_recipe_on_real_weights(
     assert all(0 < h <= math.log(8) + 1e-6 for h in stats["entropy"])
 
 
-def test_render_cards_module_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import hf_moe.zoo as zoo
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_zoo_cards_are_hub_ready(name: str) -> None:
+    from tests.test_hub import _assert_hub_ready
 
-    monkeypatch.setattr(zoo, "CARDS_DIR", tmp_path)
-    assert zoo._main(["--render-cards"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.md" for n in PRESETS)
-    assert str(tmp_path / "tiny.md") in capsys.readouterr().out
+    _assert_hub_ready(card_path(name).read_text(encoding="utf-8"))
+
+
+def test_created_card_is_hub_ready_and_provenance_has_the_one_schema(tmp_path: Path) -> None:
+    from tests.test_hub import _assert_hub_ready
+
+    out = create("tiny", tmp_path / "tiny", seed=1)
+    record = json.loads((out / "hf_moe_provenance.json").read_text())
+    assert set(record["source"]) == {"path", "model_type", "files_sha256"}  # conversion.io.write_provenance's
+    assert list(record["source"]["files_sha256"]) == ["zoo.py"] and record["zoo_preset"] == "tiny"
+    text = (out / "README.md").read_text()
+    _assert_hub_ready(text, tmp_path)
+    assert "ships no tokenizer" in text and "99 entries" in text
+
+
+@pytest.mark.slow  # builds a wheel (about 20 s)
+def test_a_wheel_ships_what_the_library_points_at(tmp_path: Path) -> None:
+    """A non-editable install has the cards `hf-moe zoo show` names and the card templates, and not the demo's
+    asset fetcher (which runs pip: it lives in examples/)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "hf_moe", src / "hf_moe", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=src, check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hf_moe-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"hf_moe/model_cards/{name}.md" for name in PRESETS} <= names
+    assert {"hf_moe/templates/model_card.md", "hf_moe/templates/usage_hf_moe.md",
+            "hf_moe/templates/usage_export.md"} <= names
+    assert not any("assets" in n for n in names)
+    library = "".join(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".py"))
+    assert "parent.parent / \"model_cards\"" not in library

@@ -26,19 +26,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub_ids import resolve_model
+from ..hub import write_export_card
 from ..modeling.configuration_hf_moe import HfMoeConfig
 from .io import (
     PROVENANCE_NAME,
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_out_dir,
     copy_tokenizer_files,
     write_provenance,
 )
 from .native import (
     SPECS,
     TARGETS,
-    NativeSpec,
     check_target,
     compatible_targets,
     export_tensor,
@@ -81,12 +83,6 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
     return tensor
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    # Checked before any work so a clash fails fast; atomic_output_dir checks again at the end.
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another path or pass overwrite=True")
-
-
 def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor an hf_moe checkpoint of `config` holds (built on the meta device: no memory)."""
     from ..modeling.modeling_hf_moe import HfMoeForCausalLM
@@ -97,6 +93,19 @@ def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def _check_floating(reader: CheckpointReader, names: list[str]) -> None:
+    """Model weights are floating point; an integer tensor (a quantised or corrupt checkpoint) is refused rather
+    than converted into weights that compute garbage."""
+    bad = [n for n in names if not reader.dtype(n).is_floating_point]
+    if bad:
+        raise ValueError(
+            f"{reader.root}: tensor {bad[0]!r} has dtype {reader.dtype(bad[0])}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + "; model weights must be floating point. Quantised checkpoints cannot be converted: convert the "
+            "unquantised one, or re-save the checkpoint if it is corrupt"
+        )
 
 
 def _check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -214,12 +223,14 @@ def export(
         FileNotFoundError: `model_dir`, its config/weights, or the adapter folder is missing.
         FileExistsError: `out_dir` exists and `overwrite` is False.
         ValueError: not an hf_moe checkpoint, tensors not matching its config, or a config the target cannot
-            represent (the message lists the blocking fields and the targets that would fit).
+            represent (the message lists the blocking fields and the targets that would fit); `out_dir` is,
+            contains or lies inside an input.
     """
     spec = check_target(to)
     out_dtype = parse_dtype(dtype)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
+    inputs = [model_dir] + ([Path(merge_adapter)] if merge_adapter is not None else [])
+    check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(model_dir)
     if reader.model_type != HfMoeConfig.model_type:
         raise ValueError(
@@ -233,6 +244,7 @@ def export(
     # A tied lm_head saved anyway is the embedding again: not written (the target ties it too).
     source_names = [n for n in reader.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
     _check_tensors({n: reader.shape(n) for n in source_names}, _expected_tensors(config), str(model_dir))
+    _check_floating(reader, source_names)
     if config.router_type == "noisy_topk":
         logger.info("noisy_topk: the training-only noise projection (gate.noise_weight) is not exported")
 
@@ -250,7 +262,7 @@ def export(
             return _cast(name, state[name], out_dtype or reader.dtype(name))
         return _cast(name, reader.get_tensor(name), out_dtype)
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *source_files]) as tmp:
         with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
             for name in tqdm(names, desc=f"export to {to}", unit="tensor", disable=len(names) < 200):
                 for native_name, tensor in export_tensor(name, get(name), spec=spec, config=config):
@@ -268,67 +280,11 @@ def export(
         extra["architecture"] = spec.architecture
         write_provenance(tmp, source=reader, method="export", options=options, source_files=source_files,
                          extra=extra)
-        _write_export_card(tmp, config, spec, model_dir)
+        # The card lives in one place (hf_moe.hub); its export variant describes the native architecture.
+        write_export_card(tmp, config, architecture=spec.architecture, model_name=f"{model_dir.resolve().name} "
+                          f"({spec.title})")
     logger.info("exported %s to %s (%s)", model_dir, out_dir, spec.architecture)
     return out_dir
-
-
-_CARD_NOTE = """
-This checkpoint uses the native `{architecture}` architecture (`model_type: {model_type}`): transformers and
-vLLM load it without hf-moe and without `trust_remote_code`. It was exported from an hf-moe checkpoint with
-`hf-moe export --to {model_type}` and computes the same function as the hf-moe model it came from.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # {architecture}
-```
-
-```python
-from vllm import LLM
-
-llm = LLM(model="path/to/this/folder")
-```
-"""
-
-
-def _write_export_card(out: Path, config: HfMoeConfig, spec: NativeSpec, model_dir: Path) -> None:
-    """README.md: the hf_moe model card (parameters, routing, provenance) with a note on the native architecture;
-    the source README.md if the card cannot be rendered."""
-    try:
-        from ..hub import render_model_card
-    except ImportError:
-        render_model_card = None
-    text = None
-    if render_model_card is not None:
-        try:
-            provenance = json.loads((out / PROVENANCE_NAME).read_text())
-            # The template ships in the source tree (model_cards/); without it, fall back below.
-            text = render_model_card(
-                config,
-                provenance=provenance,
-                model_name=f"{model_dir.resolve().name} ({spec.title})",
-                description=_CARD_NOTE.format(architecture=spec.architecture, model_type=spec.target).strip(),
-            )
-            text = _strip_hf_moe_usage(text).replace(
-                "in the hf-moe `hf_moe` architecture", f"exported from hf-moe to `{spec.architecture}`"
-            )
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            logger.warning("model card not rendered (%s); copying the source README.md", err)
-            text = None
-    if text is None:
-        source_card = model_dir / "README.md"
-        if source_card.is_file():
-            text = source_card.read_text(encoding="utf-8")
-    if text is not None:
-        (out / "README.md").write_text(text, encoding="utf-8")
-
-
-def _strip_hf_moe_usage(card: str) -> str:
-    # The hf_moe template's usage section describes the hf_moe architecture (plugin, trust_remote_code); the
-    # export note above replaces it.
-    head, sep, _ = card.partition("\n## Usage")
-    return head.rstrip() + "\n" if sep else card
 
 
 # ================================================================================================================
@@ -399,11 +355,12 @@ def import_native(
     Raises:
         FileNotFoundError: missing folder, config or weights.
         FileExistsError: `out_dir` exists and `overwrite` is False.
-        ValueError: an unsupported architecture (DeepSeek-V3: MLA) or option, or tensors not matching the config.
+        ValueError: `out_dir` is, contains or lies inside `src_dir`; an unsupported architecture (DeepSeek-V3: MLA)
+            or option; tensors not matching the config (a mis-shaped expert is named by layer and expert).
     """
     out_dtype = parse_dtype(dtype)
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    src_dir, out_dir = resolve_model(src_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
+    check_out_dir(out_dir, [src_dir], overwrite=overwrite)  # before any work; atomic_output_dir checks again
     reader = CheckpointReader(src_dir)
     if reader.model_type == HfMoeConfig.model_type:
         raise ValueError(f"{src_dir} is already an hf_moe checkpoint; nothing to import")
@@ -411,10 +368,11 @@ def import_native(
     spec = SPECS[reader.model_type]
     expected = _expected_tensors(config)
     top, layers, skipped = _layer_groups(reader, config.num_hidden_layers, config.tie_word_embeddings)
+    _check_floating(reader, [*top, *(n for names in layers.values() for n in names)])
     if skipped:
         logger.info("not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else "")
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
         written: dict[str, tuple[int, ...]] = {}
         with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 
@@ -428,7 +386,10 @@ def import_native(
             for layer in tqdm(sorted(layers), desc=f"import {reader.model_type}", unit="layer",
                               disable=len(layers) < 8):
                 tensors = {name: reader.get_tensor(name) for name in layers[layer]}
-                converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
+                try:
+                    converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
+                except ValueError as err:  # a missing or mis-shaped expert: say which checkpoint
+                    raise ValueError(f"{src_dir}: {err}") from err
                 for name in sorted(converted):
                     add(name, converted[name])
             _check_tensors(written, expected, f"{src_dir} imported as hf_moe")

@@ -7,7 +7,9 @@ stream, and publish an output folder atomically.
   memory), starts a new shard when the current one would pass ``max_shard_size``, and at the end renames the
   shards to ``model-0000x-of-0000n.safetensors`` and writes ``model.safetensors.index.json``.
 - :func:`atomic_output_dir` builds the output in a temporary folder beside the destination and renames it into
-  place only on success.
+  place only on success (fsynced first; an existing output is swapped out atomically, and leftovers of a killed
+  run are recovered or removed by the next one). :func:`check_no_overlap` is the one rule that keeps an output
+  away from the inputs, and :func:`atomic_open` / :func:`atomic_write` write single files the same way.
 
 Example:
 ```python
@@ -21,22 +23,25 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +146,11 @@ def sha256_file(path: str | os.PathLike, *, chunk_size: int = 1 << 22) -> str:
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate the header of a safetensors file without reading tensor data.
 
-    Checks that the header is well formed, that each tensor's byte range matches its dtype and shape, and that
-    the file size equals header + data (a truncated or padded file is refused).
+    The one header reader of the package (conversions, cards, inspect). Checks what the safetensors library
+    checks when it opens a file, so that a file accepted here also loads: the header is a JSON object, each entry
+    has a known dtype, a shape of non-negative ints and byte offsets matching dtype x shape, the tensors tile the
+    data section without gaps or overlaps, and the file size equals header + data (a truncated or padded file is
+    refused). Every error names the file.
 
     Returns:
         The header dict: ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``.
@@ -154,63 +162,77 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    fix = "re-download or re-save it"
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(
-                f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it"
-            )
+            raise ValueError(f"{path} is not a safetensors file (only {size} bytes); {fix}")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
             raise ValueError(
                 f"{path} has a corrupt or truncated safetensors header (header length {header_len}, file size "
-                f"{size}); re-download or re-save it"
+                f"{size}); {fix}"
             )
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"{path} has an unreadable safetensors header ({err}); re-download or re-save it"
-            ) from err
+            raise ValueError(f"{path} has an unreadable safetensors header ({err}); {fix}") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{path} has a malformed safetensors header; re-download or re-save it")
-    data_end = 0
+        raise ValueError(f"{path} has a malformed safetensors header (not a JSON object); {fix}")  # noqa: TRY004
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: the safetensors __metadata__ must map strings to strings; {fix}")
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             start, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+            if not all(type(x) is int and x >= 0 for x in (start, end, *shape)):
+                raise ValueError("offsets and dimensions must be non-negative integers")
             numel = 1
-            for dim in info["shape"]:
-                numel *= int(dim)
-            expected = numel * _ST_ITEMSIZE[info["dtype"]]
+            for dim in shape:
+                numel *= dim
+            expected = numel * _ST_ITEMSIZE[dtype]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: malformed header entry for tensor {name!r} ({err!r})") from err
+            raise ValueError(f"{path}: malformed header entry for tensor {name!r} ({err!r}); {fix}") from err
         if end - start != expected:
             raise ValueError(
-                f"{path}: tensor {name!r} spans {end - start} bytes but its shape needs {expected}"
+                f"{path}: tensor {name!r} spans {end - start} bytes but its dtype {dtype} and shape {shape} need "
+                f"{expected}; {fix}"
             )
-        data_end = max(data_end, end)
+        spans.append((start, end, name))
+    data_end = 0
+    for start, end, name in sorted(spans):
+        if start != data_end:  # the library refuses holes and overlaps between tensors
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {start}, expected {data_end}; {fix}")
+        data_end = end
     if size != 8 + header_len + data_end:
         raise ValueError(
             f"{path} is truncated or corrupt: its header describes {8 + header_len + data_end} bytes but the file "
-            f"has {size}; re-download or re-save it"
+            f"has {size}; {fix}"
         )
     return header
 
 
-def _inside(root: Path, name: str) -> Path:
-    """`root / name` if `name` is a plain relative path (no absolute path, no ``..``), else ValueError.
+def index_entry_path(root: str | os.PathLike, name: object) -> Path:
+    """`root / name` for a weights file named by ``model.safetensors.index.json``, refusing names that leave the
+    folder (an absolute path, ``..``) or are not plain file names.
 
     Symbolic links inside the folder are followed wherever they point: the Hugging Face Hub cache stores every
     snapshot file as a link into ``../../blobs``, and the user chose that folder.
+
+    Raises:
+        ValueError: the entry points outside `root`.
     """
-    candidate = Path(name)
-    if not name or candidate.is_absolute() or ".." in candidate.parts:
+    root = Path(root)
+    candidate = Path(name) if isinstance(name, str) else None
+    if candidate is None or not name or candidate.is_absolute() or ".." in candidate.parts:
         raise ValueError(
             f"{root / SAFE_WEIGHTS_INDEX_NAME} names weights file {name!r} outside the checkpoint folder; an index "
-            "may only name files inside its own folder"
+            "may only name files inside its own folder. Re-download the checkpoint or fix the index"
         )
     return root / candidate
 
@@ -249,9 +271,15 @@ class CheckpointReader:
                 f"{config_path} is missing: a Hugging Face checkpoint folder needs config.json"
             )
         try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+            self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{config_path} is not valid JSON ({err}); re-download or re-save the checkpoint"
+            ) from err
+        if not isinstance(self.config, dict):
+            raise ValueError(  # noqa: TRY004 (bad file content, like every other checkpoint error)
+                f"{config_path} must hold a JSON object of config fields; re-save the checkpoint"
+            )
         self.files_read: list[Path] = [config_path]
         self.weight_map: dict[str, str] = self._find_weights()
         file_names = list(dict.fromkeys(self.weight_map.values()))
@@ -272,14 +300,17 @@ class CheckpointReader:
             return {name: SAFE_WEIGHTS_NAME for name in header if name != "__metadata__"}
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("'weight_map' is not an object")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(
-                    f"{index} is not a valid safetensors index (needs a 'weight_map'): {err!r}"
+                    f"{index} is not a valid safetensors index (needs a 'weight_map' of tensor name -> file): "
+                    f"{err!r}; re-download the checkpoint"
                 ) from err
             self.files_read.append(index)
-            for file_name in set(weight_map.values()):
-                path = _inside(self.root, file_name)
+            for file_name in dict.fromkeys(weight_map.values()):
+                path = index_entry_path(self.root, file_name)
                 if not path.is_file():
                     raise FileNotFoundError(
                         f"{index} names weights file {file_name!r}, which is missing from {self.root}; re-download "
@@ -348,11 +379,16 @@ class CheckpointReader:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.root}")
         handle = self._handles.get(file_name)
         if self.mmap:
-            if handle is None:
-                handle = self._handles[file_name] = safe_open(
-                    str(self.root / file_name), framework="pt", device="cpu"
-                )
-            return handle.get_tensor(name)
+            try:
+                if handle is None:
+                    handle = self._handles[file_name] = safe_open(
+                        str(self.root / file_name), framework="pt", device="cpu"
+                    )
+                return handle.get_tensor(name)
+            except SafetensorError as err:  # the library's messages do not name the file
+                raise ValueError(
+                    f"{self.root / file_name}: safetensors cannot read {name!r} ({err}); was it modified?"
+                ) from err
         # Default: a plain read of the tensor's bytes (offsets from the header validated at open) into a fresh
         # tensor. Memory-mapped pages of a multi-GB shard would stay resident and count towards the process's
         # memory until the map is closed; read() keeps the peak at the tensors actually held.
@@ -577,7 +613,10 @@ class ShardWriter:
 # Atomic output folders, tokenizer files, provenance.
 # ================================================================================================================
 
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+# Hidden siblings of an output: ``.<name>.tmp-<pid>-<hex>`` (being built, or the old output after an atomic swap)
+# and ``.<name>.old-<pid>-<hex>`` (the old output moved aside where no atomic swap exists). The pid says whether
+# the process that made them is still running.
+_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -590,76 +629,317 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temp_dirs(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove temporary folders ``.<name>.tmp-<pid>-<hex>`` beside `out_dir` left by killed conversions (their
-    process id is no longer running).
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover_output(out_dir: str | os.PathLike) -> list[Path]:
+    """Repair what a killed conversion (SIGKILL, power loss) left beside `out_dir`; called by every conversion
+    before it writes.
+
+    - `out_dir` is missing but an old output moved aside during an overwrite (``.<name>.old-<pid>-<hex>``)
+      survives: it is renamed back to `out_dir`, so the user's previous output is never lost.
+    - Temporary folders and files (``.<name>.tmp-<pid>-<hex>``) and old outputs that are no longer needed are
+      removed.
+
+    Only leftovers of processes that are no longer running are touched.
 
     Returns:
-        The folders removed.
+        The paths restored or removed.
     """
     out_dir = Path(out_dir)
-    removed = []
     parent = out_dir.parent
     if not parent.is_dir():
-        return removed
+        return []
+    stale: list[Path] = []
+    old: list[Path] = []
     for entry in parent.iterdir():
-        match = _TMP_RE.match(entry.name)
-        if (
-            match
-            and match.group("name") == out_dir.name
-            and entry.is_dir()
-            and not _pid_alive(int(match.group("pid")))
-        ):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+        match = _SIBLING_RE.match(entry.name)
+        if match and match.group("name") == out_dir.name and not _pid_alive(int(match.group("pid"))):
+            stale.append(entry)
+            if match.group("kind") == "old" and entry.is_dir() and not entry.is_symlink():
+                old.append(entry)
+    handled: list[Path] = []
+    old.sort(key=lambda p: p.stat().st_mtime)
+    if old and not os.path.lexists(out_dir):
+        # Killed between moving the old output aside and moving the new one in: put the old one back.
+        os.rename(old[-1], out_dir)
+        _fsync_dir(parent)
+        logger.warning("restored %s from %s, left by an interrupted overwrite", out_dir, old[-1].name)
+        handled.append(old[-1])
+        stale.remove(old[-1])
+    for entry in stale:
+        _remove(entry)
+        handled.append(entry)
+    if stale:
+        logger.info("removed %d leftover(s) of interrupted conversions beside %s", len(stale), out_dir)
+    return handled
+
+
+def clean_stale_temp_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """Alias of :func:`recover_output` (the earlier name)."""
+    return recover_output(out_dir)
+
+
+def check_no_overlap(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """The rule that keeps every conversion's output away from its inputs: OUT_DIR may not be, contain, or lie
+    inside any input, compared after resolving symbolic links. Writing (and above all ``overwrite``) would
+    otherwise modify or delete the inputs.
+
+    Args:
+        out_dir: the output folder (need not exist).
+        inputs: input folders or files.
+
+    Raises:
+        ValueError: naming both paths and the fix.
+    """
+    out = Path(out_dir)
+    out_real = out.resolve()
+    for given in inputs:
+        given = Path(given)
+        real = given.resolve()
+        if out_real == real:
+            relation = "is the same folder as"
+        elif real.is_relative_to(out_real):
+            relation = "contains"
+        elif out_real.is_relative_to(real):
+            relation = "lies inside"
+        else:
+            continue
+        shown = str(given) if given.absolute() == real else f"{given} (= {real})"
+        folder = real if real.is_dir() or not real.exists() else real.parent
+        raise ValueError(
+            f"output folder {out} {relation} the input {shown}; writing there would modify or delete the input. "
+            "Choose an OUT_DIR that is neither an input, inside one, nor a parent of one, e.g. "
+            f"{folder.parent / (folder.name + '-out')}"
+        )
+
+
+def check_out_dir(
+    out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False
+) -> Path:
+    """Checks every conversion runs on its output before any work: no overlap with the inputs
+    (:func:`check_no_overlap`), leftovers of killed runs recovered (:func:`recover_output`), and an existing
+    OUT_DIR only with `overwrite`.
+
+    Returns:
+        `out_dir` as a Path.
+
+    Raises:
+        ValueError: OUT_DIR overlaps an input.
+        FileExistsError: OUT_DIR exists and `overwrite` is False, or it is not a folder, or (with `overwrite`) a
+            symbolic link.
+    """
+    out_dir = Path(out_dir)
+    check_no_overlap(out_dir, inputs)
+    recover_output(out_dir)
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise FileExistsError(
+                f"output folder {out_dir} already exists; choose another path or pass overwrite=True "
+                "(CLI: --overwrite)"
+            )
+        if out_dir.is_symlink():
+            raise FileExistsError(
+                f"output folder {out_dir} is a symbolic link; pass the folder it points to, or remove the link"
+            )
+        if not out_dir.is_dir():
+            raise FileExistsError(
+                f"output path {out_dir} exists and is not a folder; remove it or choose another path"
+            )
+    return out_dir
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # no directory handles on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk, so that a power loss after the rename keeps them."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2(2): True if done; False where the system or file system lacks it, or (RENAME_NOREPLACE)
+    `b` exists."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    import ctypes  # only for renameat2, which the os module does not wrap
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # musl / old glibc
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EEXIST):
+        return False
+    raise OSError(err, f"cannot move {a} to {b}: {os.strerror(err)}")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the complete folder `tmp` to `out_dir`. At every instant `out_dir` holds the old or the new output,
+    or (two-rename fallback, killed between the renames) :func:`recover_output` restores the old one."""
+    parent = out_dir.parent
+    if not os.path.lexists(out_dir):
+        if _renameat2(tmp, out_dir, _RENAME_NOREPLACE):
+            _fsync_dir(parent)
+            return
+        if not os.path.lexists(out_dir):
+            os.rename(tmp, out_dir)
+            _fsync_dir(parent)
+            return
+    if not overwrite:  # created by someone else meanwhile
+        raise FileExistsError(f"output folder {out_dir} appeared during the conversion; not replacing it")
+    if _renameat2(tmp, out_dir, _RENAME_EXCHANGE):  # tmp now holds the old output, out_dir the new one
+        _fsync_dir(parent)
+        _remove(tmp)
+        return
+    old = _sibling(out_dir, "old")
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    _fsync_dir(parent)
+    _remove(old)
+
+
+class ConversionTerminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives during a conversion, so that its temporary output is
+    removed as on Ctrl-C; the process then exits with status 143 (128 + SIGTERM) unless the caller catches it."""
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success rename it to `out_dir`, on any failure (exception,
-    KeyboardInterrupt) delete it.
+def _sigterm_cleans_up() -> Iterator[None]:
+    # Only where SIGTERM would otherwise kill the process outright (default handler, main thread): a handler the
+    # application installed stays in charge.
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
 
-    The temporary folder is named ``.<OUT_DIR name>.tmp-<pid>-<hex>``; if the process is killed (SIGKILL) it can
-    be left behind, and the next call for the same `out_dir` removes it. With ``overwrite=True`` an existing
-    `out_dir` is replaced only after the new one is complete.
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        raise ConversionTerminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def atomic_output_dir(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success fsync it and move it to `out_dir`, on any failure
+    (exception, Ctrl-C, SIGTERM) delete it.
+
+    The temporary folder is named ``.<OUT_DIR name>.tmp-<pid>-<hex>``. With ``overwrite=True`` an existing
+    `out_dir` is replaced only once the new one is complete, by an atomic swap where the file system has one
+    (Linux) and otherwise by two renames that :func:`recover_output` completes if the process dies between them.
+    After SIGKILL or a power loss the next call for the same `out_dir` restores or removes what was left.
 
     Args:
         out_dir: destination folder; its parent is created if needed.
         overwrite: replace an existing `out_dir` instead of raising.
+        inputs: the conversion's input folders and files; `out_dir` may not overlap them
+            (:func:`check_no_overlap`).
 
     Raises:
         FileExistsError: `out_dir` exists and `overwrite` is False.
+        ValueError: `out_dir` overlaps an input.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(
-            f"output path {out_dir} exists and is not a folder; remove it or choose another path"
-        )
+    inputs = list(inputs)
+    out_dir = check_out_dir(out_dir, inputs, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_dirs(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _sibling(out_dir, "tmp")
+    with _sigterm_cleans_up():
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            check_no_overlap(out_dir, inputs)  # a symbolic link may have been changed meanwhile
+            _publish(tmp, out_dir, overwrite)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a file for writing that appears at `path` only complete: the data goes to a hidden temporary file
+    beside it, which is flushed to disk and renamed over `path` when the block ends without error (and deleted
+    otherwise). The file gets the permissions ``open(path, "w")`` would give (0666 minus the umask).
+
+    Args:
+        path: the destination file; its folder must exist.
+        mode: "w" (text) or "wb".
+        encoding: text encoding for mode "w".
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    recover_output(path)  # temporary files of killed writers
+    tmp = _sibling(path, "tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        yield tmp
-        if out_dir.exists():
-            if not overwrite:  # created by someone else meanwhile
-                raise FileExistsError(
-                    f"output folder {out_dir} appeared during the conversion; not replacing it"
-                )
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Write `data` (text or bytes) to `path` through :func:`atomic_open`.
+
+    Returns:
+        `path` as a Path.
+    """
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding=encoding) as f:
+        f.write(data)
+    return Path(path)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
@@ -741,14 +1021,21 @@ def write_provenance(
 
 
 __all__ = [
+    "PROVENANCE_NAME",
     "CheckpointReader",
+    "ConversionTerminated",
     "ShardWriter",
+    "atomic_open",
     "atomic_output_dir",
+    "atomic_write",
+    "check_no_overlap",
+    "check_out_dir",
     "clean_stale_temp_dirs",
     "copy_tokenizer_files",
+    "index_entry_path",
     "parse_size",
     "read_safetensors_header",
+    "recover_output",
     "sha256_file",
     "write_provenance",
-    "PROVENANCE_NAME",
 ]

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub_ids import resolve_model
 from ..modeling import HfMoeConfig
 from .init import RouterInitContext, get_router_init, shared_expert_weights
 from .io import (
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_out_dir,
     copy_tokenizer_files,
     sha256_file,
     write_provenance,
@@ -177,6 +179,7 @@ def merge_experts(
         the
             base (the message names the model and the field or tensor); unreadable prompts.
         FileExistsError: `out_dir` exists and `overwrite` is False.
+        ValueError: `out_dir` is, contains or lies inside the base or a fine-tune folder.
 
     Example:
     ```python
@@ -186,10 +189,6 @@ def merge_experts(
     ```
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
-        )
     if isinstance(experts, str | os.PathLike) or not experts:
         raise ValueError("experts must be a non-empty list of fine-tune folders (one per expert)")
     num_experts = len(experts)
@@ -200,7 +199,7 @@ def merge_experts(
     if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
         raise ValueError(f"num_shared_experts={num_shared_experts!r} must be a non-negative integer")
     make_router_init = get_router_init(router_init)
-    if prompts is not None and router_init != "prompts":
+    if prompts is not None and router_init in ("random", "virtual-group"):  # inits that read no prompts
         raise ValueError(
             f"prompts were given but router_init={router_init!r} would ignore them; pass "
             "router_init='prompts' (CLI: --router-init prompts) or drop the prompts"
@@ -211,11 +210,9 @@ def merge_experts(
                 f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
             )
         dtype = DTYPES[dtype]
+    base, experts = resolve_model(base), [resolve_model(e) for e in experts]  # folders or Hub ids (org/name[@rev])
     inputs = [Path(base), *map(Path, experts)]
-    if any(out_dir.resolve() == p.resolve() for p in inputs):
-        raise ValueError(
-            "out_dir must differ from the base and the fine-tune folders: inputs are never modified"
-        )
+    check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
@@ -242,7 +239,10 @@ def merge_experts(
         )
         config.architectures = ["HfMoeForCausalLM"]
         expected = _expected_shapes(config)
-        head, layer_plan, tail = _plan(base_reader, source, config, expected)
+        try:
+            head, layer_plan, tail = _plan(base_reader, source, config, expected)
+        except ValueError as err:  # the plan's messages name tensors, not the folder: say it is the base
+            raise ValueError(f"base {base_reader.root}: {err}") from err
         for i, reader in enumerate(readers):
             skip = {n for r in (base_reader, reader) for n in r.keys() if _op(source, n) == "skip"}
             _check_same_tensors(base_reader, reader, f"fine-tune {i} ({reader.root})", skip)
@@ -293,7 +293,8 @@ def merge_experts(
             max_shard_size=max_shard_size,
             config_overrides=config_overrides or {},
         )
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        read = [p for r in (base_reader, *readers) for p in r.files_read]
+        with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *read]) as tmp:
             written: set[str] = set()
             with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 

@@ -453,6 +453,29 @@ def import_rules(spec: NativeSpec) -> tuple[tuple[str, str, str], ...]:
     return tuple(rules)
 
 
+def _check_expert_shapes(
+    per_expert: dict[str, dict[int, torch.Tensor]], names: dict[tuple[str, int], str], layer: int
+) -> None:
+    """Every expert's gate/up are (I, H) and down is (H, I), the same for all experts; else a ValueError that
+    names the layer, the expert and the tensor (instead of a bare torch.cat / torch.stack error)."""
+    for part, tensors in per_expert.items():
+        shapes = [tuple(t.shape) for t in tensors.values()]
+        usual = max(set(shapes), key=shapes.count)  # the shape most experts have
+        for expert, tensor in sorted(tensors.items()):
+            if tuple(tensor.shape) != usual:
+                raise ValueError(
+                    f"layer {layer}, expert {expert}: {names[part, expert]} has shape {list(tensor.shape)} but the "
+                    f"other experts' {part} weights have {list(usual)}; the checkpoint is corrupt or does not match "
+                    "its config.json"
+                )
+    gate, up, down = (tuple(per_expert[p][0].shape) for p in ("gate", "up", "down"))
+    if len(gate) != 2 or gate != up or down != gate[::-1]:
+        raise ValueError(
+            f"layer {layer}, expert 0: gate {list(gate)}, up {list(up)} and down {list(down)} weights do not fit "
+            "together (expected gate = up = (I, H) and down = (H, I)); the checkpoint is corrupt"
+        )
+
+
 def import_layer(
     tensors: dict[str, torch.Tensor], *, layer: int, spec: NativeSpec, num_experts: int
 ) -> dict[str, torch.Tensor]:
@@ -460,6 +483,7 @@ def import_layer(
     prefix = f"model.layers.{layer}."
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {"gate": {}, "up": {}, "down": {}}
+    expert_names: dict[tuple[str, int], str] = {}  # (part, expert) -> checkpoint name, for error messages
     rules = import_rules(spec)
     for name, tensor in tensors.items():
         rest = name[len(prefix):]
@@ -470,7 +494,9 @@ def import_layer(
             if op == "copy":
                 out[prefix + found.expand(template)] = tensor
             else:
-                per_expert[op.removeprefix("expert_")][int(found.group(1))] = tensor
+                part, expert = op.removeprefix("expert_"), int(found.group(1))
+                per_expert[part][expert] = tensor
+                expert_names[part, expert] = name
             break
         else:
             out[name] = tensor
@@ -482,6 +508,7 @@ def import_layer(
                     f"layer {layer}: expert {part} weights missing for experts {missing} (expected {num_experts}); "
                     "the checkpoint is incomplete"
                 )
+        _check_expert_shapes(per_expert, expert_names, layer)
         gate_up = [torch.cat([per_expert["gate"][e], per_expert["up"][e]], dim=0) for e in range(num_experts)]
         out[prefix + "mlp.experts.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H)
         out[prefix + "mlp.experts.down_proj"] = torch.stack([per_expert["down"][e] for e in range(num_experts)])

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
-REMOTE_CODE_FILES = ("configuration_hf_moe.py", "modeling_hf_moe.py")
+REMOTE_CODE_FILES = ("configuration_hf_moe.py", "modeling_hf_moe.py", "experts.py")
 
 
 def parse_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:

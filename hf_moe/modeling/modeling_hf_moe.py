@@ -23,13 +23,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
-from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 from transformers.utils import can_return_tuple
 
 from .configuration_hf_moe import HfMoeConfig, expert_activation
+from .experts import DEFAULT_EXPERTS_IMPLEMENTATION, SENTINEL_AWARE_IMPLEMENTATIONS, HfMoeExperts
 
 # The transformers releases this code is tested on (the remote-code contract): older or newer ones are refused with
 # a message rather than risk wrong outputs. Keep in sync with pyproject.toml.
@@ -376,175 +376,9 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
     """Per-token routing distribution over experts (rows sum to one) of router `router_type` (its policy)."""
     return ROUTERS[router_type].probabilities(router_logits)
 # ================================================================================================================
-# Experts: fused SwiGLU weights gate_up_proj (E, 2I, H), down_proj (E, H, I).
+# Experts: fused gated weights gate_up_proj (E, 2I, H), down_proj (E, H, I) -- `experts.py`, with its reference
+# forward and the named kernels beside it. Then the shared experts and the sparse MoE block.
 # ================================================================================================================
-
-
-def _use_grouped_mm(weight: torch.Tensor) -> bool:
-    # One grouped GEMM per projection (F.grouped_mm) instead of a Python loop over the active experts.
-    # CUDA: one kernel for all groups, for the half-precision dtypes it targets.
-    # CPU (torch 2.13, fp32/bf16): used for training, where its backward writes each 3D weight gradient once
-    # (the forward picks other CPU kernels for inference). The CPU kernel of torch <= 2.10 needs 16-byte aligned
-    # weights (memory-mapped safetensors may not be), hence the data_ptr check; its inputs here are fresh gathers.
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if weight.is_cuda:
-        return weight.dtype in (torch.bfloat16, torch.float16)
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return weight.data_ptr() % 16 == 0
-
-
-@use_experts_implementation
-class HfMoeExperts(nn.Module):
-    """`num_experts` SwiGLU experts. Dropless: tokens are sorted by expert into contiguous groups; experts with no
-    tokens cost nothing. A single token (decoding) skips the sort and runs its k experts directly. Otherwise
-    CUDA and CPU training run one grouped GEMM per projection; CPU inference runs small groups as one padded bmm
-    and large groups as one matmul per active expert (the fallback everywhere grouped GEMM is unavailable).
-    Assignments with the sentinel index `num_experts` are skipped (they contribute zero)."""
-
-    # Average routed rows per expert from which CPU inference loops over experts (one matmul each).
-    cpu_loop_min_rows_per_expert = 256
-
-    def __init__(self, config: HfMoeConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.get_text_config().hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[expert_activation(config.get_text_config())]
-
-    def _expert_weights(self) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], ...]:
-        # Indexing a 3D parameter once per expert makes autograd build one full-size (E, ...) zero gradient per
-        # expert and sum them; unbind's backward stacks all expert gradients into one tensor instead.
-        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
-            return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        return self.gate_up_proj, self.down_proj
-
-    def _forward_one_token(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        # Decoding: the k experts of one token as k matrix-vector products on weight views (no sort, no gather,
-        # no copy of expert weights); the routing weight is folded into the intermediate activation.
-        gate_up_proj, down_proj = self._expert_weights()
-        x = hidden_states.to(self.gate_up_proj.dtype)  # (1, H)
-        out = None
-        for k, expert in enumerate(top_k_index[0].tolist()):
-            if expert >= self.num_experts:  # sentinel: dropped assignment
-                continue
-            gate, up = F.linear(x, gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
-            h = self.act_fn(gate) * up * top_k_weights[:, k : k + 1].to(x.dtype)  # (1, I)
-            out = F.linear(h, down_proj[expert]) if out is None else torch.addmm(out, h, down_proj[expert].t())
-        if out is None:  # every assignment dropped: zeros that stay in the graph, so backward() still works
-            return hidden_states.mul(0.0)
-        return out.to(hidden_states.dtype)  # (1, H)
-
-    def _padded_bmm(
-        self,
-        routed: torch.Tensor,
-        weights: torch.Tensor,
-        order: torch.Tensor,
-        flat_experts: torch.Tensor,
-        counts: torch.Tensor,
-        capacity: int,
-    ) -> torch.Tensor:
-        # CPU inference: each expert's group padded to the largest group, then one batched matmul per projection.
-        # Two parallel kernels instead of two per active expert, which is what costs most on a few shared CPU
-        # cores; the caller bounds the padding to 2x the routed rows. (Under autograd the bmm weight gradients come
-        # out transposed and are copied, so training keeps grouped_mm.)
-        sorted_experts = flat_experts.index_select(0, order)  # (S,)
-        group_start = counts.cumsum(0) - counts  # (E+1,)
-        slot = sorted_experts * capacity + torch.arange(order.numel(), device=order.device)
-        slot = slot - group_start.index_select(0, sorted_experts)  # (S,) row in the padded (E*C) layout
-        padded = routed.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(0, slot, routed)
-        padded_weights = weights.new_zeros(self.num_experts * capacity, 1).index_copy_(0, slot, weights)
-        gate_up = torch.bmm(padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2))
-        gate, up = gate_up.chunk(2, dim=-1)  # (E, C, I) each
-        h = self.act_fn(gate) * up * padded_weights.view(self.num_experts, capacity, 1)  # (E, C, I)
-        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, C, H)
-        return out.view(-1, self.hidden_dim).index_select(0, slot)  # (S, H)
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        num_tokens, top_k = top_k_index.shape
-        grouped = _use_grouped_mm(self.gate_up_proj) and _use_grouped_mm(self.down_proj)
-        if num_tokens == 1 and not (grouped and hidden_states.is_cuda):
-            return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
-
-        flat_experts = top_k_index.reshape(-1)  # (T*K,)
-        order = torch.sort(flat_experts, stable=True).indices  # (T*K,) sentinels (== E) sort last
-        counts = torch.bincount(flat_experts, minlength=self.num_experts + 1)  # (E+1,)
-        # One host sync (free on CPU): the number of routed assignments, so sentinel rows are never computed.
-        counts_list = counts.tolist()
-        num_routed = num_tokens * top_k - counts_list[self.num_experts]
-        if num_routed == 0:  # every assignment dropped (or no tokens): zeros that stay in the graph
-            return hidden_states.mul(0.0)
-        if num_routed < num_tokens * top_k:
-            order = order[:num_routed]  # (S,)
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
-        )
-        if needs_grad:
-            # Advanced indexing: its backward (index_put_ with accumulate) stalled far less than index_select's
-            # (index_add_) on shared CPU cores (benchmarks/moe_block.py); without autograd index_select is faster.
-            routed = hidden_states[order // top_k]  # (S, H)
-            weights = top_k_weights.reshape(-1, 1)[order]  # (S, 1)
-        else:
-            routed = hidden_states.index_select(0, order // top_k)  # (S, H)
-            weights = top_k_weights.reshape(-1, 1).index_select(0, order)  # (S, 1)
-        routed = routed.to(self.gate_up_proj.dtype)
-        weights = weights.to(routed.dtype)
-        capacity = max(counts_list[: self.num_experts])
-        scale_activation = self.intermediate_dim <= self.hidden_dim
-        on_cpu = hidden_states.device.type == "cpu"
-        # CPU inference: the batched kernels win for small groups, the per-expert matmul loop for large ones
-        # (16, 128, 1024 rows per expert measured). Training keeps grouped_mm at every size: the loop was ~13%
-        # faster on a quiet CPU at 1024 rows but ~45% slower when other jobs share the cores. CUDA always groups.
-        small_groups = num_routed < self.cpu_loop_min_rows_per_expert * self.num_experts
-        if on_cpu and small_groups and not needs_grad and self.num_experts * capacity <= 2 * num_routed:
-            out = self._padded_bmm(routed, weights, order, flat_experts, counts, capacity)
-        elif grouped and (needs_grad or small_groups or not on_cpu):
-            offsets = counts[: self.num_experts].cumsum(0).to(torch.int32)  # (E,) group ends
-            gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
-            h = self.act_fn(gate) * up  # (S, I)
-            if scale_activation:
-                h = h * weights
-            out = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)  # (S, H)
-            if not scale_activation:
-                out = out * weights
-        else:
-            gate_up_proj, down_proj = self._expert_weights()
-            pieces = []
-            # Without autograd each expert writes its rows in place (no concatenation copy).
-            out = None if needs_grad else routed.new_empty(num_routed, self.hidden_dim)  # (S, H)
-            start = 0
-            for expert, count in enumerate(counts_list[: self.num_experts]):
-                if count == 0:
-                    continue
-                end = start + count
-                gate, up = F.linear(routed[start:end], gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
-                h = self.act_fn(gate) * up
-                h = h * weights[start:end] if scale_activation else h
-                if out is None:
-                    pieces.append(F.linear(h, down_proj[expert]))  # (n_e, H)
-                else:
-                    torch.mm(h, down_proj[expert].t(), out=out[start:end])
-                start = end
-            if out is None:
-                out = torch.cat(pieces) if len(pieces) != 1 else pieces[0]  # (S, H)
-            if not scale_activation:
-                out = out * weights
-        if on_cpu and not needs_grad:
-            # CPU index_add_ is deterministic and skips the (T*K, H) buffer below.
-            result = hidden_states.new_zeros(num_tokens, self.hidden_dim, dtype=out.dtype)
-            return result.index_add_(0, order // top_k, out).to(hidden_states.dtype)  # (T, H)
-        # Back to (token, slot) order by copying into distinct rows (deterministic, unlike index_add_ on CUDA),
-        # then sum the k slots of each token; dropped slots stay zero.
-        slots = out.new_zeros(num_tokens * top_k, self.hidden_dim).index_copy_(0, order, out)  # (T*K, H)
-        return slots.view(num_tokens, top_k, self.hidden_dim).sum(dim=1).to(hidden_states.dtype)  # (T, H)
 
 
 class HfMoeMLP(nn.Module):
@@ -581,7 +415,7 @@ class HfMoeSparseMoeBlock(nn.Module):
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)  # (T, H)
         _, top_k_weights, top_k_index = self.gate(flat)
-        if self.config._experts_implementation not in (None, "eager"):
+        if self.config._experts_implementation not in SENTINEL_AWARE_IMPLEMENTATIONS:
             # transformers' experts kernels do not skip sentinel slots: point them at expert 0 with weight 0.
             dropped = top_k_index == self.experts.num_experts
             top_k_index = top_k_index.masked_fill(dropped, 0)
@@ -728,9 +562,16 @@ class HfMoePreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our own experts forward (dropless, sentinel-aware, grouped) is the default; transformers' kernels
-        # ("grouped_mm", "batched_mm") stay available on request.
-        return "eager" if requested_experts is None else super().get_correct_experts_implementation(requested_experts)
+        # Our own experts kernels (dropless, sentinel-aware) are the default; "eager" is the reference forward, and
+        # transformers' kernels ("grouped_mm", "batched_mm") stay available on request.
+        if requested_experts is None:
+            return DEFAULT_EXPERTS_IMPLEMENTATION
+        return super().get_correct_experts_implementation(requested_experts)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for "@use_experts_implementation" in the model's own module; it is in experts.py.
+        return True
 
     def update_router_biases(self) -> None:
         """Apply the aux-loss-free bias update of every `sigmoid_topk` router (no-op for other routers). Called

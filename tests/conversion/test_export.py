@@ -17,6 +17,7 @@ import hf_moe
 from hf_moe import HfMoeForCausalLM
 from hf_moe.cli import main
 from hf_moe.conversion.export import export, import_native
+from hf_moe.conversion.io import sha256_file
 from hf_moe.conversion.native import SPECS, TARGETS, compatible_targets, representability_problems
 from tests.helpers.native import TARGET_CONFIGS, build_tiny_for_target, tiny_target_config
 
@@ -235,8 +236,13 @@ def test_each_tiny_config_fits_exactly_its_target(target):
 # --- bad input leaves nothing behind ----------------------------------------------------------------------------
 
 
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
 def test_bad_inputs_write_nothing(tmp_path):
     src = build_tiny_for_target("mixtral", tmp_path / "src")
+    before = _hashes(src)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export(tmp_path / "missing", tmp_path / "out", to="mixtral")
     with pytest.raises(ValueError, match="unknown export target 'llama'"):
@@ -269,12 +275,14 @@ def test_bad_inputs_write_nothing(tmp_path):
     (broken / "config.json").write_text((src / "config.json").read_text())
     with pytest.raises(ValueError, match="wrong shape"):
         export(broken, tmp_path / "out", to="mixtral")
+    not_adapter = tmp_path / "not-an-adapter"
+    not_adapter.mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        export(src, tmp_path / "out", to="mixtral", merge_adapter=tmp_path)
+        export(src, tmp_path / "out", to="mixtral", merge_adapter=not_adapter)
+    with pytest.raises(ValueError, match="lies inside the input"):  # OUT_DIR inside the adapter folder
+        export(src, not_adapter / "out", to="mixtral", merge_adapter=not_adapter)
     assert _leftovers(tmp_path, "out") == []
-    assert sorted(p.name for p in src.iterdir()) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "configuration_hf_moe.py",
-         "modeling_hf_moe.py"])
+    assert _hashes(src) == before  # the input is untouched
 
 
 @pytest.mark.parametrize(

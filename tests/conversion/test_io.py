@@ -12,11 +12,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_moe.conversion import io as hf_io
 from hf_moe.conversion.io import (
     PROVENANCE_NAME,
     CheckpointReader,
     ShardWriter,
+    atomic_open,
     atomic_output_dir,
+    atomic_write,
+    check_out_dir,
+    recover_output,
     copy_tokenizer_files,
     parse_size,
     read_safetensors_header,
@@ -380,3 +385,108 @@ def test_hub_cache_style_symlinked_shards_are_read(tmp_path, sharded_dir):
     expected = _expected_state(sharded_dir)
     with CheckpointReader(snapshot) as reader:
         assert all(torch.equal(reader.get_tensor(name), t) for name, t in expected.items())
+
+
+DEAD_PID = 2**22 + 1  # above the default pid_max: no process has it
+
+
+def test_recovery_after_a_kill_between_the_two_renames(tmp_path):
+    """The two-rename overwrite killed after moving the old output aside: the next run puts it back."""
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{DEAD_PID}-0123abcd"
+    old.mkdir()
+    (old / "weights").write_text("old")
+    new = tmp_path / f".out.tmp-{DEAD_PID}-4567cdef"  # the complete new output that never got renamed
+    new.mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):  # restored first, so it is there to refuse
+        check_out_dir(out)
+    assert (out / "weights").read_text() == "old" and _siblings(out) == ["out"]
+    # killed after the second rename: the new output is in place, the old one is removed
+    old.mkdir()
+    assert recover_output(out) == [old] and (out / "weights").read_text() == "old" and _siblings(out) == ["out"]
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_overwrite_without_atomic_swap(tmp_path, monkeypatch, swap):
+    """Where renameat2 is missing (not Linux, or a file system without RENAME_EXCHANGE) the two-rename path is
+    used; a failure of the second rename puts the old output back."""
+    if not swap:
+        monkeypatch.setattr(hf_io, "_renameat2", lambda a, b, flags: False)
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a").write_text("old")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "new" and _siblings(out) == ["out"]
+    if not swap:
+        real_rename = os.rename
+
+        def failing_second_rename(a, b):
+            if ".tmp-" in str(a):
+                raise OSError("disk gone")
+            return real_rename(a, b)
+
+        monkeypatch.setattr(hf_io.os, "rename", failing_second_rename)
+        with pytest.raises(OSError, match="disk gone"):
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                (tmp / "a").write_text("newer")
+        assert (out / "a").read_text() == "new" and _siblings(out) == ["out"]
+
+
+def test_overwrite_refuses_a_symlinked_out_dir(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        with atomic_output_dir(tmp_path / "link", overwrite=True):
+            pass
+    assert (tmp_path / "link").is_symlink()
+
+
+def test_atomic_write_and_open(tmp_path):
+    path = tmp_path / "card.md"
+    atomic_write(path, "first")
+    # Permissions as open() gives them (0666 minus the umask), without the library touching the umask.
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    assert path.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+    atomic_write(path, b"\x00bytes")
+    assert path.read_bytes() == b"\x00bytes"
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"\x00bytes"
+    stale = tmp_path / f".card.md.tmp-{DEAD_PID}-89abcdef"  # a killed writer's temporary file
+    stale.write_text("x")
+    atomic_write(path, "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.md", "probe"]
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_open(path, "a"):
+            pass
+
+
+def test_header_reader_refuses_what_safetensors_refuses(tmp_path):
+    """Holes or overlaps between tensors, negative or non-integer dims, non-string metadata: refused with the path
+    (the library would refuse them later, without one)."""
+    import json as _json
+
+    def write(header: dict, data: bytes) -> Path:
+        raw = _json.dumps(header).encode()
+        path = tmp_path / "x.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return path
+
+    a = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    cases = [
+        ({"a": a, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, 16, "starts at byte 12"),
+        ({"a": a, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "starts at byte 4"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8, "non-negative"),
+        ({"a": a, "__metadata__": {"format": 1}}, 8, "__metadata__"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8, "malformed header entry"),
+    ]
+    for header, size, fragment in cases:
+        path = write(header, b"\0" * size)
+        with pytest.raises(ValueError, match=fragment) as info:
+            read_safetensors_header(path)
+        assert str(path) in str(info.value)

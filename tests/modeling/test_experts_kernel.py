@@ -1,28 +1,36 @@
-"""HfMoeExperts.forward against a naive per-token loop and against transformers' experts kernels.
+"""Every experts implementation equals the reference forward, selected through the public setting.
 
-Both compute paths are covered: the grouped GEMM (F.grouped_mm, used on CPU for fp32/bf16) and the per-expert loop
-(used where grouped GEMM is unavailable), plus the one-token decoding path. Sentinel slots (index == num_experts)
-must contribute nothing, and every gradient (input, routing weights, both expert tensors) must match.
+The reference is `HfMoeExperts.forward` ("eager"), itself checked against a per-token loop straight from the SwiGLU
+definition. Each fast implementation ("hf_moe", "hf_moe_cpu", "hf_moe_grouped") is chosen with
+`config._experts_implementation` (what `model.set_experts_implementation` sets) and must match it in fp32, with
+autograd (gradients of the input, the routing weights and both expert tensors) and without, with dropped
+assignments (sentinel index E, weight 0). The shapes reach every path inside the CPU kernels: one token, small
+balanced groups (padded bmm), skewed groups and large groups (one matmul per expert).
 """
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from hf_moe.modeling import modeling_hf_moe
-from hf_moe.modeling.modeling_hf_moe import HfMoeExperts
+from hf_moe import HfMoeForCausalLM
+from hf_moe.modeling.experts import EXPERTS_IMPLEMENTATIONS, HfMoeExperts, group_by_expert
+from hf_moe.modeling.modeling_hf_moe import HfMoeSparseMoeBlock
 from tests.helpers.tiny import tiny_config
 
 NUM_EXPERTS = 4  # tiny config; K=4 is then the expert-choice shape (every expert in every row, with sentinels)
 FP32 = dict(rtol=1e-4, atol=1e-5)  # summation order differs between the paths; real bugs are O(0.1)
+FAST = sorted(EXPERTS_IMPLEMENTATIONS)
 
 
-def make_experts(seed: int = 0, dtype: torch.dtype = torch.float32, intermediate: int = 16) -> HfMoeExperts:
+def make_experts(
+    implementation: str = "eager", seed: int = 0, dtype: torch.dtype = torch.float32, intermediate: int = 16
+) -> HfMoeExperts:
     config = tiny_config(num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=intermediate)
-    config._experts_implementation = "eager"  # our own forward, as HfMoePreTrainedModel selects by default
+    config._experts_implementation = implementation
     torch.manual_seed(seed)
     experts = HfMoeExperts(config)
     with torch.no_grad():
@@ -31,11 +39,24 @@ def make_experts(seed: int = 0, dtype: torch.dtype = torch.float32, intermediate
     return experts.to(dtype)
 
 
-def make_routing(num_tokens: int, top_k: int, sentinels: bool, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def with_implementation(experts: HfMoeExperts, implementation: str) -> HfMoeExperts:
+    """A copy of `experts` (same weights) whose config selects `implementation`."""
+    other = copy.deepcopy(experts)
+    other.config = copy.deepcopy(experts.config)
+    other.config._experts_implementation = implementation
+    return other
+
+
+def make_routing(
+    num_tokens: int, top_k: int, sentinels: bool, seed: int = 1, skew: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct experts per token (as top-k gives), random positive weights; with `sentinels`, about a third of the
-    slots (at least one) are dropped: index NUM_EXPERTS, weight 0."""
+    slots (at least one) are dropped: index NUM_EXPERTS, weight 0. `skew` (top-1) crowds expert 0."""
     gen = torch.Generator().manual_seed(seed)
     index = torch.stack([torch.randperm(NUM_EXPERTS, generator=gen)[:top_k] for _ in range(num_tokens)])  # (T, K)
+    if skew:  # top-1 to expert 0 in every row but the last
+        index = torch.zeros(num_tokens, 1, dtype=torch.long)
+        index[-1] = NUM_EXPERTS - 1
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1  # (T, K)
     if sentinels:
         dropped = torch.rand(num_tokens, top_k, generator=gen) < 0.35
@@ -45,46 +66,39 @@ def make_routing(num_tokens: int, top_k: int, sentinels: bool, seed: int = 1) ->
     return index, weights
 
 
-def naive_experts(
-    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def naive_experts(experts: HfMoeExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One token and one slot at a time, straight from the SwiGLU definition."""
     rows = []
     for t in range(x.shape[0]):
         acc = x[t] * 0.0  # in the graph even when every slot of the token is dropped
         for k in range(index.shape[1]):
             expert = int(index[t, k])
-            if expert == gate_up_proj.shape[0]:
+            if expert == experts.num_experts:
                 continue
-            gate, up = (gate_up_proj[expert] @ x[t]).chunk(2)
-            acc = acc + weights[t, k] * (down_proj[expert] @ (F.silu(gate) * up))
+            gate, up = (experts.gate_up_proj[expert] @ x[t]).chunk(2)
+            acc = acc + weights[t, k] * (experts.down_proj[expert] @ (F.silu(gate) * up))
         rows.append(acc)
     return torch.stack(rows)
 
 
-def run_with_grads(fn, params: list[torch.Tensor], x: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
+def run_with_grads(fn, experts: HfMoeExperts, x: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
+    """Output and the gradients of (input, routing weights, gate_up_proj, down_proj) of `fn(experts, x, w)`."""
     x = x.detach().clone().requires_grad_()
     weights = weights.detach().clone().requires_grad_()
-    for p in params:
-        p.grad = None
-    out = fn(x, weights)
+    experts.zero_grad(set_to_none=True)
+    out = fn(experts, x, weights)
     out.backward(grad_out)
+    tensors = [x, weights, experts.gate_up_proj, experts.down_proj]
     # A tensor that gets no gradient at all (every slot dropped) counts as a zero gradient.
-    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in [x, weights, *params]]
-    return out.detach(), grads
+    return out.detach(), [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
 
 
-@pytest.fixture(params=["grouped_mm", "loop", "large_groups"])
-def path(request, monkeypatch):
-    """grouped_mm: the default paths; loop: grouped GEMM unavailable; large_groups: every group counts as large, so
-    CPU inference takes the per-expert loop even where grouped GEMM exists."""
-    if request.param == "grouped_mm" and not hasattr(F, "grouped_mm"):
-        pytest.skip("this torch has no F.grouped_mm")
-    if request.param == "loop":
-        monkeypatch.setattr(modeling_hf_moe, "_use_grouped_mm", lambda weight: False)
-    if request.param == "large_groups":
-        monkeypatch.setattr(HfMoeExperts, "cpu_loop_min_rows_per_expert", 0)
-    return request.param
+GRAD_NAMES = ["input", "routing weights", "gate_up_proj", "down_proj"]
+
+
+def assert_grads_close(actual: list[torch.Tensor], expected: list[torch.Tensor], who: str) -> None:
+    for name, a, e in zip(GRAD_NAMES, actual, expected):
+        torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{who}: grad of {name}: {m}")
 
 
 # The routing weight scales the smaller of the (S, I) activation and the (S, H) output: cover both (H = 32).
@@ -92,68 +106,93 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("sentinels", [False, True], ids=["dropless", "sentinels"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64])
-def test_experts_match_naive_reference(path: str, num_tokens: int, top_k: int, sentinels: bool, intermediate: int):
-    experts = make_experts(intermediate=intermediate)
+def test_reference_matches_definition(num_tokens: int, top_k: int, sentinels: bool, intermediate: int):
+    experts = make_experts("eager", intermediate=intermediate)
     index, weights = make_routing(num_tokens, top_k, sentinels)
     x = torch.randn(num_tokens, experts.hidden_dim)
     grad_out = torch.randn(num_tokens, experts.hidden_dim)
-
-    ref_gate_up = experts.gate_up_proj.detach().clone().requires_grad_()
-    ref_down = experts.down_proj.detach().clone().requires_grad_()
-    expected, expected_grads = run_with_grads(
-        lambda x, w: naive_experts(ref_gate_up, ref_down, x, index, w), [ref_gate_up, ref_down], x, weights, grad_out
-    )
-    actual, actual_grads = run_with_grads(
-        lambda x, w: experts(x, index, w), [experts.gate_up_proj, experts.down_proj], x, weights, grad_out
-    )
+    expected, expected_grads = run_with_grads(lambda m, x, w: naive_experts(m, x, index, w), experts, x, weights, grad_out)
+    actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), experts, x, weights, grad_out)
     torch.testing.assert_close(actual, expected, **FP32)
-    with torch.no_grad():  # the inference paths (padded bmm, or the loop for large groups)
-        torch.testing.assert_close(experts(x, index, weights), expected, **FP32)
-    for name, a, e in zip(["input", "routing weights", "gate_up_proj", "down_proj"], actual_grads, expected_grads):
-        torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"grad of {name}: {m}")
-    if sentinels:
-        # A dropped slot gets no gradient through its (zero) routing weight.
+    assert_grads_close(actual_grads, expected_grads, "eager")
+    if sentinels:  # a dropped slot gets no gradient through its (zero) routing weight
         assert (actual_grads[1][index == NUM_EXPERTS] == 0).all()
 
 
-def test_experts_all_dropped_give_zeros(path: str):
-    experts = make_experts()
-    index = torch.full((5, 2), NUM_EXPERTS)
-    out = experts(torch.randn(5, experts.hidden_dim), index, torch.zeros(5, 2))
-    assert out.shape == (5, experts.hidden_dim) and not out.any()
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("intermediate", [16, 48], ids=["I<H", "I>H"])
+@pytest.mark.parametrize("sentinels", [False, True], ids=["dropless", "sentinels"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+def test_implementation_matches_reference(
+    implementation: str, num_tokens: int, top_k: int, sentinels: bool, intermediate: int
+):
+    reference = make_experts("eager", intermediate=intermediate)
+    fast = with_implementation(reference, implementation)
+    index, weights = make_routing(num_tokens, top_k, sentinels)
+    x = torch.randn(num_tokens, reference.hidden_dim)
+    grad_out = torch.randn(num_tokens, reference.hidden_dim)
+
+    def call(m, x, w):
+        return m(x, index, w)
+
+    expected, expected_grads = run_with_grads(call, reference, x, weights, grad_out)
+    actual, actual_grads = run_with_grads(call, fast, x, weights, grad_out)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert_grads_close(actual_grads, expected_grads, implementation)
+    if sentinels:
+        assert (actual_grads[1][index == NUM_EXPERTS] == 0).all()
+    with torch.no_grad():  # the inference paths (one token, padded bmm)
+        torch.testing.assert_close(fast(x, index, weights), expected, **FP32)
 
 
-def test_experts_match_transformers_kernels(path: str):
-    """Same weights through transformers' grouped_mm_experts_forward and Qwen3-MoE's eager per-expert loop."""
-    ours = make_experts()
-    index, weights = make_routing(64, 2, sentinels=False)
-    x = torch.randn(64, ours.hidden_dim)
-    grad_out = torch.randn(64, ours.hidden_dim)
-    qwen_config = Qwen3MoeConfig(
-        hidden_size=ours.hidden_dim, moe_intermediate_size=ours.intermediate_dim, num_experts=NUM_EXPERTS
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"])
+def test_inference_unpadded_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
+    """Routings that leave the padded bmm: one crowded expert (padding would exceed 2x the routed rows: the grouped
+    GEMM runs), and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
+    reference = make_experts("eager")
+    fast = with_implementation(reference, implementation)
+    index, weights = make_routing(num_tokens, 2, sentinels=True, skew=skew)
+    routed = int((index < NUM_EXPERTS).sum())
+    assert (routed >= 256 * NUM_EXPERTS) if not skew else routed < 256 * NUM_EXPERTS
+    x = torch.randn(num_tokens, reference.hidden_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, index, weights), reference(x, index, weights), **FP32)
+
+
+@pytest.mark.parametrize("implementation", ["eager", *FAST])
+def test_all_dropped_give_zeros(implementation: str):
+    experts = make_experts(implementation)
+    for num_tokens in (1, 5):
+        index = torch.full((num_tokens, 2), NUM_EXPERTS)
+        x = torch.randn(num_tokens, experts.hidden_dim, requires_grad=True)
+        out = experts(x, index, torch.zeros(num_tokens, 2))
+        assert out.shape == (num_tokens, experts.hidden_dim) and not out.any()
+        with torch.no_grad():
+            assert not experts(x, index, torch.zeros(num_tokens, 2)).any()
+
+
+def test_float64_gradcheck_through_grouped_fallback():
+    """float64 has no grouped-GEMM kernel: "hf_moe_grouped" runs its per-group loop operator and custom backward."""
+    experts = make_experts("hf_moe_grouped", dtype=torch.float64)
+    index, weights = make_routing(5, 2, sentinels=True)
+    x = torch.randn(5, experts.hidden_dim, dtype=torch.float64, requires_grad=True)
+    weights = weights.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: experts(x, index, w), (x, weights), fast_mode=True)
+    gate_up = experts.gate_up_proj
+    assert torch.autograd.gradcheck(
+        lambda g: torch.func.functional_call(experts, {"gate_up_proj": g}, (x.detach(), index, weights.detach())),
+        (gate_up.detach().clone().requires_grad_(),),
+        fast_mode=True,
     )
-    qwen_config._experts_implementation = "eager"
-    qwen = Qwen3MoeExperts(qwen_config)
-    qwen.load_state_dict(ours.state_dict())
-
-    def params(module):
-        return [module.gate_up_proj, module.down_proj]
-
-    actual, actual_grads = run_with_grads(lambda x, w: ours(x, index, w), params(ours), x, weights, grad_out)
-    for name, fn, module in [
-        ("transformers grouped_mm", lambda x, w: grouped_mm_experts_forward(qwen, x, index, w), qwen),
-        ("qwen3 eager", lambda x, w: qwen(x, index, w), qwen),
-    ]:
-        expected, expected_grads = run_with_grads(fn, params(module), x, weights, grad_out)
-        torch.testing.assert_close(actual, expected, **FP32, msg=lambda m, name=name: f"{name}: {m}")
-        for a, e in zip(actual_grads, expected_grads):
-            torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{name} grads: {m}")
 
 
+@pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("num_tokens", [1, 64])
-def test_experts_bf16_runs_and_tracks_fp32(path: str, num_tokens: int):
-    experts32 = make_experts()
-    experts16 = make_experts(dtype=torch.bfloat16)
+def test_bf16_runs_and_tracks_fp32(implementation: str, num_tokens: int):
+    experts32 = make_experts(implementation)
+    experts16 = with_implementation(experts32, implementation).to(torch.bfloat16)
     index, weights = make_routing(num_tokens, 2, sentinels=True)
     x = torch.randn(num_tokens, experts32.hidden_dim)
     expected = experts32(x, index, weights)
@@ -166,49 +205,78 @@ def test_experts_bf16_runs_and_tracks_fp32(path: str, num_tokens: int):
     assert experts16.gate_up_proj.grad is not None and experts16.gate_up_proj.grad.isfinite().all()
 
 
-def test_loop_path_has_float64_gradients(monkeypatch):
-    """The loop path is the fallback for dtypes grouped GEMM lacks (float64 here): gradcheck it."""
-    experts = make_experts(dtype=torch.float64)
-    index, weights = make_routing(5, 2, sentinels=True)
-    x = torch.randn(5, experts.hidden_dim, dtype=torch.float64, requires_grad=True)
-    weights = weights.double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w: experts(x, index, w), (x, weights), fast_mode=True)
+def test_matches_transformers_qwen3_experts():
+    """Same weights through Qwen3-MoE's experts (eager and transformers' grouped_mm): the layouts agree."""
+    ours = make_experts("hf_moe")
+    index, weights = make_routing(64, 2, sentinels=False)
+    x = torch.randn(64, ours.hidden_dim)
+    grad_out = torch.randn(64, ours.hidden_dim)
+    actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), ours, x, weights, grad_out)
+    for implementation in ("eager", "grouped_mm"):
+        config = Qwen3MoeConfig(
+            hidden_size=ours.hidden_dim, moe_intermediate_size=ours.intermediate_dim, num_experts=NUM_EXPERTS
+        )
+        config._experts_implementation = implementation
+        qwen = Qwen3MoeExperts(config)
+        qwen.load_state_dict(ours.state_dict())
+        expected, expected_grads = run_with_grads(lambda m, x, w: m(x, index, w), qwen, x, weights, grad_out)
+        torch.testing.assert_close(actual, expected, **FP32)
+        assert_grads_close(actual_grads, expected_grads, f"qwen3 {implementation}")
 
 
-@pytest.mark.parametrize("sentinels", [False, True], ids=["dropless", "sentinels"])
-@pytest.mark.parametrize("top_k", [1, 2, 4])
-@pytest.mark.parametrize("num_tokens", [5, 64])
-def test_inference_padded_path_matches_naive(monkeypatch, num_tokens: int, top_k: int, sentinels: bool):
-    """Without autograd, CPU groups are padded to the largest one and run as one bmm per projection."""
-    calls = []
-    original = HfMoeExperts._padded_bmm
-    monkeypatch.setattr(HfMoeExperts, "_padded_bmm", lambda self, *a: calls.append(1) or original(self, *a))
-    experts = make_experts()
-    index, weights = make_routing(num_tokens, top_k, sentinels)
-    x = torch.randn(num_tokens, experts.hidden_dim)
+def test_group_by_expert():
+    index = torch.tensor([[2, 0], [4, 2], [0, 4]])  # E = 4; 4 is the sentinel
+    groups = group_by_expert(index, 4)
+    assert groups.order.tolist() == [1, 4, 0, 3, 2, 5]  # expert 0 (slots 1, 4), expert 2 (0, 3), sentinels
+    assert groups.token.tolist() == [0, 2, 0, 1, 1, 2]
+    assert groups.counts.tolist() == [2, 0, 2, 0]
+    assert groups.offsets.tolist() == [2, 2, 4, 4] and groups.offsets.dtype == torch.int32
+
+
+def test_model_setting_selects_implementation():
+    """`set_experts_implementation` reaches every layer's experts; all names give the same logits and gradients."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5,
+                                         num_experts_per_tok=1))
+    assert model.config._experts_implementation == "hf_moe"  # the default
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ["eager", *FAST, "grouped_mm"]:
+        model.set_experts_implementation(name)
+        assert {layer.mlp.experts.config._experts_implementation for layer in model.model.layers} == {name}
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[name] = (out.logits.detach(), model.model.layers[0].mlp.experts.gate_up_proj.grad.clone())
+    for name, (logits, grad) in results.items():
+        torch.testing.assert_close(logits, results["eager"][0], **FP32, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(grad, results["eager"][1], **FP32, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
+@pytest.mark.slow
+def test_block_compiles_without_graph_breaks():
+    """The sparse block under torch.compile(fullgraph=True) (a graph break is an error there) equals eager, forward
+    and backward, with dropped assignments; "hf_moe" takes the sync-free grouped path while compiling."""
+    config = tiny_config(num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5, num_experts_per_tok=1)
+    config._experts_implementation = "hf_moe"
+    torch.manual_seed(0)
+    block = HfMoeSparseMoeBlock(config)
     with torch.no_grad():
-        actual = experts(x, index, weights)
-        expected = naive_experts(experts.gate_up_proj, experts.down_proj, x, index, weights)
-    torch.testing.assert_close(actual, expected, **FP32)
-    routed = index[index < NUM_EXPERTS]
-    within_bound = NUM_EXPERTS * torch.bincount(routed, minlength=NUM_EXPERTS).max() <= 2 * routed.numel()
-    assert bool(calls) == bool(within_bound)
-    if num_tokens == 64:  # enough tokens that random routing is balanced: the padded path must be what ran
-        assert calls
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 6, config.hidden_size)
+    grad_out = torch.randn(2, 6, config.hidden_size)
+    compiled = torch.compile(block, fullgraph=True)
 
+    def fwd_bwd(module):
+        xg = x.clone().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        out = module(xg)
+        out.backward(grad_out)
+        return out.detach(), xg.grad, block.experts.gate_up_proj.grad.clone(), block.gate.weight.grad.clone()
 
-def test_inference_skewed_routing_skips_padding(monkeypatch):
-    """One crowded expert would pad the others past 2x the routed rows: the grouped path runs instead."""
-    calls = []
-    original = HfMoeExperts._padded_bmm
-    monkeypatch.setattr(HfMoeExperts, "_padded_bmm", lambda self, *a: calls.append(1) or original(self, *a))
-    experts = make_experts()
-    index = torch.zeros(64, 1, dtype=torch.long)
-    index[0, 0] = 3
-    weights = torch.rand(64, 1)
-    x = torch.randn(64, experts.hidden_dim)
+    for actual, expected in zip(fwd_bwd(compiled), fwd_bwd(block)):
+        torch.testing.assert_close(actual, expected, **FP32)
     with torch.no_grad():
-        actual = experts(x, index, weights)
-        expected = naive_experts(experts.gate_up_proj, experts.down_proj, x, index, weights)
-    torch.testing.assert_close(actual, expected, **FP32)
-    assert not calls
+        one = torch.randn(1, 1, config.hidden_size)
+        torch.testing.assert_close(compiled(one), block(one), **FP32)

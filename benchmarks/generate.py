@@ -1,0 +1,175 @@
+"""Decode speed of the real SmolLM2-135M upcycled to hf_moe, against the dense model and transformers' Mixtral.
+
+Models (benchmarks/real_models.py, fp32): the dense SmolLM2-135M-Instruct; its `equal-active` upcycle (8 experts of
+half width, top-2: the dense model's active parameters) and its `copy` upcycle (4 full copies, top-2); each upcycle
+as an hf_moe checkpoint (default experts implementation, "hf_moe") and as transformers' `MixtralForCausalLM` holding
+the same weights (`hf_moe.export(..., to="mixtral")`, transformers' default experts implementation).
+
+Every case runs `generate` greedily on `batch` prompts of real Shakespeare text (`--prompt-len` tokens, no padding):
+once with one new token (prefill) and once with `--new-tokens` new tokens (EOS ignored); decode tokens/s =
+batch * (new_tokens - 1) / (time of the long call - time of the short one), so the prefill is not counted. Rounds
+visit the models in rotating order; the median over rounds counts. The machine is shared: read the ratios.
+
+With `--compile`, hf_moe and dense also run `generate(cache_implementation="static")` with the decoding step under
+`torch.compile(fullgraph=True)` (transformers' CompileConfig; compile time excluded: one warm-up call first).
+
+Usage:
+    python benchmarks/generate.py                       # both upcycles, batch 1 and 16; writes BENCHMARKS.md
+    python benchmarks/generate.py --kinds equal-active --batch 1 --new-tokens 8 --rounds 1 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_models import UPCYCLES, load, load_line, machine_line, model_dirs, text_batch, write_section  # noqa: E402
+
+# Targets on hf_moe decode tokens/s (issue "Speed"): over dense (equal-active only) and over Mixtral (both kinds).
+DENSE_TARGETS = {1: 0.9, 16: 0.85}
+MIXTRAL_TARGET = 1.2
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
+    common = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    start = time.perf_counter()
+    out = model.generate(ids, **common, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def decode_rate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
+    """Decode tokens/s with the prefill subtracted, and the generated ids."""
+    t_short, _ = timed_generate(model, ids, 1, **kwargs)
+    t_long, out = timed_generate(model, ids, new_tokens, **kwargs)
+    return ids.shape[0] * (new_tokens - 1) / max(t_long - t_short, 1e-9), out
+
+
+def compiled(model):
+    """`generate` compiles the decoding step itself when given a static cache and a compile config (prefill stays
+    eager); `_compile_all_devices` lets it do so on the CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    model.generation_config.compile_config = config
+    return model
+
+
+def run_kind(kind: str, args) -> list[dict]:
+    dirs = model_dirs(kind)
+    models = {"dense": load(dirs["dense"]), "mixtral": load(dirs["mixtral"]), "hf_moe": load(dirs["hf_moe"])}
+    static = {}
+    if args.compile:
+        static = {"hf_moe compiled": compiled(load(dirs["hf_moe"])), "dense compiled": compiled(load(dirs["dense"]))}
+    rows = []
+    for batch in args.batch:
+        ids = text_batch(batch, args.prompt_len)
+        cases = {**{n: (m, {}) for n, m in models.items()},
+                 **{n: (m, {"cache_implementation": "static"}) for n, m in static.items()}}
+        rates: dict[str, list[float]] = {name: [] for name in cases}
+        outputs = {}
+        with torch.no_grad():
+            for name, (model, kwargs) in cases.items():  # warm-up (and compilation)
+                timed_generate(model, ids, 2, **kwargs)
+            names = list(cases)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    model, kwargs = cases[name]
+                    rate, outputs[name] = decode_rate(model, ids, args.new_tokens, **kwargs)
+                    rates[name].append(rate)
+                print(f"{kind} batch {batch} round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()),
+                      flush=True)
+        row = {"kind": kind, "batch": batch, **{n: statistics.median(v) for n, v in rates.items()}}
+        # Same weights, same greedy decoding: hf_moe and Mixtral should agree token for token.
+        row["same_as_mixtral"] = float((outputs["hf_moe"] == outputs["mixtral"]).float().mean())
+        rows.append(row)
+    del models, static
+    gc.collect()
+    return rows
+
+
+def render(rows: list[dict], compile_cols: bool) -> str:
+    header = ["upcycle", "batch", "dense tok/s", "Mixtral tok/s", "hf_moe tok/s", "hf_moe / dense", "hf_moe / Mixtral"]
+    if compile_cols:
+        header += ["dense compiled tok/s", "hf_moe compiled tok/s", "compile gain (hf_moe)"]
+    header.append("tokens equal to Mixtral's")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["kind"], str(r["batch"]), f"{r['dense']:.1f}", f"{r['mixtral']:.1f}", f"{r['hf_moe']:.1f}",
+                 f"{r['hf_moe'] / r['dense']:.2f}x", f"{r['hf_moe'] / r['mixtral']:.2f}x"]
+        if compile_cols:
+            cells += [f"{r['dense compiled']:.1f}", f"{r['hf_moe compiled']:.1f}",
+                      f"{r['hf_moe compiled'] / r['hf_moe']:.2f}x"]
+        cells.append(f"{100 * r['same_as_mixtral']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        if r["kind"] == "equal-active" and r["batch"] in DENSE_TARGETS:
+            bound, ratio = DENSE_TARGETS[r["batch"]], r["hf_moe"] / r["dense"]
+            parts.append(f"{r['kind']} batch {r['batch']} vs dense {ratio:.2f}x (>= {bound}x: "
+                         f"{'met' if ratio >= bound else 'missed'})")
+        ratio = r["hf_moe"] / r["mixtral"]
+        parts.append(f"{r['kind']} batch {r['batch']} vs Mixtral {ratio:.2f}x (>= {MIXTRAL_TARGET}x: "
+                     f"{'met' if ratio >= MIXTRAL_TARGET else 'missed'})")
+    return "Targets: " + "; ".join(parts) + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", nargs="+", choices=list(UPCYCLES), default=list(UPCYCLES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile + static cache")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    load_before = load_line()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows = [row for kind in args.kinds for row in run_kind(kind, args)]
+    table = render(rows, args.compile)
+    command = "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join([
+        "### Decode speed on the real SmolLM2-135M upcycles (fp32, CPU)",
+        "",
+        f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
+        f"Greedy `generate` on real text: {args.prompt_len}-token prompts, {args.new_tokens} new tokens; decode "
+        "tokens/s = batch x (new tokens - 1) / (time of that call - time of a 1-new-token call), the prefill "
+        f"excluded; median of {args.rounds} rounds in rotating order. `equal-active`: 8 experts of half width, "
+        "top-2 (the dense model's active parameters); `copy`: 4 full copies, top-2 (twice the dense MLP per "
+        "token). Mixtral = transformers' `MixtralForCausalLM` on the same weights (`hf-moe export --to mixtral`), "
+        "its default experts implementation; hf_moe with its default (\"hf_moe\").",
+        f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs: "
+        "absolute figures are noisy, ratios within one run less so).",
+        "",
+        table,
+        "",
+        verdict(rows),
+    ])
+    print()
+    print(table)
+    print(verdict(rows))
+    if not args.no_write:
+        write_section(args.output, "generate", body)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

