@@ -39,7 +39,7 @@ _LEGACY_FLAGS = ("use_qk_norm", "attention_output_bias", "attention_bias", "slid
 # (vLLM's Transformers backend sizes its fused-MoE layers from it) find the MoE geometry there.
 _MIRRORED_MOE_FIELDS = (
     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "n_group", "topk_group",
-    "routed_scaling_factor",
+    "routed_scaling_factor", "output_router_logits", "router_aux_loss_coef",
 )
 # PreTrainedConfig keys that stay on the top-level config even though dense configs declare them too.
 _TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(PreTrainedConfig)} | {
@@ -163,10 +163,11 @@ class HfMoeConfig(PreTrainedConfig):
     def _sync_base_moe_fields(self) -> None:
         """A native MoE base (deepseek_v3, qwen2_moe, ...) builds its own MoE blocks where its config says; keep its
         same-named MoE fields equal to ours, so that its dense layers are ours and hf_moe's blocks replace exactly
-        its MoE ones. hf_moe computes the router losses itself, so the base never does."""
+        its MoE ones. `output_router_logits` is mirrored too, so that tools reading the text config (TRL's fused LM head)
+        ask for router logits; hf_moe's causal LM computes the router losses itself and never lets the base do so."""
         base = self.text_config
         for f in dataclasses.fields(type(self)):
-            if f.name not in ("text_config", "output_router_logits") and (
+            if f.name != "text_config" and (
                 f.name in vars(base) or f.name in _MIRRORED_MOE_FIELDS
             ):
                 setattr(base, f.name, getattr(self, f.name))
@@ -175,8 +176,6 @@ class HfMoeConfig(PreTrainedConfig):
                 setattr(base, alias, self.num_experts)
         if "n_shared_experts" in vars(base):
             setattr(base, "n_shared_experts", self.shared_expert_intermediate_size // self.moe_intermediate_size)
-        if "output_router_logits" in vars(base):
-            base.output_router_logits = False
 
     def _build_text_config(
         self, text_config: dict | PreTrainedConfig | None, kwargs: dict[str, Any]

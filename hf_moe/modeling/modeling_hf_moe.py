@@ -788,6 +788,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         kwargs.pop("return_dict", None)
         with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
+            # The base head never computes router losses of its own (a native MoE base would add Mixtral's): ours are
+            # computed below from the recorded routers.
+            kwargs["output_router_logits"] = False
             out = self.hf_moe_base(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs
             )

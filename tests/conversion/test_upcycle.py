@@ -290,7 +290,7 @@ def test_output_folder_contents_and_remote_code(tmp_path, dense_models):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_moe" and config["architectures"] == ["HfMoeForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hf_moe.HfMoeForCausalLM"
-    assert config["use_qk_norm"] is True
+    assert config["text_config"]["model_type"] == "qwen3"  # the base decoder, q/k norm included
     provenance = json.loads((out / "hf_moe_provenance.json").read_text())
     assert provenance["method"] == "upcycle" and provenance["function_preserving"] is True
     assert provenance["options"]["num_experts"] == 4 and provenance["source"]["model_type"] == "qwen3"
