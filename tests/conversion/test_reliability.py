@@ -465,7 +465,7 @@ def test_each_corruption_is_refused_naming_the_file(tmp_path, pristine, conversi
     assert tree_hash(src) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("conversion", ["export", "import"])
+@pytest.mark.parametrize("conversion", ["export", "import", "merge"])
 def test_integer_weights_are_refused(tmp_path, pristine, conversion):
     key, run = CONVERSIONS[conversion]
     src = tmp_path / "src"
