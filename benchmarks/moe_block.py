@@ -311,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             verdict(results),
             "",
             "Backends: " + "; ".join(notes) + ". `hf_moe` (\"hf_moe\" = \"hf_moe_cpu\" on the CPU) runs one token "
-            "as k matrix-vector products; without autograd, groups under 256 rows per expert as one padded `bmm` per "
-            "projection (while the padding stays under 2x the routed rows) and otherwise one matmul per expert; "
-            "under autograd `F.grouped_mm` (\"hf_moe_grouped\").",
+            "as k matrix-vector products; without autograd, groups under 256 rows per expert on average as one padded "
+            "`bmm` per projection while the padding stays under 2x the routed rows, else through `F.grouped_mm`, "
+            "and larger groups as one matmul per expert; under autograd `F.grouped_mm` on the routed rows.",
             f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timings "
             f"({os.cpu_count()} cores): other jobs shared the CPU, which inflates every multi-threaded kernel, most of "
             "all in the variants that launch many small ones.",

@@ -34,6 +34,7 @@ from .io import (
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_floating_weights,
     check_out_dir,
     copy_tokenizer_files,
     write_provenance,
@@ -93,19 +94,6 @@ def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
-
-
-def _check_floating(reader: CheckpointReader, names: list[str]) -> None:
-    """Model weights are floating point; an integer tensor (a quantised or corrupt checkpoint) is refused rather
-    than converted into weights that compute garbage."""
-    bad = [n for n in names if not reader.dtype(n).is_floating_point]
-    if bad:
-        raise ValueError(
-            f"{reader.root}: tensor {bad[0]!r} has dtype {reader.dtype(bad[0])}"
-            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-            + "; model weights must be floating point. Quantised checkpoints cannot be converted: convert the "
-            "unquantised one, or re-save the checkpoint if it is corrupt"
-        )
 
 
 def _check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -244,7 +232,7 @@ def export(
     # A tied lm_head saved anyway is the embedding again: not written (the target ties it too).
     source_names = [n for n in reader.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
     _check_tensors({n: reader.shape(n) for n in source_names}, _expected_tensors(config), str(model_dir))
-    _check_floating(reader, source_names)
+    check_floating_weights(reader, source_names)
     if config.router_type == "noisy_topk":
         logger.info("noisy_topk: the training-only noise projection (gate.noise_weight) is not exported")
 
@@ -368,7 +356,7 @@ def import_native(
     spec = SPECS[reader.model_type]
     expected = _expected_tensors(config)
     top, layers, skipped = _layer_groups(reader, config.num_hidden_layers, config.tie_word_embeddings)
-    _check_floating(reader, [*top, *(n for names in layers.values() for n in names)])
+    check_floating_weights(reader, [*top, *(n for names in layers.values() for n in names)])
     if skipped:
         logger.info("not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else "")
 

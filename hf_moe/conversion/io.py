@@ -426,6 +426,23 @@ class CheckpointReader:
         return max(p.stat().st_size for p in self.files)
 
 
+def check_floating_weights(reader: CheckpointReader, names: Iterable[str] | None = None) -> None:
+    """Refuse integer tensors among `names` (default: all): model weights are floating point, and an integer
+    tensor (a quantised or corrupt checkpoint) would be converted into weights that compute garbage.
+
+    Raises:
+        ValueError: naming the folder, the first such tensor and its dtype.
+    """
+    bad = [n for n in (reader.keys() if names is None else names) if not reader.dtype(n).is_floating_point]
+    if bad:
+        raise ValueError(
+            f"{reader.root}: tensor {bad[0]!r} has dtype {reader.dtype(bad[0])}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + "; model weights must be floating point. Quantised checkpoints cannot be converted: convert the "
+            "unquantised one, or re-save the checkpoint if it is corrupt"
+        )
+
+
 # ================================================================================================================
 # Writing.
 # ================================================================================================================
@@ -1028,6 +1045,7 @@ __all__ = [
     "atomic_open",
     "atomic_output_dir",
     "atomic_write",
+    "check_floating_weights",
     "check_no_overlap",
     "check_out_dir",
     "clean_stale_temp_dirs",

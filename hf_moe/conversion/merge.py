@@ -31,6 +31,7 @@ from .io import (
     CheckpointReader,
     ShardWriter,
     atomic_output_dir,
+    check_floating_weights,
     check_out_dir,
     copy_tokenizer_files,
     sha256_file,
@@ -246,6 +247,8 @@ def merge_experts(
         for i, reader in enumerate(readers):
             skip = {n for r in (base_reader, reader) for n in r.keys() if _op(source, n) == "skip"}
             _check_same_tensors(base_reader, reader, f"fine-tune {i} ({reader.root})", skip)
+        for reader in (base_reader, *readers):
+            check_floating_weights(reader)
         mlp_dtype = base_reader.dtype(layer_plan[0][source.mlp_ops[0]])
         out_dtype = dtype or mlp_dtype
         config.dtype = out_dtype
