@@ -115,6 +115,41 @@ def build_moe(args, texts: dict[str, tuple[str, str]], tokenizer, dense_dir: Pat
     return moe_dir
 
 
+def train_router(moe_dir: Path, out: Path, texts: dict[str, tuple[str, str]], tokenizer, args) -> Path:
+    """BTX's last step, briefly: train only the routers (LM loss) on an equal mix of the four training texts, so
+    that routing reflects what each expert is good at (prompt-initialised rows only point at the domains)."""
+    if (out / "config.json").exists():
+        return out
+    import shutil
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
+    params = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.router_lr, weight_decay=0.0)
+    offset = args.ft_steps * args.batch_size + args.calib_windows  # after fine-tuning and calibration windows
+    per_domain = args.router_steps * args.router_batch // len(DOMAINS) + 1
+    mix = torch.stack([w for group in zip(*[windows(tokenizer, texts[n][0], args.seq_len, per_domain, offset=offset)
+                                            for n in DOMAINS]) for w in group])  # interleaved domains
+    model.train()
+    for step in tqdm(range(args.router_steps), desc="router training", leave=False):
+        batch = mix[step * args.router_batch : (step + 1) * args.router_batch]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    print(f"router training: last loss {loss.item():.3f}", flush=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"):
+        if (moe_dir / name).exists():
+            shutil.copyfile(moe_dir / name, out / name)
+    return out
+
+
 @torch.no_grad()
 def perplexity(model_dir: Path, eval_w: torch.Tensor, batch_size: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -143,6 +178,8 @@ def run(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     texts = domain_texts()
     moe_dir = build_moe(args, texts, tokenizer, dense_dir, work)
+    if args.router_steps:
+        moe_dir = train_router(moe_dir, work / f"moe-4x2-router{args.router_steps}", texts, tokenizer, args)
     built = time.perf_counter()
     print(f"model built in {built - started:.0f}s: {moe_dir}", flush=True)
     if args.build_only:
@@ -153,14 +190,23 @@ def run(args) -> dict:
     offset = args.ft_steps * args.batch_size
     calib = [tokenizer.decode(windows(tokenizer, texts[n][0], args.seq_len, args.calib_windows, offset=offset)
                               .reshape(-1)) for n in DOMAINS]
+    if args.write_calib:  # the same mix as a file, for `hf-moe compress --calib` (BENCHMARKS.md)
+        args.write_calib.write_text("\n\n".join(calib), encoding="utf-8")
+        return {}
     eval_w = torch.cat([windows(tokenizer, texts[n][1], args.seq_len, args.eval_windows) for n in DOMAINS])
     stats = calibrate(moe_dir, calib, calib_tokens=args.calib_windows * args.seq_len * len(DOMAINS) * 2,
                       seq_len=args.seq_len, need_outputs=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "ppl": {}, "seconds": {}}
+    # Saliencies of the fine-tuned layers (the only ones whose experts differ), for the discussion.
+    first_ft = max(stats.layers) + 1 - args.ft_layers
+    results["saliency"] = {
+        str(layer): {m: [round(float(x), 4) for x in stats.saliency(m, layer)] for m in ("reap", "frequency")}
+        for layer in sorted(stats.layers) if layer >= first_ft
+    }
     base_ppl = perplexity(moe_dir, eval_w, args.batch_size)
     results["ppl"]["100"] = {"all": base_ppl}
     print(f"100%: ppl {base_ppl:.3f}", flush=True)
-    out_root = work / "compressed"
+    out_root = work / "compressed" / moe_dir.name
     for keep in args.keep:
         for arm, kwargs in ARMS.items():
             for steps in (0, args.recover_steps) if keep in args.recover_keep else (0,):
@@ -181,7 +227,7 @@ def run(args) -> dict:
     return results
 
 
-def plot(results: dict, args) -> None:
+def plot(results: dict, args, name: str = "compress_study.png", title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,13 +249,12 @@ def plot(results: dict, args) -> None:
             ax.plot(xs, ys, style, marker="o", color=color, label=label)
     ax.set_xlabel("experts kept (%)")
     ax.set_ylabel("held-out perplexity (4 domains)")
-    ax.set_yscale("log")
     ax.invert_xaxis()
-    ax.set_title("SmolLM2-135M 4-domain MoE (4 experts, top-2): pruning and merging")
+    ax.set_title(title or "SmolLM2-135M 4-domain MoE (4 experts, top-2): pruning and merging")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "compress_study.png", dpi=120)
+    fig.savefig(args.out / name, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-steps", type=int, default=8)
     p.add_argument("--ft-lr", type=float, default=5e-4)
     p.add_argument("--ft-layers", type=int, default=8)
+    p.add_argument("--router-steps", type=int, default=0, help="router-only LM training steps after merging")
+    p.add_argument("--router-batch", type=int, default=4)
+    p.add_argument("--router-lr", type=float, default=1e-3)
     p.add_argument("--calib-windows", type=int, default=2, help="calibration windows per domain")
     p.add_argument("--eval-windows", type=int, default=2, help="held-out windows per domain")
     p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5])
@@ -229,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recover-keep", type=float, nargs="+", default=[0.75, 0.5],
                    help="keep levels at which router recovery is also run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-calib", type=Path, default=None, help="write the calibration text to this file and stop")
     p.add_argument("--build-only", action="store_true", help="only fine-tune and merge (cached)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
