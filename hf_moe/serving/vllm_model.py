@@ -69,3 +69,4 @@ class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
         # is built, so it is set at the top as well; otherwise the default (sdpa) would overwrite vLLM's.
         super()._patch_config()
         self.config._attn_implementation = self.text_config._attn_implementation
+
