@@ -31,8 +31,11 @@ from .init import (
     seeded_generator,
     shared_expert_weights,
 )
+from ..hub_ids import resolve_model
 from .io import (
     CheckpointReader,
+    check_floating_weights,
+    check_out_dir,
     ShardWriter,
     atomic_output_dir,
     copy_tokenizer_files,
@@ -330,11 +333,8 @@ def upcycle(
     >>> hf_moe.upcycle("SmolLM2-135M", "SmolLM2-8x135M", num_experts=8, top_k=2)
     ```
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} already exists; choose another path or pass overwrite=True"
-        )
+    src_dir = resolve_model(src_dir)  # a local folder, or a Hub repo id downloaded to the cache
+    out_dir = check_out_dir(out_dir, [src_dir], overwrite=overwrite)
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts={num_experts!r} must be a positive integer")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -357,10 +357,8 @@ def upcycle(
                 f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
             )
         dtype = DTYPES[dtype]
-    if src_dir is not None and out_dir.resolve() == Path(src_dir).resolve():
-        raise ValueError("out_dir must differ from src_dir: inputs are never modified")
-
     with CheckpointReader(src_dir) as reader:
+        check_floating_weights(reader)
         source = get_source(reader.model_type)
         dense_kwargs = translate_config(reader.config)
         text = dense_kwargs["text_config"]
@@ -465,7 +463,7 @@ def upcycle(
             config_overrides=config_overrides or {},
         )
         try:
-            with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
                 written: set[str] = set()
                 with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 

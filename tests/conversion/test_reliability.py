@@ -162,14 +162,7 @@ def _overlap_cases(src: Path) -> dict[str, Path]:
         "export",
         "import",
         "merge",
-        pytest.param(
-            "upcycle",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="upcycle.py (lead's rewrite) must call io.check_out_dir(out_dir, [src_dir], overwrite=...) "
-                "and pass inputs= to atomic_output_dir; until then it compares paths for equality only",
-            ),
-        ),
+        "upcycle",
     ],
 )
 def test_output_overlapping_an_input_is_refused(tmp_path, pristine, conversion, relation):
