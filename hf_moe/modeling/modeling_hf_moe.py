@@ -540,7 +540,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         if not strict:
             return super().from_pretrained(*args, **kwargs)
         if args and isinstance(args[0], (str, Path)) and Path(args[0]).is_dir():
-            _check_index_inside(Path(args[0]), kwargs.get("subfolder") or "")
+            _check_checkpoint_files(Path(args[0]), kwargs.get("subfolder") or "")
         want_info = kwargs.pop("output_loading_info", False)
         # transformers raises a bare RuntimeError on a shape mismatch; load, then report it with the rest below.
         # An explicit ignore_mismatched_sizes=True accepts mismatched (re-initialised) tensors.
@@ -582,23 +582,50 @@ class HfMoePreTrainedModel(PreTrainedModel):
                 module.update_bias()
 
 
-def _check_index_inside(folder: Path, subfolder: str) -> None:
-    """Refuse a safetensors index whose entries point outside the checkpoint folder (`../x` or absolute paths)."""
+def _check_checkpoint_files(folder: Path, subfolder: str) -> None:
+    """Before transformers reads a local checkpoint: refuse a safetensors index whose entries point outside the folder
+    (`../x` or absolute paths), and name the file of a missing, truncated or garbled shard (safetensors' own errors
+    do not). Only headers are read."""
     import json
+    import struct
 
     root = (folder / subfolder).resolve()
     index = root / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{index}: not a valid safetensors index ({err}); re-save the checkpoint") from err
-    for name, file in weight_map.items():
-        if not isinstance(file, str) or Path(file).is_absolute() or not (root / file).resolve().is_relative_to(root):
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{index}: not a valid safetensors index ({err}); re-save the checkpoint") from err
+        files = set()
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).is_absolute() or not (root / file).resolve().is_relative_to(root):
+                raise ValueError(
+                    f"{index}: tensor {name!r} points at {file!r}, outside the checkpoint folder {root}; refusing to "
+                    "read files outside it. Fix the index so every shard is a file inside the folder."
+                )
+            files.add(root / file)
+    elif (root / "model.safetensors").is_file():
+        files = {root / "model.safetensors"}
+    else:
+        return  # transformers reports the missing weights itself
+    for path in sorted(files):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard named by {index.name} is missing; the checkpoint is incomplete")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"{path}: not a complete safetensors file (truncated or corrupt header); re-save it")
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                raise ValueError(f"{path}: garbled safetensors header ({err}); re-save the checkpoint") from err
+        if 8 + header_len + end > size:
             raise ValueError(
-                f"{index}: tensor {name!r} points at {file!r}, outside the checkpoint folder {root}; refusing to read "
-                "files outside it. Fix the index so every shard is a file inside the folder."
+                f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end}); re-download or "
+                "re-save the checkpoint"
             )
 
 

@@ -188,3 +188,33 @@ def test_auto_config_for_model():
     assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, HfMoeModel)
     assert isinstance(model.model.hf_moe_base, LlamaModel) and model.model.layers is model.model.hf_moe_base.layers
     assert isinstance(AutoModel.from_config(config), HfMoeModel)
+
+
+def test_from_pretrained_names_the_file_of_a_broken_shard_and_refuses_outside_index(tmp_path):
+    import json
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ok", max_shard_size="20KB")
+    index = json.loads((tmp_path / "ok" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "ok", truncated)
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{shard}: truncated"):
+        HfMoeForCausalLM.from_pretrained(truncated)
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(tmp_path / "ok", garbled)
+    (garbled / shard).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + data[24:])
+    with pytest.raises(ValueError, match=f"{shard}: garbled safetensors header"):
+        HfMoeForCausalLM.from_pretrained(garbled)
+
+    outside = tmp_path / "outside"
+    shutil.copytree(tmp_path / "ok", outside)
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../ok/" + shard
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        HfMoeForCausalLM.from_pretrained(outside)
