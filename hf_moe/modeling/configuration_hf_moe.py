@@ -12,9 +12,11 @@ transformers and huggingface_hub (a transformers dependency).
 import copy
 import dataclasses
 import math
+import re
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
@@ -224,7 +226,10 @@ class HfMoeConfig(PreTrainedConfig):
                 raise HfMoeConfigError(name, value, "must be a positive integer")
         try:
             return config_class(**decoder)
-        except (TypeError, ValueError) as err:  # strict-dataclass type errors, transformers' own checks
+        except (TypeError, ValueError, StrictDataclassError) as err:  # type errors, transformers' own checks
+            field = _strict_field(err)
+            if field is not None:
+                raise HfMoeConfigError(f"text_config.{field}", decoder.get(field), _strict_cause(err)) from err
             raise HfMoeConfigError(f"text_config ({model_type})", decoder, f"the {model_type} config refused it: {err}")
 
     def _check_moe(self) -> None:
@@ -325,6 +330,9 @@ class HfMoeConfig(PreTrainedConfig):
         base = self.text_config
         for name in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads"):
             _positive_int(f"text_config.{name}", getattr(base, name, None))
+        for name in ("intermediate_size", "head_dim", "max_position_embeddings"):
+            if getattr(base, name, None) is not None:
+                _positive_int(f"text_config.{name}", getattr(base, name))
         kv_heads = getattr(base, "num_key_value_heads", None)
         if kv_heads is not None:
             _positive_int("text_config.num_key_value_heads", kv_heads)
@@ -443,6 +451,37 @@ class HfMoeConfig(PreTrainedConfig):
     def moe_layers(self) -> list[int]:
         """Indices of the layers that hold a sparse MoE block."""
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+
+def _strict_field(err: Exception) -> str | None:
+    # huggingface_hub's strict dataclasses name the field in the message: "Validation error for field 'x': ...".
+    match = re.search(r"field '([^']+)'", str(err))
+    return match.group(1) if match else None
+
+
+def _strict_cause(err: Exception) -> str:
+    # The last line of the strict-dataclass message is the cause ("TypeError: Field 'x' expected int, got str").
+    return str(err).strip().splitlines()[-1].strip()
+
+
+def _raise_config_errors_as_ours(config_class: type) -> type:
+    """Wrap `__init__` so that the strict-dataclass field errors of transformers' configs (a wrong-typed field in a
+    config.json, an out-of-range value) surface as `HfMoeConfigError`, the one error class of a bad config."""
+    init = config_class.__init__
+
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as err:
+            field = _strict_field(err) or "config"
+            raise HfMoeConfigError(field, kwargs.get(field, "?"), _strict_cause(err)) from err
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    config_class.__init__ = __init__
+    return config_class
+
+
+HfMoeConfig = _raise_config_errors_as_ours(HfMoeConfig)
 
 
 def expert_activation(text_config: PreTrainedConfig) -> str:
