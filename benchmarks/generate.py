@@ -96,6 +96,43 @@ def run_kind(kind: str, args) -> list[dict]:
     return rows
 
 
+def profile_decode(kind: str, batch: int, prompt_len: int, steps: int = 4) -> str:
+    """torch.profiler over `steps` decoding forwards (after a prefill) of dense, Mixtral and hf_moe: per op, calls and
+    self CPU time per step per decoder layer; a markdown table of the ops that differ."""
+    from transformers import DynamicCache
+
+    dirs = model_dirs(kind)
+    ids = text_batch(batch, prompt_len)
+    stats = {}
+    for name in ("dense", "mixtral", "hf_moe"):
+        model = load(dirs[name])
+        layers = model.config.get_text_config().num_hidden_layers
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            next_ids = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            model(next_ids, past_key_values=cache, use_cache=True)  # warm-up
+            with torch.profiler.profile() as prof:
+                for _ in range(steps):
+                    next_ids = model(next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        per = steps * layers
+        stats[name] = {e.key: (e.count / per, e.self_cpu_time_total / per) for e in prof.key_averages()}
+        stats[name]["total"] = (sum(c for c, _ in stats[name].values()), sum(t for _, t in stats[name].values()))
+        del model
+        gc.collect()
+    keys = sorted(set().union(*stats.values()) - {"total"},
+                  key=lambda k: -max(abs(stats["hf_moe"].get(k, (0, 0))[1] - stats["dense"].get(k, (0, 0))[1]),
+                                     abs(stats["hf_moe"].get(k, (0, 0))[0] - stats["dense"].get(k, (0, 0))[0])))
+    header = "| op | dense calls | dense us | Mixtral calls | Mixtral us | hf_moe calls | hf_moe us |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for key in ["total"] + keys[:20]:
+        cells = [f"`{key}`" if key != "total" else "**all ops**"]
+        for name in ("dense", "mixtral", "hf_moe"):
+            calls, us = stats[name].get(key, (0.0, 0.0))
+            cells += [f"{calls:.2f}", f"{us:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict], compile_cols: bool) -> str:
     header = ["upcycle", "batch", "dense tok/s", "Mixtral tok/s", "hf_moe tok/s", "hf_moe / dense", "hf_moe / Mixtral"]
     if compile_cols:
@@ -137,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + static cache")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: profile decoding steps (calls and self time per token per layer)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile_main(args, argv)
     load_before = load_line()
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = [row for kind in args.kinds for row in run_kind(kind, args)]
@@ -167,6 +208,32 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict(rows))
     if not args.no_write:
         write_section(args.output, "generate", body)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def profile_main(args, argv: list[str] | None) -> int:
+    load_before = load_line()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    command = "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = [
+        "### Where decode time goes: op profile per decoding step per decoder layer (fp32, CPU)",
+        "",
+        f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}; load average before "
+        f"{load_before}.",
+        "torch.profiler over 4 decoding forwards (one new token per sequence) after a prefill; calls and mean self "
+        "CPU microseconds per step per decoder layer (profiler overhead included), sorted by the difference between "
+        "hf_moe and dense. On a loaded machine the means carry stalls (a 2-thread op waits for a preempted thread): "
+        "read the call counts, and the times only as a rough split.",
+    ]
+    for kind in args.kinds:
+        for batch in args.batch:
+            parts += ["", f"`{kind}` upcycle, batch {batch}:", "", profile_decode(kind, batch, args.prompt_len)]
+    parts.append(f"\nLoad average after: {load_line()}.")
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        write_section(args.output, "generate_profile", body, script="generate")
         print(f"wrote {args.output}")
     return 0
 

@@ -58,12 +58,12 @@ def machine_line(threads: int) -> str:
     )
 
 
-def write_section(path: Path, name: str, body: str) -> None:
+def write_section(path: Path, name: str, body: str, script: str | None = None) -> None:
     """Replace the section between `<!-- name:begin -->` and `<!-- name:end -->` (appended after the anchor
-    `<!-- name: written by benchmarks/name.py -->`, or at the end of the file the first time), atomically."""
+    `<!-- name: written by benchmarks/<script>.py -->`, or at the end of the file the first time), atomically."""
     import tempfile
 
-    anchor = f"<!-- {name}: written by benchmarks/{name}.py -->"
+    anchor = f"<!-- {name}: written by benchmarks/{script or name}.py -->"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text()
     section = f"{begin}\n{body.strip()}\n{end}"
