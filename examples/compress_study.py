@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from offline_assets import britannica_text, cache_dir, shakespeare_texts, smollm2_dense_dir
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe
-from offline_assets import britannica_text, cache_dir, shakespeare_texts, smollm2_dense_dir
 
 DOMAINS = ("shakespeare", "britannica", "python", "c")
 
@@ -103,7 +103,7 @@ def build_moe(args, texts: dict[str, tuple[str, str]], tokenizer, dense_dir: Pat
     if (moe_dir / "config.json").exists():
         return moe_dir
     experts = []
-    for d, name in enumerate(DOMAINS):
+    for name in DOMAINS:
         train = windows(tokenizer, texts[name][0], args.seq_len, args.ft_steps * args.batch_size)
         experts.append(fine_tune(dense_dir, work / f"ft-{name}", train, args))
     prompts = {"experts": [

@@ -78,7 +78,9 @@ MERGE_TOKENS_PER_BATCH = 512
 
 # Per-layer tensor names. `moe` is the module holding router and experts (`model.layers.3.mlp`,
 # `model.layers.3.block_sparse_moe`).
-_PER_EXPERT_RE = re.compile(r"^(?P<moe>model\.layers\.(?P<layer>\d+)\.(?:.+\.)?[^.]+)\.experts\.(?P<e>\d+)\.(?P<rest>.+)$")
+_PER_EXPERT_RE = re.compile(
+    r"^(?P<moe>model\.layers\.(?P<layer>\d+)\.(?:.+\.)?[^.]+)\.experts\.(?P<e>\d+)\.(?P<rest>.+)$"
+)
 _FUSED_RE = re.compile(r"^(?P<moe>model\.layers\.(?P<layer>\d+)\.(?:.+\.)?[^.]+)\.experts\.(?P<rest>[^.]+)$")
 _ROUTER_RE = re.compile(r"^(?P<moe>model\.layers\.(?P<layer>\d+)\.(?:.+\.)?[^.]+)\.gate\.(?P<rest>[^.]+)$")
 _LAYER_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
