@@ -13,7 +13,8 @@ compute the same function and are registered in transformers' experts interface,
   without autograd, small balanced groups as one padded `bmm` per projection, small skewed ones through the
   grouped GEMM, large groups as one matmul per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the
   routed rows only (sentinel rows cut off).
-- "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling).
+- "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling;
+  compiled CPU decoding of one token runs the one-token path as the custom op `hf_moe::one_token_experts`).
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
 points those at expert 0 with weight 0). BENCHMARKS.md holds the timings behind each choice.
 
@@ -92,7 +93,8 @@ class HfMoeExperts(nn.Module):
         self.intermediate_dim = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[expert_activation(text_config)]
+        self.activation = expert_activation(text_config)
+        self.act_fn = ACT2FN[self.activation]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -261,29 +263,69 @@ def grouped_experts_forward(
     return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed=None)
 
 
-def _one_token_forward(
-    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+def _one_token_impl(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
 ) -> torch.Tensor:
     # Inference only (the routing weights are read as numbers). The k experts of one token as matrix-vector
     # products on weight views: no sort, no gather, no weight copy. The routing weights are addmm's scalars: the
     # running sum is scaled by beta, the new expert's output by alpha.
-    dtype = self.gate_up_proj.dtype
+    dtype = gate_up_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # (1, H)
     out, scale = None, 1.0
     for expert, weight in zip(top_k_index.tolist()[0], top_k_weights.tolist()[0]):
-        if expert >= self.num_experts:  # sentinel: dropped assignment
+        if expert >= gate_up_proj.shape[0]:  # sentinel: dropped assignment
             continue
-        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
-        h = self.act_fn(gate) * up  # (1, I)
+        gate, up = F.linear(x, gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
+        h = act_fn(gate) * up  # (1, I)
         if out is None:
-            out, scale = F.linear(h, self.down_proj[expert]), weight  # (1, H), scaled later
+            out, scale = F.linear(h, down_proj[expert]), weight  # (1, H), scaled later
         else:
-            out, scale = torch.addmm(out, h, self.down_proj[expert].t(), beta=scale, alpha=weight), 1.0
+            out, scale = torch.addmm(out, h, down_proj[expert].t(), beta=scale, alpha=weight), 1.0
     if out is None:  # every assignment dropped
         return torch.zeros_like(hidden_states)
     if scale != 1.0:
         out = out.mul_(scale)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _register_one_token_op() -> None:
+    # Under torch.compile the one-token path is one opaque operator (its host reads of the k expert indices would
+    # otherwise break the graph); inference only, so it has no autograd formula.
+    if hasattr(torch.ops.hf_moe, "one_token_experts"):
+        return
+    activations = {}  # ACT2FN builds a new module per lookup
+
+    def one_token_op(x, index, weights, gate_up_proj, down_proj, activation):
+        act_fn = activations.setdefault(activation, ACT2FN[activation])
+        return _one_token_impl(x, index, weights, gate_up_proj, down_proj, act_fn)
+
+    torch.library.custom_op(
+        "hf_moe::one_token_experts",
+        one_token_op,
+        mutates_args=(),
+        schema="(Tensor x, Tensor index, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor",
+    )
+    torch.library.register_fake(
+        "hf_moe::one_token_experts", lambda x, index, weights, gate_up_proj, down_proj, activation: torch.empty_like(x)
+    )
+
+
+_register_one_token_op()
+
+
+def _one_token_forward(
+    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_moe.one_token_experts(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.activation
+        )
+    return _one_token_impl(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
 
 
 def _padded_bmm_forward(
@@ -358,9 +400,14 @@ def cpu_experts_forward(
 def auto_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """"hf_moe": the CPU kernels for CPU tensors in eager mode, the grouped GEMM otherwise."""
-    if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
-        return cpu_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    """"hf_moe": the CPU kernels for CPU tensors in eager mode (and, compiled, the one-token path as one custom op),
+    the grouped GEMM otherwise."""
+    if hidden_states.device.type == "cpu":
+        if not torch.compiler.is_compiling():
+            return cpu_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if hidden_states.shape[0] == 1 and not torch.is_grad_enabled() and hasattr(self, "activation"):
+            # compiled CPU decoding
+            return _one_token_forward(self, hidden_states, top_k_index, top_k_weights)
     return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
