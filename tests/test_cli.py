@@ -72,7 +72,7 @@ def test_wrong_typed_config_field_is_one_line(tiny_checkpoint: Path, tmp_path: P
 
     model = broken_copy(tiny_checkpoint, tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
-    config["hidden_size"] = "32"  # a string where transformers' strict config dataclass wants an int
+    config["text_config"]["hidden_size"] = "32"  # a string where the base's strict config dataclass wants an int
     (model / "config.json").write_text(json.dumps(config))
     done = run_cli("export", str(model), str(tmp_path / "out"), "--to", "mixtral")
     # transformers' strict dataclass error today ("invalid config: ... expected int, got str"); whichever layer
