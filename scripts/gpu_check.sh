@@ -20,7 +20,7 @@
 #
 #      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#        --platform any -d .whl transformers==5.23.0 peft==0.21.2 regex==2026.1.15
+#        --platform any -d .whl transformers==5.24.0 peft==0.21.2 regex==2026.1.15
 #
 # 2. Real text for the study: the Shakespeare split tokenised with the SmolLM2 tokenizer (uint16, 3.1 MB) and the
 #    SmolLM2-135M config. The real weights cannot travel (540 MB fp32; the Q4_1 GGUF wheel is 93 MB; the device
