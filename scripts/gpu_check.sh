@@ -65,7 +65,7 @@ if [ "$PREPARE" = 1 ]; then
   ASSETS="${ASSETS:-$ROOT/.gpu_assets}"
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$WHEELS" transformers==5.23.0 peft==0.21.2 regex==2026.1.15
+    --platform any -d "$WHEELS" transformers==5.24.0 peft==0.21.2 regex==2026.1.15
   "$PY" benchmarks/gpu_suite.py assets --assets "$ASSETS"
   du -sh "$WHEELS" "$ASSETS"
   exit 0
