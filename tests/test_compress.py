@@ -62,6 +62,7 @@ def _capture(store: dict):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def test_saliency_matches_hand_computation(hf_moe_dir):
     model = HfMoeForCausalLM.from_pretrained(hf_moe_dir, dtype=torch.float32).eval()
     layer = model.config.moe_layers[0]
