@@ -11,7 +11,6 @@ Example:
 ```
 """
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .modeling import HfMoeConfig
-from .modeling.modeling_hf_moe import router_probabilities
+from .modeling.modeling_hf_moe import RoutingSummary, router_probabilities, routing_summary, token_mask
 
 
 @dataclass(frozen=True)
@@ -80,142 +79,6 @@ class RouterStatistics:
 # The one routing summary: the balancing loss, `router_statistics` and `RouterMonitor` all read these sums.
 # A pure function of tensors (no config, no model), so it can live next to the routers in the modeling file.
 # ================================================================================================================
-
-
-def token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
-    """(B, S_total) padding mask -> (num_rows,) bool over the routed rows of this forward (its last S columns,
-    so a decoding step with a KV cache keeps its own tokens). None when there is no 2-D mask (every row counts).
-
-    Raises:
-        ValueError: a 2-D mask whose batch size does not divide the routed rows.
-    """
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    if num_rows % attention_mask.shape[0] != 0 or num_rows // attention_mask.shape[0] > attention_mask.shape[1]:
-        raise ValueError(
-            f"attention_mask of shape {tuple(attention_mask.shape)} does not match {num_rows} routed tokens; "
-            "pass the (batch, seq_len) mask used for the forward pass"
-        )
-    seq_len = num_rows // attention_mask.shape[0]
-    return attention_mask[:, -seq_len:].reshape(-1).bool()
-
-
-@dataclass(frozen=True)
-class RoutingSummary:
-    """Sums over the non-padding tokens of one MoE layer (or of several forwards, added with `+`).
-
-    Sums rather than means, so forwards accumulate exactly; the properties turn them into the reported figures.
-    `prob_sum` and `z_sum` keep their autograd graph when the inputs have one (the balancing and z losses are
-    built from them); every other field is a count.
-
-    Attributes:
-        num_tokens: () non-padding tokens.
-        tokens_per_expert: (E,) routed assignments per expert (sentinel slots excluded).
-        prob_sum: (E,) summed routing probabilities.
-        dropped: () dropped assignments (top-k routers) or tokens that no expert picked (expert choice).
-        dropped_of: () what `dropped` is a part of: assignment slots (tokens * K), or tokens for expert choice.
-        entropy_sum: () summed per-token entropy (nats) of the routing distribution.
-        z_sum: () summed logsumexp(logits)^2 (the router z-loss term).
-    """
-
-    num_tokens: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    prob_sum: torch.Tensor
-    dropped: torch.Tensor
-    dropped_of: torch.Tensor
-    entropy_sum: torch.Tensor
-    z_sum: torch.Tensor
-
-    def __add__(self, other: "RoutingSummary") -> "RoutingSummary":
-        return RoutingSummary(*(a + b.to(a.device) for a, b in zip(self._fields(), other._fields())))
-
-    def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.num_tokens, self.tokens_per_expert, self.prob_sum, self.dropped, self.dropped_of,
-                self.entropy_sum, self.z_sum)
-
-    def detached(self) -> "RoutingSummary":
-        """float64 CPU copies without autograd history (for accumulating over many forwards)."""
-        return RoutingSummary(*(t.detach().double().cpu() for t in self._fields()))
-
-    @property
-    def aux_loss(self) -> torch.Tensor:
-        """Switch / GShard balancing loss E * sum_i f_i P_i (Fedus et al. 2021, eq. 4-6): f_i assignments and
-        P_i probability mass per token; with top-k routing sum_i f_i = k, as in transformers' Mixtral/Qwen loss."""
-        tokens = self.num_tokens.clamp_min(1)
-        f = self.tokens_per_expert.to(self.prob_sum.dtype) / tokens  # (E,)
-        return self.prob_sum.shape[-1] * (f * (self.prob_sum / tokens)).sum()
-
-    @property
-    def z_loss(self) -> torch.Tensor:
-        """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
-        return self.z_sum / self.num_tokens.clamp_min(1)
-
-    @property
-    def expert_load(self) -> torch.Tensor:
-        """(E,) share of the routed assignments per expert (sums to 1; zeros when nothing was routed)."""
-        counts = self.tokens_per_expert.double()
-        return counts / counts.sum().clamp_min(1)
-
-    @property
-    def dropped_fraction(self) -> torch.Tensor:
-        """Dropped assignments over all slots; for expert choice, the fraction of tokens no expert picked."""
-        return self.dropped.double() / self.dropped_of.double().clamp_min(1)
-
-    @property
-    def entropy(self) -> torch.Tensor:
-        """Mean per-token routing entropy (nats); log(E) is uniform routing."""
-        return self.entropy_sum / self.num_tokens.clamp_min(1)
-
-
-def routing_summary(
-    router_logits: torch.Tensor,
-    router_indices: torch.Tensor,
-    num_experts: int,
-    probabilities: Callable[[torch.Tensor], torch.Tensor],
-    attention_mask: torch.Tensor | None = None,
-    *,
-    expert_choice: bool = False,
-) -> RoutingSummary:
-    """Summarise how one MoE layer routed the non-padding tokens of one forward pass.
-
-    Args:
-        router_logits: (T, E) router logits.
-        router_indices: (T, K) chosen experts, sentinel `num_experts` for a dropped assignment (expert choice:
-            K = E, slot e holds e when expert e picked the token).
-        num_experts: E.
-        probabilities: (T, E) logits -> (T, E) routing distribution (rows sum to one), e.g.
-            `partial(router_probabilities, router_type=config.router_type)`.
-        attention_mask: (B, S_total) padding mask, 0 = padding; rows of this forward are its last S columns.
-        expert_choice: count dropped *tokens* (no expert picked them) instead of dropped assignments: with expert
-            choice most slots are empty by design (a token gets 0..E experts), so the slot fraction would be
-            about 1 - capacity/E and say nothing about lost tokens.
-    Returns:
-        A `RoutingSummary`; `prob_sum` and `z_sum` carry gradients to the logits.
-    """
-    keep = token_mask(attention_mask, router_logits.shape[0])  # (T,) or None
-    if keep is not None:
-        keep = keep.to(router_logits.device)
-        router_logits, router_indices = router_logits[keep], router_indices[keep.to(router_indices.device)]
-    device = router_logits.device
-    router_indices = router_indices.to(device)
-    probs = probabilities(router_logits)  # (T', E)
-    counts = torch.bincount(router_indices.reshape(-1), minlength=num_experts + 1)  # (E + 1,), last = sentinel
-    num_tokens = torch.tensor(router_logits.shape[0], device=device)
-    if expert_choice:
-        dropped = (router_indices == num_experts).all(dim=-1).sum()
-        dropped_of = num_tokens
-    else:
-        dropped = counts[num_experts:].sum()
-        dropped_of = torch.tensor(router_indices.numel(), device=device)
-    return RoutingSummary(
-        num_tokens=num_tokens,
-        tokens_per_expert=counts[:num_experts],
-        prob_sum=probs.sum(dim=0),
-        dropped=dropped,
-        dropped_of=dropped_of,
-        entropy_sum=-torch.special.xlogy(probs, probs).sum(),
-        z_sum=torch.logsumexp(router_logits.float(), dim=-1).square().sum(),
-    )
 
 
 def router_statistics(

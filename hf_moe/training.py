@@ -28,7 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .modeling.modeling_hf_moe import HfMoeRouter, SigmoidTopKRouter, router_probabilities
-from .stats import RoutingSummary, routing_summary
+from .modeling.modeling_hf_moe import RoutingSummary, routing_summary
 
 
 class RouterMonitor:
