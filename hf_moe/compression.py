@@ -696,7 +696,7 @@ def compress(
         raise ValueError(f"config.json: {num_experts} experts do not split into n_group={n_group} groups")
     per_group = num_experts // n_group
     keep_per_group = max(1, round(keep * per_group))
-    if n_group > 1 and keep_per_group < 2 < per_group:
+    if n_group > 1 and keep_per_group < 2:
         raise ValueError(
             f"keep={keep} leaves {keep_per_group} expert per routing group (n_group={n_group}); group-limited "
             "routing scores each group by its 2 best experts: keep at least 2 per group"

@@ -351,3 +351,43 @@ def test_deepseek_v3_round_trip(tmp_path):
 def test_layer_plan_describe():
     plan = LayerPlan(groups=((0, 3), (1,)), weights=((0.5, 0.5), (1.0,)))
     assert plan.describe(4) == {"new_to_old": [[0, 3], [1]], "removed": [2], "merged": {"0": [0, 3]}}
+
+
+@pytest.mark.parametrize("target", ["qwen2_moe", "glm4_moe"])
+def test_native_shared_expert_families(tmp_path, target):
+    # Shared experts (and Qwen2-MoE's shared-expert gate) are not routed experts: copied unchanged.
+    import transformers
+
+    from hf_moe import export
+
+    overrides = {"n_group": 2, "topk_group": 1} if target == "glm4_moe" else {}  # 8 experts in 2 groups, top-3
+    src = _save(tiny_target_model(target, **overrides), tmp_path / "hf")
+    native = export(src, tmp_path / "native", to=target)
+    out = compress(native, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False)
+    cls = getattr(transformers, json.loads((native / "config.json").read_text())["architectures"][0])
+    model = cls.from_pretrained(out)
+    assert type(model) is cls and torch.isfinite(_logits(out, cls)).all()
+    if target == "glm4_moe":
+        # 2 of each group of 4 kept; only topk_group=1 group is eligible per token, so top-3 is clipped to 2.
+        assert model.config.n_routed_experts == 4 and model.config.num_experts_per_tok == 2
+        with pytest.raises(ValueError, match="keep at least 2 per group"):
+            compress(native, tmp_path / "one", keep=0.25, method="random")
+    with safe_open(native / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        shared = [n for n in a.keys() if "shared_expert" in n]
+        assert shared and all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in shared)
+
+
+def test_olmoe_round_trip(tmp_path):
+    import transformers
+
+    config = transformers.OlmoeConfig(
+        vocab_size=99, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    src = _save(transformers.OlmoeForCausalLM(config).eval(), tmp_path / "olmoe")
+    out = compress(src, tmp_path / "out", keep=0.5, method="frequency", merge=True, calib=CALIB, calib_tokens=64,
+                   progress=False)
+    model = transformers.OlmoeForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 4 and torch.isfinite(_logits(out, transformers.OlmoeForCausalLM)).all()
