@@ -22,13 +22,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from string import Template
 from typing import Any
 
-from .conversion.io import index_entry_path, read_safetensors_header
+from .conversion.io import atomic_write, index_entry_path, read_safetensors_header
 from .modeling import HfMoeConfig
 
 logger = logging.getLogger(__name__)
@@ -768,7 +767,7 @@ def _write_card(out: Path, text: str, *, overwrite: bool) -> Path:
             f"{out} exists and was not written by hf-moe card; move it away or pass --overwrite "
             "(overwrite=True from Python)"
         )
-    _atomic_write_text(out, text)
+    atomic_write(out, text)
     return out
 
 
@@ -883,24 +882,6 @@ def write_export_card(
         export_architecture=architecture,
     )
     return _write_card(out_dir / "README.md", text, overwrite=overwrite)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a card is as readable as any saved file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ================================================================================================================
