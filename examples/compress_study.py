@@ -51,10 +51,14 @@ def domain_texts() -> dict[str, tuple[str, str]]:
     py_files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     c_files = sorted(Path("/usr/include").glob("*.h"))
     if len(c_files) < 8:
-        raise SystemExit("this study reads C headers from /usr/include; install libc6-dev or drop the 'c' domain")
+        raise SystemExit(
+            "this study reads C headers from /usr/include; install libc6-dev or drop the 'c' domain"
+        )
     return {
-        "shakespeare": ("\n\n".join(shakespeare_texts(split="train").values()),
-                        "\n\n".join(shakespeare_texts(split="heldout").values())),
+        "shakespeare": (
+            "\n\n".join(shakespeare_texts(split="train").values()),
+            "\n\n".join(shakespeare_texts(split="heldout").values()),
+        ),
         "britannica": (brit[:cut], brit[cut:]),
         "python": (_files_text(py_files[0::2]), _files_text(py_files[1::2])),
         "c": (_files_text(c_files[0::2]), _files_text(c_files[1::2])),
@@ -106,12 +110,26 @@ def build_moe(args, texts: dict[str, tuple[str, str]], tokenizer, dense_dir: Pat
     for name in DOMAINS:
         train = windows(tokenizer, texts[name][0], args.seq_len, args.ft_steps * args.batch_size)
         experts.append(fine_tune(dense_dir, work / f"ft-{name}", train, args))
-    prompts = {"experts": [
-        {"name": name, "positive_prompts": [texts[name][0][i * 400 + 2000 : i * 400 + 2300] for i in range(3)]}
-        for name in DOMAINS
-    ]}
-    hf_moe.merge_experts(base=dense_dir, experts=experts, out_dir=moe_dir, top_k=2, router_type="topk_softmax",
-                         router_init="prompts", prompts=prompts, dtype="bfloat16", overwrite=True)
+    prompts = {
+        "experts": [
+            {
+                "name": name,
+                "positive_prompts": [texts[name][0][i * 400 + 2000 : i * 400 + 2300] for i in range(3)],
+            }
+            for name in DOMAINS
+        ]
+    }
+    hf_moe.merge_experts(
+        base=dense_dir,
+        experts=experts,
+        out_dir=moe_dir,
+        top_k=2,
+        router_type="topk_softmax",
+        router_init="prompts",
+        prompts=prompts,
+        dtype="bfloat16",
+        overwrite=True,
+    )
     return moe_dir
 
 
@@ -132,8 +150,15 @@ def train_router(moe_dir: Path, out: Path, texts: dict[str, tuple[str, str]], to
     optimizer = torch.optim.AdamW(params, lr=args.router_lr, weight_decay=0.0)
     offset = args.ft_steps * args.batch_size + args.calib_windows  # after fine-tuning and calibration windows
     per_domain = args.router_steps * args.router_batch // len(DOMAINS) + 1
-    mix = torch.stack([w for group in zip(*[windows(tokenizer, texts[n][0], args.seq_len, per_domain, offset=offset)
-                                            for n in DOMAINS]) for w in group])  # interleaved domains
+    mix = torch.stack(
+        [
+            w
+            for group in zip(
+                *[windows(tokenizer, texts[n][0], args.seq_len, per_domain, offset=offset) for n in DOMAINS]
+            )
+            for w in group
+        ]
+    )  # interleaved domains
     model.train()
     for step in tqdm(range(args.router_steps), desc="router training", leave=False):
         batch = mix[step * args.router_batch : (step + 1) * args.router_batch]
@@ -143,8 +168,13 @@ def train_router(moe_dir: Path, out: Path, texts: dict[str, tuple[str, str]], to
         optimizer.zero_grad(set_to_none=True)
     print(f"router training: last loss {loss.item():.3f}", flush=True)
     model.to(torch.bfloat16).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ):
         if (moe_dir / name).exists():
             shutil.copyfile(moe_dir / name, out / name)
     return out
@@ -188,20 +218,30 @@ def run(args) -> dict:
 
     # Calibration: an equal mix of the four training texts, after the windows used for fine-tuning.
     offset = args.ft_steps * args.batch_size
-    calib = [tokenizer.decode(windows(tokenizer, texts[n][0], args.seq_len, args.calib_windows, offset=offset)
-                              .reshape(-1)) for n in DOMAINS]
+    calib = [
+        tokenizer.decode(
+            windows(tokenizer, texts[n][0], args.seq_len, args.calib_windows, offset=offset).reshape(-1)
+        )
+        for n in DOMAINS
+    ]
     if args.write_calib:  # the same mix as a file, for `hf-moe compress --calib` (BENCHMARKS.md)
         args.write_calib.write_text("\n\n".join(calib), encoding="utf-8")
         return {}
     eval_w = torch.cat([windows(tokenizer, texts[n][1], args.seq_len, args.eval_windows) for n in DOMAINS])
-    stats = calibrate(moe_dir, calib, calib_tokens=args.calib_windows * args.seq_len * len(DOMAINS) * 2,
-                      seq_len=args.seq_len, need_outputs=True)
+    stats = calibrate(
+        moe_dir,
+        calib,
+        calib_tokens=args.calib_windows * args.seq_len * len(DOMAINS) * 2,
+        seq_len=args.seq_len,
+        need_outputs=True,
+    )
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "ppl": {}, "seconds": {}}
     # Saliencies of the fine-tuned layers (the only ones whose experts differ), for the discussion.
     first_ft = max(stats.layers) + 1 - args.ft_layers
     results["saliency"] = {
         str(layer): {m: [round(float(x), 4) for x in stats.saliency(m, layer)] for m in ("reap", "frequency")}
-        for layer in sorted(stats.layers) if layer >= first_ft
+        for layer in sorted(stats.layers)
+        if layer >= first_ft
     }
     base_ppl = perplexity(moe_dir, eval_w, args.batch_size)
     results["ppl"]["100"] = {"all": base_ppl}
@@ -212,10 +252,20 @@ def run(args) -> dict:
             for steps in (0, args.recover_steps) if keep in args.recover_keep else (0,):
                 name = f"{arm}-{int(keep * 100)}" + (f"-rr{steps}" if steps else "")
                 t0 = time.perf_counter()
-                out = hf_moe.compress(moe_dir, out_root / name, keep=keep, calib=calib, statistics=stats,
-                                      recover_router=steps, recover_lr=args.recover_lr, seed=args.seed,
-                                      batch_size=args.recover_batch,
-                                      overwrite=True, progress=False, **kwargs)
+                out = hf_moe.compress(
+                    moe_dir,
+                    out_root / name,
+                    keep=keep,
+                    calib=calib,
+                    statistics=stats,
+                    recover_router=steps,
+                    recover_lr=args.recover_lr,
+                    seed=args.seed,
+                    batch_size=args.recover_batch,
+                    overwrite=True,
+                    progress=False,
+                    **kwargs,
+                )
                 results["seconds"][name] = time.perf_counter() - t0
                 ppl = perplexity(out, eval_w, args.batch_size)
                 results["ppl"].setdefault(str(int(keep * 100)), {})[name] = ppl
@@ -240,8 +290,9 @@ def plot(results: dict, args, name: str = "compress_study.png", title: str | Non
         color = f"C{i}"
         for steps, style in ((0, "-"), (args.recover_steps, "--")):
             names = [(lv, f"{arm}-{lv}" + (f"-rr{steps}" if steps else "")) for lv in levels[1:]]
-            points = [(100, base)] + [(lv, results["ppl"][str(lv)][n]) for lv, n in names
-                                      if n in results["ppl"][str(lv)]]
+            points = [(100, base)] + [
+                (lv, results["ppl"][str(lv)][n]) for lv, n in names if n in results["ppl"][str(lv)]
+            ]
             if len(points) < 2:
                 continue
             xs, ys = zip(*points, strict=True)
@@ -274,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recover-steps", type=int, default=4)
     p.add_argument("--recover-lr", type=float, default=1e-3)
     p.add_argument("--recover-batch", type=int, default=1, help="windows per router-recovery step")
-    p.add_argument("--recover-keep", type=float, nargs="+", default=[0.75, 0.5],
-                   help="keep levels at which router recovery is also run")
+    p.add_argument(
+        "--recover-keep",
+        type=float,
+        nargs="+",
+        default=[0.75, 0.5],
+        help="keep levels at which router recovery is also run",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write-calib", type=Path, default=None, help="write the calibration text to this file and stop")
+    p.add_argument(
+        "--write-calib", type=Path, default=None, help="write the calibration text to this file and stop"
+    )
     p.add_argument("--build-only", action="store_true", help="only fine-tune and merge (cached)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,9 @@ def run_model(model_dir: Path, ids: torch.Tensor, prompt: dict, new_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="asset cache (default: $HF_MOE_CACHE or ~/.cache/hf_moe)"
     )
@@ -111,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
     heldout = "\n\n".join(shakespeare_texts(split="heldout", cache=args.cache_dir).values())
-    ids = tokenizer(heldout[: args.eval_tokens * 8], return_tensors="pt").input_ids[:, : args.eval_tokens]  # (1, T)
+    ids = tokenizer(heldout[: args.eval_tokens * 8], return_tensors="pt").input_ids[
+        :, : args.eval_tokens
+    ]  # (1, T)
     messages = [{"role": "user", "content": "Write two lines about the sea in the style of Shakespeare."}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 
     step("3/6 the dense model: held-out Shakespeare logits and a greedy generation")
     dense, dense_logits, loss_dense, dense_ids = run_model(dense_dir, ids, prompt, args.new_tokens, "dense")
@@ -153,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     step("6/6 expert load over Shakespeare text")
     train_text = "\n\n".join(list(shakespeare_texts(split="train", cache=args.cache_dir).values())[:3])
     token_ids = tokenizer(train_text[: args.routing_tokens * 8], add_special_tokens=False)["input_ids"]
-    input_ids, mask = chunk_token_ids(token_ids[: args.routing_tokens], seq_len=512, pad_token_id=0)  # (B, 512)
+    input_ids, mask = chunk_token_ids(
+        token_ids[: args.routing_tokens], seq_len=512, pad_token_id=0
+    )  # (B, 512)
     with torch.no_grad(), tqdm(total=1, desc=f"routing {mask.sum().item()} tokens", unit="forward") as bar:
         # Only the last position's logits are computed: the statistics need the routers, not a (B, S, V) tensor.
         outputs = moe(input_ids=input_ids, attention_mask=mask, output_router_logits=True, logits_to_keep=1)

@@ -78,9 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. A small base model, trained briefly on the train split, saved as an ordinary checkpoint.
     torch.manual_seed(args.seed)
     config = HfMoeConfig(
-        vocab_size=256 + BYTE_OFFSET, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        num_shared_experts=1, max_position_embeddings=args.seq_len, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=256 + BYTE_OFFSET,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        max_position_embeddings=args.seq_len,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     base = HfMoeForCausalLM(config)
     ids, starts = byte_batches(train_text, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
@@ -88,12 +99,19 @@ def main(argv: list[str] | None = None) -> dict:
     base.save_pretrained(out / "base")
 
     # 2. LoRA on the routed experts (fast grouped path) and attention, trained on the held-out plays.
-    held_ids, held_starts = byte_batches(heldout_text, seq_len=args.seq_len, batch_size=args.batch_size,
-                                         seed=args.seed + 1)
+    held_ids, held_starts = byte_batches(
+        heldout_text, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed + 1
+    )
     eval_batches = [window(held_ids, held_starts[-1 - i], args.seq_len) for i in range(4)]
     model = HfMoeForCausalLM.from_pretrained(out / "base")
-    cfg = lora_config(model, targets=["experts", "attention"], r=args.r, alpha=2 * args.r, dropout=0.05,
-                      rank_pattern={"attention": max(1, args.r // 2)})
+    cfg = lora_config(
+        model,
+        targets=["experts", "attention"],
+        r=args.r,
+        alpha=2 * args.r,
+        dropout=0.05,
+        rank_pattern={"attention": max(1, args.r // 2)},
+    )
     peft_model = get_peft_model(model, cfg)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())

@@ -43,7 +43,9 @@ def default_text() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", type=Path, help="training text file (default: the Shakespeare plays, train split)")
+    p.add_argument(
+        "--text", type=Path, help="training text file (default: the Shakespeare plays, train split)"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per optimizer step)")
     p.add_argument("--seq-len", type=int, default=64)

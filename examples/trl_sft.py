@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example")
     parser.add_argument("--chunk-chars", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lora", help="comma-separated LoRA preset targets (e.g. experts,attention); full FT if unset")
+    parser.add_argument(
+        "--lora", help="comma-separated LoRA preset targets (e.g. experts,attention); full FT if unset"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--per-layer", action="store_true", help="also log per-layer router metrics")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
     if getattr(model.config, "model_type", None) != "hf_moe":
-        raise SystemExit(f"{args.model} is not an hf_moe checkpoint (model_type {model.config.model_type!r}).")
+        raise SystemExit(
+            f"{args.model} is not an hf_moe checkpoint (model_type {model.config.model_type!r})."
+        )
     peft_config = None
     if args.lora:
         from hf_moe.peft import lora_config

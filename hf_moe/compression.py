@@ -109,7 +109,9 @@ class LayerStatistics:
 
     def reap(self) -> torch.Tensor:
         """REAP saliency (E,): mean of g * ||f|| over the routed tokens; 0 for an expert never routed to."""
-        return torch.where(self.count > 0, self.reap_sum / self.count.clamp_min(1), torch.zeros_like(self.count))
+        return torch.where(
+            self.count > 0, self.reap_sum / self.count.clamp_min(1), torch.zeros_like(self.count)
+        )
 
     def mean_outputs(self) -> torch.Tensor:
         if self.output_sum is None or self.output_tokens == 0:
@@ -201,7 +203,7 @@ def find_moe_blocks(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 def _experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = list(args) + [kwargs[n] for n in names[len(args):]]
+    values = list(args) + [kwargs[n] for n in names[len(args) :]]
     return values[0], values[1], values[2]
 
 
@@ -243,7 +245,11 @@ class _Collector:
 
     @torch.no_grad()
     def _update(
-        self, stats: LayerStatistics, experts: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor,
+        self,
+        stats: LayerStatistics,
+        experts: torch.nn.Module,
+        hidden: torch.Tensor,
+        index: torch.Tensor,
         weights: torch.Tensor,
     ) -> None:
         num_tokens, top_k = index.shape  # hidden: (T, H); index, weights: (T, K)
@@ -347,7 +353,9 @@ def calibrate(
     text_config = net.config.get_text_config()
     seq_len = min(seq_len, getattr(text_config, "max_position_embeddings", seq_len) or seq_len)
     texts = _load_texts(calib)
-    windows, text_hash, token_hash = calibration_windows(tok, texts, calib_tokens=calib_tokens, seq_len=seq_len)
+    windows, text_hash, token_hash = calibration_windows(
+        tok, texts, calib_tokens=calib_tokens, seq_len=seq_len
+    )
     blocks = find_moe_blocks(net)
     if not blocks:
         raise ValueError(
@@ -356,11 +364,17 @@ def calibrate(
         )
     device = next(net.parameters()).device
     with _Collector(blocks, num_experts, need_outputs) as collector, torch.no_grad():
-        for i in tqdm(range(0, len(windows), batch_size), desc="calibration", unit="batch", disable=not progress):
+        for i in tqdm(
+            range(0, len(windows), batch_size), desc="calibration", unit="batch", disable=not progress
+        ):
             net(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
     return CalibrationStatistics(
-        layers=collector.stats, num_experts=num_experts, tokens=windows.numel(), text_sha256=text_hash,
-        token_sha256=token_hash, source=str(model_dir.resolve()) if model_dir else "",
+        layers=collector.stats,
+        num_experts=num_experts,
+        tokens=windows.numel(),
+        text_sha256=text_hash,
+        token_sha256=token_hash,
+        source=str(model_dir.resolve()) if model_dir else "",
         extra={"seq_len": windows.shape[1], "windows": windows.shape[0]},
     )
 
@@ -380,8 +394,11 @@ class LayerPlan:
     def describe(self, num_experts: int) -> dict[str, Any]:
         kept = sorted(m for g in self.groups for m in g)
         merged = {str(j): list(g) for j, g in enumerate(self.groups) if len(g) > 1}
-        return {"new_to_old": [list(g) for g in self.groups],
-                "removed": [e for e in range(num_experts) if e not in kept], "merged": merged}
+        return {
+            "new_to_old": [list(g) for g in self.groups],
+            "removed": [e for e in range(num_experts) if e not in kept],
+            "merged": merged,
+        }
 
 
 def _group_ranges(num_experts: int, n_group: int) -> list[list[int]]:
@@ -461,7 +478,9 @@ def _combine(plan: LayerPlan, get: Any) -> list[torch.Tensor]:
 # ================================================================================================================
 
 
-def _classify(reader: CheckpointReader, num_experts: int) -> tuple[dict[str, tuple[str, int]], dict[int, str]]:
+def _classify(
+    reader: CheckpointReader, num_experts: int
+) -> tuple[dict[str, tuple[str, int]], dict[int, str]]:
     """name -> (kind, layer) for the per-layer expert and router tensors; layer -> moe module prefix.
     Kinds: "per_expert", "fused" (first dim E), "router" (first dim E)."""
     kinds: dict[str, tuple[str, int]] = {}
@@ -498,7 +517,9 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
             f"output folder {out} overlaps the input {src}; inputs are never modified: choose a folder outside it"
         )
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists; choose another path or pass overwrite=True")
+        raise FileExistsError(
+            f"output folder {out} already exists; choose another path or pass overwrite=True"
+        )
 
 
 _SKIP_COPY = {"config.json", "model.safetensors.index.json", PROVENANCE_NAME, "README.md"}
@@ -521,9 +542,16 @@ def _new_config(config: dict, num_new: int, top_k: int) -> dict:
 
 
 def _write_checkpoint(
-    reader: CheckpointReader, out: Path, *, plans: dict[int, LayerPlan], kinds: dict[str, tuple[str, int]],
-    config: dict, router_override: dict[int, torch.Tensor] | None, moe_prefix: dict[int, str],
-    max_shard_size: int | str, progress: bool,
+    reader: CheckpointReader,
+    out: Path,
+    *,
+    plans: dict[int, LayerPlan],
+    kinds: dict[str, tuple[str, int]],
+    config: dict,
+    router_override: dict[int, torch.Tensor] | None,
+    moe_prefix: dict[int, str],
+    max_shard_size: int | str,
+    progress: bool,
 ) -> None:
     """Stream `reader` into `out` applying the plans; router weights replaced by `router_override[layer]`."""
     per_expert: dict[tuple[int, str], dict[int, str]] = {}  # (layer, rest) -> old expert -> name
@@ -565,8 +593,14 @@ def _parameter_counts(reader: CheckpointReader, kinds: dict, num_experts: int, t
 
 
 def _recover_router(
-    teacher: torch.nn.Module, student_dir: Path, windows: torch.Tensor, *, steps: int, lr: float,
-    batch_size: int, progress: bool,
+    teacher: torch.nn.Module,
+    student_dir: Path,
+    windows: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    progress: bool,
 ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
     """Train only the router weights of the model in `student_dir` to match the teacher's next-token
     distributions (KL(teacher || student), mean over tokens). Returns the new router weights per layer."""
@@ -683,7 +717,9 @@ def compress(
     if not isinstance(keep, int | float) or not 0 < keep <= 1:
         raise ValueError(f"keep={keep!r} must be a fraction in (0, 1], e.g. 0.75 to keep 75% of the experts")
     if merge and method == "random":
-        raise ValueError("merge=True weights each expert by its saliency; use method='frequency' (HC-SMoE) or 'reap'")
+        raise ValueError(
+            "merge=True weights each expert by its saliency; use method='frequency' (HC-SMoE) or 'reap'"
+        )
     if recover_router < 0:
         raise ValueError(f"recover_router={recover_router} must be a number of steps >= 0")
     _check_out_dir(src, out, overwrite)
@@ -708,7 +744,9 @@ def compress(
         new_top_k = min(new_top_k, topk_group * keep_per_group)  # only topk_group groups are eligible
     kinds, moe_prefix = _classify(reader, num_experts)
     if not moe_prefix:
-        raise ValueError(f"{src}: no routed-expert tensors (`...experts...`) found; is this an MoE checkpoint?")
+        raise ValueError(
+            f"{src}: no routed-expert tensors (`...experts...`) found; is this an MoE checkpoint?"
+        )
 
     needs_calibration = method != "random" or merge
     if (needs_calibration or recover_router) and calib is None and statistics is None:
@@ -717,7 +755,9 @@ def compress(
             "needs calibration text: pass calib= (CLI: --calib FILE)"
         )
     if recover_router and calib is None:
-        raise ValueError("recover_router needs the calibration text to distil on: pass calib= (CLI: --calib FILE)")
+        raise ValueError(
+            "recover_router needs the calibration text to distil on: pass calib= (CLI: --calib FILE)"
+        )
     teacher = None
     windows = None
     tokenizer = None
@@ -725,8 +765,16 @@ def compress(
         tokenizer = _tokenizer(src, None)
     if needs_calibration and statistics is None:
         teacher = _load_model(src, torch.float32)
-        statistics = calibrate(teacher, calib, calib_tokens=calib_tokens, seq_len=seq_len, batch_size=batch_size,
-                               need_outputs=merge, tokenizer=tokenizer, progress=progress)
+        statistics = calibrate(
+            teacher,
+            calib,
+            calib_tokens=calib_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            need_outputs=merge,
+            tokenizer=tokenizer,
+            progress=progress,
+        )
         statistics.source = str(src.resolve())
     if statistics is not None:
         if statistics.source and statistics.source != str(src.resolve()):
@@ -741,14 +789,20 @@ def compress(
         elif layer not in statistics.layers:
             # A layer transformers does not run (GLM-4.5's multi-token-prediction layer): no statistics.
             if merge:
-                raise ValueError(f"layer {layer} was not run during calibration, so its experts cannot be merged")
-            logger.warning("layer %d was not run during calibration; keeping the experts with the largest router "
-                           "rows", layer)
+                raise ValueError(
+                    f"layer {layer} was not run during calibration, so its experts cannot be merged"
+                )
+            logger.warning(
+                "layer %d was not run during calibration; keeping the experts with the largest router rows",
+                layer,
+            )
             saliency = reader.get_tensor(f"{moe_prefix[layer]}.gate.weight").double().norm(dim=-1)
         else:
             saliency = statistics.saliency(method, layer, seed=seed)
         if merge:
-            plans[layer] = merge_plan(statistics.layers[layer].mean_outputs(), saliency, keep_per_group, n_group)
+            plans[layer] = merge_plan(
+                statistics.layers[layer].mean_outputs(), saliency, keep_per_group, n_group
+            )
         else:
             plans[layer] = prune_plan(saliency, keep_per_group, n_group)
 
@@ -756,9 +810,17 @@ def compress(
     before = _parameter_counts(reader, kinds, num_experts, top_k)
     layers_info = {str(layer): plans[layer].describe(num_experts) for layer in sorted(plans)}
     compression: dict[str, Any] = {
-        "method": method, "merge": merge, "keep": keep, "seed": seed,
-        "experts_before": num_experts, "experts_after": num_new, "top_k_before": top_k, "top_k_after": new_top_k,
-        "recover_router": recover_router, "layers": layers_info, "params_before": before,
+        "method": method,
+        "merge": merge,
+        "keep": keep,
+        "seed": seed,
+        "experts_before": num_experts,
+        "experts_after": num_new,
+        "top_k_before": top_k,
+        "top_k_after": new_top_k,
+        "recover_router": recover_router,
+        "layers": layers_info,
+        "params_before": before,
         "calibration": {
             "tokens": statistics.tokens if statistics else 0,
             "text_sha256": statistics.text_sha256 if statistics else None,
@@ -772,44 +834,81 @@ def compress(
         if recover_router:
             stage = tmp / "stage1"
             stage.mkdir()
-            _write_checkpoint(reader, stage, plans=plans, kinds=kinds, config=new_config, router_override=None,
-                              moe_prefix=moe_prefix, max_shard_size=max_shard_size, progress=False)
+            _write_checkpoint(
+                reader,
+                stage,
+                plans=plans,
+                kinds=kinds,
+                config=new_config,
+                router_override=None,
+                moe_prefix=moe_prefix,
+                max_shard_size=max_shard_size,
+                progress=False,
+            )
             _copy_side_files(src, stage)
             if teacher is None:
                 teacher = _load_model(src, torch.float32)
             if windows is None:
-                seq = min(seq_len, getattr(teacher.config.get_text_config(), "max_position_embeddings", seq_len))
-                windows, _, _ = calibration_windows(tokenizer, _load_texts(calib), calib_tokens=calib_tokens,
-                                                    seq_len=seq)
-            router_override, report = _recover_router(teacher, stage, windows, steps=recover_router,
-                                                      lr=recover_lr, batch_size=batch_size, progress=progress)
+                seq = min(
+                    seq_len, getattr(teacher.config.get_text_config(), "max_position_embeddings", seq_len)
+                )
+                windows, _, _ = calibration_windows(
+                    tokenizer, _load_texts(calib), calib_tokens=calib_tokens, seq_len=seq
+                )
+            router_override, report = _recover_router(
+                teacher,
+                stage,
+                windows,
+                steps=recover_router,
+                lr=recover_lr,
+                batch_size=batch_size,
+                progress=progress,
+            )
             compression["recovery"] = {"lr": recover_lr, "batch_size": batch_size, **report}
             shutil.rmtree(stage)
         del teacher
-        _write_checkpoint(reader, tmp, plans=plans, kinds=kinds, config=new_config, router_override=router_override,
-                          moe_prefix=moe_prefix, max_shard_size=max_shard_size, progress=progress)
+        _write_checkpoint(
+            reader,
+            tmp,
+            plans=plans,
+            kinds=kinds,
+            config=new_config,
+            router_override=router_override,
+            moe_prefix=moe_prefix,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
         _copy_side_files(src, tmp)
         with CheckpointReader(tmp) as written:
             new_kinds, _ = _classify(written, num_new)
             compression["params_after"] = _parameter_counts(written, new_kinds, num_new, new_top_k)
-        options = {"keep": keep, "method": method, "merge": merge, "calib_tokens": calib_tokens,
-                   "recover_router": recover_router, "seed": seed,
-                   "calib": str(calib) if isinstance(calib, str | os.PathLike) else f"{len(calib or [])} texts"}
+        options = {
+            "keep": keep,
+            "method": method,
+            "merge": merge,
+            "calib_tokens": calib_tokens,
+            "recover_router": recover_router,
+            "seed": seed,
+            "calib": str(calib) if isinstance(calib, str | os.PathLike) else f"{len(calib or [])} texts",
+        }
         summary = [
-            f"layer {la}: removed {info['removed']}" + (f", merged {info['merged']}" if info["merged"] else "")
+            f"layer {la}: removed {info['removed']}"
+            + (f", merged {info['merged']}" if info["merged"] else "")
             for la, info in layers_info.items()
         ]
         extra = {
             "compression": compression,
             "compression_summary": summary,
-            "total_params_before": before["total"], "active_params_before": before["active"],
+            "total_params_before": before["total"],
+            "active_params_before": before["active"],
             "total_params_after": compression["params_after"]["total"],
             "active_params_after": compression["params_after"]["active"],
             "calibration_sha256": compression["calibration"]["text_sha256"] or "none",
             "calibration_tokens": compression["calibration"]["tokens"],
         }
-        write_provenance(tmp, source=reader, method="compress", options=options,
-                         extra={**_provenance_extra(src), **extra})
+        write_provenance(
+            tmp, source=reader, method="compress", options=options, extra={**_provenance_extra(src), **extra}
+        )
         provenance = json.loads((tmp / PROVENANCE_NAME).read_text())
         if config.get("model_type") == "hf_moe":
             try:
@@ -824,5 +923,15 @@ def compress(
     return out
 
 
-__all__ = ["METHODS", "CalibrationStatistics", "LayerPlan", "LayerStatistics", "calibrate", "cluster_experts",
-           "compress", "find_moe_blocks", "merge_plan", "prune_plan"]
+__all__ = [
+    "METHODS",
+    "CalibrationStatistics",
+    "LayerPlan",
+    "LayerStatistics",
+    "calibrate",
+    "cluster_experts",
+    "compress",
+    "find_moe_blocks",
+    "merge_plan",
+    "prune_plan",
+]

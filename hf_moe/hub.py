@@ -1,8 +1,8 @@
 """Model cards, Hub-ready folders and `push`.
 
 A card is rendered from what is on disk: `config.json`, the safetensors headers (parameters are counted without
-loading a tensor) and `hf_moe_provenance.json` when the folder was made by `hf-moe upcycle` / `merge` / `export` / `import` / `zoo
-create` (one schema: the record `hf_moe.conversion.io.write_provenance` writes). The template is
+loading a tensor) and `hf_moe_provenance.json` when the folder was made by `hf-moe upcycle` / `merge` / `export` /
+`import` / `zoo create` (one schema: the record `hf_moe.conversion.io.write_provenance` writes). The template is
 `hf_moe/templates/model_card.md` (a `string.Template`: `${name}` placeholders, no new dependency); its usage
 section is one of two variants, `usage_hf_moe.md` (an hf_moe checkpoint) or `usage_export.md` (a native export).
 
@@ -104,7 +104,12 @@ class ParameterCounts:
     @property
     def total(self) -> int:
         return (
-            self.embedding + self.attention + self.norms + self.dense_mlp + self.router + self.shared_experts
+            self.embedding
+            + self.attention
+            + self.norms
+            + self.dense_mlp
+            + self.router
+            + self.shared_experts
             + self.routed_experts
         )
 
@@ -140,7 +145,8 @@ def count_parameters(config: HfMoeConfig) -> ParameterCounts:
         component = next((c for pattern, c in _COMPONENTS if pattern in name), "attention")
         counts[component] += param.numel()
     return ParameterCounts(
-        **counts, routed_experts_active=counts["routed_experts"] * config.num_experts_per_tok // config.num_experts
+        **counts,
+        routed_experts_active=counts["routed_experts"] * config.num_experts_per_tok // config.num_experts,
     )
 
 
@@ -413,7 +419,10 @@ def _decoder_rows(config: HfMoeConfig) -> list[tuple[str, Any]]:
     # fields every family has, read off its config.
     text = config.get_text_config()
     rope = getattr(text, "rope_parameters", None) or {}
-    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    heads, kv_heads = (
+        text.num_attention_heads,
+        getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+    )
     rows = [
         ("Base decoder (transformers)", f"`{text.model_type}`"),
         ("Layers", text.num_hidden_layers),
@@ -446,7 +455,9 @@ def _provenance_section(provenance: dict | None, base_models: list[str]) -> str:
     if experts:
         lines.append("- Expert sources: " + ", ".join(f"`{Path(e['path']).name}`" for e in experts))
     if base_models:
-        lines.append("- Derived from: " + ", ".join(f"[{i}](https://huggingface.co/{i})" for i in base_models))
+        lines.append(
+            "- Derived from: " + ", ".join(f"[{i}](https://huggingface.co/{i})" for i in base_models)
+        )
     for key, value in sorted(provenance.items()):
         # Extra top-level entries written by the tool that made the folder (e.g. the zoo preset name).
         if key in ("method", "source", "options", "versions", "base_model", "experts", "history"):
@@ -530,7 +541,8 @@ def _vllm_section(config: HfMoeConfig, model_id: str) -> str:
         serve + f"This configuration exports exactly to the native {', '.join(f'`{t}`' for t in targets)} "
         f"architecture{'s' if len(targets) > 1 else ''}, which vLLM and transformers load without hf-moe; "
         "`hf-moe serve` does that export for you, or by hand:\n\n"
-        f"```bash\nhf-moe export {local} exported/ --to {targets[0]}\n{_VLLM_SERVER} exported/\n```\n\n" + plugin
+        f"```bash\nhf-moe export {local} exported/ --to {targets[0]}\n{_VLLM_SERVER} exported/\n```\n\n"
+        + plugin
     )
 
 
@@ -579,9 +591,8 @@ def render_model_card(
     if license:
         license_note = f"License: `{license}`" + (f", carried from {carried_from}." if carried_from else ".")
         if source_ids and provenance.get("method") in RELATION_BY_METHOD:
-            license_note += (
-                f" The weights derive from {', '.join(f'`{i}`' for i in source_ids)}; its license terms apply."
-            )
+            derived = ", ".join(f"`{i}`" for i in source_ids)
+            license_note += f" The weights derive from {derived}; its license terms apply."
     else:
         license = "other"
         license_note = (
@@ -623,7 +634,9 @@ def render_model_card(
         ),
         "vllm_section": "" if export_architecture else _vllm_section(config, model_id),
     }
-    usage = _load_template(None, TEMPLATES_DIR / ("usage_export.md" if export_architecture else "usage_hf_moe.md"))
+    usage = _load_template(
+        None, TEMPLATES_DIR / ("usage_export.md" if export_architecture else "usage_hf_moe.md")
+    )
     values = {
         "metadata": metadata.to_yaml(),
         "model_name": model_name,
@@ -673,8 +686,12 @@ def _metadata_problems(metadata: Any) -> list[str]:
             problems.append(f"metadata `{key}` is a {type(metadata[key]).__name__}, not a {kind.__name__}")
     if isinstance(metadata.get("tags"), list) and not all(isinstance(t, str) for t in metadata["tags"]):
         problems.append("metadata `tags` must be a list of strings")
-    if isinstance(metadata.get("license"), str) and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", metadata["license"]):
-        problems.append(f"metadata `license: {metadata['license']}` is not a Hub license id (e.g. apache-2.0, mit)")
+    if isinstance(metadata.get("license"), str) and not re.fullmatch(
+        r"[a-z0-9][a-z0-9.+-]*", metadata["license"]
+    ):
+        problems.append(
+            f"metadata `license: {metadata['license']}` is not a Hub license id (e.g. apache-2.0, mit)"
+        )
     base = metadata.get("base_model")
     if base is not None:
         ids = base if isinstance(base, list) else [base]
@@ -739,7 +756,9 @@ def validate_model_card(text: str) -> list[str]:
         if table_row == 2 and not _TABLE_DELIMITER.match(stripped):
             problems.append(f"line {number}: the table's second row is not a delimiter row (|---|---|)")
         if cells != table_cols:
-            problems.append(f"line {number}: table row has {cells} columns, the header {table_cols} (escape `|`)")
+            problems.append(
+                f"line {number}: table row has {cells} columns, the header {table_cols} (escape `|`)"
+            )
     if in_code:
         problems.append("a ``` code fence is never closed")
     return problems
@@ -762,7 +781,11 @@ def _read_json(path: Path) -> dict:
 def _write_card(out: Path, text: str, *, overwrite: bool) -> Path:
     """Validate, refuse to replace a hand-written README.md, write atomically."""
     check_model_card(text, out)
-    if out.is_file() and not overwrite and CARD_MARKER not in out.read_text(encoding="utf-8", errors="replace"):
+    if (
+        out.is_file()
+        and not overwrite
+        and CARD_MARKER not in out.read_text(encoding="utf-8", errors="replace")
+    ):
         raise FileExistsError(
             f"{out} exists and was not written by hf-moe card; move it away or pass --overwrite "
             "(overwrite=True from Python)"
@@ -829,8 +852,7 @@ def write_model_card(
     }
     if differ:
         details = ", ".join(
-            f"{name}: {got:,} on disk vs {want:,} from the config"
-            for name, (got, want) in differ.items()
+            f"{name}: {got:,} on disk vs {want:,} from the config" for name, (got, want) in differ.items()
         )
         raise ValueError(
             f"{model_dir}: the safetensors files ({sum(on_disk.values()):,} parameters) do not match config.json "
@@ -906,7 +928,9 @@ def files_to_push(model_dir: str | os.PathLike) -> list[str]:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is not a folder")
     pickles = sorted(
-        str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES
+        str(p.relative_to(model_dir))
+        for p in model_dir.rglob("*")
+        if p.is_file() and p.suffix in PICKLE_SUFFIXES
     )
     if pickles:
         raise ValueError(

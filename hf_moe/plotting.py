@@ -97,8 +97,12 @@ def inspect_routing(
     model_dir = Path(model_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} not found; point at a saved hf_moe checkpoint folder")
-    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(
+            f"{model_dir / 'config.json'} not found; point at a saved hf_moe checkpoint folder"
+        )
+    if not any(
+        (tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    ):
         raise FileNotFoundError(
             f"no tokenizer files in {tokenizer_dir}; copy the source model's tokenizer there or pass --tokenizer DIR"
         )
@@ -126,7 +130,9 @@ def inspect_routing(
     with tqdm(total=len(layers), desc=f"routing {len(ids)} tokens", unit="layer") as bar:
         hooks = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
         try:
-            return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
+            return routing_statistics_for_ids(
+                model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id
+            )
         finally:
             for hook in hooks:
                 hook.remove()

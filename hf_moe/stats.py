@@ -136,8 +136,14 @@ def router_statistics(
     if attention_mask is not None:
         attention_mask = attention_mask.cpu()
     summaries = [
-        routing_summary(logits.detach().float().cpu(), indices.detach().cpu(), num_experts, probabilities,
-                        attention_mask, expert_choice=expert_choice)
+        routing_summary(
+            logits.detach().float().cpu(),
+            indices.detach().cpu(),
+            num_experts,
+            probabilities,
+            attention_mask,
+            expert_choice=expert_choice,
+        )
         for logits, indices in zip(router_logits, router_indices)
     ]
     tokens_per_expert = [s.tokens_per_expert.tolist() for s in summaries]

@@ -27,8 +27,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .modeling.modeling_hf_moe import HfMoeRouter, SigmoidTopKRouter, router_probabilities
-from .modeling.modeling_hf_moe import RoutingSummary, routing_summary
+from .modeling.modeling_hf_moe import (
+    HfMoeRouter,
+    RoutingSummary,
+    SigmoidTopKRouter,
+    router_probabilities,
+    routing_summary,
+)
 
 
 class RouterMonitor:
@@ -48,7 +53,9 @@ class RouterMonitor:
     def __init__(self, model: nn.Module, *, router_type: str | None = None):
         routers = [m for m in model.modules() if isinstance(m, HfMoeRouter)]
         if not routers:
-            raise ValueError("RouterMonitor: the model has no hf_moe router (is it an hf_moe model with MoE layers?)")
+            raise ValueError(
+                "RouterMonitor: the model has no hf_moe router (is it an hf_moe model with MoE layers?)"
+            )
         config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
         self.router_type = router_type or getattr(config, "router_type", "softmax_topk")
         self.num_experts = routers[0].num_experts
@@ -71,7 +78,11 @@ class RouterMonitor:
             if mask is not None and logits.shape[0] % mask.shape[0] != 0:
                 mask = None  # a forward this mask does not describe (e.g. a packed batch): count every row
             summary = routing_summary(
-                logits, index, num_experts, self._probabilities, mask,
+                logits,
+                index,
+                num_experts,
+                self._probabilities,
+                mask,
                 expert_choice=self.router_type == "expert_choice",
             ).detached()
             previous = self._layers[layer]
@@ -82,8 +93,10 @@ class RouterMonitor:
     def expert_load(self) -> torch.Tensor:
         """(num_moe_layers, E) fraction of routed assignments per expert since the last reset."""
         return torch.stack(
-            [s.expert_load if s is not None else torch.zeros(self.num_experts, dtype=torch.float64)
-             for s in self._layers]
+            [
+                s.expert_load if s is not None else torch.zeros(self.num_experts, dtype=torch.float64)
+                for s in self._layers
+            ]
         )
 
     def summary(self, *, reset: bool = True, per_layer: bool = True) -> dict[str, float]:
@@ -210,7 +223,9 @@ def install_router_losses_for_trl(model: nn.Module) -> bool:
             return out  # TRL did not ask for router logits (router_aux_loss_coef=0): no router loss at all
         mask = kwargs.get("attention_mask")
         summaries = [
-            routing_summary(logits, index, config.num_experts, probabilities, mask, expert_choice=expert_choice)
+            routing_summary(
+                logits, index, config.num_experts, probabilities, mask, expert_choice=expert_choice
+            )
             for logits, index in captured
         ]
         captured.clear()
@@ -264,7 +279,11 @@ class MoeTrainerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs is not None:
-            stats = {k: round(v, 6) for k, v in self.monitor.summary(per_layer=self.per_layer).items() if math.isfinite(v)}
+            stats = {
+                k: round(v, 6)
+                for k, v in self.monitor.summary(per_layer=self.per_layer).items()
+                if math.isfinite(v)
+            }
             logs.update(stats)  # seen by the reporting callbacks (console, TensorBoard, W&B, ...)
             # Trainer has already appended a copy of `logs` to the history; keep the history complete too.
             if state.log_history and state.log_history[-1].get("step") == state.global_step:

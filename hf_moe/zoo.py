@@ -103,9 +103,7 @@ def _build_note(preset: Preset) -> str:
             f"Build it with `hf-moe zoo create {preset.name} OUT_DIR --source DENSE_DIR`, where DENSE_DIR holds "
             f"`{preset.recipe.base_model}` (e.g. `hf download {preset.recipe.base_model} --local-dir DENSE_DIR`)."
         )
-    return (
-        f"Build it (random initialisation) with `hf-moe zoo create {preset.name} OUT_DIR`. {_no_tokenizer(preset)}"
-    )
+    return f"Build it (random initialisation) with `hf-moe zoo create {preset.name} OUT_DIR`. {_no_tokenizer(preset)}"
 
 
 def _no_tokenizer(preset: Preset) -> str:
@@ -118,6 +116,7 @@ def _no_tokenizer(preset: Preset) -> str:
 # ================================================================================================================
 # Dense base -> upcycled config.
 # ================================================================================================================
+
 
 def upcycled_config(
     dense_config: dict[str, Any],
@@ -291,7 +290,11 @@ _PRESETS = [
         recipe=Recipe(
             method="from_scratch",
             options=dict(
-                **_SMALL, **_TOPK2, router_type="topk_softmax", moe_intermediate_size=512, intermediate_size=512,
+                **_SMALL,
+                **_TOPK2,
+                router_type="topk_softmax",
+                moe_intermediate_size=512,
+                intermediate_size=512,
                 router_aux_loss_coef=0.02,
             ),
         ),
@@ -307,8 +310,14 @@ _PRESETS = [
         recipe=Recipe(
             method="from_scratch",
             options=dict(
-                **{**_SMALL, "head_dim": 64}, num_experts=64, num_experts_per_tok=8, router_type="softmax_topk",
-                norm_topk_prob=True, base_model_type="qwen3", moe_intermediate_size=96, intermediate_size=768,
+                **{**_SMALL, "head_dim": 64},
+                num_experts=64,
+                num_experts_per_tok=8,
+                router_type="softmax_topk",
+                norm_topk_prob=True,
+                base_model_type="qwen3",
+                moe_intermediate_size=96,
+                intermediate_size=768,
                 router_aux_loss_coef=0.001,
             ),
         ),
@@ -325,10 +334,20 @@ _PRESETS = [
         recipe=Recipe(
             method="from_scratch",
             options=dict(
-                **_SMALL, num_experts=32, num_experts_per_tok=4, router_type="sigmoid_topk", n_group=4,
-                topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, num_shared_experts=1,
-                moe_intermediate_size=128, intermediate_size=1024, first_k_dense_replace=1,
-                router_bias_update_rate=0.001, router_aux_loss_coef=0.0001,
+                **_SMALL,
+                num_experts=32,
+                num_experts_per_tok=4,
+                router_type="sigmoid_topk",
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                num_shared_experts=1,
+                moe_intermediate_size=128,
+                intermediate_size=1024,
+                first_k_dense_replace=1,
+                router_bias_update_rate=0.001,
+                router_aux_loss_coef=0.0001,
             ),
         ),
         expected_total=27_584_768,
@@ -344,9 +363,16 @@ _PRESETS = [
         recipe=Recipe(
             method="from_scratch",
             options=dict(
-                **_SMALL, num_experts=8, num_experts_per_tok=1, router_type="switch", capacity_factor=1.25,
-                decoder_sparse_step=2, moe_intermediate_size=1024, intermediate_size=1024,
-                router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+                **_SMALL,
+                num_experts=8,
+                num_experts_per_tok=1,
+                router_type="switch",
+                capacity_factor=1.25,
+                decoder_sparse_step=2,
+                moe_intermediate_size=1024,
+                intermediate_size=1024,
+                router_aux_loss_coef=0.01,
+                router_z_loss_coef=0.001,
             ),
         ),
         expected_total=31_201_536,
@@ -362,8 +388,13 @@ _PRESETS = [
         recipe=Recipe(
             method="from_scratch",
             options=dict(
-                **_SMALL, **_TOPK2, router_type="expert_choice", capacity_factor=2.0, use_cache=False,
-                moe_intermediate_size=512, intermediate_size=512,
+                **_SMALL,
+                **_TOPK2,
+                router_type="expert_choice",
+                capacity_factor=2.0,
+                use_cache=False,
+                moe_intermediate_size=512,
+                intermediate_size=512,
             ),
         ),
         expected_total=29_632_768,
@@ -372,35 +403,57 @@ _PRESETS = [
     Preset(
         name="smollm2-135m-8x-top2",
         description="SmolLM2-135M upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
-        recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="HuggingFaceTB/SmolLM2-135M",
-                      dense_config=SMOLLM2_135M, license="apache-2.0"),
+        recipe=Recipe(
+            method="upcycle",
+            options=_UPCYCLE,
+            base_model="HuggingFaceTB/SmolLM2-135M",
+            dense_config=SMOLLM2_135M,
+            license="apache-2.0",
+        ),
         expected_total=692_036_928,
         expected_active=214_279_488,
     ),
     Preset(
         name="qwen2.5-0.5b-8x-top2",
         description="Qwen2.5-0.5B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
-        recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen2.5-0.5B",
-                      dense_config=QWEN2_5_0_5B, license="apache-2.0"),
+        recipe=Recipe(
+            method="upcycle",
+            options=_UPCYCLE,
+            base_model="Qwen/Qwen2.5-0.5B",
+            dense_config=QWEN2_5_0_5B,
+            license="apache-2.0",
+        ),
         expected_total=2_690_709_376,
         expected_active=807_991_168,
     ),
     Preset(
         name="llama-3.2-1b-8x-top2",
         description=(
-            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE + " The Llama 3.2 "
+            "Llama-3.2-1B upcycled: every MLP copied into 8 experts, top-2"
+            + _UPCYCLE_NOTE
+            + " The Llama 3.2 "
             "Community License applies to the result."
         ),
-        recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="meta-llama/Llama-3.2-1B",
-                      dense_config=LLAMA_3_2_1B, license="llama3.2"),
+        recipe=Recipe(
+            method="upcycle",
+            options=_UPCYCLE,
+            base_model="meta-llama/Llama-3.2-1B",
+            dense_config=LLAMA_3_2_1B,
+            license="llama3.2",
+        ),
         expected_total=6_873_221_120,
         expected_active=2_041_382_912,
     ),
     Preset(
         name="qwen3-0.6b-8x-top2",
         description="Qwen3-0.6B upcycled: every MLP copied into 8 experts, top-2" + _UPCYCLE_NOTE,
-        recipe=Recipe(method="upcycle", options=_UPCYCLE, base_model="Qwen/Qwen3-0.6B",
-                      dense_config=QWEN3_0_6B, license="apache-2.0"),
+        recipe=Recipe(
+            method="upcycle",
+            options=_UPCYCLE,
+            base_model="Qwen/Qwen3-0.6B",
+            dense_config=QWEN3_0_6B,
+            license="apache-2.0",
+        ),
         expected_total=2_445_967_360,
         expected_active=860_520_448,
     ),

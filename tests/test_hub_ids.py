@@ -283,7 +283,9 @@ def test_serve_dry_run_takes_a_repo_id(hub, moe_repo, tmp_path, capsys) -> None:
 def test_compress_takes_a_repo_id(hub, moe_repo, tmp_path, capsys) -> None:
     repo_id, _ = moe_repo
     out = tmp_path / "pruned"
-    assert cli.main(["compress", repo_id, str(out), "--keep", "0.5", "--method", "random"]) == 0, capsys.readouterr().err
+    assert cli.main(["compress", repo_id, str(out), "--keep", "0.5", "--method", "random"]) == 0, (
+        capsys.readouterr().err
+    )
     assert json.loads((out / "config.json").read_text())["num_experts"] == 2  # tiny_model has 4
 
 
@@ -304,7 +306,9 @@ def test_mergekit_config_with_repo_ids(hub, dense_dirs, tmp_path, capsys) -> Non
         "  - source_model: alice/tiny-llama\n"
     )
     out = tmp_path / "merged"
-    assert cli.main(["merge", "--mergekit-config", str(config), str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert cli.main(["merge", "--mergekit-config", str(config), str(out), "--no-progress"]) == 0, (
+        capsys.readouterr().err
+    )
     state = {}
     for shard in out.glob("*.safetensors"):
         state.update(load_file(shard))

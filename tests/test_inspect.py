@@ -109,10 +109,22 @@ def test_cli_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     n_b = len(ids) - n_a
     assert n_a and n_b  # the text exercises both classes
 
-    code = cli.main([
-        "inspect", str(model_dir), "--text", str(tmp_path / "text.txt"), "--max-tokens", "16", "--seq-len", "5",
-        "--plot", str(tmp_path / "load.png"), "--json", str(tmp_path / "stats.json"),
-    ])
+    code = cli.main(
+        [
+            "inspect",
+            str(model_dir),
+            "--text",
+            str(tmp_path / "text.txt"),
+            "--max-tokens",
+            "16",
+            "--seq-len",
+            "5",
+            "--plot",
+            str(tmp_path / "load.png"),
+            "--json",
+            str(tmp_path / "stats.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     stats = json.loads((tmp_path / "stats.json").read_text())

@@ -38,12 +38,22 @@ def build(family: str, seed: int = 0) -> nn.Module:
     if family == "hf_moe":
         model = tiny_model(seed=seed, num_shared_experts=1)
     elif family == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**_NATIVE, intermediate_size=16, num_local_experts=4,
-                                                 num_experts_per_tok=2))
+        model = MixtralForCausalLM(
+            MixtralConfig(**_NATIVE, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+        )
     else:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**_NATIVE, intermediate_size=64, moe_intermediate_size=16,
-                                                   num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
-                                                   decoder_sparse_step=1, head_dim=8))
+        model = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                **_NATIVE,
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                mlp_only_layers=[0],
+                decoder_sparse_step=1,
+                head_dim=8,
+            )
+        )
     with torch.no_grad():  # spread the routers so top-k choices are not near ties
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
@@ -55,12 +65,25 @@ def ids() -> torch.Tensor:
     return torch.randint(3, 99, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
-def make_adapter(family: str, out: Path, *, experts_impl: str = "fast", targets=("experts", "attention", "router"),
-                 **kwargs) -> torch.Tensor:
+def make_adapter(
+    family: str,
+    out: Path,
+    *,
+    experts_impl: str = "fast",
+    targets=("experts", "attention", "router"),
+    **kwargs,
+) -> torch.Tensor:
     """Train-free adapter with random B (init_lora_weights=False); returns the adapted logits."""
     model = build(family)
-    config = lora_config(model, targets=list(targets), r=4, alpha=8, experts_impl=experts_impl,
-                         init_lora_weights=False, **kwargs)
+    config = lora_config(
+        model,
+        targets=list(targets),
+        r=4,
+        alpha=8,
+        experts_impl=experts_impl,
+        init_lora_weights=False,
+        **kwargs,
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         logits = peft_model(ids()).logits
@@ -115,10 +138,12 @@ def test_layouts_and_names(tmp_path, family):
     assert pe[f"{q}.{down}.lora_A.weight"].shape == (r, i) and pe[f"{q}.{down}.lora_B.weight"].shape == (h, r)
     # per expert, gate and up rows of B_gu[e] and the shared A_gu[e]
     fused = tensors(tmp_path / "fused")
-    torch.testing.assert_close(pe[f"{q}.{up}.lora_B.weight"], fused[f"{p}.lora_B.gate_up_proj"][3, i:], rtol=0,
-                               atol=0)
-    torch.testing.assert_close(pe[f"{q}.{gate}.lora_A.weight"], fused[f"{p}.lora_A.gate_up_proj"][3], rtol=0,
-                               atol=0)
+    torch.testing.assert_close(
+        pe[f"{q}.{up}.lora_B.weight"], fused[f"{p}.lora_B.gate_up_proj"][3, i:], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        pe[f"{q}.{gate}.lora_A.weight"], fused[f"{p}.lora_A.gate_up_proj"][3], rtol=0, atol=0
+    )
     # the other tensors (attention, router) are carried over unchanged
     others = [k for k in fused if ".experts." not in k]
     assert others and all(torch.equal(pe[k], fused[k]) and torch.equal(tp[k], fused[k]) for k in others)
@@ -143,7 +168,14 @@ def test_every_round_trip_is_exact(tmp_path, family):
             assert_same_tensors(folder, back)
             cfg_a = json.loads((folder / "adapter_config.json").read_text())
             cfg_b = json.loads((back / "adapter_config.json").read_text())
-            for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_parameters", "target_modules"):
+            for key in (
+                "r",
+                "lora_alpha",
+                "rank_pattern",
+                "alpha_pattern",
+                "target_parameters",
+                "target_modules",
+            ):
                 if src != "fused":  # the fused start is PEFT's own config (regex rank patterns), not ours
                     assert cfg_a[key] == cfg_b[key], (src, via, key)
 
@@ -202,6 +234,7 @@ def test_independent_gate_and_up_factors_fuse_at_double_rank(tmp_path):
         deltas = factors.deltas()
         block = path.replace(".mlp.experts", ".block_sparse_moe.experts")
         for e in range(4):
+
             def delta(proj: str) -> torch.Tensor:
                 a = files[f"base_model.model.{block}.{e}.{proj}.lora_A.weight"].double()
                 b = files[f"base_model.model.{block}.{e}.{proj}.lora_B.weight"].double()
@@ -237,7 +270,10 @@ def test_verify_merged_equals_unmerged(tmp_path, family, fmt):
 
 def test_cli_convert_and_verify(tmp_path, capsys):
     make_adapter("qwen3_moe", tmp_path / "fused")
-    assert cli_main(["lora", "convert", str(tmp_path / "fused"), str(tmp_path / "pe"), "--to", "per-expert"]) == 0
+    assert (
+        cli_main(["lora", "convert", str(tmp_path / "fused"), str(tmp_path / "pe"), "--to", "per-expert"])
+        == 0
+    )
     assert "per-expert" in capsys.readouterr().out
     assert detect_adapter_format(tmp_path / "pe") == "per-expert"
     base = _save_base("qwen3_moe", tmp_path)

@@ -337,7 +337,9 @@ def test_smollm2_matches_gguf_loaded_model(smollm2):
 def test_pip_progress_lines_become_a_tqdm_bar(capsys):
     # A real subprocess speaking pip's `--progress-bar raw` protocol: progress lines feed the bar, the rest is
     # kept for the error message, and the exit status is returned.
-    code = "print('Collecting tinypkg'); print('Progress 512 of 2048'); print('Progress 2048 of 2048'); exit(3)"
+    code = (
+        "print('Collecting tinypkg'); print('Progress 512 of 2048'); print('Progress 2048 of 2048'); exit(3)"
+    )
     returncode, output = assets._run_pip_with_progress([sys.executable, "-c", code, "tinypkg==1.0"], "fetch")
     assert returncode == 3
     assert output == "Collecting tinypkg\n"

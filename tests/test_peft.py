@@ -23,12 +23,19 @@ from transformers import (
 
 from hf_moe import HfMoeForCausalLM
 from hf_moe.peft import FusedExpertsLora, find_targets, load_adapter, lora_config, lora_trainable_counts
-from tests.helpers.tiny import TINY, tiny_config
+from tests.helpers.tiny import tiny_config
 
 R = 4
 _NATIVE_COMMON = dict(
-    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -39,24 +46,59 @@ def build(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if family == "hf_moe":
         # shared experts on the MoE layer, layer 0 dense: every target exists
-        model = HfMoeForCausalLM(tiny_config(num_shared_experts=1, shared_expert_gate=True, mlp_only_layers=[0]))
+        model = HfMoeForCausalLM(
+            tiny_config(num_shared_experts=1, shared_expert_gate=True, mlp_only_layers=[0])
+        )
     elif family == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**_NATIVE_COMMON, intermediate_size=16, num_local_experts=4,
-                                                 num_experts_per_tok=2))
+        model = MixtralForCausalLM(
+            MixtralConfig(**_NATIVE_COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+        )
     elif family == "qwen2_moe":
-        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
-            **_NATIVE_COMMON, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1))
+        model = Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                **_NATIVE_COMMON,
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+                num_experts=4,
+                num_experts_per_tok=2,
+                mlp_only_layers=[0],
+                decoder_sparse_step=1,
+            )
+        )
     elif family == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-            **_NATIVE_COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-            mlp_only_layers=[0], decoder_sparse_step=1, head_dim=8))
+        model = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                **_NATIVE_COMMON,
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                mlp_only_layers=[0],
+                decoder_sparse_step=1,
+                head_dim=8,
+            )
+        )
     elif family == "deepseek_v3":
-        model = DeepseekV3ForCausalLM(DeepseekV3Config(
-            **_NATIVE_COMMON, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
-            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
-            q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-            routed_scaling_factor=1.0))
+        model = DeepseekV3ForCausalLM(
+            DeepseekV3Config(
+                **_NATIVE_COMMON,
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=2,
+                topk_group=1,
+                q_lora_rank=16,
+                kv_lora_rank=8,
+                qk_rope_head_dim=4,
+                qk_nope_head_dim=4,
+                v_head_dim=8,
+                routed_scaling_factor=1.0,
+            )
+        )
     else:
         raise KeyError(family)
     with torch.no_grad():  # spread the routers so top-k choices are not near ties
@@ -74,7 +116,6 @@ def expected_table(family: str, r: int, experts_as: str = "fast") -> dict[str, d
     if family == "mixtral":
         e, i_moe, moe_layers, dense_layers = c.num_local_experts, c.intermediate_size, [0, 1], []
     else:  # every other family here: layer 0 dense, layer 1 MoE
-
         e = c.n_routed_experts if family == "deepseek_v3" else c.num_experts
         i_moe = c.moe_intermediate_size
         dense_layers = [0]
@@ -83,8 +124,11 @@ def expected_table(family: str, r: int, experts_as: str = "fast") -> dict[str, d
     table: dict[str, dict[str, int]] = {t: {} for t in PRESETS if t != "all"}
 
     def mlp(prefix: str, inter: int) -> dict[str, int]:
-        return {f"{prefix}.gate_proj": r * (h + inter), f"{prefix}.up_proj": r * (h + inter),
-                f"{prefix}.down_proj": r * (inter + h)}
+        return {
+            f"{prefix}.gate_proj": r * (h + inter),
+            f"{prefix}.up_proj": r * (h + inter),
+            f"{prefix}.down_proj": r * (inter + h),
+        }
 
     for layer in moe_layers:
         block = f"model.layers.{layer}.mlp"
@@ -108,20 +152,26 @@ def expected_table(family: str, r: int, experts_as: str = "fast") -> dict[str, d
         if family == "deepseek_v3":
             qk = c.qk_nope_head_dim + c.qk_rope_head_dim
             heads = c.num_attention_heads
-            table["attention"].update({
-                f"{attn}.q_a_proj": r * (h + c.q_lora_rank),
-                f"{attn}.q_b_proj": r * (c.q_lora_rank + heads * qk),
-                f"{attn}.kv_a_proj_with_mqa": r * (h + c.kv_lora_rank + c.qk_rope_head_dim),
-                f"{attn}.kv_b_proj": r * (c.kv_lora_rank + heads * (c.qk_nope_head_dim + c.v_head_dim)),
-                f"{attn}.o_proj": r * (heads * c.v_head_dim + h),
-            })
+            table["attention"].update(
+                {
+                    f"{attn}.q_a_proj": r * (h + c.q_lora_rank),
+                    f"{attn}.q_b_proj": r * (c.q_lora_rank + heads * qk),
+                    f"{attn}.kv_a_proj_with_mqa": r * (h + c.kv_lora_rank + c.qk_rope_head_dim),
+                    f"{attn}.kv_b_proj": r * (c.kv_lora_rank + heads * (c.qk_nope_head_dim + c.v_head_dim)),
+                    f"{attn}.o_proj": r * (heads * c.v_head_dim + h),
+                }
+            )
         else:
             q = c.num_attention_heads * head_dim
             kv = c.num_key_value_heads * head_dim
-            table["attention"].update({
-                f"{attn}.q_proj": r * (h + q), f"{attn}.k_proj": r * (h + kv), f"{attn}.v_proj": r * (h + kv),
-                f"{attn}.o_proj": r * (q + h),
-            })
+            table["attention"].update(
+                {
+                    f"{attn}.q_proj": r * (h + q),
+                    f"{attn}.k_proj": r * (h + kv),
+                    f"{attn}.v_proj": r * (h + kv),
+                    f"{attn}.o_proj": r * (q + h),
+                }
+            )
     return table
 
 
@@ -176,8 +226,13 @@ def test_preset_table(family: str, preset: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_target_parameters_experts_and_rank_pattern(family: str) -> None:
     model = build(family)
-    config = lora_config(model, targets=["experts", "attention"], r=R, experts_impl="target_parameters",
-                         rank_pattern={"experts": 2, "attention": 8})
+    config = lora_config(
+        model,
+        targets=["experts", "attention"],
+        r=R,
+        experts_impl="target_parameters",
+        rank_pattern={"experts": 2, "attention": 8},
+    )
     e2 = expected_table(family, 2, experts_as="target_parameters")["experts"]
     a8 = expected_table(family, 8)["attention"]
     peft_model = get_peft_model(model, config)
@@ -188,23 +243,32 @@ def test_target_parameters_experts_and_rank_pattern(family: str) -> None:
 def test_peft_alone_gets_these_models_wrong() -> None:
     """The cases the presets exist for, as measured with PEFT 0.21 + transformers 5.23. If PEFT fixes them, this test
     fails and the docs (docs/peft.md) should say so."""
-    qwen2 = get_peft_model(build("qwen2_moe"), LoraConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    qwen2 = get_peft_model(
+        build("qwen2_moe"), LoraConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"])
+    )
     assert not any("experts" in name for name in adapted(qwen2))  # only shared expert + dense MLP
     assert any("shared_expert." in name for name in adapted(qwen2))
-    ds = get_peft_model(build("deepseek_v3"), LoraConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    ds = get_peft_model(
+        build("deepseek_v3"), LoraConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"])
+    )
     names = adapted(ds)
     assert not any("shared_experts" in n or n.startswith("model.layers.0.mlp") for n in names)
     with pytest.raises(ValueError, match="Cannot convert"):
         get_peft_model(build("deepseek_v3"), LoraConfig(r=R, target_modules=["model.layers.0.mlp.gate_proj"]))
     # ... while the preset adapts them
-    ours = adapted(get_peft_model(build("deepseek_v3"), lora_config(build("deepseek_v3"),
-                                                                         targets=["shared_experts", "dense_mlp"])))
+    ours = adapted(
+        get_peft_model(
+            build("deepseek_v3"), lora_config(build("deepseek_v3"), targets=["shared_experts", "dense_mlp"])
+        )
+    )
     assert "model.layers.1.mlp.shared_experts.gate_proj" in ours and "model.layers.0.mlp.down_proj" in ours
 
 
 def test_misuse_errors() -> None:
     model = build("hf_moe")
-    with pytest.raises(ValueError, match="allowed: experts, shared_experts, router, attention, dense_mlp, all"):
+    with pytest.raises(
+        ValueError, match="allowed: experts, shared_experts, router, attention, dense_mlp, all"
+    ):
         lora_config(model, targets=["expert"])
     with pytest.raises(ValueError, match="MixtralForCausalLM has no shared_experts"):
         lora_config(build("mixtral"), targets=["experts", "shared_experts"])
@@ -258,17 +322,25 @@ def _copy_fast_to_param_wrappers(fast: PeftModel, slow: PeftModel) -> None:
 @pytest.mark.parametrize("family", ["hf_moe", "mixtral", "qwen3_moe", "deepseek_v3", "hf_moe_switch"])
 def test_fast_path_equals_target_parameters_path(family: str) -> None:
     if family == "hf_moe_switch":  # dropped tokens (sentinel index E) must be skipped by the fast path too
+
         def make():
             torch.manual_seed(0)
-            return HfMoeForCausalLM(tiny_config(router_type="switch", num_experts_per_tok=1,
-                                                capacity_factor=0.5)).eval()
+            return HfMoeForCausalLM(
+                tiny_config(router_type="switch", num_experts_per_tok=1, capacity_factor=0.5)
+            ).eval()
     else:
+
         def make():
             return build(family)
+
     base_logits = make()(_input_ids()).logits
     fast = get_peft_model(make(), lora_config(make(), targets=["experts"], r=R, init_lora_weights=False))
-    slow = get_peft_model(make(), lora_config(make(), targets=["experts"], r=R, init_lora_weights=False,
-                                              experts_impl="target_parameters"))
+    slow = get_peft_model(
+        make(),
+        lora_config(
+            make(), targets=["experts"], r=R, init_lora_weights=False, experts_impl="target_parameters"
+        ),
+    )
     assert any(isinstance(m, FusedExpertsLora) for m in fast.modules())
     _copy_fast_to_param_wrappers(fast, slow)
     ids = _input_ids()
@@ -278,15 +350,19 @@ def test_fast_path_equals_target_parameters_path(family: str) -> None:
     # and the gradients of the same loss agree on the LoRA factors
     fast(ids, labels=ids).loss.backward()
     slow(ids, labels=ids).loss.backward()
-    wrappers = {(n.replace(".base_layer", ""), m.parameter_name): m
-                for n, m in slow.base_model.model.named_modules() if isinstance(m, ParamWrapper)}
+    wrappers = {
+        (n.replace(".base_layer", ""), m.parameter_name): m
+        for n, m in slow.base_model.model.named_modules()
+        if isinstance(m, ParamWrapper)
+    }
     for name, module in fast.base_model.model.named_modules():
         if isinstance(module, FusedExpertsLora):
             for proj in ("gate_up_proj", "down_proj"):
                 g = getattr(module.lora_A["default"], proj).grad
                 wrapper = wrappers[(name, proj)]
-                torch.testing.assert_close(g.reshape(-1, g.shape[-1]), wrapper.lora_A["default"].weight.grad,
-                                           rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(
+                    g.reshape(-1, g.shape[-1]), wrapper.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6
+                )
 
 
 @pytest.mark.parametrize("experts_impl", ["fast", "target_parameters"])
@@ -313,10 +389,13 @@ def test_merge_unmerge_and_unload_equal_adapter_output(experts_impl: str) -> Non
 
 def test_dropout_train_vs_eval() -> None:
     model = build("hf_moe")
-    peft_model = get_peft_model(model, lora_config(model, targets=["experts"], r=R, dropout=0.5,
-                                                   init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, lora_config(model, targets=["experts"], r=R, dropout=0.5, init_lora_weights=False)
+    )
     no_drop = build("hf_moe")
-    reference = get_peft_model(no_drop, lora_config(no_drop, targets=["experts"], r=R, init_lora_weights=False))
+    reference = get_peft_model(
+        no_drop, lora_config(no_drop, targets=["experts"], r=R, init_lora_weights=False)
+    )
     reference.load_state_dict(peft_model.state_dict())
     ids = _input_ids()
     peft_model.eval()
@@ -356,7 +435,8 @@ def test_save_and_reload_exact(tmp_path) -> None:
     assert not any(p.requires_grad for p in reloaded.parameters())
     trainable = load_adapter(build("hf_moe"), str(tmp_path / "adapter"), is_trainable=True)
     assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == sum(
-        lora_trainable_counts(build("hf_moe"), config).values())
+        lora_trainable_counts(build("hf_moe"), config).values()
+    )
 
 
 _SAVE_WITH_PLAIN_PEFT = """
@@ -402,12 +482,22 @@ def test_plain_peft_round_trip_in_fresh_processes(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     for script in (_SAVE_WITH_PLAIN_PEFT, _LOAD_WITH_PLAIN_PEFT):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     assert "RELOADED-EQUAL" in done.stdout
     readme = (tmp_path / "adapter" / "README.md").read_text()
-    assert "## Loading this adapter" in readme and "PeftModel.from_pretrained" in readme and "import hf_moe" in readme
+    assert (
+        "## Loading this adapter" in readme
+        and "PeftModel.from_pretrained" in readme
+        and "import hf_moe" in readme
+    )
 
 
 def test_target_parameters_adapter_reloads_with_plain_peft(tmp_path) -> None:
@@ -423,7 +513,7 @@ def test_target_parameters_adapter_reloads_with_plain_peft(tmp_path) -> None:
 
 def _byte_ids(text: str, seq: int, batch: int, offset: int) -> torch.Tensor:
     """Byte-level ids for the tiny vocab 99: bytes 32..126 map to 3..97, anything else to 98."""
-    raw = text.encode("utf-8")[offset: offset + seq * batch]
+    raw = text.encode("utf-8")[offset : offset + seq * batch]
     ids = [b - 29 if 32 <= b <= 126 else 98 for b in raw]
     return torch.tensor(ids).view(batch, seq)
 
@@ -461,15 +551,18 @@ def test_lora_on_experts_learns_shakespeare(shakespeare_train_text: str) -> None
         if "lora_" in key:
             continue
         assert torch.equal(value, base_state[key.replace(".base_layer", "")]), key
-    changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    changed = [
+        n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])
+    ]
     assert set(changed) == set(lora_before)
 
 
 def test_second_adapter_and_native_experts_fast_layer() -> None:
     model = build("qwen2_moe")
     peft_model = get_peft_model(model, lora_config(model, targets=["experts"], r=R, init_lora_weights=False))
-    peft_model.add_adapter("other", lora_config(build("qwen2_moe"), targets=["experts"], r=2,
-                                                 init_lora_weights=False))
+    peft_model.add_adapter(
+        "other", lora_config(build("qwen2_moe"), targets=["experts"], r=2, init_lora_weights=False)
+    )
     ids = _input_ids()
     out_default = peft_model(ids).logits
     peft_model.set_adapter("other")
@@ -494,7 +587,9 @@ def test_cli_lora_targets(tmp_path, capsys) -> None:
     assert main(["lora-targets", str(tmp_path / "ds"), "--r", "4"]) == 0
     out = capsys.readouterr().out
     table = expected_table("deepseek_v3", 4)
-    lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip() and not line.startswith(" ")}
+    lines = {
+        line.split()[0]: line for line in out.splitlines()[2:] if line.strip() and not line.startswith(" ")
+    }
     for target, names in table.items():
         assert f"{sum(names.values()):,}" in lines[target], (target, lines[target])
     assert "model.layers.{0-1}.self_attn.kv_b_proj" in out
@@ -524,10 +619,22 @@ def test_example_runs_end_to_end(tmp_path) -> None:
 
     script = Path(__file__).resolve().parent.parent / "examples" / "lora_experts.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path / "run"), "--base-steps", "10", "--lora-steps", "20"],
-        capture_output=True, text=True, check=True, timeout=900,
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path / "run"),
+            "--base-steps",
+            "10",
+            "--lora-steps",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
     )
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["heldout_loss_after_lora"] < summary["heldout_loss_before_lora"]
     assert summary["reload_max_abs_diff"] == 0.0
     assert summary["merge_max_abs_diff"] < 1e-4
@@ -538,8 +645,9 @@ def test_example_runs_end_to_end(tmp_path) -> None:
 def test_load_adapter_also_loads_target_parameters_adapters(tmp_path) -> None:
     # enable_fast_experts registers the experts classes; parameter targets must still get PEFT's ParamWrapper
     model = build("hf_moe")
-    config = lora_config(model, targets=["experts", "router"], r=R, init_lora_weights=False,
-                         experts_impl="target_parameters")
+    config = lora_config(
+        model, targets=["experts", "router"], r=R, init_lora_weights=False, experts_impl="target_parameters"
+    )
     peft_model = get_peft_model(model, config)
     ids = _input_ids()
     want = peft_model(ids).logits
@@ -554,8 +662,9 @@ def test_load_adapter_also_loads_target_parameters_adapters(tmp_path) -> None:
 def test_bf16_base_with_gradient_checkpointing() -> None:
     model = build("hf_moe").to(torch.bfloat16)
     model.gradient_checkpointing_enable()
-    peft_model = get_peft_model(model, lora_config(model, targets=["experts", "attention"], r=R, dropout=0.1,
-                                                   init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, lora_config(model, targets=["experts", "attention"], r=R, dropout=0.1, init_lora_weights=False)
+    )
     peft_model.enable_input_require_grads()
     layer = next(m for m in peft_model.modules() if isinstance(m, FusedExpertsLora))
     assert layer.lora_A["default"].gate_up_proj.dtype == torch.float32  # PEFT's autocast_adapter_dtype

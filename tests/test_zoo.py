@@ -31,14 +31,29 @@ DENSE_PARAMS = {
 
 def test_zoo_has_the_required_families() -> None:
     configs = {name: p.config() for name, p in PRESETS.items()}
-    assert {c.router_type for c in configs.values()} >= {"topk_softmax", "softmax_topk", "sigmoid_topk", "switch",
-                                                        "expert_choice"}
+    assert {c.router_type for c in configs.values()} >= {
+        "topk_softmax",
+        "softmax_topk",
+        "sigmoid_topk",
+        "switch",
+        "expert_choice",
+    }
     deepseek = configs["deepseek-style"]
     assert deepseek.num_shared_experts >= 1 and deepseek.n_group > 1 and deepseek.first_k_dense_replace >= 1
-    assert configs["qwen3-moe-style"].base_model_type == "qwen3" and configs["qwen3-moe-style"].num_experts_per_tok == 8
-    assert configs["switch-style"].capacity_factor is not None and configs["switch-style"].num_experts_per_tok == 1
+    assert (
+        configs["qwen3-moe-style"].base_model_type == "qwen3"
+        and configs["qwen3-moe-style"].num_experts_per_tok == 8
+    )
+    assert (
+        configs["switch-style"].capacity_factor is not None
+        and configs["switch-style"].num_experts_per_tok == 1
+    )
     assert sorted(PRESETS[n].recipe.base_model for n in UPCYCLE) == [
-        "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"]
+        "HuggingFaceTB/SmolLM2-135M",
+        "Qwen/Qwen2.5-0.5B",
+        "Qwen/Qwen3-0.6B",
+        "meta-llama/Llama-3.2-1B",
+    ]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -137,8 +152,9 @@ def test_upcycle_presets_explain_or_check_their_source(tmp_path: Path) -> None:
         create("qwen3-0.6b-8x-top2", tmp_path / "out")
     source = tmp_path / "not-smollm2"
     source.mkdir()
-    (source / "config.json").write_text(json.dumps({**get_preset("smollm2-135m-8x-top2").recipe.dense_config,
-                                                    "hidden_size": 64}))
+    (source / "config.json").write_text(
+        json.dumps({**get_preset("smollm2-135m-8x-top2").recipe.dense_config, "hidden_size": 64})
+    )
     with pytest.raises(ValueError, match="hidden_size=64"):
         create("smollm2-135m-8x-top2", tmp_path / "out", source=source)
     assert not (tmp_path / "out").exists()
@@ -173,8 +189,13 @@ def test_create_runs_an_upcycling_recipe(tmp_path: Path, monkeypatch: pytest.Mon
     preset = Preset(
         name="tiny-llama-4x-top2",
         description="A tiny dense Llama upcycled to 4 experts, top-2.",
-        recipe=Recipe(method="upcycle", options=dict(num_experts=4, top_k=2, router_type="softmax_topk"),
-                      base_model="someone/tiny-llama", dense_config=dense_config, license="mit"),
+        recipe=Recipe(
+            method="upcycle",
+            options=dict(num_experts=4, top_k=2, router_type="softmax_topk"),
+            base_model="someone/tiny-llama",
+            dense_config=dense_config,
+            license="mit",
+        ),
         expected_total=0,
         expected_active=0,
     )
@@ -187,7 +208,8 @@ def test_create_runs_an_upcycling_recipe(tmp_path: Path, monkeypatch: pytest.Mon
     want = preset.config().to_diff_dict()
     got = model.config.to_diff_dict()
     assert {k: got.get(k) for k in want if k not in ("dtype",)} == {
-        k: v for k, v in want.items() if k not in ("dtype",)}
+        k: v for k, v in want.items() if k not in ("dtype",)
+    }
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "someone/tiny-llama"
     assert f"| Total | {preset.parameter_counts().total:,} " in card.text
@@ -207,8 +229,23 @@ def test_smollm2_recipe_on_real_weights(
     assert f"| Active per token | {preset.expected_active:,} " in card.text
     text = tmp_path / "heldout.txt"
     text.write_text(shakespeare_heldout_text[:20_000])
-    assert cli.main(["inspect", str(out), "--text", str(text), "--max-tokens", "256", "--seq-len", "128",
-                     "--json", str(tmp_path / "stats.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "inspect",
+                str(out),
+                "--text",
+                str(text),
+                "--max-tokens",
+                "256",
+                "--seq-len",
+                "128",
+                "--json",
+                str(tmp_path / "stats.json"),
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["num_tokens"] == 256 and len(stats["layers"]) == 30
     assert all(sum(row) == 2 * 256 for row in stats["tokens_per_expert"])  # dropless top-2
@@ -250,14 +287,30 @@ def test_a_wheel_ships_what_the_library_points_at(tmp_path: Path) -> None:
         shutil.copy(root / name, src / name)
     shutil.copytree(root / "hf_moe", src / "hf_moe", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
-        cwd=src, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=src,
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("hf_moe-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"hf_moe/model_cards/{name}.md" for name in PRESETS} <= names
-    assert {"hf_moe/templates/model_card.md", "hf_moe/templates/usage_hf_moe.md",
-            "hf_moe/templates/usage_export.md"} <= names
+    assert {
+        "hf_moe/templates/model_card.md",
+        "hf_moe/templates/usage_hf_moe.md",
+        "hf_moe/templates/usage_export.md",
+    } <= names
     assert not any("assets" in n for n in names)
     library = "".join(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".py"))
-    assert "parent.parent / \"model_cards\"" not in library
+    assert 'parent.parent / "model_cards"' not in library

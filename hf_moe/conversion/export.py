@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..hub_ids import resolve_model
 from ..hub import write_export_card
+from ..hub_ids import resolve_model
 from ..modeling.configuration_hf_moe import HfMoeConfig
 from .io import (
     PROVENANCE_NAME,
@@ -56,9 +56,14 @@ from .native import (
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 # Kept in float32 whatever the requested dtype (GLM-4.5 / DeepSeek-V3 keep the routing bias in fp32).
 _FP32_SUFFIXES = (".e_score_correction_bias",)
@@ -72,7 +77,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16 (or fp32, bf16, fp16)")
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16 (or fp32, bf16, fp16)"
+        )
     return _DTYPES[key]
 
 
@@ -96,7 +103,9 @@ def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+def _check_tensors(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
+) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(n for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
@@ -105,7 +114,9 @@ def _check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[
         for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if names:
                 parts.append(f"{label}: {names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)})")
-        raise ValueError(f"{where}: the tensors do not match config.json ({'; '.join(parts)}); re-save the checkpoint")
+        raise ValueError(
+            f"{where}: the tensors do not match config.json ({'; '.join(parts)}); re-save the checkpoint"
+        )
 
 
 def _source_provenance(model_dir: Path) -> dict | None:
@@ -142,7 +153,11 @@ def refusal_message(config: HfMoeConfig, target: str, problems: list[str], where
         else "no native target can represent this config; serve it as hf_moe (transformers with `import hf_moe`, "
         "or vLLM through the hf_moe plugin)"
     )
-    return f"cannot export {where} to {SPECS[target].title} (to={target!r}): " + "; ".join(problems) + f". {hint}."
+    return (
+        f"cannot export {where} to {SPECS[target].title} (to={target!r}): "
+        + "; ".join(problems)
+        + f". {hint}."
+    )
 
 
 # ================================================================================================================
@@ -155,7 +170,9 @@ def _merged_state_dict(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Te
     from peft import LoraConfig, PeftModel
 
     from ..modeling.modeling_hf_moe import HfMoeForCausalLM
-    from ..peft import load_adapter  # PeftModel.from_pretrained that also knows the preset's fast experts layer
+    from ..peft import (
+        load_adapter,  # PeftModel.from_pretrained that also knows the preset's fast experts layer
+    )
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
@@ -257,20 +274,31 @@ def export(
                     writer.add(native_name, tensor)
             extra_dtype = out_dtype or reader.dtype("model.embed_tokens.weight")
             for layer in range(config.num_hidden_layers):
-                for native_name, tensor in extra_layer_tensors(layer, spec=spec, config=config, dtype=extra_dtype):
+                for native_name, tensor in extra_layer_tensors(
+                    layer, spec=spec, config=config, dtype=extra_dtype
+                ):
                     writer.add(native_name, tensor)
         native_config = native_config_dict(config, to, dtype=out_dtype)
         (tmp / "config.json").write_text(json.dumps(native_config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(model_dir, tmp)
-        options = {"to": to, "dtype": str(out_dtype) if out_dtype else None, "max_shard_size": max_shard_size,
-                   "merge_adapter": str(Path(merge_adapter).resolve()) if merge_adapter is not None else None}
+        options = {
+            "to": to,
+            "dtype": str(out_dtype) if out_dtype else None,
+            "max_shard_size": max_shard_size,
+            "merge_adapter": str(Path(merge_adapter).resolve()) if merge_adapter is not None else None,
+        }
         extra = _provenance_extra(model_dir)
         extra["architecture"] = spec.architecture
-        write_provenance(tmp, source=reader, method="export", options=options, source_files=source_files,
-                         extra=extra)
+        write_provenance(
+            tmp, source=reader, method="export", options=options, source_files=source_files, extra=extra
+        )
         # The card lives in one place (hf_moe.hub); its export variant describes the native architecture.
-        write_export_card(tmp, config, architecture=spec.architecture, model_name=f"{model_dir.resolve().name} "
-                          f"({spec.title})")
+        write_export_card(
+            tmp,
+            config,
+            architecture=spec.architecture,
+            model_name=f"{model_dir.resolve().name} ({spec.title})",
+        )
     logger.info("exported %s to %s (%s)", model_dir, out_dir, spec.architecture)
     return out_dir
 
@@ -288,7 +316,9 @@ def _save_hf_moe_config(config: HfMoeConfig, out: Path) -> None:
 
     with torch.device("meta"):
         model = HfMoeForCausalLM(config)
-    custom_object_save(model, out, config=model.config)  # copies modeling + configuration files, sets auto_map
+    custom_object_save(
+        model, out, config=model.config
+    )  # copies modeling + configuration files, sets auto_map
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
 
@@ -358,7 +388,9 @@ def import_native(
     top, layers, skipped = _layer_groups(reader, config.num_hidden_layers, config.tie_word_embeddings)
     check_floating_weights(reader, [*top, *(n for names in layers.values() for n in names)])
     if skipped:
-        logger.info("not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else "")
+        logger.info(
+            "not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else ""
+        )
 
     with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
         written: dict[str, tuple[int, ...]] = {}
@@ -371,8 +403,9 @@ def import_native(
 
             for name in top:
                 add(name, reader.get_tensor(name))
-            for layer in tqdm(sorted(layers), desc=f"import {reader.model_type}", unit="layer",
-                              disable=len(layers) < 8):
+            for layer in tqdm(
+                sorted(layers), desc=f"import {reader.model_type}", unit="layer", disable=len(layers) < 8
+            ):
                 tensors = {name: reader.get_tensor(name) for name in layers[layer]}
                 try:
                     converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
@@ -383,9 +416,18 @@ def import_native(
             _check_tensors(written, expected, f"{src_dir} imported as hf_moe")
         _save_hf_moe_config(config, tmp)
         copy_tokenizer_files(src_dir, tmp)
-        write_provenance(tmp, source=reader, method="import", options={
-            "from": reader.model_type, "dtype": str(out_dtype) if out_dtype else None,
-            "max_shard_size": max_shard_size, "skipped_tensors": skipped}, extra=_provenance_extra(src_dir))
+        write_provenance(
+            tmp,
+            source=reader,
+            method="import",
+            options={
+                "from": reader.model_type,
+                "dtype": str(out_dtype) if out_dtype else None,
+                "max_shard_size": max_shard_size,
+                "skipped_tensors": skipped,
+            },
+            extra=_provenance_extra(src_dir),
+        )
         try:
             from ..hub import write_model_card
 

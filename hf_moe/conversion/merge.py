@@ -211,7 +211,10 @@ def merge_experts(
                 f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
             )
         dtype = DTYPES[dtype]
-    base, experts = resolve_model(base), [resolve_model(e) for e in experts]  # folders or Hub ids (org/name[@rev])
+    base, experts = (
+        resolve_model(base),
+        [resolve_model(e) for e in experts],
+    )  # folders or Hub ids (org/name[@rev])
     inputs = [Path(base), *map(Path, experts)]
     check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
 

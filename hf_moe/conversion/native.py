@@ -146,51 +146,116 @@ SPECS: dict[str, NativeSpec] = {
     spec.target: spec
     for spec in (
         NativeSpec(
-            "mixtral", "MixtralForCausalLM", "MixtralConfig", "Mixtral", "block_sparse_moe", ("w1", "w3", "w2"), None,
-            twins=("mixtral", "llama", "mistral"), routing=("softmax_renorm",), shared="none", dense="none",
+            "mixtral",
+            "MixtralForCausalLM",
+            "MixtralConfig",
+            "Mixtral",
+            "block_sparse_moe",
+            ("w1", "w3", "w2"),
+            None,
+            twins=("mixtral", "llama", "mistral"),
+            routing=("softmax_renorm",),
+            shared="none",
+            dense="none",
             # Mixtral's experts use `intermediate_size`.
-            to_native=lambda c: dict(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
-                                     router_jitter_noise=c.router_jitter_noise),
-            from_native=lambda n: dict(router_type="topk_softmax", num_experts=n.num_local_experts,
-                                       moe_intermediate_size=n.intermediate_size,
-                                       router_jitter_noise=n.router_jitter_noise or 0.0),
+            to_native=lambda c: dict(
+                num_local_experts=c.num_experts,
+                intermediate_size=c.moe_intermediate_size,
+                router_jitter_noise=c.router_jitter_noise,
+            ),
+            from_native=lambda n: dict(
+                router_type="topk_softmax",
+                num_experts=n.num_local_experts,
+                moe_intermediate_size=n.intermediate_size,
+                router_jitter_noise=n.router_jitter_noise or 0.0,
+            ),
         ),
         NativeSpec(
-            "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen2-MoE", "mlp",
-            ("gate_proj", "up_proj", "down_proj"), "shared_expert",
-            twins=("qwen2_moe", "qwen2"), routing=("softmax_renorm", "softmax"), shared="one_gated", dense="listed",
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            "Qwen2MoeConfig",
+            "Qwen2-MoE",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "shared_expert",
+            twins=("qwen2_moe", "qwen2"),
+            routing=("softmax_renorm", "softmax"),
+            shared="one_gated",
+            dense="listed",
             to_native=lambda c: dict(_qwen_to_native(c), shared_expert_intermediate_size=_shared_width(c)),
             from_native=lambda n: dict(
-                _qwen_from_native(n), num_shared_experts=1 if n.shared_expert_intermediate_size else 0,
+                _qwen_from_native(n),
+                num_shared_experts=1 if n.shared_expert_intermediate_size else 0,
                 shared_expert_intermediate_size=n.shared_expert_intermediate_size or None,
-                shared_expert_gate=bool(n.shared_expert_intermediate_size)),
+                shared_expert_gate=bool(n.shared_expert_intermediate_size),
+            ),
         ),
         NativeSpec(
-            "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "Qwen3-MoE", "mlp",
-            ("gate_proj", "up_proj", "down_proj"), None,
-            twins=("qwen3_moe", "qwen3"), routing=("softmax_renorm", "softmax"), shared="none", dense="listed",
-            to_native=_qwen_to_native, from_native=_qwen_from_native,
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            "Qwen3MoeConfig",
+            "Qwen3-MoE",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            None,
+            twins=("qwen3_moe", "qwen3"),
+            routing=("softmax_renorm", "softmax"),
+            shared="none",
+            dense="listed",
+            to_native=_qwen_to_native,
+            from_native=_qwen_from_native,
         ),
         NativeSpec(
-            "olmoe", "OlmoeForCausalLM", "OlmoeConfig", "OLMoE", "mlp", ("gate_proj", "up_proj", "down_proj"), None,
-            twins=("olmoe",), routing=("softmax_renorm", "softmax"), shared="none", dense="none",
-            to_native=lambda c: dict(num_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
-                                     **_softmax_routing(c)),
-            from_native=lambda n: dict(router_type="softmax_topk", num_experts=n.num_experts,
-                                       moe_intermediate_size=n.intermediate_size,
-                                       norm_topk_prob=bool(n.norm_topk_prob)),
+            "olmoe",
+            "OlmoeForCausalLM",
+            "OlmoeConfig",
+            "OLMoE",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            None,
+            twins=("olmoe",),
+            routing=("softmax_renorm", "softmax"),
+            shared="none",
+            dense="none",
+            to_native=lambda c: dict(
+                num_experts=c.num_experts, intermediate_size=c.moe_intermediate_size, **_softmax_routing(c)
+            ),
+            from_native=lambda n: dict(
+                router_type="softmax_topk",
+                num_experts=n.num_experts,
+                moe_intermediate_size=n.intermediate_size,
+                norm_topk_prob=bool(n.norm_topk_prob),
+            ),
         ),
         NativeSpec(
-            "glm4_moe", "Glm4MoeForCausalLM", "Glm4MoeConfig", "GLM-4.5-MoE", "mlp",
-            ("gate_proj", "up_proj", "down_proj"), "shared_experts",
-            twins=("glm4_moe",), routing=("sigmoid",), shared="n_ungated", dense="first_k",
-            to_native=_sigmoid_to_native, from_native=_sigmoid_from_native,
+            "glm4_moe",
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            "GLM-4.5-MoE",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "shared_experts",
+            twins=("glm4_moe",),
+            routing=("sigmoid",),
+            shared="n_ungated",
+            dense="first_k",
+            to_native=_sigmoid_to_native,
+            from_native=_sigmoid_from_native,
         ),
         NativeSpec(
-            "deepseek_v3", "DeepseekV3ForCausalLM", "DeepseekV3Config", "DeepSeek-V3", "mlp",
-            ("gate_proj", "up_proj", "down_proj"), "shared_experts",
-            twins=("deepseek_v3",), routing=("sigmoid",), shared="n_ungated", dense="first_k",
-            to_native=_sigmoid_to_native, from_native=_sigmoid_from_native,
+            "deepseek_v3",
+            "DeepseekV3ForCausalLM",
+            "DeepseekV3Config",
+            "DeepSeek-V3",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "shared_experts",
+            twins=("deepseek_v3",),
+            routing=("sigmoid",),
+            shared="n_ungated",
+            dense="first_k",
+            to_native=_sigmoid_to_native,
+            from_native=_sigmoid_from_native,
         ),
     )
 }
@@ -234,9 +299,14 @@ def representability_problems(config: HfMoeConfig, target: str) -> list[str]:
     elif family not in spec.routing:
         problems.append(
             f"router_type={config.router_type!r}"
-            + (f" with norm_topk_prob={config.norm_topk_prob}" if config.router_type == "softmax_topk" else "")
+            + (
+                f" with norm_topk_prob={config.norm_topk_prob}"
+                if config.router_type == "softmax_topk"
+                else ""
+            )
             + f" ({spec.title} routes as {' or '.join(spec.routing)}; upcycle with "
-            + " or ".join(_ROUTER_HINT[r] for r in spec.routing) + ")"
+            + " or ".join(_ROUTER_HINT[r] for r in spec.routing)
+            + ")"
         )
     if spec.shared == "none" and config.num_shared_experts:
         problems.append(
@@ -257,19 +327,26 @@ def representability_problems(config: HfMoeConfig, target: str) -> list[str]:
             problems.append(f"shared_expert_gate=True ({spec.title} adds its shared experts ungated)")
     dense = dense_layers(config)
     if spec.dense == "none" and dense:
-        problems.append(f"dense layers {dense} ({spec.title} has an MoE block in every layer; upcycle with "
-                        "--moe-layers all)")
+        problems.append(
+            f"dense layers {dense} ({spec.title} has an MoE block in every layer; upcycle with "
+            "--moe-layers all)"
+        )
     if spec.dense == "first_k" and dense != list(range(len(dense))):
-        problems.append(f"dense layers {dense} ({spec.title} keeps exactly the first first_k_dense_replace layers "
-                        "dense)")
+        problems.append(
+            f"dense layers {dense} ({spec.title} keeps exactly the first first_k_dense_replace layers dense)"
+        )
     act = config.hidden_act
     if act != "silu":
         # vLLM 0.32 raises for the Qwen/GLM MoE models and silently computes SiLU for Mixtral.
         problems.append(f"hidden_act={act!r} (vLLM's native MoE models run SiLU experts only)")
     if base in ("llama", "qwen3") and getattr(text, "attention_bias", False):
-        problems.append(f"attention_bias=True on the {base} base ({spec.title} as served by vLLM has no such bias)")
+        problems.append(
+            f"attention_bias=True on the {base} base ({spec.title} as served by vLLM has no such bias)"
+        )
     if target in ("qwen2_moe", "qwen3_moe") and getattr(text, "use_sliding_window", False):
-        problems.append(f"use_sliding_window=True ({spec.title} checkpoints served by vLLM use full attention)")
+        problems.append(
+            f"use_sliding_window=True ({spec.title} checkpoints served by vLLM use full attention)"
+        )
     return problems
 
 
@@ -299,11 +376,17 @@ def native_config_dict(config: HfMoeConfig, target: str, *, dtype: torch.dtype |
     # Every field of the base decoder is kept: its twin reads the same names (fields a config class does not declare,
     # such as Qwen3's head_dim for Qwen3-MoE, are read with getattr by transformers and vLLM).
     kwargs = {
-        k: v for k, v in config.get_text_config().to_dict().items()
-        if k not in ("architectures", "dtype", "model_type", "transformers_version", "_name_or_path", "auto_map")
+        k: v
+        for k, v in config.get_text_config().to_dict().items()
+        if k
+        not in ("architectures", "dtype", "model_type", "transformers_version", "_name_or_path", "auto_map")
     }
-    kwargs.update(spec.to_native(config), num_experts_per_tok=config.num_experts_per_tok, output_router_logits=False,
-                  router_aux_loss_coef=config.router_aux_loss_coef)
+    kwargs.update(
+        spec.to_native(config),
+        num_experts_per_tok=config.num_experts_per_tok,
+        output_router_logits=False,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+    )
     native = config_class(**kwargs)
     native.architectures = [spec.architecture]
     if dtype is not None:
@@ -446,8 +529,13 @@ def import_rules(spec: NativeSpec) -> tuple[tuple[str, str, str], ...]:
         (rf"{moe}\.experts\.(\d+)\.{down}\.weight", "mlp.experts.down_proj", "expert_down"),
     ]
     if spec.shared_prefix:
-        rules.append((rf"mlp\.{spec.shared_prefix}\.(gate_proj|up_proj|down_proj)\.weight",
-                      r"mlp.shared_experts.\1.weight", "copy"))
+        rules.append(
+            (
+                rf"mlp\.{spec.shared_prefix}\.(gate_proj|up_proj|down_proj)\.weight",
+                r"mlp.shared_experts.\1.weight",
+                "copy",
+            )
+        )
     if spec.target == "qwen2_moe":
         rules.append((r"mlp\.shared_expert_gate\.weight", "mlp.shared_expert_gate.weight", "copy"))
     return tuple(rules)
@@ -486,7 +574,7 @@ def import_layer(
     expert_names: dict[tuple[str, int], str] = {}  # (part, expert) -> checkpoint name, for error messages
     rules = import_rules(spec)
     for name, tensor in tensors.items():
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         for pattern, template, op in rules:
             found = re.fullmatch(pattern, rest)
             if not found:
@@ -511,5 +599,7 @@ def import_layer(
         _check_expert_shapes(per_expert, expert_names, layer)
         gate_up = [torch.cat([per_expert["gate"][e], per_expert["up"][e]], dim=0) for e in range(num_experts)]
         out[prefix + "mlp.experts.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H)
-        out[prefix + "mlp.experts.down_proj"] = torch.stack([per_expert["down"][e] for e in range(num_experts)])
+        out[prefix + "mlp.experts.down_proj"] = torch.stack(
+            [per_expert["down"][e] for e in range(num_experts)]
+        )
     return out

@@ -10,10 +10,11 @@ what the router of the MoE layer reads) are averaged:
     row_e = d_e / ||d_e|| * logit_scale / rms_token_norm                                        # (H,)
 
 ``rms_token_norm`` is the typical norm of single token hidden states at that layer (the square root of the mean,
-over all prompts, of each prompt's mean squared token norm), so a token whose hidden state points along ``row_e`` scores a logit of about ``logit_scale`` and an
-orthogonal one about 0. All experts of a layer share that scale, hence a prompt's *average* router logits
-(the router is linear) are highest at its own expert whenever it is the only positive prompt of that expert
-and there are no negatives: ``row_e . m_e = c ||m_e|| > c ||m_e|| cos(m_e, m_f) = row_f . m_e``.
+over all prompts, of each prompt's mean squared token norm), so a token whose hidden state points along ``row_e``
+scores a logit of about ``logit_scale`` and an orthogonal one about 0. All experts of a layer share that scale,
+hence a prompt's *average* router logits (the router is linear) are highest at its own expert whenever it is the
+only positive prompt of that expert and there are no negatives:
+``row_e . m_e = c ||m_e|| > c ||m_e|| cos(m_e, m_f) = row_f . m_e``.
 
 Rows whose directions are nearly the same (cosine > :data:`COLLINEAR_COSINE`) cannot separate their experts:
 a warning names the layer and the expert pairs. Special tokens (BOS) are left out of the means: the first
@@ -325,7 +326,8 @@ def router_rows_from_prompts(
             listed = ", ".join(f"experts {label[a]} and {label[b]} (cos {cos[a, b]:.3f})" for a, b in pairs)
             warnings.warn(
                 f"router_init='prompts': layer {i}: nearly collinear router rows "
-                f"(cosine > {COLLINEAR_COSINE}): {listed}; their prompts barely separate these experts. Use more distinct prompts or add "
+                f"(cosine > {COLLINEAR_COSINE}): {listed}; their prompts barely separate these experts. "
+                "Use more distinct prompts or add "
                 "negative_prompts.",
                 stacklevel=2,
             )

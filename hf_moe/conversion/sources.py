@@ -38,7 +38,11 @@ _MLP_ROWS: dict[str, tuple[KeyRule, ...]] = {
         (_LAYER + r"mlp\.down_proj\.weight", r"model.layers.\g<layer>.mlp.down_proj.weight", "mlp.down"),
     ),
     "fused": (
-        (_LAYER + r"mlp\.gate_up_proj\.weight", r"model.layers.\g<layer>.mlp.gate_up_proj.weight", "mlp.gate_up"),
+        (
+            _LAYER + r"mlp\.gate_up_proj\.weight",
+            r"model.layers.\g<layer>.mlp.gate_up_proj.weight",
+            "mlp.gate_up",
+        ),
         (_LAYER + r"mlp\.down_proj\.weight", r"model.layers.\g<layer>.mlp.down_proj.weight", "mlp.down"),
     ),
 }
@@ -53,7 +57,18 @@ _COMMON_ROWS: tuple[KeyRule, ...] = (
 # Families with a non-gated MLP (one up and one down projection, often with biases): hf_moe's experts are gated.
 REFUSED: dict[str, str] = {
     name: "its MLP is not gated (up -> activation -> down), and hf_moe experts are gated (gate * up -> down)"
-    for name in ("gpt_neox", "gpt2", "gptj", "starcoder2", "phi", "falcon", "arcee", "nemotron", "bloom", "opt")
+    for name in (
+        "gpt_neox",
+        "gpt2",
+        "gptj",
+        "starcoder2",
+        "phi",
+        "falcon",
+        "arcee",
+        "nemotron",
+        "bloom",
+        "opt",
+    )
 }
 
 
@@ -74,7 +89,9 @@ class DenseSource:
 
     def __post_init__(self) -> None:
         if self.mlp not in MLP_LAYOUTS:
-            raise ValueError(f"DenseSource {self.model_type}: mlp={self.mlp!r}; allowed: {', '.join(MLP_LAYOUTS)}")
+            raise ValueError(
+                f"DenseSource {self.model_type}: mlp={self.mlp!r}; allowed: {', '.join(MLP_LAYOUTS)}"
+            )
         rows = _MLP_ROWS[self.mlp] + _COMMON_ROWS
         object.__setattr__(self, "_compiled", [(re.compile(s), t, op) for s, t, op in rows])
 
@@ -103,8 +120,8 @@ class DenseSource:
             if m:
                 if op == "refuse":
                     raise ValueError(
-                        f"tensor {name!r} of the {self.model_type} checkpoint is part of an MLP that hf_moe's bias-free "
-                        "gated experts cannot hold (an MLP bias?); this checkpoint cannot be upcycled"
+                        f"tensor {name!r} of the {self.model_type} checkpoint is part of an MLP that hf_moe's "
+                        "bias-free gated experts cannot hold (an MLP bias?); this checkpoint cannot be upcycled"
                     )
                 layer = m.groupdict().get("layer")
                 return m.expand(target) if target else "", op, None if layer is None else int(layer)
@@ -183,4 +200,13 @@ def translate_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {"text_config": config}
 
 
-__all__ = ["MLP_LAYOUTS", "REFUSED", "SOURCES", "DenseSource", "KeyRule", "dense_config", "get_source", "translate_config"]
+__all__ = [
+    "MLP_LAYOUTS",
+    "REFUSED",
+    "SOURCES",
+    "DenseSource",
+    "KeyRule",
+    "dense_config",
+    "get_source",
+    "translate_config",
+]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub_ids import resolve_model
 from ..modeling import ROUTERS, HfMoeConfig, HfMoeForCausalLM
 from .init import (
     RouterInitContext,
@@ -31,13 +32,12 @@ from .init import (
     seeded_generator,
     shared_expert_weights,
 )
-from ..hub_ids import resolve_model
 from .io import (
     CheckpointReader,
-    check_floating_weights,
-    check_out_dir,
     ShardWriter,
     atomic_output_dir,
+    check_floating_weights,
+    check_out_dir,
     copy_tokenizer_files,
     sha256_file,
     write_provenance,
@@ -532,8 +532,8 @@ def upcycle(
                         router = router_for_layer(i)  # (E, H)
                         if tuple(router.shape) != (num_experts, config.hidden_size):
                             raise ValueError(
-                                f"router_init={router_init!r} returned shape {list(router.shape)} for layer {i}; expected "
-                                f"{[num_experts, config.hidden_size]}"
+                                f"router_init={router_init!r} returned shape {list(router.shape)} for layer {i}; "
+                                f"expected {[num_experts, config.hidden_size]}"
                             )
                         put(f"{prefix}gate.weight", router.to(out_dtype))
                         if num_shared_experts:

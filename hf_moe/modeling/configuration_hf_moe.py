@@ -40,8 +40,15 @@ _LEGACY_FLAGS = ("use_qk_norm", "attention_output_bias", "attention_bias", "slid
 # MoE fields also written into the base config, whatever its family: serving stacks that read the model's text config
 # (vLLM's Transformers backend sizes its fused-MoE layers from it) find the MoE geometry there.
 _MIRRORED_MOE_FIELDS = (
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "n_group", "topk_group",
-    "routed_scaling_factor", "output_router_logits", "router_aux_loss_coef",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "output_router_logits",
+    "router_aux_loss_coef",
 )
 # PreTrainedConfig keys that stay on the top-level config even though dense configs declare them too.
 _TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(PreTrainedConfig)} | {
@@ -126,7 +133,9 @@ class HfMoeConfig(PreTrainedConfig):
     attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
 
     # --- the dense base decoder -----------------------------------------------------------------------------
-    text_config: dict | PreTrainedConfig | None = None  # the base family's own config (None: Llama from kwargs)
+    text_config: dict | PreTrainedConfig | None = (
+        None  # the base family's own config (None: Llama from kwargs)
+    )
 
     # --- mixture of experts ---------------------------------------------------------------------------------
     num_experts: int = 8  # routed experts per MoE layer
@@ -140,7 +149,9 @@ class HfMoeConfig(PreTrainedConfig):
     first_k_dense_replace: int = 0  # the first k layers keep a dense MLP (DeepSeek / GLM-4.5)
     decoder_sparse_step: int = 1  # every n-th layer is MoE (Qwen2-MoE); 1 = every layer
     router_type: str = "softmax_topk"  # key of the router registry, see ROUTER_TYPES
-    capacity_factor: float | None = None  # per-expert capacity = factor * tokens * k / experts; None = dropless
+    capacity_factor: float | None = (
+        None  # per-expert capacity = factor * tokens * k / experts; None = dropless
+    )
     router_jitter_noise: float = 0.0  # multiplicative input jitter in training (Switch / Mixtral)
     n_group: int = 1  # expert groups for group-limited routing (sigmoid_topk)
     topk_group: int = 1  # groups each token may pick experts from (sigmoid_topk)
@@ -165,19 +176,18 @@ class HfMoeConfig(PreTrainedConfig):
     def _sync_base_moe_fields(self) -> None:
         """A native MoE base (deepseek_v3, qwen2_moe, ...) builds its own MoE blocks where its config says; keep its
         same-named MoE fields equal to ours, so that its dense layers are ours and hf_moe's blocks replace exactly
-        its MoE ones. `output_router_logits` is mirrored too, so that tools reading the text config (TRL's fused LM head)
+        its MoE ones. `output_router_logits` is mirrored too, so that tools reading the text config (TRL's fused LM
+        head)
         ask for router logits; hf_moe's causal LM computes the router losses itself and never lets the base do so."""
         base = self.text_config
         for f in dataclasses.fields(type(self)):
-            if f.name != "text_config" and (
-                f.name in vars(base) or f.name in _MIRRORED_MOE_FIELDS
-            ):
+            if f.name != "text_config" and (f.name in vars(base) or f.name in _MIRRORED_MOE_FIELDS):
                 setattr(base, f.name, getattr(self, f.name))
         for alias in ("num_local_experts", "n_routed_experts"):
             if alias in vars(base):
                 setattr(base, alias, self.num_experts)
         if "n_shared_experts" in vars(base):
-            setattr(base, "n_shared_experts", self.shared_expert_intermediate_size // self.moe_intermediate_size)
+            base.n_shared_experts = self.shared_expert_intermediate_size // self.moe_intermediate_size
 
     def _build_text_config(
         self, text_config: dict | PreTrainedConfig | None, kwargs: dict[str, Any]
@@ -215,12 +225,20 @@ class HfMoeConfig(PreTrainedConfig):
                 decoder.setdefault("use_cache", False)
             base = self._make_base(model_type, decoder)
         if getattr(base, "model_type", None) == "hf_moe":
-            raise HfMoeConfigError("text_config.model_type", "hf_moe", "must be a dense or native decoder family")
+            raise HfMoeConfigError(
+                "text_config.model_type", "hf_moe", "must be a dense or native decoder family"
+            )
         return base, kwargs
 
     def _make_base(self, model_type: str, decoder: dict[str, Any]) -> PreTrainedConfig:
         config_class = base_config_class(model_type)
-        for name in ("num_key_value_heads", "num_attention_heads", "hidden_size", "num_hidden_layers", "vocab_size"):
+        for name in (
+            "num_key_value_heads",
+            "num_attention_heads",
+            "hidden_size",
+            "num_hidden_layers",
+            "vocab_size",
+        ):
             value = decoder.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise HfMoeConfigError(name, value, "must be a positive integer")
@@ -229,22 +247,36 @@ class HfMoeConfig(PreTrainedConfig):
         except (TypeError, ValueError, StrictDataclassError) as err:  # type errors, transformers' own checks
             field = _strict_field(err)
             if field is not None:
-                raise HfMoeConfigError(f"text_config.{field}", decoder.get(field), _strict_cause(err)) from err
-            raise HfMoeConfigError(f"text_config ({model_type})", decoder, f"the {model_type} config refused it: {err}")
+                raise HfMoeConfigError(
+                    f"text_config.{field}", decoder.get(field), _strict_cause(err)
+                ) from err
+            raise HfMoeConfigError(
+                f"text_config ({model_type})", decoder, f"the {model_type} config refused it: {err}"
+            ) from err
 
     def _check_moe(self) -> None:
         base = self.text_config
         if self.router_type not in ROUTER_TYPES:
             raise HfMoeConfigError("router_type", self.router_type, f"allowed: {', '.join(ROUTER_TYPES)}")
-        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group",
-                     "decoder_sparse_step"):
+        for name in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "n_group",
+            "topk_group",
+            "decoder_sparse_step",
+        ):
             _positive_int(name, getattr(self, name))
         if not self.num_experts_per_tok <= self.num_experts:
             raise HfMoeConfigError(
-                "num_experts_per_tok", self.num_experts_per_tok, f"must be in [1, num_experts={self.num_experts}]"
+                "num_experts_per_tok",
+                self.num_experts_per_tok,
+                f"must be in [1, num_experts={self.num_experts}]",
             )
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or (
-            self.num_shared_experts < 0
+        if (
+            isinstance(self.num_shared_experts, bool)
+            or not isinstance(self.num_shared_experts, int)
+            or (self.num_shared_experts < 0)
         ):
             raise HfMoeConfigError("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
         if self.num_shared_experts > 0:
@@ -301,27 +333,38 @@ class HfMoeConfig(PreTrainedConfig):
         _finite("router_bias_update_rate", self.router_bias_update_rate, low=0.0)
         if self.router_bias_update_rate > 0 and self.router_type != "sigmoid_topk":
             raise HfMoeConfigError(
-                "router_bias_update_rate", self.router_bias_update_rate, "aux-loss-free balancing needs 'sigmoid_topk'"
+                "router_bias_update_rate",
+                self.router_bias_update_rate,
+                "aux-loss-free balancing needs 'sigmoid_topk'",
             )
         if self.router_bias_update not in ROUTER_BIAS_UPDATE_MODES:
             raise HfMoeConfigError(
-                "router_bias_update", self.router_bias_update, f"allowed: {', '.join(ROUTER_BIAS_UPDATE_MODES)}"
+                "router_bias_update",
+                self.router_bias_update,
+                f"allowed: {', '.join(ROUTER_BIAS_UPDATE_MODES)}",
             )
         _finite("routed_scaling_factor", self.routed_scaling_factor, low=0.0, strict_low=True)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             _finite(name, getattr(self, name), low=0.0)
         num_layers = self.num_hidden_layers
         if not isinstance(self.mlp_only_layers, list) or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in self.mlp_only_layers
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers
+            for i in self.mlp_only_layers
         ):
             raise HfMoeConfigError(
-                "mlp_only_layers", self.mlp_only_layers, f"layer indices must be integers in [0, {num_layers})"
+                "mlp_only_layers",
+                self.mlp_only_layers,
+                f"layer indices must be integers in [0, {num_layers})",
             )
-        if isinstance(self.first_k_dense_replace, bool) or not isinstance(self.first_k_dense_replace, int) or not (
-            0 <= self.first_k_dense_replace <= num_layers
+        if (
+            isinstance(self.first_k_dense_replace, bool)
+            or not isinstance(self.first_k_dense_replace, int)
+            or not (0 <= self.first_k_dense_replace <= num_layers)
         ):
             raise HfMoeConfigError(
-                "first_k_dense_replace", self.first_k_dense_replace, f"must be an integer in [0, {num_layers}]"
+                "first_k_dense_replace",
+                self.first_k_dense_replace,
+                f"must be an integer in [0, {num_layers}]",
             )
         self._check_base()
 
@@ -338,11 +381,16 @@ class HfMoeConfig(PreTrainedConfig):
             _positive_int("text_config.num_key_value_heads", kv_heads)
             if base.num_attention_heads % kv_heads:
                 raise HfMoeConfigError(
-                    "text_config.num_key_value_heads", kv_heads,
+                    "text_config.num_key_value_heads",
+                    kv_heads,
                     f"must divide num_attention_heads={base.num_attention_heads}",
                 )
         window = getattr(base, "sliding_window", None)
-        if window is not None and getattr(base, "use_sliding_window", True) and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        if (
+            window is not None
+            and getattr(base, "use_sliding_window", True)
+            and (isinstance(window, bool) or not isinstance(window, int) or window < 1)
+        ):
             raise HfMoeConfigError("text_config.sliding_window", window, "must be a positive integer or None")
         for name in ("rms_norm_eps", "layer_norm_eps", "norm_eps"):
             if getattr(base, name, None) is not None:
@@ -359,7 +407,8 @@ class HfMoeConfig(PreTrainedConfig):
             rope_type = rope.get("rope_type", "default")
             if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
                 raise HfMoeConfigError(
-                    "text_config.rope_parameters.rope_type", rope_type,
+                    "text_config.rope_parameters.rope_type",
+                    rope_type,
                     f"allowed: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}",
                 )
         from transformers.activations import ACT2FN
@@ -370,7 +419,9 @@ class HfMoeConfig(PreTrainedConfig):
         pad = getattr(base, "pad_token_id", None)
         if pad is not None and not (isinstance(pad, int) and 0 <= pad < base.vocab_size):
             raise HfMoeConfigError(
-                "text_config.pad_token_id", pad, f"must be a token id in [0, vocab_size={base.vocab_size}) or None"
+                "text_config.pad_token_id",
+                pad,
+                f"must be a token id in [0, vocab_size={base.vocab_size}) or None",
             )
 
     # --- views of the base ----------------------------------------------------------------------------------
@@ -379,7 +430,11 @@ class HfMoeConfig(PreTrainedConfig):
         # ...), for tools that read them off the top-level config (PEFT, accelerate, vLLM, user code). Only called
         # when normal lookup fails; the fields are stored once, in text_config.
         text_config = self.__dict__.get("text_config")
-        if name.startswith("_") or not isinstance(text_config, PreTrainedConfig) or not hasattr(text_config, name):
+        if (
+            name.startswith("_")
+            or not isinstance(text_config, PreTrainedConfig)
+            or not hasattr(text_config, name)
+        ):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(text_config, name)
 
@@ -486,7 +541,9 @@ HfMoeConfig = _raise_config_errors_as_ours(HfMoeConfig)
 
 def expert_activation(text_config: PreTrainedConfig) -> str:
     """The gated MLP activation of a base config (Gemma names it `hidden_activation`)."""
-    return getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", None) or "silu"
+    return (
+        getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", None) or "silu"
+    )
 
 
 __all__ = ["HfMoeConfig", "HfMoeConfigError", "expert_activation"]

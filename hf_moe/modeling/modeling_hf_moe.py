@@ -204,7 +204,9 @@ class SigmoidTopKRouter(HfMoeRouter):
         self.bias_update_rate = config.router_bias_update_rate
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
         # Load counted since the last bias update; not part of the checkpoint.
-        self.load_since_update = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        self.load_since_update = nn.Buffer(
+            torch.zeros(self.num_experts, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The gate runs in float32, as DeepSeek-V3 does: sigmoid scores of nearby experts are close.
@@ -221,11 +223,15 @@ class SigmoidTopKRouter(HfMoeRouter):
         top_k_index = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
         top_k_weights = scores.gather(1, top_k_index)
         if self.norm_topk_prob:
-            top_k_weights = sum_to_one(top_k_weights + 1e-20 / self.top_k)  # sigmoid scores are > 0; eps as DeepSeek
+            top_k_weights = sum_to_one(
+                top_k_weights + 1e-20 / self.top_k
+            )  # sigmoid scores are > 0; eps as DeepSeek
         top_k_weights = top_k_weights * self.routed_scaling_factor
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
-                self.load_since_update += torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).float()
+                self.load_since_update += torch.bincount(
+                    top_k_index.reshape(-1), minlength=self.num_experts
+                ).float()
         return router_logits, top_k_weights, top_k_index
 
     @torch.no_grad()
@@ -233,7 +239,11 @@ class SigmoidTopKRouter(HfMoeRouter):
         """Apply the aux-loss-free update from the load counted since the last call, then reset the count. Under
         torch.distributed the counts of all ranks are summed first, so every rank moves its bias alike."""
         load = self.load_since_update
-        if self.bias_update_rate > 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.bias_update_rate > 0
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             torch.distributed.all_reduce(load)
         if self.bias_update_rate > 0 and load.sum() > 0:
             self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
@@ -336,7 +346,10 @@ class ExpertChoiceRouter(HfMoeRouter):
 
     @classmethod
     def routing_family(cls, config: HfMoeConfig) -> str:
-        return "unexportable: router_type='expert_choice' (experts pick tokens; every native architecture is token-choice)"
+        return (
+            "unexportable: router_type='expert_choice' (experts pick tokens; every native architecture is "
+            "token-choice)"
+        )
 
     @classmethod
     def batch_dependence(cls, config: HfMoeConfig) -> str | None:
@@ -376,6 +389,8 @@ ROUTERS: dict[str, type[HfMoeRouter]] = {
 def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch.Tensor:
     """Per-token routing distribution over experts (rows sum to one) of router `router_type` (its policy)."""
     return ROUTERS[router_type].probabilities(router_logits)
+
+
 # ================================================================================================================
 # Experts: fused gated weights gate_up_proj (E, 2I, H), down_proj (E, H, I) -- `experts.py`, with its reference
 # forward and the named kernels beside it. Then the shared experts and the sparse MoE block.
@@ -408,7 +423,9 @@ class HfMoeSparseMoeBlock(nn.Module):
         self.gate = ROUTERS[config.router_type](config)
         self.experts = HfMoeExperts(config)
         self.shared_experts = (
-            HfMoeMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts > 0 else None
+            HfMoeMLP(config, config.shared_expert_intermediate_size)
+            if config.num_shared_experts > 0
+            else None
         )
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
@@ -474,7 +491,11 @@ def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
         base = mapping[type(text_config)](text_config)
     decoder = base.get_decoder() if with_head else base
     layers = getattr(decoder, "layers", None)
-    if layers is None or len(layers) != config.num_hidden_layers or not all(hasattr(l, "mlp") for l in layers):
+    if (
+        layers is None
+        or len(layers) != config.num_hidden_layers
+        or not all(hasattr(layer, "mlp") for layer in layers)
+    ):
         raise ValueError(
             f"hf_moe: the {text_config.model_type} decoder does not keep its MLPs as `layers[i].mlp`, so hf_moe cannot "
             "place its MoE blocks in it"
@@ -490,7 +511,9 @@ def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
     std = config.initializer_range
     for model in {id(base): base, id(decoder): decoder}.values():
         # Instance override: transformers' init dispatch calls `<pretrained model>._init_weights` for its subtree.
-        model._init_weights = lambda module, _base_init=model._init_weights: _moe_init_weights(_base_init, module, std)
+        model._init_weights = lambda module, _base_init=model._init_weights: _moe_init_weights(
+            _base_init, module, std
+        )
     return base
 
 
@@ -546,15 +569,21 @@ class HfMoePreTrainedModel(PreTrainedModel):
         # transformers raises a bare RuntimeError on a shape mismatch; load, then report it with the rest below.
         # An explicit ignore_mismatched_sizes=True accepts mismatched (re-initialised) tensors.
         accept_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
         kinds = ("missing_keys", "unexpected_keys") + (() if accept_mismatched else ("mismatched_keys",))
         problems = {k: sorted(info.get(k) or []) for k in kinds}
         if not hasattr(model, "lm_head"):
             # A base model (AutoModel) loaded from a causal-LM checkpoint leaves the head behind, by design.
-            problems["unexpected_keys"] = [k for k in problems["unexpected_keys"] if not k.startswith("lm_head.")]
+            problems["unexpected_keys"] = [
+                k for k in problems["unexpected_keys"] if not k.startswith("lm_head.")
+            ]
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            details = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''} ({len(v)})" for k, v in problems.items())
+            details = "; ".join(
+                f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''} ({len(v)})" for k, v in problems.items()
+            )
             raise ValueError(
                 f"{cls.__name__}.from_pretrained: the checkpoint does not match the config ({details}). The weights "
                 "would be partly random. Check that config.json belongs to these safetensors files, or pass "
@@ -596,10 +625,16 @@ def _check_checkpoint_files(folder: Path, subfolder: str) -> None:
         try:
             weight_map = json.loads(index.read_text()).get("weight_map", {})
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{index}: not a valid safetensors index ({err}); re-save the checkpoint") from err
+            raise ValueError(
+                f"{index}: not a valid safetensors index ({err}); re-save the checkpoint"
+            ) from err
         files = set()
         for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).is_absolute() or not (root / file).resolve().is_relative_to(root):
+            if (
+                not isinstance(file, str)
+                or Path(file).is_absolute()
+                or not (root / file).resolve().is_relative_to(root)
+            ):
                 raise ValueError(
                     f"{index}: tensor {name!r} points at {file!r}, outside the checkpoint folder {root}; refusing to "
                     "read files outside it. Fix the index so every shard is a file inside the folder."
@@ -611,18 +646,24 @@ def _check_checkpoint_files(folder: Path, subfolder: str) -> None:
         return  # transformers reports the missing weights itself
     for path in sorted(files):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: shard named by {index.name} is missing; the checkpoint is incomplete")
+            raise FileNotFoundError(
+                f"{path}: shard named by {index.name} is missing; the checkpoint is incomplete"
+            )
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             if not 0 < header_len <= size - 8:
-                raise ValueError(f"{path}: not a complete safetensors file (truncated or corrupt header); re-save it")
+                raise ValueError(
+                    f"{path}: not a complete safetensors file (truncated or corrupt header); re-save it"
+                )
             try:
                 header = json.loads(f.read(header_len))
                 end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
             except (ValueError, KeyError, TypeError, IndexError) as err:
-                raise ValueError(f"{path}: garbled safetensors header ({err}); re-save the checkpoint") from err
+                raise ValueError(
+                    f"{path}: garbled safetensors header ({err}); re-save the checkpoint"
+                ) from err
         if 8 + header_len + end > size:
             raise ValueError(
                 f"{path}: truncated ({size} bytes, the header describes {8 + header_len + end}); re-download or "
@@ -684,7 +725,9 @@ class HfMoeModel(HfMoePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> HfMoeModelOutputWithPast | tuple:
-        want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        want_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
         with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
             out = self.hf_moe_base(
                 input_ids=input_ids,
@@ -722,7 +765,10 @@ def token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tens
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return None
-    if num_rows % attention_mask.shape[0] != 0 or num_rows // attention_mask.shape[0] > attention_mask.shape[1]:
+    if (
+        num_rows % attention_mask.shape[0] != 0
+        or num_rows // attention_mask.shape[0] > attention_mask.shape[1]
+    ):
         raise ValueError(
             f"attention_mask of shape {tuple(attention_mask.shape)} does not match {num_rows} routed tokens; "
             "pass the (batch, seq_len) mask used for the forward pass"
@@ -761,8 +807,15 @@ class RoutingSummary:
         return RoutingSummary(*(a + b.to(a.device) for a, b in zip(self._fields(), other._fields())))
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.num_tokens, self.tokens_per_expert, self.prob_sum, self.dropped, self.dropped_of,
-                self.entropy_sum, self.z_sum)
+        return (
+            self.num_tokens,
+            self.tokens_per_expert,
+            self.prob_sum,
+            self.dropped,
+            self.dropped_of,
+            self.entropy_sum,
+            self.z_sum,
+        )
 
     def detached(self) -> "RoutingSummary":
         """float64 CPU copies without autograd history (for accumulating over many forwards)."""
@@ -830,7 +883,9 @@ def routing_summary(
     device = router_logits.device
     router_indices = router_indices.to(device)
     probs = probabilities(router_logits)  # (T', E)
-    counts = torch.bincount(router_indices.reshape(-1), minlength=num_experts + 1)  # (E + 1,), last = sentinel
+    counts = torch.bincount(
+        router_indices.reshape(-1), minlength=num_experts + 1
+    )  # (E + 1,), last = sentinel
     num_tokens = torch.tensor(router_logits.shape[0], device=device)
     if expert_choice:
         dropped = (router_indices == num_experts).all(dim=-1).sum()
@@ -878,7 +933,9 @@ def load_balancing_loss(
     return torch.stack([s.aux_loss for s in summaries]).mean()
 
 
-def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def router_z_loss(
+    router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2, averaged over
     MoE layers; padding tokens excluded."""
     if not router_logits:
@@ -940,7 +997,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         r"""Causal-LM forward of the base family. With `output_router_logits=True` (argument or config) the
         load-balancing loss and the router z-loss are computed and, when `labels` are given, added to the loss with
         `router_aux_loss_coef` and `router_z_loss_coef`."""
-        want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        want_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
         kwargs.pop("return_dict", None)
         with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
             # The base head never computes router losses of its own (a native MoE base would add Mixtral's): ours are
@@ -954,7 +1013,11 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         loss, aux_loss, z_loss = out.loss, None, None
         if want_logits and router_logits:
             aux_loss = load_balancing_loss(
-                router_logits, router_indices, self.config.num_experts, self.config.router_type, attention_mask
+                router_logits,
+                router_indices,
+                self.config.num_experts,
+                self.config.router_type,
+                attention_mask,
             )
             z_loss = router_z_loss(router_logits, attention_mask)
             if loss is not None:

@@ -33,7 +33,11 @@ from pathlib import Path
 
 ROUTES = ("auto", "native", "plugin")
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # bounded: without a size vLLM CPU reserves 90% of RAM for the KV cache
-DTYPES = ("float32", "bfloat16", "float16")  # what `serve` passes to vLLM's --dtype ("auto": vLLM's own choice)
+DTYPES = (
+    "float32",
+    "bfloat16",
+    "float16",
+)  # what `serve` passes to vLLM's --dtype ("auto": vLLM's own choice)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_TIMEOUT_S = 30.0  # how long the server gets to shut down after SIGTERM before the group is killed
 
@@ -55,7 +59,10 @@ class ServePlan:
 
     @property
     def url(self) -> str:
-        host, port = self.command[self.command.index("--host") + 1], self.command[self.command.index("--port") + 1]
+        host, port = (
+            self.command[self.command.index("--host") + 1],
+            self.command[self.command.index("--port") + 1],
+        )
         return f"http://{host}:{port}/v1"
 
     def shell(self) -> str:
@@ -69,7 +76,9 @@ def _load_config(model_dir: Path):
     import hf_moe  # noqa: F401  (registers model_type "hf_moe")
 
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: MODEL_DIR must be an hf_moe checkpoint folder")
+        raise FileNotFoundError(
+            f"{model_dir / 'config.json'} not found: MODEL_DIR must be an hf_moe checkpoint folder"
+        )
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "hf_moe":
         raise ValueError(
@@ -183,7 +192,9 @@ def plan_serve(
         from hf_moe.conversion.native import TARGETS, representability_problems
 
         why = "; ".join(f"{t}: {', '.join(representability_problems(config, t))}" for t in TARGETS)
-        raise ValueError(f"{model_dir} fits no native architecture ({why}); serve it with route='plugin' (--plugin)")
+        raise ValueError(
+            f"{model_dir} fits no native architecture ({why}); serve it with route='plugin' (--plugin)"
+        )
     use_native = route == "native" or (route == "auto" and bool(targets))
     if not use_native:
         problems = serving_problems(config)
@@ -193,18 +204,34 @@ def plan_serve(
     cache_root = _export_cache_root(Path(cache_dir) if cache_dir else None) if use_native else None
     served = _export_cache_dir(model_dir, target, cache_root) if use_native else model_dir
     command = [
-        python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(served), "--served-model-name", model_dir.resolve().name,
-        "--host", host, "--port", str(port),
-        "--kv-cache-memory-bytes", str(kv_cache_bytes),
-        "--dtype", served_dtype,
+        python or sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(served),
+        "--served-model-name",
+        model_dir.resolve().name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--kv-cache-memory-bytes",
+        str(kv_cache_bytes),
+        "--dtype",
+        served_dtype,
         *(extra_args or []),
     ]
     # The plugin route relies on the installed hf-moe entry point; VLLM_PLUGINS left unset loads every plugin.
     return ServePlan(
-        route="native" if use_native else "plugin", model_dir=served, target=target, command=command,
-        needs_export=use_native and not (served / "config.json").is_file(), source_dir=model_dir,
-        dtype=served_dtype, dtype_origin="--dtype" if dtype else "the checkpoint's", cache_root=cache_root,
+        route="native" if use_native else "plugin",
+        model_dir=served,
+        target=target,
+        command=command,
+        needs_export=use_native and not (served / "config.json").is_file(),
+        source_dir=model_dir,
+        dtype=served_dtype,
+        dtype_origin="--dtype" if dtype else "the checkpoint's",
+        cache_root=cache_root,
     )
 
 
@@ -216,7 +243,9 @@ def describe_plan(plan: ServePlan) -> list[str]:
     ]
     if plan.cache_root is not None:
         size = _folder_size(plan.cache_root)
-        state = "to be written" if plan.needs_export else f"cached, {_human_bytes(_folder_size(plan.model_dir))}"
+        state = (
+            "to be written" if plan.needs_export else f"cached, {_human_bytes(_folder_size(plan.model_dir))}"
+        )
         lines.append(
             f"native export in {plan.model_dir} ({state}); the export cache {plan.cache_root} holds "
             f"{_human_bytes(size)}: delete folders there to reclaim space, or choose it with --cache-dir"
@@ -247,11 +276,18 @@ def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
         plan.model_dir.parent.mkdir(parents=True, exist_ok=True)
         export(plan.source_dir, plan.model_dir, to=plan.target)
         plan.needs_export = False
-        print(f"hf-moe serve: exported {_human_bytes(_folder_size(plan.model_dir))} to {plan.model_dir} (kept in the "
-              f"export cache for the next run)", file=sys.stderr)
+        print(
+            f"hf-moe serve: exported {_human_bytes(_folder_size(plan.model_dir))} to {plan.model_dir} (kept in the "
+            f"export cache for the next run)",
+            file=sys.stderr,
+        )
     for line in describe_plan(plan):
         print(f"hf-moe serve: {line}", file=sys.stderr)
-    print(f"hf-moe serve: OpenAI API at {plan.url} once vLLM reports startup complete", file=sys.stderr, flush=True)
+    print(
+        f"hf-moe serve: OpenAI API at {plan.url} once vLLM reports startup complete",
+        file=sys.stderr,
+        flush=True,
+    )
     return run_process_group(plan.command, env={**os.environ, **plan.env})
 
 
@@ -301,8 +337,9 @@ def stop_process_group(process: subprocess.Popen, *, timeout_s: float = STOP_TIM
     process.wait()
 
 
-def run_process_group(command: Sequence[str], *, env: dict[str, str] | None = None,
-                      stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
+def run_process_group(
+    command: Sequence[str], *, env: dict[str, str] | None = None, stop_timeout_s: float = STOP_TIMEOUT_S
+) -> int:
     """Run `command` in a new process group until it exits, and leave nothing of it behind.
 
     SIGINT, SIGTERM and SIGHUP received meanwhile are forwarded to the whole group; a second signal, or
@@ -343,5 +380,14 @@ def run_process_group(command: Sequence[str], *, env: dict[str, str] | None = No
     return 128 - code if code < 0 else code
 
 
-__all__ = ["DTYPES", "ROUTES", "ServePlan", "checkpoint_dtype", "describe_plan", "plan_serve", "run_process_group",
-           "run_serve", "stop_process_group"]
+__all__ = [
+    "DTYPES",
+    "ROUTES",
+    "ServePlan",
+    "checkpoint_dtype",
+    "describe_plan",
+    "plan_serve",
+    "run_process_group",
+    "run_serve",
+    "stop_process_group",
+]

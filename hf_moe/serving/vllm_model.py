@@ -44,8 +44,10 @@ def _use_vllm_decoder() -> None:
     # AutoModel is what the backend calls to build the decoder; HfMoeForCausalLM keeps building HfMoeModel.
     AutoModel.register(HfMoeConfig, HfMoeVllmDecoder, exist_ok=True)
 
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
 
 class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
     """`HfMoeForCausalLM` in vLLM: Transformers-backend MoE model; refuses batch-dependent routers at load."""
@@ -69,4 +71,3 @@ class HfMoeVllmForCausalLM(TransformersMoEForCausalLM):
         # is built, so it is set at the top as well; otherwise the default (sdpa) would overwrite vLLM's.
         super()._patch_config()
         self.config._attn_implementation = self.text_config._attn_implementation
-

@@ -19,7 +19,7 @@ from hf_moe.cli import main
 from hf_moe.conversion.export import export, import_native
 from hf_moe.conversion.io import sha256_file
 from hf_moe.conversion.native import SPECS, TARGETS, compatible_targets, representability_problems
-from tests.helpers.native import TARGET_CONFIGS, build_tiny_for_target, tiny_target_config
+from tests.helpers.native import build_tiny_for_target, tiny_target_config
 
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 8, 93, 23, 4, 61, 11, 7], [1, 88, 3, 3, 64, 12, 29, 50, 9, 70, 2]])
 
@@ -86,15 +86,31 @@ def test_round_trip_is_exact(tmp_path, target):
     assert a.moe_layers == b.moe_layers
     # The imported model's base decoder is the native architecture's own (e.g. qwen3 -> qwen3_moe).
     assert b.get_text_config().model_type == target
-    for field in ("router_type", "num_experts", "num_experts_per_tok", "norm_topk_prob", "num_shared_experts",
-                  "shared_expert_intermediate_size", "shared_expert_gate", "n_group", "topk_group",
-                  "routed_scaling_factor", "hidden_size", "num_hidden_layers", "rope_parameters"):
+    for field in (
+        "router_type",
+        "num_experts",
+        "num_experts_per_tok",
+        "norm_topk_prob",
+        "num_shared_experts",
+        "shared_expert_intermediate_size",
+        "shared_expert_gate",
+        "n_group",
+        "topk_group",
+        "routed_scaling_factor",
+        "hidden_size",
+        "num_hidden_layers",
+        "rope_parameters",
+    ):
         if field == "norm_topk_prob" and a.router_type != b.router_type:
             continue  # topk_softmax imports as the equivalent renormalised softmax_topk
         assert getattr(a, field) == getattr(b, field), field
     # The imported checkpoint is a complete hf_moe folder: strict load (no missing keys), auto_map, model card.
-    torch.testing.assert_close(_logits(HfMoeForCausalLM.from_pretrained(back)),
-                               _logits(HfMoeForCausalLM.from_pretrained(src)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _logits(HfMoeForCausalLM.from_pretrained(back)),
+        _logits(HfMoeForCausalLM.from_pretrained(src)),
+        rtol=0,
+        atol=0,
+    )
     assert "auto_map" in json.loads((back / "config.json").read_text())
     assert (back / "modeling_hf_moe.py").is_file() and (back / "README.md").is_file()
 
@@ -104,8 +120,10 @@ EQUIVALENT_CASES = {
     # Qwen2-MoE always gates its shared expert: zero gate + doubled down_proj.
     "qwen2_moe-ungated": ("qwen2_moe", {"shared_expert_gate": False}),
     # ... and always has one: a Qwen2 upcycle without shared experts gets one of width 1 whose output is zero.
-    "qwen2_moe-no-shared": ("qwen2_moe", {"num_shared_experts": 0, "shared_expert_intermediate_size": None,
-                                          "shared_expert_gate": False}),
+    "qwen2_moe-no-shared": (
+        "qwen2_moe",
+        {"num_shared_experts": 0, "shared_expert_intermediate_size": None, "shared_expert_gate": False},
+    ),
     # noisy_topk adds noise in training only.
     "mixtral-noisy_topk": ("mixtral", {"router_type": "noisy_topk"}),
     "mixtral-sliding-window-4": ("mixtral", {"sliding_window": 4}),  # shorter than the 11-token inputs
@@ -113,10 +131,20 @@ EQUIVALENT_CASES = {
     "qwen3_moe-topk_softmax": ("qwen3_moe", {"router_type": "topk_softmax"}),
     # Dropless switch = top-1 of the full softmax, weighted by its probability.
     "qwen3_moe-switch-dropless": ("qwen3_moe", {"router_type": "switch", "num_experts_per_tok": 1}),
-    "qwen3_moe-tied-sparse-step": ("qwen3_moe", {"tie_word_embeddings": True, "mlp_only_layers": [],
-                                                 "decoder_sparse_step": 2}),
-    "glm4_moe-two-shared-no-groups": ("glm4_moe", {"num_shared_experts": 2, "n_group": 1, "topk_group": 1,
-                                                   "use_qk_norm": False, "attention_bias": False}),
+    "qwen3_moe-tied-sparse-step": (
+        "qwen3_moe",
+        {"tie_word_embeddings": True, "mlp_only_layers": [], "decoder_sparse_step": 2},
+    ),
+    "glm4_moe-two-shared-no-groups": (
+        "glm4_moe",
+        {
+            "num_shared_experts": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "use_qk_norm": False,
+            "attention_bias": False,
+        },
+    ),
     "deepseek_v3-unscaled": ("deepseek_v3", {"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}),
 }
 
@@ -126,7 +154,9 @@ def test_export_variants_match(tmp_path, case):
     target, overrides = EQUIVALENT_CASES[case]
     src = build_tiny_for_target(target, tmp_path / "src", **overrides)
     out = export(src, tmp_path / "out", to=target)
-    torch.testing.assert_close(_logits(_load_native(out, target)), _logits(HfMoeForCausalLM.from_pretrained(src)))
+    torch.testing.assert_close(
+        _logits(_load_native(out, target)), _logits(HfMoeForCausalLM.from_pretrained(src))
+    )
 
 
 def test_tied_lm_head_saved_anyway_is_skipped(tmp_path):
@@ -176,33 +206,99 @@ def test_export_copies_tokenizer_and_extends_provenance(tmp_path):
 
 # case -> (tiny config it starts from, overrides, target asked for, substrings of the message, targets that fit)
 REFUSALS = {
-    "expert_choice": ("mixtral", {"router_type": "expert_choice", "use_cache": False}, "mixtral",
-                      ["router_type='expert_choice'"], []),
-    "switch-capacity": ("qwen3_moe", {"router_type": "switch", "num_experts_per_tok": 1, "capacity_factor": 1.0},
-                        "qwen3_moe", ["capacity_factor=1.0", "drops tokens"], []),
-    "qwen2-into-mixtral": ("qwen2_moe", {}, "mixtral",
-                           ["base decoder 'qwen2'", "num_shared_experts=1", "--shared-experts 0", "dense layers [1]",
-                            "norm_topk_prob=False", "--router topk_softmax"], ["qwen2_moe"]),
-    "unnormalised-into-mixtral": ("mixtral", {"router_type": "softmax_topk", "norm_topk_prob": False}, "mixtral",
-                                  ["norm_topk_prob=False"], []),
-    "sigmoid-into-qwen3": ("glm4_moe", {}, "qwen3_moe",
-                           ["base decoder 'glm4_moe'", "router_type='sigmoid_topk'", "num_shared_experts=1"],
-                           ["glm4_moe"]),
-    "mistral-into-qwen3": ("mixtral", {}, "qwen3_moe", ["base decoder 'mistral'", "upcycle a qwen3 checkpoint"],
-                           ["mixtral"]),
+    "expert_choice": (
+        "mixtral",
+        {"router_type": "expert_choice", "use_cache": False},
+        "mixtral",
+        ["router_type='expert_choice'"],
+        [],
+    ),
+    "switch-capacity": (
+        "qwen3_moe",
+        {"router_type": "switch", "num_experts_per_tok": 1, "capacity_factor": 1.0},
+        "qwen3_moe",
+        ["capacity_factor=1.0", "drops tokens"],
+        [],
+    ),
+    "qwen2-into-mixtral": (
+        "qwen2_moe",
+        {},
+        "mixtral",
+        [
+            "base decoder 'qwen2'",
+            "num_shared_experts=1",
+            "--shared-experts 0",
+            "dense layers [1]",
+            "norm_topk_prob=False",
+            "--router topk_softmax",
+        ],
+        ["qwen2_moe"],
+    ),
+    "unnormalised-into-mixtral": (
+        "mixtral",
+        {"router_type": "softmax_topk", "norm_topk_prob": False},
+        "mixtral",
+        ["norm_topk_prob=False"],
+        [],
+    ),
+    "sigmoid-into-qwen3": (
+        "glm4_moe",
+        {},
+        "qwen3_moe",
+        ["base decoder 'glm4_moe'", "router_type='sigmoid_topk'", "num_shared_experts=1"],
+        ["glm4_moe"],
+    ),
+    "mistral-into-qwen3": (
+        "mixtral",
+        {},
+        "qwen3_moe",
+        ["base decoder 'mistral'", "upcycle a qwen3 checkpoint"],
+        ["mixtral"],
+    ),
     "qwen3-attention-bias": ("qwen3_moe", {"attention_bias": True}, "qwen3_moe", ["attention_bias=True"], []),
-    "sliding-into-qwen3": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 64}, "qwen3_moe",
-                           ["use_sliding_window=True"], []),
-    "dense-into-mixtral": ("mixtral", {"mlp_only_layers": [0]}, "mixtral", ["dense layers [0]", "--moe-layers all"],
-                           []),
-    "glm-dense-not-prefix": ("glm4_moe", {"first_k_dense_replace": 0, "mlp_only_layers": [2]}, "glm4_moe",
-                             ["dense layers [2]"], []),
-    "glm-gated-shared": ("glm4_moe", {"shared_expert_gate": True}, "glm4_moe", ["shared_expert_gate=True"], []),
-    "glm-shared-width": ("glm4_moe", {"shared_expert_intermediate_size": 48}, "glm4_moe",
-                         ["shared_expert_intermediate_size=48", "multiple of moe_intermediate_size=32"], []),
+    "sliding-into-qwen3": (
+        "qwen3_moe",
+        {"use_sliding_window": True, "sliding_window": 64},
+        "qwen3_moe",
+        ["use_sliding_window=True"],
+        [],
+    ),
+    "dense-into-mixtral": (
+        "mixtral",
+        {"mlp_only_layers": [0]},
+        "mixtral",
+        ["dense layers [0]", "--moe-layers all"],
+        [],
+    ),
+    "glm-dense-not-prefix": (
+        "glm4_moe",
+        {"first_k_dense_replace": 0, "mlp_only_layers": [2]},
+        "glm4_moe",
+        ["dense layers [2]"],
+        [],
+    ),
+    "glm-gated-shared": (
+        "glm4_moe",
+        {"shared_expert_gate": True},
+        "glm4_moe",
+        ["shared_expert_gate=True"],
+        [],
+    ),
+    "glm-shared-width": (
+        "glm4_moe",
+        {"shared_expert_intermediate_size": 48},
+        "glm4_moe",
+        ["shared_expert_intermediate_size=48", "multiple of moe_intermediate_size=32"],
+        [],
+    ),
     "gelu": ("mixtral", {"hidden_act": "gelu"}, "mixtral", ["hidden_act='gelu'", "SiLU"], []),
-    "gemma-base": ("mixtral", {"base_model_type": "gemma3_text", "sliding_window": 4096}, "mixtral",
-                   ["base decoder 'gemma3_text'", "hf_moe vLLM plugin", "SiLU"], []),
+    "gemma-base": (
+        "mixtral",
+        {"base_model_type": "gemma3_text", "sliding_window": 4096},
+        "mixtral",
+        ["base decoder 'gemma3_text'", "hf_moe vLLM plugin", "SiLU"],
+        [],
+    ),
 }
 
 
@@ -349,8 +445,11 @@ def test_import_hub_style_config_with_rope_scaling(tmp_path):
     native = export(build_tiny_for_target("qwen3_moe", tmp_path / "src"), tmp_path / "native", to="qwen3_moe")
     config = json.loads((native / "config.json").read_text())
     del config["rope_parameters"]
-    config.update(rope_theta=50000.0, torch_dtype="float32",
-                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    config.update(
+        rope_theta=50000.0,
+        torch_dtype="float32",
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    )
     (native / "config.json").write_text(json.dumps(config))
     back = import_native(native, tmp_path / "back")
     rope = hf_moe.HfMoeConfig.from_pretrained(back).get_text_config().rope_parameters
@@ -403,8 +502,12 @@ def test_merge_adapter_matches_peft_model(tmp_path, flavour):
     base = HfMoeForCausalLM.from_pretrained(src)
     plain = _logits(base)
     if flavour == "peft-target-parameters":
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        )
     else:
         config = lora_config(base, targets=("experts", "attention", "shared_experts"), r=4)
     peft_model = _random_adapter(base, config, tmp_path / "adapter", seed=1)
@@ -423,7 +526,9 @@ def test_merge_adapter_matches_peft_model(tmp_path, flavour):
 
 def test_cli_export_import_and_refusal(tmp_path, capsys):
     src = build_tiny_for_target("qwen3_moe", tmp_path / "src")
-    assert main(["export", str(src), str(tmp_path / "native"), "--to", "qwen3_moe", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(["export", str(src), str(tmp_path / "native"), "--to", "qwen3_moe", "--dtype", "bfloat16"]) == 0
+    )
     assert json.loads((tmp_path / "native" / "config.json").read_text())["dtype"] == "bfloat16"
     assert main(["import", str(tmp_path / "native"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "config.json").is_file()

@@ -21,10 +21,10 @@ from hf_moe.conversion.io import (
     atomic_output_dir,
     atomic_write,
     check_out_dir,
-    recover_output,
     copy_tokenizer_files,
     parse_size,
     read_safetensors_header,
+    recover_output,
     sha256_file,
     write_provenance,
 )
@@ -403,7 +403,9 @@ def test_recovery_after_a_kill_between_the_two_renames(tmp_path):
     assert (out / "weights").read_text() == "old" and _siblings(out) == ["out"]
     # killed after the second rename: the new output is in place, the old one is removed
     old.mkdir()
-    assert recover_output(out) == [old] and (out / "weights").read_text() == "old" and _siblings(out) == ["out"]
+    assert (
+        recover_output(out) == [old] and (out / "weights").read_text() == "old" and _siblings(out) == ["out"]
+    )
 
 
 @pytest.mark.parametrize("swap", [True, False])

@@ -283,8 +283,19 @@ def test_cli_router_init_cheap_embed_matches_the_mergekit_route(models, tmp_path
     config = write_yaml(tmp_path / "moe.yml", mergekit_yaml(models, "cheap_embed"))
     via_yaml = merge_from_mergekit(config, tmp_path / "yaml", progress=False)
     prompts = write_yaml(tmp_path / "prompts.yml", yaml.safe_dump(hf_moe_prompts()))
-    argv = ["merge", str(tmp_path / "cli"), "--base", str(models["base"]), "--router-init", "cheap_embed",
-            "--prompts", str(prompts), "--dtype", "float32", "--no-progress"]
+    argv = [
+        "merge",
+        str(tmp_path / "cli"),
+        "--base",
+        str(models["base"]),
+        "--router-init",
+        "cheap_embed",
+        "--prompts",
+        str(prompts),
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     for ft in models["fts"]:
         argv += ["--expert", str(ft)]
     assert cli_main(argv) == 0

@@ -495,8 +495,10 @@ def test_translate_config_options():
     sliding = translate_config(
         Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
     )["text_config"]
-    assert sliding.layer_types == Qwen2Config(
-        **SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).layer_types  # mixed windows kept
+    assert (
+        sliding.layer_types
+        == Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=7, max_window_layers=1).layer_types
+    )  # mixed windows kept
     with pytest.raises(ValueError, match="mlp_bias"):
         translate_config(LlamaConfig(**SMALL, mlp_bias=True).to_dict())
     with pytest.raises(ValueError, match="not gated"):

@@ -63,7 +63,9 @@ def router_model(router_type: str, seed: int = 0, **overrides) -> HfMoeForCausal
     return model.eval()
 
 
-def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids, output_router_logits=True)
     out.loss.backward()
@@ -163,7 +165,9 @@ def test_experts_implementations_agree(device, dtype, router_type):
     forward and in the gradients; on CUDA in bf16 at least one of them runs the grouped-GEMM kernel."""
     overrides = {"capacity_factor": 0.5} if router_type == "switch" else {}  # dropped tokens included
     base = router_model(router_type, num_experts=8, **overrides).to(device=device, dtype=dtype)
-    flat = torch.randn(64, base.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(3))
+    flat = torch.randn(
+        64, base.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(3)
+    )
     flat = flat.to(device=device, dtype=dtype)
     tol = BF16_OUTPUT_BOUND if dtype == torch.bfloat16 else 1e-5
     kernels_seen: dict[str, list[str]] = {}
@@ -199,7 +203,9 @@ def test_experts_implementations_agree(device, dtype, router_type):
 # ---- generation: with cache == without; attention backends agree --------------------------------------------------
 
 
-@pytest.mark.parametrize("router_type", [r for r in ROUTER_CASES if r != "expert_choice"])  # not causal: no cache
+@pytest.mark.parametrize(
+    "router_type", [r for r in ROUTER_CASES if r != "expert_choice"]
+)  # not causal: no cache
 def test_generate_with_cache_equals_without(device, router_type):
     model = router_model(router_type).to(device)
     model.set_attn_implementation("sdpa")
@@ -279,7 +285,10 @@ def test_fast_lora_matches_target_parameters(device, dtype):
 
     fast = get_peft_model(make(), lora_config(make(), targets=["experts"], r=4, init_lora_weights=False))
     slow = get_peft_model(
-        make(), lora_config(make(), targets=["experts"], r=4, init_lora_weights=False, experts_impl="target_parameters")
+        make(),
+        lora_config(
+            make(), targets=["experts"], r=4, init_lora_weights=False, experts_impl="target_parameters"
+        ),
     )
     num_layers = sum(isinstance(m, FusedExpertsLora) for m in fast.modules())
     assert num_layers > 0 and _copy_fast_to_slow(fast, slow) == 2 * num_layers  # gate_up_proj and down_proj
@@ -306,7 +315,9 @@ def test_fast_lora_matches_target_parameters(device, dtype):
         # PEFT's ParamWrapper adds delta-W into the bf16 weight before the matmul and so rounds twice (logits 0.12
         # and gradients 0.28 off on the CPU); the fast layer adds the low-rank product to the output (0.014).
         out_bound, grad_bound = (
-            (BF16_OUTPUT_BOUND, BF16_GRAD_BOUND) if name == "fast" else (PEFT_BF16_OUTPUT_BOUND, PEFT_BF16_GRAD_BOUND)
+            (BF16_OUTPUT_BOUND, BF16_GRAD_BOUND)
+            if name == "fast"
+            else (PEFT_BF16_OUTPUT_BOUND, PEFT_BF16_GRAD_BOUND)
         )
         assert rel_err(logits, ref_logits) <= out_bound, name
         worst = max(rel_err(g, ref_grads[k]) for k, g in grads.items())
@@ -336,7 +347,9 @@ def test_bf16_training_steps_with_router_losses(device, router_type):
         losses.append(out.loss.item())
         aux.append(out.aux_loss.item())
     assert all(torch.isfinite(torch.tensor(losses + aux)))
-    assert all(a > 0 for a in aux)  # the load-balancing loss is computed (>= 1 at any routing, 1 when balanced)
+    assert all(
+        a > 0 for a in aux
+    )  # the load-balancing loss is computed (>= 1 at any routing, 1 when balanced)
     assert losses[-1] < losses[0] - 0.1, losses  # one fixed batch: training must fit it
     if router_type == "sigmoid_topk":
         for layer in model.model.layers:
@@ -358,17 +371,25 @@ def _dense_llama(path: Path) -> nn.Module:
 
     text = tiny_config().get_text_config()
     config = LlamaConfig(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads, max_position_embeddings=128, tie_word_embeddings=True,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger than the init's values, so a wrong copy shows in the logits
         for name, p in model.named_parameters():
-            p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=generator)) if "norm" in name
-                    else 0.15 * torch.randn(p.shape, generator=generator))
+            p.copy_(
+                (1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+                if "norm" in name
+                else 0.15 * torch.randn(p.shape, generator=generator)
+            )
     model.save_pretrained(path)
     return model
 
@@ -376,10 +397,20 @@ def _dense_llama(path: Path) -> nn.Module:
 @pytest.mark.parametrize("split", ["copy-4x2", "fine-8x4"])
 def test_upcycled_model_is_exact_at_init(device, tmp_path, split):
     dense = _dense_llama(tmp_path / "dense")
-    options = dict(num_experts=4, top_k=2) if split == "copy-4x2" else dict(
-        num_experts=8, top_k=4, granularity=2, router_init="virtual-group")
-    out = upcycle(tmp_path / "dense", tmp_path / "moe", router_type="softmax_topk", progress=False,
-                  require_exact=True, config_overrides={"norm_topk_prob": True}, **options)
+    options = (
+        dict(num_experts=4, top_k=2)
+        if split == "copy-4x2"
+        else dict(num_experts=8, top_k=4, granularity=2, router_init="virtual-group")
+    )
+    out = upcycle(
+        tmp_path / "dense",
+        tmp_path / "moe",
+        router_type="softmax_topk",
+        progress=False,
+        require_exact=True,
+        config_overrides={"norm_topk_prob": True},
+        **options,
+    )
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
     dense = dense.to(device)
     ids = ids_batch(seq=24).to(device)

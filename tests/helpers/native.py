@@ -16,36 +16,75 @@ from hf_moe.modeling.modeling_hf_moe import SigmoidTopKRouter
 from .tiny import TINY
 
 # Shared by all targets: vocab 99, hidden 64, 2 layers, 2 query heads of 32 (GQA: 1 kv head).
-_BASE = {**TINY, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-         "intermediate_size": 96, "moe_intermediate_size": 32}
+_BASE = {
+    **TINY,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+}
 
 # One config per target that exercises its options (shared experts, dense layers, biases, qk-norm, groups).
 TARGET_CONFIGS: dict[str, dict] = {
     # The base decoder of each is the target's dense twin (or the target's own decoder for GLM-4.5).
     "mixtral": {"base_model_type": "mistral", "router_type": "topk_softmax", "sliding_window": 4096},
     "qwen2_moe": {
-        "router_type": "softmax_topk", "norm_topk_prob": False, "num_shared_experts": 1,
-        "shared_expert_intermediate_size": 48, "shared_expert_gate": True, "base_model_type": "qwen2",
-        "num_hidden_layers": 3, "mlp_only_layers": [1], "head_dim": 32,
+        "router_type": "softmax_topk",
+        "norm_topk_prob": False,
+        "num_shared_experts": 1,
+        "shared_expert_intermediate_size": 48,
+        "shared_expert_gate": True,
+        "base_model_type": "qwen2",
+        "num_hidden_layers": 3,
+        "mlp_only_layers": [1],
+        "head_dim": 32,
     },
     "qwen3_moe": {
-        "base_model_type": "qwen3", "router_type": "softmax_topk", "norm_topk_prob": True, "head_dim": 64,
-        "num_hidden_layers": 3, "mlp_only_layers": [0],
+        "base_model_type": "qwen3",
+        "router_type": "softmax_topk",
+        "norm_topk_prob": True,
+        "head_dim": 64,
+        "num_hidden_layers": 3,
+        "mlp_only_layers": [0],
     },
     "glm4_moe": {
-        "router_type": "sigmoid_topk", "num_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
-        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "num_shared_experts": 1,
-        "first_k_dense_replace": 1, "num_hidden_layers": 3, "use_qk_norm": True, "attention_bias": True,
+        "router_type": "sigmoid_topk",
+        "num_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "num_hidden_layers": 3,
+        "use_qk_norm": True,
+        "attention_bias": True,
         "base_model_type": "glm4_moe",
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     },
     "olmoe": {"base_model_type": "olmoe", "router_type": "softmax_topk", "norm_topk_prob": False},
     # Multi-head latent attention (MLA): the base decoder is DeepSeek-V3's own.
     "deepseek_v3": {
-        "base_model_type": "deepseek_v3", "router_type": "sigmoid_topk", "num_experts": 8, "num_experts_per_tok": 3,
-        "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "num_shared_experts": 1,
-        "first_k_dense_replace": 1, "num_hidden_layers": 3, "q_lora_rank": 16, "kv_lora_rank": 16,
-        "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32, "head_dim": 16,
+        "base_model_type": "deepseek_v3",
+        "router_type": "sigmoid_topk",
+        "num_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "num_hidden_layers": 3,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 32,
+        "head_dim": 16,
     },
 }
 

@@ -32,12 +32,18 @@ BAD = {
     "negative-scaling": ({**SIGMOID, "routed_scaling_factor": -2.0}, "routed_scaling_factor"),
     "nan-init-range": ({"initializer_range": NAN}, "text_config.initializer_range"),
     "negative-init-range": ({"initializer_range": -0.1}, "text_config.initializer_range"),
-    "nan-rope-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": NAN}},
-                       "text_config.rope_parameters.rope_theta"),
-    "negative-rope-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
-                            "text_config.rope_parameters.rope_theta"),
-    "bogus-rope-type": ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}},
-                        "text_config.rope_parameters.rope_type"),
+    "nan-rope-theta": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": NAN}},
+        "text_config.rope_parameters.rope_theta",
+    ),
+    "negative-rope-theta": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+        "text_config.rope_parameters.rope_theta",
+    ),
+    "bogus-rope-type": (
+        {"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}},
+        "text_config.rope_parameters.rope_type",
+    ),
     "nan-aux-coef": ({"router_aux_loss_coef": NAN}, "router_aux_loss_coef"),
     "nan-z-coef": ({"router_z_loss_coef": NAN}, "router_z_loss_coef"),
     "kv-heads-zero": ({"num_key_value_heads": 0}, "num_key_value_heads"),
@@ -81,8 +87,11 @@ def test_expert_choice_defaults_the_cache_off_and_refuses_an_explicit_cache():
 # --- generated configs ----------------------------------------------------------------------------------------
 
 _NUMBERS = st.one_of(
-    st.integers(-4, 64), st.sampled_from([NAN, INF, -INF, 0.0, -0.5, 1e-6, 0.02, 1.25, 1e30]), st.none(),
-    st.sampled_from(["8", "silu", "", "gelu_pytorch_tanh"]), st.booleans(),
+    st.integers(-4, 64),
+    st.sampled_from([NAN, INF, -INF, 0.0, -0.5, 1e-6, 0.02, 1.25, 1e30]),
+    st.none(),
+    st.sampled_from(["8", "silu", "", "gelu_pytorch_tanh"]),
+    st.booleans(),
 )
 _FIELDS = {
     "hidden_size": st.sampled_from([32, 0, -32, 33, "32", NAN]),
@@ -92,8 +101,9 @@ _FIELDS = {
     "num_experts_per_tok": _NUMBERS,
     "moe_intermediate_size": _NUMBERS,
     "num_shared_experts": _NUMBERS,
-    "router_type": st.sampled_from(["topk_softmax", "softmax_topk", "sigmoid_topk", "noisy_topk", "switch",
-                                    "expert_choice", "hash", ""]),
+    "router_type": st.sampled_from(
+        ["topk_softmax", "softmax_topk", "sigmoid_topk", "noisy_topk", "switch", "expert_choice", "hash", ""]
+    ),
     "capacity_factor": _NUMBERS,
     "router_jitter_noise": _NUMBERS,
     "n_group": _NUMBERS,

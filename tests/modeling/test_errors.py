@@ -4,10 +4,9 @@ import importlib
 import shutil
 
 import pytest
-from transformers import LlamaModel
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaModel
 
 import hf_moe
 from hf_moe import HfMoeConfig, HfMoeForCausalLM, HfMoeModel
@@ -186,7 +185,10 @@ def test_auto_config_for_model():
     model = AutoModelForCausalLM.from_config(config)
     # The decoder is the base family's own (Llama here), presented as the hf_moe base model.
     assert isinstance(model, HfMoeForCausalLM) and isinstance(model.model, HfMoeModel)
-    assert isinstance(model.model.hf_moe_base, LlamaModel) and model.model.layers is model.model.hf_moe_base.layers
+    assert (
+        isinstance(model.model.hf_moe_base, LlamaModel)
+        and model.model.layers is model.model.hf_moe_base.layers
+    )
     assert isinstance(AutoModel.from_config(config), HfMoeModel)
 
 

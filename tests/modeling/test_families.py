@@ -32,8 +32,12 @@ SMALL = dict(
 FAMILY_EXTRA: dict[str, dict] = {
     "gemma2": {"sliding_window": 4, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
     "gemma3_text": {"sliding_window": 4, "sliding_window_pattern": 2},
-    "granite": {"embedding_multiplier": 2.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
-                "attention_multiplier": 0.2},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "logits_scaling": 4.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2,
+    },
     "cohere": {"logit_scale": 0.5},
     "cohere2": {"sliding_window": 4},
     "mistral": {"sliding_window": 4},
@@ -47,7 +51,9 @@ OPTIONS = {
     "split": dict(num_experts=4, top_k=2, granularity=2),
     "shared": dict(num_experts=4, top_k=2, num_shared_experts=1, drop_ratio=0.0),
 }
-INPUT_IDS = torch.tensor([[1, 5, 17, 42, 8, 93, 23, 4, 61, 11, 7, 30], [1, 88, 3, 3, 64, 12, 29, 50, 9, 70, 2, 6]])
+INPUT_IDS = torch.tensor(
+    [[1, 5, 17, 42, 8, 93, 23, 4, 61, 11, 7, 30], [1, 88, 3, 3, 64, 12, 29, 50, 9, 70, 2, 6]]
+)
 
 
 def _dense(family: str, path):
@@ -66,7 +72,9 @@ def _dense(family: str, path):
 @pytest.mark.parametrize("family", sorted(SOURCES))
 def test_upcycle_is_exact_at_init(tmp_path, family, option):
     dense = _dense(family, tmp_path / "dense")
-    out = hf_moe.upcycle(tmp_path / "dense", tmp_path / "moe", **OPTIONS[option], require_exact=True, progress=False)
+    out = hf_moe.upcycle(
+        tmp_path / "dense", tmp_path / "moe", **OPTIONS[option], require_exact=True, progress=False
+    )
     moe = HfMoeForCausalLM.from_pretrained(out).eval()
     assert moe.config.get_text_config().model_type == family
     assert all(hasattr(layer.mlp, "experts") for layer in moe.model.layers)
@@ -106,7 +114,7 @@ assert type(model).__module__.startswith("transformers_modules"), type(model).__
 ids = torch.tensor({INPUT_IDS.tolist()})
 with torch.no_grad():
     got = model(ids).logits
-torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}))
+torch.testing.assert_close(got, torch.load({str(tmp_path / "expected.pt")!r}))
 prompt = ids[1:, :6]
 a = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
 b = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=False)

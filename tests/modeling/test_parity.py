@@ -282,7 +282,9 @@ def test_mistral_sliding_window_is_not_full_attention():
     """The Mistral parity is only meaningful if the window changes the result on that sequence."""
     native_config = MistralConfig(**BASE, sliding_window=4)
     native = _native(MistralForCausalLM, native_config)
-    windowless = _single_expert(MistralConfig(**BASE, sliding_window=None))  # the same decoder, full attention
+    windowless = _single_expert(
+        MistralConfig(**BASE, sliding_window=None)
+    )  # the same decoder, full attention
     ours = _load(windowless, dense_state_dict_to_single_expert(native.state_dict()))
     with pytest.raises(AssertionError):
         _assert_same_logits(native, ours, seq=12)

@@ -23,7 +23,9 @@ from tests.helpers.tiny import tiny_router_config
 
 
 def test_import_hf_moe_does_not_import_vllm():
-    code = "import sys, hf_moe, hf_moe.serving.serve, hf_moe.serving.vllm_plugin; print('vllm' in sys.modules)"
+    code = (
+        "import sys, hf_moe, hf_moe.serving.serve, hf_moe.serving.vllm_plugin; print('vllm' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 
@@ -74,21 +76,36 @@ def test_plugin_route_when_no_native_target_fits(tmp_path):
 def test_refused_router_fails_before_vllm_starts(tmp_path):
     from hf_moe import HfMoeForCausalLM
 
-    HfMoeForCausalLM(tiny_target_config("mixtral", router_type="expert_choice", use_cache=False)).save_pretrained(
-        tmp_path / "m"
-    )
+    HfMoeForCausalLM(
+        tiny_target_config("mixtral", router_type="expert_choice", use_cache=False)
+    ).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="expert_choice"):
         plan_serve(tmp_path / "m", route="plugin")
 
 
 def test_cli_dry_run(tmp_path, capsys):
     src = build_tiny_for_target("mixtral", tmp_path / "m")
-    code = main(["serve", str(src), "--port", "8111", "--dry-run", "--cache-dir", str(tmp_path / "c"),
-                 "--vllm-args", "--max-model-len 64"])
+    code = main(
+        [
+            "serve",
+            str(src),
+            "--port",
+            "8111",
+            "--dry-run",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--vllm-args",
+            "--max-model-len 64",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "would export" in out and "mixtral" in out
-    assert "vllm.entrypoints.openai.api_server" in out and "--port 8111" in out and out.count("--max-model-len 64") == 1
+    assert (
+        "vllm.entrypoints.openai.api_server" in out
+        and "--port 8111" in out
+        and out.count("--max-model-len 64") == 1
+    )
     assert "http://127.0.0.1:8111/v1" in out
     assert not (tmp_path / "c").exists(), "a dry run writes nothing"
     assert main(["serve", str(src), "--plugin", "--dry-run"]) == 0
@@ -174,7 +191,8 @@ def test_cli_dry_run_says_dtype_and_export_cache(tmp_path, capsys):
 _SERVER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
     stubborn = sys.argv[2] == "stubborn"
-    worker_code = "import signal, time\\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if stubborn else "") + "time.sleep(600)"
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if stubborn else ""
+    worker_code = "import signal, time\\n" + ignore + "time.sleep(600)"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker = subprocess.Popen([sys.executable, "-c", worker_code])
@@ -210,12 +228,15 @@ def _wait_for(path: Path, timeout_s: float = 120.0) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
-@pytest.mark.parametrize("signum, behaviour", [(signal.SIGTERM, "polite"), (signal.SIGINT, "polite"),
-                                               (signal.SIGTERM, "stubborn")])
+@pytest.mark.parametrize(
+    "signum, behaviour", [(signal.SIGTERM, "polite"), (signal.SIGINT, "polite"), (signal.SIGTERM, "stubborn")]
+)
 def test_signal_to_serve_stops_the_whole_server(tmp_path, signum, behaviour):
     pids_file = tmp_path / "pids"
-    serve = subprocess.Popen([sys.executable, "-c", _SERVE, _SERVER, str(pids_file), behaviour],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    serve = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, _SERVER, str(pids_file), behaviour],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         server, worker = map(int, _wait_for(pids_file).split())
         assert _running(server) and _running(worker)

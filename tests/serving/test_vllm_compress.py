@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)"
+)
 
 import json  # noqa: E402
 
@@ -26,8 +28,16 @@ pytestmark = pytest.mark.vllm
 def test_compressed_native_matches_transformers(request, tmp_path, target, merge):
     src = build_tiny_for_target(target, tmp_path / "hf_moe", with_tokenizer=True)
     native = export(src, tmp_path / target, to=target)
-    out = compress(native, tmp_path / "compressed", keep=0.5, method="frequency" if merge else "reap",
-                   merge=merge, calib=[" ".join(CORPUS) * 8], calib_tokens=256, progress=False)
+    out = compress(
+        native,
+        tmp_path / "compressed",
+        keep=0.5,
+        method="frequency" if merge else "reap",
+        merge=merge,
+        calib=[" ".join(CORPUS) * 8],
+        calib_tokens=256,
+        progress=False,
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == target
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

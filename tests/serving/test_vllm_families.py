@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)"
+)
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
@@ -21,16 +23,29 @@ from .vllm_helpers import assert_same_greedy, close_llm, hf_greedy, make_llm, vl
 pytestmark = pytest.mark.vllm
 
 # Head dims of 32: what vLLM's CPU attention accepts.
-DENSE = dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=32, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2)
+DENSE = dict(
+    vocab_size=99,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILY_EXTRA = {"gemma3_text": {"sliding_window": 4, "query_pre_attn_scalar": 32}}
 # vLLM 0.32 (CPU) runs the Gemma-3-based model through its Transformers backend without error, but the outputs
 # differ from transformers (window 4: same greedy tokens, log-probs 1.3e-2 apart; window 64: different tokens).
 # Not the scaled word embedding: keeping Gemma's embed_scale on vLLM's replacement embedding left the gap unchanged.
 # Not resolved here; serve Gemma-based upcycles with transformers until then.
-GEMMA_XFAIL = pytest.mark.xfail(strict=True, reason="vLLM 0.32 Transformers backend differs from transformers on "
-                                "Gemma-3 bases (see the comment above FAMILY_EXTRA)")
+GEMMA_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="vLLM 0.32 Transformers backend differs from transformers on "
+    "Gemma-3 bases (see the comment above FAMILY_EXTRA)",
+)
 
 
 def _upcycled(tmp_path, family: str, **options):
@@ -43,8 +58,9 @@ def _upcycled(tmp_path, family: str, **options):
                 param.add_(0.1 * torch.randn_like(param))
     dense.save_pretrained(tmp_path / "dense")
     build_tiny_tokenizer(tmp_path / "dense", vocab_size=DENSE["vocab_size"])
-    out = hf_moe.upcycle(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, progress=False, seed=1,
-                         **options)
+    out = hf_moe.upcycle(
+        tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, progress=False, seed=1, **options
+    )
     model = HfMoeForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():  # spread the routers so top-k choices are far from ties
         for layer in model.model.layers:

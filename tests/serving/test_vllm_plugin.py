@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)"
+)
 
 import torch  # noqa: E402
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)"
+)
 
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -69,19 +71,38 @@ def test_openai_server_serves_hf_moe_through_plugin(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
 
     port = _free_port()
-    plan = plan_serve(tmp_path / "model", route="plugin", port=port, kv_cache_bytes=KV_CACHE_BYTES,
-                      extra_args=["--enforce-eager", "--max-model-len", "128"])
+    plan = plan_serve(
+        tmp_path / "model",
+        route="plugin",
+        port=port,
+        kv_cache_bytes=KV_CACHE_BYTES,
+        extra_args=["--enforce-eager", "--max-model-len", "128"],
+    )
     assert plan.route == "plugin"
-    assert plan.command[plan.command.index("--dtype") + 1] == "float32"  # the checkpoint's, as transformers loads it
+    assert (
+        plan.command[plan.command.index("--dtype") + 1] == "float32"
+    )  # the checkpoint's, as transformers loads it
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(plan.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **plan.env})
+    server = subprocess.Popen(
+        plan.command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **plan.env},
+    )
     try:
         _wait_ready(server, port, tmp_path / "server.log")
-        reply = _post(f"{plan.url}/completions", {
-            "model": "model", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True,
-        })
+        reply = _post(
+            f"{plan.url}/completions",
+            {
+                "model": "model",
+                "prompt": PROMPTS[0],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -142,9 +163,20 @@ def test_sigterm_to_hf_moe_serve_frees_the_port_and_leaves_no_process(tmp_path):
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
     serve = subprocess.Popen(
-        [hf_moe, "serve", str(tmp_path / "model"), "--plugin", "--port", str(port), "--kv-cache-bytes",
-         str(KV_CACHE_BYTES), "--vllm-args", "--enforce-eager --max-model-len 128"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            hf_moe,
+            "serve",
+            str(tmp_path / "model"),
+            "--plugin",
+            "--port",
+            str(port),
+            "--kv-cache-bytes",
+            str(KV_CACHE_BYTES),
+            "--vllm-args",
+            "--enforce-eager --max-model-len 128",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     server: set[int] = set()
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; run scripts/run_vllm_tests.sh (the .venv-vllm venv)"
+)
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -21,8 +23,16 @@ MAX_TOKENS = 24
 
 
 def test_upcycled_smollm2_served_by_vllm_matches_transformers(tmp_path, smollm2_dir):
-    moe = upcycle(smollm2_dir, tmp_path / "moe", num_experts=4, top_k=2, router_type="topk_softmax",
-                  noise_std=0.05, seed=0, progress=False)  # noisy copies: the experts differ, routing matters
+    moe = upcycle(
+        smollm2_dir,
+        tmp_path / "moe",
+        num_experts=4,
+        top_k=2,
+        router_type="topk_softmax",
+        noise_std=0.05,
+        seed=0,
+        progress=False,
+    )  # noisy copies: the experts differ, routing matters
     native = export(moe, tmp_path / "mixtral", to="mixtral")
     tokenizer = AutoTokenizer.from_pretrained(native)
     prompt = tokenizer(PROMPT)["input_ids"]

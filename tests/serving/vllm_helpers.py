@@ -34,8 +34,13 @@ def make_llm(model_dir: str | Path, **kwargs):
     from vllm import LLM
 
     options = dict(
-        model=str(model_dir), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES,
-        max_model_len=128, max_num_seqs=8, seed=0,
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        max_model_len=128,
+        max_num_seqs=8,
+        seed=0,
     )
     return LLM(**{**options, **kwargs})
 
@@ -82,11 +87,16 @@ def hf_greedy(model, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[Gree
     for prompt in prompts:
         ids = torch.tensor([list(prompt)])
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), generation_config=config, output_logits=True,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            output_logits=True,
             return_dict_in_generate=True,
         )
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
-        logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)]
+        tokens = out.sequences[0, ids.shape[1] :].tolist()
+        logprobs = [
+            torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)
+        ]
         results.append(Greedy(tokens, logprobs))
     return results
 

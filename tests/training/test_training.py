@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_moe import HfMoeForCausalLM
 from hf_moe.training import MoeTrainerCallback, RouterMonitor, update_router_biases
 from tests.helpers.tiny import tiny_model, tiny_router_config
-from hf_moe import HfMoeForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,9 @@ def _byte_dataset(text: str, seq_len: int, n: int) -> list[dict]:
     return [{"input_ids": r, "labels": r.clone(), "attention_mask": torch.ones_like(r)} for r in rows]
 
 
-def test_trainer_callback_logs_router_metrics_and_updates_bias_once_per_step(tmp_path, shakespeare_train_text):
+def test_trainer_callback_logs_router_metrics_and_updates_bias_once_per_step(
+    tmp_path, shakespeare_train_text
+):
     config = tiny_router_config("sigmoid_topk", router_bias_update_rate=0.01, output_router_logits=True)
     torch.manual_seed(0)
     model = HfMoeForCausalLM(config)
@@ -70,7 +72,12 @@ def test_trainer_callback_logs_router_metrics_and_updates_bias_once_per_step(tmp
         disable_tqdm=True,
     )
     bias_before = [m.gate.e_score_correction_bias.clone() for m in model.modules() if hasattr(m, "gate")]
-    trainer = Trainer(model=model, args=args, train_dataset=_byte_dataset(shakespeare_train_text, 16, 12), callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_byte_dataset(shakespeare_train_text, 16, 12),
+        callbacks=[callback],
+    )
     trainer.train()
     assert model.config.router_bias_update == "manual"
     assert callback.bias_updates == 3  # one per optimizer step, not one per micro-batch
@@ -82,7 +89,14 @@ def test_trainer_callback_logs_router_metrics_and_updates_bias_once_per_step(tmp
     logged = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logged) == 3
     for row in logged:
-        for key in ("moe/aux_loss", "moe/z_loss", "moe/load_cv", "moe/dropped", "moe/entropy", "moe/layer_0/load_cv"):
+        for key in (
+            "moe/aux_loss",
+            "moe/z_loss",
+            "moe/load_cv",
+            "moe/dropped",
+            "moe/entropy",
+            "moe/layer_0/load_cv",
+        ):
             assert key in row, key
 
 
@@ -113,7 +127,19 @@ def _free_port() -> int:
 
 def _run_train(tmp_path: Path, name: str, processes: int, *extra: str) -> list[float]:
     log = tmp_path / f"{name}.jsonl"
-    args = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--router", "sigmoid_topk", "--log-file", str(log), *extra]
+    args = [
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--router",
+        "sigmoid_topk",
+        "--log-file",
+        str(log),
+        *extra,
+    ]
     if processes == 1:
         cmd = [sys.executable, str(ROOT / "examples" / "train.py"), *args]
     else:

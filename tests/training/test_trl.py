@@ -32,7 +32,9 @@ def shakespeare_lines(shakespeare_heldout_text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, shakespeare_lines):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=VOCAB, corpus=tuple(shakespeare_lines))
+    return build_tiny_tokenizer(
+        tmp_path_factory.mktemp("tok"), vocab_size=VOCAB, corpus=tuple(shakespeare_lines)
+    )
 
 
 def _dataset(lines: list[str], n: int) -> Dataset:
@@ -49,18 +51,31 @@ def _config(tmp_path: Path, steps: int, **overrides) -> SFTConfig:
 
 def _model(router_type: str, **overrides) -> HfMoeForCausalLM:
     torch.manual_seed(0)
-    config = tiny_router_config(router_type, vocab_size=VOCAB, output_router_logits=True, router_aux_loss_coef=0.05,
-                                router_z_loss_coef=0.01, **overrides)
+    config = tiny_router_config(
+        router_type,
+        vocab_size=VOCAB,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+        router_z_loss_coef=0.01,
+        **overrides,
+    )
     return HfMoeForCausalLM(config)
 
 
-def test_sft_trainer_logs_router_metrics_and_optimises_hf_moe_router_losses(tmp_path, tokenizer, shakespeare_lines):
+def test_sft_trainer_logs_router_metrics_and_optimises_hf_moe_router_losses(
+    tmp_path, tokenizer, shakespeare_lines
+):
     # sigmoid_topk with group-limited routing: TRL's own balancing term (Mixtral's, recomputed with a softmax
     # top-k from the logits) is not the loss of this router, and TRL has no z-loss.
     model = _model("sigmoid_topk", router_bias_update_rate=0.01)
     callback = MoeTrainerCallback(per_layer=True)
-    trainer = SFTTrainer(model=model, args=_config(tmp_path, 3), train_dataset=_dataset(shakespeare_lines, 12),
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=_config(tmp_path, 3),
+        train_dataset=_dataset(shakespeare_lines, 12),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     trl_forward = model.forward  # TRL's fused-LM-head forward, before the callback wraps it
     trainer.train()
 
@@ -78,8 +93,12 @@ def test_sft_trainer_logs_router_metrics_and_optimises_hf_moe_router_losses(tmp_
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with torch.no_grad():
         trl_loss = trainer.compute_loss(model, dict(batch))
-        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    output_router_logits=True)
+        own = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            output_router_logits=True,
+        )
         assert own.aux_loss > 0 and own.z_loss > 0
         torch.testing.assert_close(trl_loss, own.loss, rtol=1e-5, atol=1e-6)
         # TRL's forward alone gets it wrong: its loss misses the z-loss and uses another balancing term.
@@ -93,8 +112,14 @@ def test_sft_trainer_with_lora_preset_trains_the_fast_experts_layer(tmp_path, to
     experts_before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     peft_config = lora_config(model, targets=["experts", "attention"], r=4, alpha=8)
     callback = MoeTrainerCallback()
-    trainer = SFTTrainer(model=model, args=_config(tmp_path, 4), train_dataset=_dataset(shakespeare_lines, 12),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=_config(tmp_path, 4),
+        train_dataset=_dataset(shakespeare_lines, 12),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     trainer.train()
 
     assert callback.router_losses_installed
@@ -121,9 +146,28 @@ def test_trl_example_runs(tmp_path, tokenizer, shakespeare_lines):
     finally:
         sys.path.pop(0)
     out = tmp_path / "out"
-    summary = trl_sft.main(["--model", str(model_dir), "--out", str(out), "--text", str(text), "--steps", "3",
-                            "--batch-size", "2", "--max-length", "48", "--chunk-chars", "200", "--lora", "experts",
-                            "--rank", "4"])
+    summary = trl_sft.main(
+        [
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--text",
+            str(text),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "48",
+            "--chunk-chars",
+            "200",
+            "--lora",
+            "experts",
+            "--rank",
+            "4",
+        ]
+    )
     assert summary["steps"] == 3 and summary["router_losses_in_loss"] and summary["lora"]
     history = json.loads((out / "log_history.json").read_text())
     assert all(key in row for row in history if "loss" in row for key in MOE_KEYS)
