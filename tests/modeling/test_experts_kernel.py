@@ -280,3 +280,23 @@ def test_block_compiles_without_graph_breaks():
     with torch.no_grad():
         one = torch.randn(1, 1, config.hidden_size)
         torch.testing.assert_close(compiled(one), block(one), **FP32)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_weights_at_unaligned_address(implementation: str):
+    """Weights loaded from safetensors start at any 4-byte offset; the grouped GEMM takes them (torch >= 2.11)."""
+    reference = make_experts("eager")
+    fast = with_implementation(reference, implementation)
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(reference, name).detach()
+        storage = torch.empty(weight.numel() + 1)
+        shifted = storage[1:].view_as(weight).copy_(weight)  # base address 4 bytes past an aligned one
+        setattr(fast, name, torch.nn.Parameter(shifted))
+    assert fast.gate_up_proj.data_ptr() % 16 != 0
+    index, weights = make_routing(64, 2, sentinels=True)
+    x = torch.randn(64, reference.hidden_dim)
+    grad_out = torch.randn(64, reference.hidden_dim)
+    expected, expected_grads = run_with_grads(lambda m, x, w: m(x, index, w), reference, x, weights, grad_out)
+    actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), fast, x, weights, grad_out)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert_grads_close(actual_grads, expected_grads, implementation)
