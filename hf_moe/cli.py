@@ -827,8 +827,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'hf-moe[plot]'")
+    model_dir = _model(args, args.model_dir)
     stats = inspect_routing(
-        _model(args, args.model_dir),
+        model_dir,
         text_path.read_text(encoding="utf-8", errors="replace"),
         tokenizer_dir=args.tokenizer and _model(args, args.tokenizer, weights=False),
         max_tokens=args.max_tokens,
@@ -836,6 +837,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(stats.format_table())
+    from .compression import compression_table
+
+    history = compression_table(model_dir)  # which experts `hf-moe compress` removed or merged, per layer
+    if history:
+        print(history)
     if args.json:
         Path(args.json).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
         print(f"statistics: {args.json}")

@@ -935,3 +935,35 @@ __all__ = [
     "merge_plan",
     "prune_plan",
 ]
+
+
+def compression_table(model_dir: str | os.PathLike) -> str | None:
+    """Per layer, which experts a compression removed or merged (from the folder's provenance), as a text table for
+    `hf-moe inspect`; None when the folder was not made by `compress`.
+
+    Args:
+        model_dir: a checkpoint folder.
+    Returns:
+        The table, or None.
+    """
+    path = Path(model_dir) / PROVENANCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    c = record.get("compression") if isinstance(record, dict) else None
+    if not isinstance(c, dict) or not isinstance(c.get("layers"), dict):
+        return None
+    kind = "merged" if c.get("merge") else "pruned"
+    lines = [
+        f"compressed ({kind}, {c.get('method')}): {c.get('experts_before')} -> {c.get('experts_after')} experts per "
+        f"layer, top-{c.get('top_k_before')} -> top-{c.get('top_k_after')}",
+        f"{'layer':>5}  {'removed':<24} merged (new <- old)",
+    ]
+    for layer, info in c["layers"].items():
+        merged = "; ".join(f"{new} <- {old}" for new, old in (info.get("merged") or {}).items()) or "-"
+        removed = ", ".join(str(e) for e in info.get("removed") or []) or "-"
+        lines.append(f"{layer:>5}  {removed:<24} {merged}")
+    return "\n".join(lines)

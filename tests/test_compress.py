@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -330,6 +332,23 @@ def test_cli_and_lazy_export(hf_moe_dir, tmp_path):
     )
     assert HfMoeForCausalLM.from_pretrained(tmp_path / "cli").config.num_experts == 4
     assert hf_moe.compress is compress
+
+    # `hf-moe inspect` shows, per layer, which experts were removed.
+    provenance = json.loads((tmp_path / "cli" / "hf_moe_provenance.json").read_text())
+    layers = provenance["compression"]["layers"]
+    (tmp_path / "text.txt").write_text(" ".join(CORPUS) * 3)
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_moe.cli", "inspect", str(tmp_path / "cli"), "--text", str(tmp_path / "text.txt"),
+         "--max-tokens", "32", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compressed (pruned, frequency): 8 -> 4 experts per layer" in done.stdout
+    for layer, info in layers.items():
+        removed = ", ".join(str(e) for e in info["removed"])
+        assert any(line.split()[:1] == [layer] and removed in line for line in done.stdout.splitlines()), (
+            layer
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
