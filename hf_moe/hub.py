@@ -301,7 +301,9 @@ def _base_models(provenance: dict | None, depth: int = 0) -> list[str]:
         return [i for i in ids if _hub_repo_id(i)]
     ids: list[str] = []
     source = provenance.get("source")
-    if isinstance(source, dict):
+    if isinstance(source, dict) and _hub_repo_id(source.get("repo_id")):
+        ids.append(source["repo_id"])  # resolved from the Hub: the repo id and commit are recorded
+    elif isinstance(source, dict):
         ids += _folder_hub_ids(source.get("path"), depth)
     for expert in provenance.get("experts") or []:
         if isinstance(expert, dict):

@@ -97,6 +97,10 @@ def test_upcycle_a_repo_id_end_to_end(hub, dense_dirs, tmp_path, capsys) -> None
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
     assert (out / "tokenizer.json").is_file()  # copied from the snapshot
+    # Provenance names the repo and commit (not only the cache path), and the card takes base_model from it.
+    source = json.loads((out / "hf_moe_provenance.json").read_text())["source"]
+    assert (source["repo_id"], source["revision"]) == ("alice/tiny-llama", shas["main"])
+    assert "base_model: alice/tiny-llama" in (out / "README.md").read_text()
 
 
 def os_hf_home(tmp_path: Path) -> Path:

@@ -1025,8 +1025,16 @@ def write_provenance(
         path = Path(path)
         key = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
         files[key] = (checksums or {}).get(str(path)) or sha256_file(path)
+    source_record: dict[str, Any] = {
+        "path": str(root.resolve()),
+        "model_type": model_type,
+        "files_sha256": files,
+    }
+    from ..hub_ids import hub_origin  # stdlib-only module; a Hub download is recorded as repo id + commit
+
+    source_record.update(hub_origin(root) or {})
     record = {
-        "source": {"path": str(root.resolve()), "model_type": model_type, "files_sha256": files},
+        "source": source_record,
         "method": method,
         "options": options,
         "versions": package_versions(),
