@@ -128,7 +128,11 @@ def inspect_routing(
 
     layers = model.model.layers
     with tqdm(total=len(layers), desc=f"routing {len(ids)} tokens", unit="layer") as bar:
-        hooks = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+
+        def advance(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
+            bar.update(1)
+
+        hooks = [layer.register_forward_hook(advance) for layer in layers]
         try:
             return routing_statistics_for_ids(
                 model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id
