@@ -68,25 +68,33 @@ def run_kind(kind: str, args) -> list[dict]:
     models = {"dense": load(dirs["dense"]), "mixtral": load(dirs["mixtral"]), "hf_moe": load(dirs["hf_moe"])}
     static = {}
     if args.compile:
-        static = {"hf_moe compiled": compiled(load(dirs["hf_moe"])), "dense compiled": compiled(load(dirs["dense"]))}
+        static = {
+            "hf_moe compiled": compiled(load(dirs["hf_moe"])),
+            "dense compiled": compiled(load(dirs["dense"])),
+        }
     rows = []
     for batch in args.batch:
         ids = text_batch(batch, args.prompt_len)
-        cases = {**{n: (m, {}) for n, m in models.items()},
-                 **{n: (m, {"cache_implementation": "static"}) for n, m in static.items()}}
+        cases = {
+            **{n: (m, {}) for n, m in models.items()},
+            **{n: (m, {"cache_implementation": "static"}) for n, m in static.items()},
+        }
         rates: dict[str, list[float]] = {name: [] for name in cases}
         outputs = {}
         with torch.no_grad():
-            for name, (model, kwargs) in cases.items():  # warm-up (and compilation)
+            for model, kwargs in cases.values():  # warm-up (and compilation)
                 timed_generate(model, ids, 2, **kwargs)
             names = list(cases)
             for r in range(args.rounds):
-                for name in names[r % len(names):] + names[: r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     model, kwargs = cases[name]
                     rate, outputs[name] = decode_rate(model, ids, args.new_tokens, **kwargs)
                     rates[name].append(rate)
-                print(f"{kind} batch {batch} round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()),
-                      flush=True)
+                print(
+                    f"{kind} batch {batch} round {r + 1}: "
+                    + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()),
+                    flush=True,
+                )
         row = {"kind": kind, "batch": batch, **{n: statistics.median(v) for n, v in rates.items()}}
         # Same weights, same greedy decoding: hf_moe and Mixtral should agree token for token.
         row["same_as_mixtral"] = float((outputs["hf_moe"] == outputs["mixtral"]).float().mean())
@@ -113,15 +121,26 @@ def profile_decode(kind: str, batch: int, prompt_len: int, steps: int = 4) -> st
             model(next_ids, past_key_values=cache, use_cache=True)  # warm-up
             with torch.profiler.profile() as prof:
                 for _ in range(steps):
-                    next_ids = model(next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    next_ids = (
+                        model(next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    )
         per = steps * layers
         stats[name] = {e.key: (e.count / per, e.self_cpu_time_total / per) for e in prof.key_averages()}
-        stats[name]["total"] = (sum(c for c, _ in stats[name].values()), sum(t for _, t in stats[name].values()))
+        stats[name]["total"] = (
+            sum(c for c, _ in stats[name].values()),
+            sum(t for _, t in stats[name].values()),
+        )
         del model
         gc.collect()
-    keys = sorted(set().union(*stats.values()) - {"total"},
-                  key=lambda k: -max(abs(stats["hf_moe"].get(k, (0, 0))[1] - stats["dense"].get(k, (0, 0))[1]),
-                                     abs(stats["hf_moe"].get(k, (0, 0))[0] - stats["dense"].get(k, (0, 0))[0])))
+    keys = sorted(
+        set().union(*stats.values()) - {"total"},
+        key=lambda k: (
+            -max(
+                abs(stats["hf_moe"].get(k, (0, 0))[1] - stats["dense"].get(k, (0, 0))[1]),
+                abs(stats["hf_moe"].get(k, (0, 0))[0] - stats["dense"].get(k, (0, 0))[0]),
+            )
+        ),
+    )
     header = "| op | dense calls | dense us | Mixtral calls | Mixtral us | hf_moe calls | hf_moe us |"
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for key in ["total"] + keys[:20]:
@@ -134,17 +153,35 @@ def profile_decode(kind: str, batch: int, prompt_len: int, steps: int = 4) -> st
 
 
 def render(rows: list[dict], compile_cols: bool) -> str:
-    header = ["upcycle", "batch", "dense tok/s", "Mixtral tok/s", "hf_moe tok/s", "hf_moe / dense", "hf_moe / Mixtral"]
+    header = [
+        "upcycle",
+        "batch",
+        "dense tok/s",
+        "Mixtral tok/s",
+        "hf_moe tok/s",
+        "hf_moe / dense",
+        "hf_moe / Mixtral",
+    ]
     if compile_cols:
         header += ["dense compiled tok/s", "hf_moe compiled tok/s", "compile gain (hf_moe)"]
     header.append("tokens equal to Mixtral's")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["kind"], str(r["batch"]), f"{r['dense']:.1f}", f"{r['mixtral']:.1f}", f"{r['hf_moe']:.1f}",
-                 f"{r['hf_moe'] / r['dense']:.2f}x", f"{r['hf_moe'] / r['mixtral']:.2f}x"]
+        cells = [
+            r["kind"],
+            str(r["batch"]),
+            f"{r['dense']:.1f}",
+            f"{r['mixtral']:.1f}",
+            f"{r['hf_moe']:.1f}",
+            f"{r['hf_moe'] / r['dense']:.2f}x",
+            f"{r['hf_moe'] / r['mixtral']:.2f}x",
+        ]
         if compile_cols:
-            cells += [f"{r['dense compiled']:.1f}", f"{r['hf_moe compiled']:.1f}",
-                      f"{r['hf_moe compiled'] / r['hf_moe']:.2f}x"]
+            cells += [
+                f"{r['dense compiled']:.1f}",
+                f"{r['hf_moe compiled']:.1f}",
+                f"{r['hf_moe compiled'] / r['hf_moe']:.2f}x",
+            ]
         cells.append(f"{100 * r['same_as_mixtral']:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -155,11 +192,15 @@ def verdict(rows: list[dict]) -> str:
     for r in rows:
         if r["kind"] == "equal-active" and r["batch"] in DENSE_TARGETS:
             bound, ratio = DENSE_TARGETS[r["batch"]], r["hf_moe"] / r["dense"]
-            parts.append(f"{r['kind']} batch {r['batch']} vs dense {ratio:.2f}x (>= {bound}x: "
-                         f"{'met' if ratio >= bound else 'missed'})")
+            parts.append(
+                f"{r['kind']} batch {r['batch']} vs dense {ratio:.2f}x (>= {bound}x: "
+                f"{'met' if ratio >= bound else 'missed'})"
+            )
         ratio = r["hf_moe"] / r["mixtral"]
-        parts.append(f"{r['kind']} batch {r['batch']} vs Mixtral {ratio:.2f}x (>= {MIXTRAL_TARGET}x: "
-                     f"{'met' if ratio >= MIXTRAL_TARGET else 'missed'})")
+        parts.append(
+            f"{r['kind']} batch {r['batch']} vs Mixtral {ratio:.2f}x (>= {MIXTRAL_TARGET}x: "
+            f"{'met' if ratio >= MIXTRAL_TARGET else 'missed'})"
+        )
     return "Targets: " + "; ".join(parts) + "."
 
 
@@ -174,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + static cache")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of timing: profile decoding steps (calls and self time per token per layer)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: profile decoding steps (calls and self time per token per layer)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -186,23 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for kind in args.kinds for row in run_kind(kind, args)]
     table = render(rows, args.compile)
     command = "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = "\n".join([
-        "### Decode speed on the real SmolLM2-135M upcycles (fp32, CPU)",
-        "",
-        f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
-        f"Greedy `generate` on real text: {args.prompt_len}-token prompts, {args.new_tokens} new tokens; decode "
-        "tokens/s = batch x (new tokens - 1) / (time of that call - time of a 1-new-token call), the prefill "
-        f"excluded; median of {args.rounds} rounds in rotating order. `equal-active`: 8 experts of half width, "
-        "top-2 (the dense model's active parameters); `copy`: 4 full copies, top-2 (twice the dense MLP per "
-        "token). Mixtral = transformers' `MixtralForCausalLM` on the same weights (`hf-moe export --to mixtral`), "
-        "its default experts implementation; hf_moe with its default (\"hf_moe\").",
-        f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs: "
-        "absolute figures are noisy, ratios within one run less so).",
-        "",
-        table,
-        "",
-        verdict(rows),
-    ])
+    body = "\n".join(
+        [
+            "### Decode speed on the real SmolLM2-135M upcycles (fp32, CPU)",
+            "",
+            f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
+            f"Greedy `generate` on real text: {args.prompt_len}-token prompts, {args.new_tokens} new tokens; decode "
+            "tokens/s = batch x (new tokens - 1) / (time of that call - time of a 1-new-token call), the prefill "
+            f"excluded; median of {args.rounds} rounds in rotating order. `equal-active`: 8 experts of half width, "
+            "top-2 (the dense model's active parameters); `copy`: 4 full copies, top-2 (twice the dense MLP per "
+            "token). Mixtral = transformers' `MixtralForCausalLM` on the same weights (`hf-moe export --to mixtral`), "
+            'its default experts implementation; hf_moe with its default ("hf_moe").',
+            f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs: "
+            "absolute figures are noisy, ratios within one run less so).",
+            "",
+            table,
+            "",
+            verdict(rows),
+        ]
+    )
     print()
     print(table)
     print(verdict(rows))
@@ -228,7 +274,12 @@ def profile_main(args, argv: list[str] | None) -> int:
     ]
     for kind in args.kinds:
         for batch in args.batch:
-            parts += ["", f"`{kind}` upcycle, batch {batch}:", "", profile_decode(kind, batch, args.prompt_len)]
+            parts += [
+                "",
+                f"`{kind}` upcycle, batch {batch}:",
+                "",
+                profile_decode(kind, batch, args.prompt_len),
+            ]
     parts.append(f"\nLoad average after: {load_line()}.")
     body = "\n".join(parts)
     print(body)

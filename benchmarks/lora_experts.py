@@ -48,7 +48,9 @@ def make_mode(mode: str, args: argparse.Namespace) -> torch.nn.Module:
     if mode == "full":
         return model
     impl = "fast" if mode == "lora_fast" else "target_parameters"
-    return get_peft_model(model, lora_config(model, targets=["experts"], r=args.r, alpha=2 * args.r, experts_impl=impl))
+    return get_peft_model(
+        model, lora_config(model, targets=["experts"], r=args.r, alpha=2 * args.r, experts_impl=impl)
+    )
 
 
 def step(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, float]:
@@ -62,7 +64,9 @@ def step(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--inter", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads (default 1: process CPU time then measures the work, unaffected by other processes)",
     )
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
@@ -84,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
 
     modes = ["full", "lora_fast", "lora_target_parameters"]
     models = {mode: make_mode(mode, args) for mode in modes}
-    trainable = {mode: sum(p.numel() for p in m.parameters() if p.requires_grad) for mode, m in models.items()}
+    trainable = {
+        mode: sum(p.numel() for p in m.parameters() if p.requires_grad) for mode, m in models.items()
+    }
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(3, args.vocab, (args.batch, args.seq), generator=generator)
     cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     names = {
         "full": "full fine-tuning",
-        "lora_fast": "LoRA, fast grouped path (`experts_impl=\"fast\"`)",
+        "lora_fast": 'LoRA, fast grouped path (`experts_impl="fast"`)',
         "lora_target_parameters": "LoRA, PEFT `target_parameters`",
     }
     for mode in modes:

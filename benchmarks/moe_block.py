@@ -64,6 +64,8 @@ def set_shape(name: str, section: str | None = None) -> None:
     if section != "small":
         ANCHOR = f"<!-- moe_block {section}: written by benchmarks/moe_block.py -->"
         BEGIN, END = f"<!-- moe_block {section}:begin -->", f"<!-- moe_block {section}:end -->"
+
+
 GROUPED_KERNELS = ("aten::_grouped_mm", "aten::grouped_mm", "transformers::grouped_mm_fallback")
 
 
@@ -104,7 +106,10 @@ def build_variants(
         cfg._experts_implementation = impl
         block = HfMoeSparseMoeBlock(cfg)
         block.gate.weight = ours.gate.weight
-        block.experts.gate_up_proj, block.experts.down_proj = ours.experts.gate_up_proj, ours.experts.down_proj
+        block.experts.gate_up_proj, block.experts.down_proj = (
+            ours.experts.gate_up_proj,
+            ours.experts.down_proj,
+        )
         variants[f"hf_moe[{impl}]"] = block
     if compile_block:
         # The same block (same weights) under torch.compile; "hf_moe" takes the sync-free grouped path there.
@@ -124,7 +129,10 @@ def build_variants(
         # Share the tensors themselves (E=128 experts are 2.4 GB in fp32; the fresh ones were never touched, so
         # never resident): gradients are reset before each step.
         block.gate.weight = ours.gate.weight
-        block.experts.gate_up_proj, block.experts.down_proj = ours.experts.gate_up_proj, ours.experts.down_proj
+        block.experts.gate_up_proj, block.experts.down_proj = (
+            ours.experts.gate_up_proj,
+            ours.experts.down_proj,
+        )
         variants[f"qwen3 {impl}"] = block
     return {name: module.to(dtype).train() for name, module in variants.items()}
 
@@ -151,11 +159,15 @@ def check_variants(variants: dict[str, nn.Module], dtype: torch.dtype) -> list[s
         if impl == "eager" and kernels:
             raise RuntimeError(f"{name}: the eager path ran {kernels}")
         fn_name = f"{fn.__module__}.{fn.__qualname__}"
-        notes.append(f"`{name}` runs `{fn_name}`" + (f" ({', '.join(kernels)})" if kernels else " (per-expert loop)"))
+        notes.append(
+            f"`{name}` runs `{fn_name}`" + (f" ({', '.join(kernels)})" if kernels else " (per-expert loop)")
+        )
     return notes
 
 
-def make_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool) -> Callable[[], None]:
+def make_step(
+    module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backward: bool
+) -> Callable[[], None]:
     params = list(module.parameters())
 
     def fwd() -> None:
@@ -172,7 +184,12 @@ def make_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, backwa
 
 
 def time_case(
-    variants: dict[str, nn.Module], tokens: int, backward: bool, dtype: torch.dtype, repeats: int, budget_s: float
+    variants: dict[str, nn.Module],
+    tokens: int,
+    backward: bool,
+    dtype: torch.dtype,
+    repeats: int,
+    budget_s: float,
 ) -> dict[str, float]:
     """Median seconds per call of each variant, interleaved round by round (rotating the order)."""
     x = torch.randn(1, tokens, HIDDEN, dtype=dtype, requires_grad=backward)
@@ -201,13 +218,17 @@ def fmt_ms(seconds: float) -> str:
 
 
 def render(results: list[tuple[int, str, dict[str, float]]], names: list[str]) -> str:
-    header = ["tokens", "pass"] + [f"{n} ms (x dense)" if n != "dense-active" else "dense-active ms" for n in names]
+    header = ["tokens", "pass"] + [
+        f"{n} ms (x dense)" if n != "dense-active" else "dense-active ms" for n in names
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for tokens, mode, times in results:
         dense = times["dense-active"]
         cells = [str(tokens), mode]
         for n in names:
-            cells.append(fmt_ms(times[n]) if n == "dense-active" else f"{fmt_ms(times[n])} ({times[n] / dense:.2f}x)")
+            cells.append(
+                fmt_ms(times[n]) if n == "dense-active" else f"{fmt_ms(times[n])} ({times[n] / dense:.2f}x)"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -223,10 +244,14 @@ def verdict(results: list[tuple[int, str, dict[str, float]]]) -> str:
         ratio = times["hf_moe"] / times["dense-active"]
         bound = TARGETS.get((tokens, mode))
         if bound is not None:
-            parts.append(f"{tokens} tokens {mode} {ratio:.2f}x vs <= {bound}x: {'met' if ratio <= bound else 'missed'}")
+            parts.append(
+                f"{tokens} tokens {mode} {ratio:.2f}x vs <= {bound}x: {'met' if ratio <= bound else 'missed'}"
+            )
     slower = []
     for tokens, mode, times in results:
-        faster = [f"{n} at {times[n] / times['hf_moe']:.2f}x our time" for n in times if n.startswith("qwen3")]
+        faster = [
+            f"{n} at {times[n] / times['hf_moe']:.2f}x our time" for n in times if n.startswith("qwen3")
+        ]
         if min(times[n] for n in times if n.startswith("qwen3")) < times["hf_moe"]:
             slower.append(f"{tokens} tokens {mode} ({', '.join(faster)})")
     line = "Targets: " + "; ".join(parts) + "."
@@ -235,7 +260,6 @@ def verdict(results: list[tuple[int, str, dict[str, float]]]) -> str:
     if slower:
         return line + " A transformers backend was faster than hf_moe in: " + "; ".join(slower) + "."
     return line + " hf_moe was at least as fast as every transformers backend in every case."
-
 
 
 def write_section(path: Path, body: str) -> None:
@@ -265,12 +289,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=101, help="most timed rounds per case")
-    parser.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case (fewer rounds)")
+    parser.add_argument(
+        "--budget", type=float, default=15.0, help="seconds of timing per case (fewer rounds)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action="store_true", help="add the hf_moe block under torch.compile(fullgraph)")
-    parser.add_argument("--implementations", nargs="*", default=[],
-                        help="add the hf_moe block with each of these experts implementations (e.g. eager hf_moe_cpu "
-                        "hf_moe_grouped grouped_mm)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the hf_moe block under torch.compile(fullgraph)"
+    )
+    parser.add_argument(
+        "--implementations",
+        nargs="*",
+        default=[],
+        help="add the hf_moe block with each of these experts implementations (e.g. eager hf_moe_cpu "
+        "hf_moe_grouped grouped_mm)",
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
@@ -289,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             backward = mode == "fwd+bwd"
             times = time_case(variants, tokens, backward, dtype, args.repeats, args.budget)
             results.append((tokens, mode, times))
-            print(f"{tokens:>5} {mode:<8}" + "".join(f" {n}={fmt_ms(t)}ms" for n, t in times.items()), flush=True)
+            print(
+                f"{tokens:>5} {mode:<8}" + "".join(f" {n}={fmt_ms(t)}ms" for n, t in times.items()),
+                flush=True,
+            )
 
     table = render(results, names)
     command = "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -310,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             verdict(results),
             "",
-            "Backends: " + "; ".join(notes) + ". `hf_moe` (\"hf_moe\" = \"hf_moe_cpu\" on the CPU) runs one token "
+            "Backends: "
+            + "; ".join(notes)
+            + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) runs one token '
             "as k matrix-vector products; without autograd, groups under 256 rows per expert on average as one padded "
             "`bmm` per projection while the padding stays under 2x the routed rows, else through `F.grouped_mm`, "
             "and larger groups as one matmul per expert; under autograd `F.grouped_mm` on the routed rows.",

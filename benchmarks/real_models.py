@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # offline_assets lives beside the examples
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "examples")
+)  # offline_assets lives beside the examples
 
 UPCYCLES = {
     "equal-active": dict(num_experts=8, top_k=2, granularity=2),
@@ -27,8 +29,9 @@ UPCYCLES = {
 
 def model_dirs(kind: str) -> dict[str, Path]:
     """{"dense", "mixtral", "hf_moe"} -> checkpoint folder for the `kind` upcycle (built on first use)."""
-    from hf_moe import export
     from offline_assets import cache_dir, smollm2_dense_dir
+
+    from hf_moe import export
     from hf_moe.conversion.upcycle import upcycle
 
     dense = smollm2_dense_dir()
@@ -42,8 +45,9 @@ def model_dirs(kind: str) -> dict[str, Path]:
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    import hf_moe  # noqa: F401  registers the hf_moe architecture with the Auto classes
     from transformers import AutoModelForCausalLM
+
+    import hf_moe  # noqa: F401  registers the hf_moe architecture with the Auto classes
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 

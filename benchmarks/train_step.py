@@ -53,21 +53,41 @@ def run_kind(kind: str, ids: torch.Tensor, args) -> dict:
     names = ["dense", "mixtral", "hf_moe"]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name] += step_times(dirs[name], ids, args.warmup, args.steps)
-        print(f"{kind} round {r + 1}: " + ", ".join(f"{n} {statistics.median(v):.2f}s" for n, v in times.items()),
-              flush=True)
+        print(
+            f"{kind} round {r + 1}: "
+            + ", ".join(f"{n} {statistics.median(v):.2f}s" for n, v in times.items()),
+            flush=True,
+        )
     return {"kind": kind, **{n: statistics.median(v) for n, v in times.items()}}
 
 
 def render(rows: list[dict]) -> str:
-    header = ["upcycle", "dense s", "Mixtral s", "hf_moe s", "hf_moe / dense (time)", "Mixtral / hf_moe (speed-up)"]
+    header = [
+        "upcycle",
+        "dense s",
+        "Mixtral s",
+        "hf_moe s",
+        "hf_moe / dense (time)",
+        "Mixtral / hf_moe (speed-up)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["kind"], f"{r['dense']:.2f}", f"{r['mixtral']:.2f}", f"{r['hf_moe']:.2f}",
-            f"{r['hf_moe'] / r['dense']:.2f}x", f"{r['mixtral'] / r['hf_moe']:.2f}x",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["kind"],
+                    f"{r['dense']:.2f}",
+                    f"{r['mixtral']:.2f}",
+                    f"{r['hf_moe']:.2f}",
+                    f"{r['hf_moe'] / r['dense']:.2f}x",
+                    f"{r['mixtral'] / r['hf_moe']:.2f}x",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -76,11 +96,15 @@ def verdict(rows: list[dict]) -> str:
     for r in rows:
         if r["kind"] == "equal-active":
             ratio = r["hf_moe"] / r["dense"]
-            parts.append(f"equal-active {ratio:.2f}x the dense step (<= {DENSE_TARGET}x: "
-                         f"{'met' if ratio <= DENSE_TARGET else 'missed'})")
+            parts.append(
+                f"equal-active {ratio:.2f}x the dense step (<= {DENSE_TARGET}x: "
+                f"{'met' if ratio <= DENSE_TARGET else 'missed'})"
+            )
         speedup = r["mixtral"] / r["hf_moe"]
-        parts.append(f"{r['kind']} {speedup:.2f}x as fast as Mixtral (>= {MIXTRAL_TARGET}x: "
-                     f"{'met' if speedup >= MIXTRAL_TARGET else 'missed'})")
+        parts.append(
+            f"{r['kind']} {speedup:.2f}x as fast as Mixtral (>= {MIXTRAL_TARGET}x: "
+            f"{'met' if speedup >= MIXTRAL_TARGET else 'missed'})"
+        )
     return "Targets: " + "; ".join(parts) + "."
 
 
@@ -104,20 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_kind(kind, ids, args) for kind in args.kinds]
     table = render(rows)
     command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = "\n".join([
-        "### Training step on the real SmolLM2-135M upcycles (fp32, CPU)",
-        "",
-        f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
-        f"One step = forward + backward + AdamW on {args.batch}x{args.seq_len} tokens of Shakespeare; median of "
-        f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up step per load), models in "
-        "rotating order, one in memory at a time. Models as in the decode table (hf_moe with its default experts "
-        "implementation, which trains through the grouped GEMM; Mixtral with transformers' default).",
-        f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs).",
-        "",
-        table,
-        "",
-        verdict(rows),
-    ])
+    body = "\n".join(
+        [
+            "### Training step on the real SmolLM2-135M upcycles (fp32, CPU)",
+            "",
+            f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
+            f"One step = forward + backward + AdamW on {args.batch}x{args.seq_len} tokens of Shakespeare; median of "
+            f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up step per load), models in "
+            "rotating order, one in memory at a time. Models as in the decode table (hf_moe with its default experts "
+            "implementation, which trains through the grouped GEMM; Mixtral with transformers' default).",
+            f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs).",
+            "",
+            table,
+            "",
+            verdict(rows),
+        ]
+    )
     print()
     print(table)
     print(verdict(rows))

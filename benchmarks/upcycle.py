@@ -5,9 +5,9 @@ Measures, in one run so machine noise hits both sides alike:
 - peak RSS of the upcycle process (``os.wait4`` rusage, ru_maxrss) vs the largest input shard, and vs the RSS of a
   process that only imports hf_moe's upcycler (the interpreter + torch + transformers floor).
 
-Inputs: the single-file float32 SmolLM2 folder from ``examples/offline_assets.py`` and, with ``--sharded``, the same weights
-re-saved in shards of ``--shard-size``. The page cache is flushed (``sync``) before every timed command, not after
-(neither side waits for the disk).
+Inputs: the single-file float32 SmolLM2 folder from ``examples/offline_assets.py`` and, with ``--sharded``, the same
+weights re-saved in shards of ``--shard-size``. The page cache is flushed (``sync``) before every timed command, not
+after (neither side waits for the disk).
 
     python benchmarks/upcycle.py --repeats 3 --sharded
 """
@@ -168,7 +168,8 @@ def render(results: dict, args: argparse.Namespace) -> str:
             f"Targets, {name}: wall <= 2x cp {wall_ok} ({r['time_ratio_median']:.2f}x; "
             f"{r['time_ratio_median_excluding_import']:.2f}x without the interpreter + torch + transformers import); "
             f"peak RSS <= 1.5x the largest input shard {rss_ok} ({r['rss_ratio_vs_largest_shard']:.2f}x; the import "
-            f"floor alone is {r['import_floor_rss_MB']:.0f} MB = {r['import_floor_rss_MB'] / r['largest_input_shard_MB']:.2f}x)."
+            f"floor alone is {r['import_floor_rss_MB']:.0f} MB = "
+            f"{r['import_floor_rss_MB'] / r['largest_input_shard_MB']:.2f}x)."
         )
     return "\n".join(lines)
 
@@ -201,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.src is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/offline_assets.py
+        sys.path.insert(
+            0, str(Path(__file__).resolve().parents[1] / "examples")
+        )  # examples/offline_assets.py
         from offline_assets import smollm2_dense_dir
 
         args.src = smollm2_dense_dir()

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
 import platform
-import json
 import statistics
 import subprocess
 import sys
@@ -35,7 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: same threads as generate()
+os.environ.setdefault(
+    "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+)  # engine in this process: same threads as generate()
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 import torch  # noqa: E402
@@ -78,23 +80,38 @@ def bench_transformers(path: Path, prompts: list[list[int]], new_tokens: int, re
 
     @torch.no_grad()
     def run():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.shape[1] == ids.shape[1] + new_tokens
 
     seconds = timed(run, repeats)
-    del model
+    model = None  # free it (the closure above reads the name)
     gc.collect()
     return len(prompts) * new_tokens / seconds
 
 
-def bench_vllm(path: Path, batches: dict[int, list[list[int]]], new_tokens: int, repeats: int,
-               compile_: bool) -> dict[int, float]:
+def bench_vllm(
+    path: Path, batches: dict[int, list[list[int]]], new_tokens: int, repeats: int, compile_: bool
+) -> dict[int, float]:
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
 
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=not compile_, skip_tokenizer_init=True,
-              kv_cache_memory_bytes=512 << 20, max_model_len=512, max_num_seqs=max(batches), seed=0)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        enforce_eager=not compile_,
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=512 << 20,
+        max_model_len=512,
+        max_num_seqs=max(batches),
+        seed=0,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     results = {}
     try:
@@ -110,7 +127,7 @@ def bench_vllm(path: Path, batches: dict[int, list[list[int]]], new_tokens: int,
         engine = getattr(llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
-        del llm
+        llm = None  # free the engine (the closure above reads the name)
         gc.collect()
         cleanup_dist_env_and_memory()
     return results
@@ -121,11 +138,18 @@ def run_worker(case: str, spec: dict) -> int:
     torch.set_num_threads(spec["threads"])
     batches = {int(b): p for b, p in spec["batches"].items()}
     if case == "generate":
-        result = {b: bench_transformers(Path(spec["native"]), p, spec["new_tokens"], spec["repeats"])
-                  for b, p in batches.items()}
+        result = {
+            b: bench_transformers(Path(spec["native"]), p, spec["new_tokens"], spec["repeats"])
+            for b, p in batches.items()
+        }
     else:
-        result = bench_vllm(Path(spec["hf_moe" if case == "plugin" else "native"]), batches, spec["new_tokens"],
-                            spec["repeats"], spec["compile"])
+        result = bench_vllm(
+            Path(spec["hf_moe" if case == "plugin" else "native"]),
+            batches,
+            spec["new_tokens"],
+            spec["repeats"],
+            spec["compile"],
+        )
     print(json.dumps(result), flush=True)
     return 0
 
@@ -156,8 +180,12 @@ def render(rows: dict[str, dict[int, float]], args: argparse.Namespace) -> str:
         cells = [f"{row[b]:.0f}" + ("" if row is base else f" ({row[b] / base[b]:.2f}x)") for b in batches]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     native, plugin = rows["vLLM native (Mixtral export)"], rows["vLLM plugin (hf_moe checkpoint)"]
-    lines += ["", "Plugin route vs native export: " + ", ".join(
-        f"batch {b}: {plugin[b] / native[b]:.2f}x" for b in batches) + "."]
+    lines += [
+        "",
+        "Plugin route vs native export: "
+        + ", ".join(f"batch {b}: {plugin[b] / native[b]:.2f}x" for b in batches)
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -165,7 +193,9 @@ def write_section(path: Path, body: str) -> None:
     """Replace this benchmark's section after its anchor, atomically (temp file beside, then rename)."""
     text = path.read_text()
     if ANCHOR not in text:
-        raise ValueError(f"{path} has no anchor line {ANCHOR!r}; add it where the vllm_serving section belongs")
+        raise ValueError(
+            f"{path} has no anchor line {ANCHOR!r}; add it where the vllm_serving section belongs"
+        )
     section = f"{BEGIN}\n{body.strip()}\n{END}"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
@@ -185,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cases", nargs="+", choices=["generate", "native", "plugin"], default=None,
-                        help="run only these cases (default all; the table needs all three)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=["generate", "native", "plugin"],
+        default=None,
+        help="run only these cases (default all; the table needs all three)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all cases; the best round counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model")
@@ -202,27 +237,52 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hf_moe_vllm_bench_") as tmp:
         hf_moe_dir, native_dir = build_models(Path(tmp), args.preset, args.seed)
         vocab = 32000
-        batches = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=generator).tolist()
-                   for b in args.batches}
+        batches = {
+            b: torch.randint(3, vocab, (b, args.prompt_len), generator=generator).tolist()
+            for b in args.batches
+        }
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"hf_moe": str(hf_moe_dir), "native": str(native_dir), "batches": batches,
-                                    "new_tokens": args.new_tokens, "repeats": args.repeats,
-                                    "compile": args.compile, "threads": args.threads}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "hf_moe": str(hf_moe_dir),
+                    "native": str(native_dir),
+                    "batches": batches,
+                    "new_tokens": args.new_tokens,
+                    "repeats": args.repeats,
+                    "compile": args.compile,
+                    "threads": args.threads,
+                }
+            )
+        )
 
         def worker(case: str):
             # Each measurement runs in a fresh process: engines never share process-wide vLLM state, and vLLM's
             # fusers (which read the modeling source with inspect) see the source of the code that was imported.
-            return lambda: {int(k): v for k, v in json.loads(subprocess.run(
-                [sys.executable, __file__, "--worker", case, "--spec", str(spec)], check=True, text=True,
-                stdout=subprocess.PIPE).stdout.strip().splitlines()[-1]).items()}
+            return lambda: {
+                int(k): v
+                for k, v in json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, "--worker", case, "--spec", str(spec)],
+                        check=True,
+                        text=True,
+                        stdout=subprocess.PIPE,
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                ).items()
+            }
 
         cases = {
             "transformers generate (Mixtral export)": worker("generate"),
             "vLLM native (Mixtral export)": worker("native"),
             "vLLM plugin (hf_moe checkpoint)": worker("plugin"),
         }
-        cases = {name: run for name, run in cases.items() if not args.cases or name.split()[-3] in args.cases
-                 or name.split()[1] in args.cases}
+        cases = {
+            name: run
+            for name, run in cases.items()
+            if not args.cases or name.split()[-3] in args.cases or name.split()[1] in args.cases
+        }
         rows: dict[str, dict[int, float]] = {name: {b: 0.0 for b in batches} for name in cases}
         for round_ in range(args.rounds):
             for name, run in cases.items():

@@ -91,7 +91,9 @@ class HfMoeExperts(nn.Module):
         self.num_experts = config.num_experts
         self.hidden_dim = text_config.hidden_size
         self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+        )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.activation = expert_activation(text_config)
         self.act_fn = ACT2FN[self.activation]
@@ -124,7 +126,9 @@ def _grouped_mm_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # The aten kernel: CUDA bf16/fp16 (sm80+), CPU fp32/bf16; operand strides 16-byte aligned (torch >= 2.11 no
     # longer needs aligned base addresses, which weights loaded from safetensors do not have).
     if x.is_cuda:
-        if weight.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(x.device) < (8, 0):
+        if weight.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(
+            x.device
+        ) < (8, 0):
             return False
     elif x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -168,7 +172,10 @@ def _register_grouped_mm_op() -> None:
     if hasattr(torch.ops.hf_moe, "grouped_mm"):
         return
     torch.library.custom_op(
-        "hf_moe::grouped_mm", _grouped_mm_impl, mutates_args=(), schema="(Tensor x, Tensor weight, Tensor offsets) -> Tensor"
+        "hf_moe::grouped_mm",
+        _grouped_mm_impl,
+        mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor offsets) -> Tensor",
     )
     torch.library.custom_op(
         "hf_moe::grouped_mm_backward",
@@ -203,7 +210,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     """`x` (S, in) grouped by expert @ `weight` (E, in, out) per group -> (S, out); groups end at `offsets` (E,).
     Rows from offsets[-1] on are unspecified (the kernel leaves them unwritten)."""
     if not torch.compiler.is_compiling() and _grouped_mm_kernel_fits(x, weight):
-        return F.grouped_mm(x, weight, offs=offsets)  # the aten op directly: no custom-op dispatch in eager mode
+        return F.grouped_mm(
+            x, weight, offs=offsets
+        )  # the aten op directly: no custom-op dispatch in eager mode
     return torch.ops.hf_moe.grouped_mm(x, weight, offsets)
 
 
@@ -217,7 +226,9 @@ def _combine(self: HfMoeExperts, out: torch.Tensor, groups: ExpertGroups, num_to
     if out.is_cuda:
         # Copy into distinct (token, slot) rows, then sum the slots: deterministic, unlike index_add_ on CUDA.
         top_k = groups.order.numel() // max(num_tokens, 1)
-        slots = out.new_zeros(groups.order.numel(), self.hidden_dim).index_copy_(0, groups.order[: out.shape[0]], out)
+        slots = out.new_zeros(groups.order.numel(), self.hidden_dim).index_copy_(
+            0, groups.order[: out.shape[0]], out
+        )
         return slots.view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
     return out.new_zeros(num_tokens, self.hidden_dim).index_add_(0, groups.token[: out.shape[0]], out)
 
@@ -243,7 +254,9 @@ def _grouped_forward(
     weights = top_k_weights.reshape(-1, 1)[order].to(x.dtype)  # (S, 1)
     if dropped is not None:
         x, weights = x.masked_fill(dropped, 0.0), weights.masked_fill(dropped, 0.0)
-    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), groups.offsets).chunk(2, dim=-1)  # (S, I) each
+    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), groups.offsets).chunk(
+        2, dim=-1
+    )  # (S, I) each
     h = self.act_fn(gate) * up
     # The routing weight scales whichever of the (S, I) activation and the (S, H) output is smaller.
     if self.intermediate_dim <= self.hidden_dim:
@@ -258,7 +271,7 @@ def _grouped_forward(
 def grouped_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """"hf_moe_grouped": sort, two grouped GEMMs over all T*K rows (sentinel rows masked), combine. No host sync."""
+    """ "hf_moe_grouped": sort, two grouped GEMMs over all T*K rows (sentinel rows masked), combine. No host sync."""
     groups = group_by_expert(top_k_index, self.num_experts)
     return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed=None)
 
@@ -308,10 +321,13 @@ def _register_one_token_op() -> None:
         "hf_moe::one_token_experts",
         one_token_op,
         mutates_args=(),
-        schema="(Tensor x, Tensor index, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor",
+        schema=(
+            "(Tensor x, Tensor index, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor"
+        ),
     )
     torch.library.register_fake(
-        "hf_moe::one_token_experts", lambda x, index, weights, gate_up_proj, down_proj, activation: torch.empty_like(x)
+        "hf_moe::one_token_experts",
+        lambda x, index, weights, gate_up_proj, down_proj, activation: torch.empty_like(x),
     )
 
 
@@ -325,7 +341,9 @@ def _one_token_forward(
         return torch.ops.hf_moe.one_token_experts(
             hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.activation
         )
-    return _one_token_impl(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
+    return _one_token_impl(
+        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn
+    )
 
 
 def _padded_bmm_forward(
@@ -336,10 +354,14 @@ def _padded_bmm_forward(
     num_routed = x.shape[0]
     group_start = groups.offsets - groups.counts  # (E,)
     arange = torch.arange(max(self.num_experts, num_routed), device=x.device)
-    experts = torch.repeat_interleave(arange[: self.num_experts], groups.counts, output_size=num_routed)  # (S,)
+    experts = torch.repeat_interleave(
+        arange[: self.num_experts], groups.counts, output_size=num_routed
+    )  # (S,)
     slot = experts * capacity + arange[:num_routed] - group_start.index_select(0, experts)  # (S,) padded row
     padded = x.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(0, slot, x)  # (E*C, H)
-    gate, up = torch.bmm(padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2)).chunk(2, -1)
+    gate, up = torch.bmm(
+        padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2)
+    ).chunk(2, -1)
     h = self.act_fn(gate) * up  # (E, C, I)
     out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, C, H)
     return out.view(-1, self.hidden_dim).index_select(0, slot).mul_(weights)  # (S, H)
@@ -367,7 +389,7 @@ CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 def cpu_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """"hf_moe_cpu": eager CPU kernels; may synchronise with the host (free on the CPU)."""
+    """ "hf_moe_cpu": eager CPU kernels; may synchronise with the host (free on the CPU)."""
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
     )
@@ -400,7 +422,7 @@ def cpu_experts_forward(
 def auto_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """"hf_moe": the CPU kernels for CPU tensors in eager mode (and, compiled, the one-token path as one custom op),
+    """ "hf_moe": the CPU kernels for CPU tensors in eager mode (and, compiled, the one-token path as one custom op),
     the grouped GEMM otherwise."""
     if hidden_states.device.type == "cpu":
         if not torch.compiler.is_compiling():

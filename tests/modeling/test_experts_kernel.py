@@ -21,7 +21,9 @@ from hf_moe.modeling.experts import EXPERTS_IMPLEMENTATIONS, HfMoeExperts, group
 from hf_moe.modeling.modeling_hf_moe import HfMoeSparseMoeBlock
 from tests.helpers.tiny import tiny_config
 
-NUM_EXPERTS = 4  # tiny config; K=4 is then the expert-choice shape (every expert in every row, with sentinels)
+NUM_EXPERTS = (
+    4  # tiny config; K=4 is then the expert-choice shape (every expert in every row, with sentinels)
+)
 FP32 = dict(rtol=1e-4, atol=1e-5)  # summation order differs between the paths; real bugs are O(0.1)
 FAST = sorted(EXPERTS_IMPLEMENTATIONS)
 
@@ -53,7 +55,9 @@ def make_routing(
     """Distinct experts per token (as top-k gives), random positive weights; with `sentinels`, about a third of the
     slots (at least one) are dropped: index NUM_EXPERTS, weight 0. `skew` (top-1) crowds expert 0."""
     gen = torch.Generator().manual_seed(seed)
-    index = torch.stack([torch.randperm(NUM_EXPERTS, generator=gen)[:top_k] for _ in range(num_tokens)])  # (T, K)
+    index = torch.stack(
+        [torch.randperm(NUM_EXPERTS, generator=gen)[:top_k] for _ in range(num_tokens)]
+    )  # (T, K)
     if skew:  # top-1 to expert 0 in every row but the last
         index = torch.zeros(num_tokens, 1, dtype=torch.long)
         index[-1] = NUM_EXPERTS - 1
@@ -66,7 +70,9 @@ def make_routing(
     return index, weights
 
 
-def naive_experts(experts: HfMoeExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def naive_experts(
+    experts: HfMoeExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """One token and one slot at a time, straight from the SwiGLU definition."""
     rows = []
     for t in range(x.shape[0]):
@@ -111,7 +117,9 @@ def test_reference_matches_definition(num_tokens: int, top_k: int, sentinels: bo
     index, weights = make_routing(num_tokens, top_k, sentinels)
     x = torch.randn(num_tokens, experts.hidden_dim)
     grad_out = torch.randn(num_tokens, experts.hidden_dim)
-    expected, expected_grads = run_with_grads(lambda m, x, w: naive_experts(m, x, index, w), experts, x, weights, grad_out)
+    expected, expected_grads = run_with_grads(
+        lambda m, x, w: naive_experts(m, x, index, w), experts, x, weights, grad_out
+    )
     actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), experts, x, weights, grad_out)
     torch.testing.assert_close(actual, expected, **FP32)
     assert_grads_close(actual_grads, expected_grads, "eager")
@@ -147,7 +155,9 @@ def test_implementation_matches_reference(
 
 
 @pytest.mark.parametrize("implementation", FAST)
-@pytest.mark.parametrize("num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"])
+@pytest.mark.parametrize(
+    "num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"]
+)
 def test_inference_unpadded_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
     """Routings that leave the padded bmm: one crowded expert (padding would exceed 2x the routed rows: the grouped
     GEMM runs), and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
@@ -182,7 +192,9 @@ def test_float64_gradcheck_through_grouped_fallback():
     assert torch.autograd.gradcheck(lambda x, w: experts(x, index, w), (x, weights), fast_mode=True)
     gate_up = experts.gate_up_proj
     assert torch.autograd.gradcheck(
-        lambda g: torch.func.functional_call(experts, {"gate_up_proj": g}, (x.detach(), index, weights.detach())),
+        lambda g: torch.func.functional_call(
+            experts, {"gate_up_proj": g}, (x.detach(), index, weights.detach())
+        ),
         (gate_up.detach().clone().requires_grad_(),),
         fast_mode=True,
     )
@@ -236,8 +248,9 @@ def test_group_by_expert():
 def test_model_setting_selects_implementation():
     """`set_experts_implementation` reaches every layer's experts; all names give the same logits and gradients."""
     torch.manual_seed(0)
-    model = HfMoeForCausalLM(tiny_config(num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5,
-                                         num_experts_per_tok=1))
+    model = HfMoeForCausalLM(
+        tiny_config(num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5, num_experts_per_tok=1)
+    )
     assert model.config._experts_implementation == "hf_moe"  # the default
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(1))
     results = {}
@@ -257,7 +270,9 @@ def test_model_setting_selects_implementation():
 def test_block_compiles_without_graph_breaks():
     """The sparse block under torch.compile(fullgraph=True) (a graph break is an error there) equals eager, forward
     and backward, with dropped assignments; "hf_moe" takes the sync-free grouped path while compiling."""
-    config = tiny_config(num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5, num_experts_per_tok=1)
+    config = tiny_config(
+        num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5, num_experts_per_tok=1
+    )
     config._experts_implementation = "hf_moe"
     torch.manual_seed(0)
     block = HfMoeSparseMoeBlock(config)
