@@ -729,11 +729,14 @@ class HfMoeModel(HfMoePreTrainedModel):
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
         with _recording_routers(self, bool(want_logits or output_router_indices)) as records:
+            if past_key_values is not None:
+                # Passed on only when given: transformers >= 5.24 names the cache `cache` (which arrives in kwargs)
+                # and warns when both are set.
+                kwargs["past_key_values"] = past_key_values
             out = self.hf_moe_base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 return_dict=True,
