@@ -143,13 +143,21 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _port_free(port: int, wait_s: float = 10.0) -> bool:
+    """Whether a new server can listen on `port` (bind + listen with SO_REUSEADDR, as uvicorn does: connections of
+    the old server left in TIME_WAIT do not count, a socket still listening does), polling up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.5)
 
 
 def test_sigterm_to_hf_moe_serve_frees_the_port_and_leaves_no_process(tmp_path):
