@@ -508,12 +508,9 @@ def _build_base(config: HfMoeConfig, *, with_head: bool) -> PreTrainedModel:
             layers[idx].mlp = block
     if device.type != "meta":
         base.to_empty(device=device)
-    std = config.initializer_range
-    for model in {id(base): base, id(decoder): decoder}.values():
-        # Instance override: transformers' init dispatch calls `<pretrained model>._init_weights` for its subtree.
-        model._init_weights = lambda module, _base_init=model._init_weights: _moe_init_weights(
-            _base_init, module, std
-        )
+    # No transformers model class stays a registered child (HfMoeModel adopts the decoder's modules), so
+    # transformers' init dispatch reaches every module through HfMoePreTrainedModel._init_weights, which hands
+    # the base's modules to the base family's own `_init_weights`.
     return base
 
 
