@@ -113,17 +113,35 @@ class HfMoeRouter(nn.Module):
         raise NotImplementedError
 
 
-def sum_to_one(weights: torch.Tensor) -> torch.Tensor:
+def sum_to_one(weights: torch.Tensor, *, descending: bool = False) -> torch.Tensor:
     """Rows of non-negative (T, K) weights scaled to sum to one, with the smallest weight replaced by one minus the
     others. The same function, but the float row then sums to one exactly for k=2 (1 - w is exact for w >= 1/2)
     and to within half an ulp of the smallest weight beyond, instead of drifting by ulps of the largest. An upcycled
-    model whose experts are copies of one MLP then reproduces that MLP (sum_k w_k y = y) to rounding."""
+    model whose experts are copies of one MLP then reproduces that MLP (sum_k w_k y = y) to rounding.
+
+    `descending=True` promises rows sorted largest first (as `topk` returns them): the smallest is then the last
+    column, and no argmin and scatter are needed (decoding runs this once per layer and token)."""
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    if weights.shape[-1] == 1:
+    top_k = weights.shape[-1]
+    if top_k == 1:
         return weights
+    if descending:
+        head = weights[..., :-1]  # (T, K-1)
+        rest = head if top_k == 2 else head.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (T, 1)
+        return torch.cat([head, (1.0 - rest).to(weights.dtype)], dim=-1)
     smallest = weights.argmin(dim=-1, keepdim=True)  # (T, 1)
     rest = weights.scatter(-1, smallest, 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
     return weights.scatter(-1, smallest, (1.0 - rest).to(weights.dtype))
+
+
+def softmax_of_top(top_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the k logits `topk` kept, (T, K) sorted largest first, in float32; rows sum to one as
+    `sum_to_one` makes them. For k=2 the softmax is a sigmoid of the logit gap, 1/(1 + exp(l2 - l1)): three small
+    ops instead of the softmax and the renormalisation."""
+    if top_logits.shape[-1] == 2:
+        first = torch.sigmoid((top_logits[..., :1] - top_logits[..., 1:]).float())  # (T, 1), >= 1/2
+        return torch.cat([first, 1.0 - first], dim=-1)
+    return sum_to_one(F.softmax(top_logits, dim=-1, dtype=torch.float32), descending=True)
 
 
 class TopKSoftmaxRouter(HfMoeRouter):
@@ -138,7 +156,7 @@ class TopKSoftmaxRouter(HfMoeRouter):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = self.logits(hidden_states)  # (T, E)
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (T, K)
-        top_k_weights = sum_to_one(F.softmax(top_logits, dim=-1, dtype=torch.float32)).to(router_logits.dtype)
+        top_k_weights = softmax_of_top(top_logits).to(router_logits.dtype)
         return router_logits, top_k_weights, top_k_index
 
 
@@ -164,7 +182,7 @@ class SoftmaxTopKRouter(HfMoeRouter):
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
         if self.norm_topk_prob:
-            top_k_weights = sum_to_one(top_k_weights)
+            top_k_weights = sum_to_one(top_k_weights, descending=True)
         return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
 
 
@@ -270,7 +288,7 @@ class NoisyTopKRouter(HfMoeRouter):
             noise_std = F.softplus(F.linear(hidden_states, self.noise_weight))  # (T, E)
             router_logits = router_logits + torch.randn_like(router_logits) * noise_std
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)
-        top_k_weights = sum_to_one(F.softmax(top_logits, dim=-1, dtype=torch.float32)).to(router_logits.dtype)
+        top_k_weights = softmax_of_top(top_logits).to(router_logits.dtype)
         return router_logits, top_k_weights, top_k_index
 
 

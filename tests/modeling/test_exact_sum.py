@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_moe.modeling.modeling_hf_moe import ROUTERS, sum_to_one
+from hf_moe.modeling.modeling_hf_moe import ROUTERS, softmax_of_top, sum_to_one
 from tests.helpers.tiny import tiny_router_config
 
 
@@ -30,3 +30,23 @@ def test_normalised_routers_sum_to_one_exactly_for_top_2(router_type):
     torch.nn.init.normal_(router.weight, std=1.0)
     _, weights, _ = router(torch.randn(257, config.hidden_size))
     assert torch.all(weights.double().sum(-1) == 1.0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_sorted_rows_take_the_short_way_to_the_same_weights(k):
+    """`descending=True` (rows sorted as topk returns them) gives what the argmin form gives, and `softmax_of_top`
+    is the softmax of the kept logits with that renormalisation (for k=2 a sigmoid of the gap)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(1000, k) * 4).sort(dim=-1, descending=True).values
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(sum_to_one(probs, descending=True), sum_to_one(probs))
+    weights = softmax_of_top(logits)
+    torch.testing.assert_close(weights, probs, rtol=0, atol=2.5e-7)  # two roundings of values <= 1
+    err = (weights.double().sum(-1) - 1.0).abs()
+    assert err.max() <= (0.0 if k == 2 else 2.0**-25)
+    # Gradients flow as through the softmax.
+    logits.requires_grad_(True)
+    (softmax_of_top(logits) * torch.arange(k)).sum().backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    (torch.softmax(reference, dim=-1) * torch.arange(k)).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=1e-6)
