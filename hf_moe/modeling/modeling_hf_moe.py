@@ -706,6 +706,16 @@ def _recording_routers(model: nn.Module, enabled: bool):
             handle.remove()
 
 
+# transformers 5.24 renamed the outputs' `past_key_values` to `cache`; the old name still works there but warns, on
+# reads and in constructors. Both are spelt with the name this release uses.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache of a base model's output, under this release's name."""
+    return getattr(out, CACHE_FIELD, None)
+
+
 @dataclass
 class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the chosen experts of every MoE layer.
@@ -759,7 +769,7 @@ class HfMoeModel(HfMoePreTrainedModel):
             )
         result = HfMoeModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
-            past_key_values=getattr(out, "past_key_values", None),
+            **{CACHE_FIELD: _output_cache(out)},
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             router_logits=tuple(r[0] for r in records) if want_logits else None,
@@ -1048,7 +1058,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=out.logits,
-            past_key_values=getattr(out, "past_key_values", None),
+            **{CACHE_FIELD: _output_cache(out)},
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             router_logits=router_logits if want_logits else None,
