@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .conversion.export import _provenance_extra  # the source's history, license and base_model
+from .conversion.core import source_history  # the source's history, license and base_model
 from .conversion.io import (
     PROVENANCE_NAME,
     CheckpointReader,
@@ -907,7 +907,7 @@ def compress(
             "calibration_tokens": compression["calibration"]["tokens"],
         }
         write_provenance(
-            tmp, source=reader, method="compress", options=options, extra={**_provenance_extra(src), **extra}
+            tmp, source=reader, method="compress", options=options, extra={**source_history(src), **extra}
         )
         provenance = json.loads((tmp / PROVENANCE_NAME).read_text())
         if config.get("model_type") == "hf_moe":

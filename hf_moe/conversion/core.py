@@ -318,16 +318,16 @@ class CheckpointSink:
     def __init__(self, writer: ShardWriter, expected: dict[str, tuple[int, ...]]):
         self.writer = writer
         self.expected = expected
-        self.written: set[str] = set()
+        self.written: dict[str, tuple[int, ...]] = {}  # name -> shape
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.add(name, tensor)
-        self.written.add(name)
+        self.written[name] = tuple(tensor.shape)
 
     def add_stacked(self, name: str, parts: Sequence[torch.Tensor]) -> None:
         """``torch.stack(parts)`` under `name`, streamed part by part (repeated parts cost no memory)."""
         self.writer.add_stacked(name, list(parts))
-        self.written.add(name)
+        self.written[name] = (len(parts), *parts[0].shape)
 
     def write_moe_layer(
         self,
@@ -356,7 +356,8 @@ class CheckpointSink:
 
     def check_complete(self, method: str) -> None:
         """Fail before publishing if the tensors written are not those expected (a bug in a key table)."""
-        missing, extra = sorted(set(self.expected) - self.written), sorted(self.written - set(self.expected))
+        missing = sorted(set(self.expected) - set(self.written))
+        extra = sorted(set(self.written) - set(self.expected))
         if missing or extra:
             raise ValueError(
                 f"{method} produced a checkpoint that does not match the config: missing {missing[:8]}, "
