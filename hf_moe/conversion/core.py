@@ -405,6 +405,11 @@ def save_hf_moe_config(config: HfMoeConfig, out: Path, *, generation_config: boo
         GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
+def write_config_json(out: Path, config: dict[str, Any]) -> None:
+    """config.json of a checkpoint whose config is a plain dict (native formats), keys sorted."""
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_hf_moe_card(out: Path, model_name: str) -> None:
     """The model card of an hf_moe checkpoint (hf_moe.hub); a card that cannot be written is only a warning."""
     try:
@@ -451,7 +456,7 @@ def finish_checkpoint(
     if isinstance(config, HfMoeConfig):
         save_hf_moe_config(config, out, generation_config=generation_config)
     elif config is not None:
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config_json(out, config)
     copied = copy_tokenizer_files(tokenizer_from, out) if tokenizer_from is not None else []
     files = list(source.files_read) if source_files is None else list(source_files)
     write_provenance(
@@ -485,5 +490,6 @@ __all__ = [
     "router_rows",
     "save_hf_moe_config",
     "source_history",
+    "write_config_json",
     "write_hf_moe_card",
 ]
