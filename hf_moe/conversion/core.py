@@ -433,7 +433,7 @@ def finish_checkpoint(
     checksums: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
     generation_config: bool = False,
-    card: Callable[[Path], None] | None = None,
+    card: Callable[[Path], object] | None = None,
 ) -> None:
     """Complete a converted checkpoint in its temporary folder, after the weights: config, remote code, tokenizer,
     provenance, card. :func:`~hf_moe.conversion.io.atomic_output_dir` publishes the folder afterwards.

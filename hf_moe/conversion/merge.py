@@ -345,13 +345,7 @@ def _stream(
     """Write every tensor, one decoder layer at a time, reading one tensor of one model at a time."""
 
     def combined(name: str) -> torch.Tensor:
-        """A non-MLP tensor: the base's, or the fine-tunes' element-wise mean (accumulated in float32)."""
-        if shared == "base":
-            return cast_tensor(name, base.get_tensor(name), dtype)
-        total = readers[0].get_tensor(name).float()
-        for reader in readers[1:]:
-            total.add_(reader.get_tensor(name).float())
-        return (total / len(readers)).to(dtype or base.dtype(name))
+        return _shared_tensor(name, base, readers, shared=shared, dtype=dtype)
 
     config, num_shared = plan.config, plan.num_shared_experts
     routed_scale = 0.5 if num_shared else 1.0  # routed and shared halves sum to one MLP
@@ -392,6 +386,23 @@ def _stream(
     for src, dst in plan.dense.tail:
         sink.add(dst, combined(src))
     sink.check_complete("merge")
+
+
+def _shared_tensor(
+    name: str,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    *,
+    shared: str,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """A non-MLP tensor: the base's, or the fine-tunes' element-wise mean (accumulated in float32)."""
+    if shared == "base":
+        return cast_tensor(name, base.get_tensor(name), dtype)
+    total = readers[0].get_tensor(name).float()
+    for reader in readers[1:]:
+        total.add_(reader.get_tensor(name).float())
+    return (total / len(readers)).to(dtype or base.dtype(name))
 
 
 def _expert_records(readers: list[CheckpointReader], checksums: dict[str, str]) -> list[dict[str, Any]]:
