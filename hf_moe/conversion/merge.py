@@ -150,10 +150,9 @@ def merge_experts(
         out_dir: destination; must not exist unless `overwrite`.
         top_k: experts per token.
         router_type: hf_moe router (topk_softmax, softmax_topk, sigmoid_topk, noisy_topk, switch,
-        expert_choice).
+            expert_choice).
         router_init: "random" (N(0, initializer_range^2) rows) or "prompts" (one prompt entry per fine-tune;
-        see
-            docs/merge.md), or any key of ``init.ROUTER_INITS``.
+            see docs/merge.md), or any key of ``init.ROUTER_INITS``.
         prompts: YAML file or object for router_init="prompts".
         shared: "base" (non-MLP weights from the base) or "average" (element-wise mean over the fine-tunes).
         num_shared_experts: always-active experts made from the base MLP (0 = none).
@@ -170,8 +169,7 @@ def merge_experts(
     Raises:
         FileNotFoundError: a missing folder, config or shard (or prompts file).
         ValueError: bad options; a fine-tune whose model_type, config field, tensor name or shape differs from
-        the
-            base (the message names the model and the field or tensor); unreadable prompts.
+            the base (the message names the model and the field or tensor); unreadable prompts.
         FileExistsError: `out_dir` exists and `overwrite` is False.
         ValueError: `out_dir` is, contains or lies inside the base or a fine-tune folder.
 
