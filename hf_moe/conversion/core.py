@@ -389,16 +389,23 @@ class BackgroundHasher:
 # ================================================================================================================
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
-# The modeling folder as Hub remote code: what `trust_remote_code=True` loads without hf_moe installed.
-REMOTE_CODE_FILES = ("configuration_hf_moe.py", "modeling_hf_moe.py", "experts.py")
+
+
+def remote_code_files() -> list[Path]:
+    """The modeling files a checkpoint ships as Hub remote code (what `trust_remote_code=True` loads without
+    hf_moe installed): modeling_hf_moe.py and every sibling it imports, found as `save_pretrained` finds them."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    model_file = MODELING_DIR / "modeling_hf_moe.py"
+    return sorted({model_file, *map(Path, get_relative_import_files(str(model_file)))})
 
 
 def save_hf_moe_config(config: HfMoeConfig, out: Path, *, generation_config: bool = False) -> None:
     """config.json (with `auto_map`, which HfMoeConfig writes once hf_moe is imported) and the remote code; with
     `generation_config`, also the generation defaults the model class derives from the config."""
     config.save_pretrained(out)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(MODELING_DIR / name, out / name)
+    for path in remote_code_files():
+        shutil.copyfile(path, out / path.name)
     if generation_config:
         from transformers import GenerationConfig
 
@@ -475,7 +482,6 @@ def finish_checkpoint(
 __all__ = [
     "DTYPES",
     "MODELING_DIR",
-    "REMOTE_CODE_FILES",
     "BackgroundHasher",
     "CheckpointSink",
     "DensePlan",
@@ -487,6 +493,7 @@ __all__ = [
     "finish_checkpoint",
     "parse_dtype",
     "plan_dense",
+    "remote_code_files",
     "router_rows",
     "save_hf_moe_config",
     "source_history",
