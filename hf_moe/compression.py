@@ -58,14 +58,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .conversion.export import _provenance_extra  # the source's history, license and base_model
-from .conversion.io import (
-    PROVENANCE_NAME,
-    CheckpointReader,
-    ShardWriter,
-    atomic_output_dir,
-    write_provenance,
-)
+from .conversion.core import finish_checkpoint, source_history, write_config_json, write_hf_moe_card
+from .conversion.io import PROVENANCE_NAME, CheckpointReader, ShardWriter, atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -544,16 +538,15 @@ def _new_config(config: dict, num_new: int, top_k: int) -> dict:
 def _write_checkpoint(
     reader: CheckpointReader,
     out: Path,
+    plan: _Plan,
     *,
-    plans: dict[int, LayerPlan],
-    kinds: dict[str, tuple[str, int]],
-    config: dict,
     router_override: dict[int, torch.Tensor] | None,
-    moe_prefix: dict[int, str],
     max_shard_size: int | str,
     progress: bool,
 ) -> None:
-    """Stream `reader` into `out` applying the plans; router weights replaced by `router_override[layer]`."""
+    """Stream `reader` into `out` applying the plan, then its config.json; router weights replaced by
+    `router_override[layer]`."""
+    plans, kinds, moe_prefix = plan.layers, plan.kinds, plan.moe_prefix
     per_expert: dict[tuple[int, str], dict[int, str]] = {}  # (layer, rest) -> old expert -> name
     for name, (kind, layer) in kinds.items():
         if kind == "per_expert":
@@ -580,7 +573,7 @@ def _write_checkpoint(
                     continue
                 parts = _combine(plans[layer], lambda e: full[e])
                 writer.add(name, torch.stack(parts).contiguous())
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_config_json(out, plan.config)
 
 
 def _parameter_counts(reader: CheckpointReader, kinds: dict, num_experts: int, top_k: int) -> dict[str, int]:
@@ -712,6 +705,67 @@ def compress(
         FileExistsError: `out_dir` exists and `overwrite` is False.
     """
     src, out = Path(model), Path(out_dir)
+    _check_options(method=method, keep=keep, merge=merge, recover_router=recover_router)
+    _check_out_dir(src, out, overwrite)
+    text = _CalibrationText(calib, calib_tokens, seq_len, batch_size, progress)
+    with CheckpointReader(src) as reader:
+        plan = _plan_sizes(reader, keep)
+        statistics, teacher, tokenizer = _calibration(
+            src, plan, text, method=method, merge=merge, statistics=statistics, recover_router=recover_router
+        )
+        plan.layers = _layer_plans(reader, plan, statistics, method=method, merge=merge, seed=seed)
+        record = _compression_record(reader, plan, statistics, method, merge, keep, seed, recover_router)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            router_override = None
+            if recover_router:
+                router_override, report = _recover(
+                    reader,
+                    tmp,
+                    plan,
+                    text,
+                    teacher,
+                    tokenizer,
+                    steps=recover_router,
+                    lr=recover_lr,
+                    max_shard_size=max_shard_size,
+                )
+                record["recovery"] = {"lr": recover_lr, "batch_size": batch_size, **report}
+            del teacher
+            _write_checkpoint(
+                reader,
+                tmp,
+                plan,
+                router_override=router_override,
+                max_shard_size=max_shard_size,
+                progress=progress,
+            )
+            _copy_side_files(src, tmp)
+            with CheckpointReader(tmp) as written:
+                new_kinds, _ = _classify(written, plan.num_new)
+                record["params_after"] = _parameter_counts(written, new_kinds, plan.num_new, plan.new_top_k)
+            options = {
+                "keep": keep,
+                "method": method,
+                "merge": merge,
+                "calib_tokens": calib_tokens,
+                "recover_router": recover_router,
+                "seed": seed,
+                "calib": str(calib) if isinstance(calib, str | os.PathLike) else f"{len(calib or [])} texts",
+            }
+            finish_checkpoint(
+                tmp,
+                config=None,  # written with the weights
+                source=reader,
+                method="compress",
+                options=options,
+                extra={**source_history(src), **_provenance_entries(record)},
+                card=lambda folder: _write_card(folder, reader.config, out.name),
+            )
+    logger.info("compressed %s to %s: %d -> %d experts per layer", src, out, plan.num_experts, plan.num_new)
+    return out
+
+
+def _check_options(*, method: str, keep: Any, merge: bool, recover_router: int) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(keep, int | float) or not 0 < keep <= 1:
@@ -722,16 +776,33 @@ def compress(
         )
     if recover_router < 0:
         raise ValueError(f"recover_router={recover_router} must be a number of steps >= 0")
-    _check_out_dir(src, out, overwrite)
-    reader = CheckpointReader(src)
+
+
+@dataclass
+class _Plan:
+    """The shape of the compressed checkpoint, and per MoE layer which old experts make each new one."""
+
+    num_experts: int
+    top_k: int
+    n_group: int
+    keep_per_group: int
+    num_new: int
+    new_top_k: int
+    kinds: dict[str, tuple[str, int]]  # per-layer expert and router tensors (_classify)
+    moe_prefix: dict[int, str]  # layer -> module holding router and experts
+    config: dict[str, Any]  # the new config.json
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+
+
+def _plan_sizes(reader: CheckpointReader, keep: float) -> _Plan:
+    """Experts and top-k after compression, from config.json; the MoE tensors found by name."""
     config = reader.config
     num_experts = _num_experts(config)
     top_k = int(config.get(TOP_K_KEY) or 0)
     n_group = int(config.get("n_group") or 1)
     if num_experts % n_group:
         raise ValueError(f"config.json: {num_experts} experts do not split into n_group={n_group} groups")
-    per_group = num_experts // n_group
-    keep_per_group = max(1, round(keep * per_group))
+    keep_per_group = max(1, round(keep * (num_experts // n_group)))
     if n_group > 1 and keep_per_group < 2:
         raise ValueError(
             f"keep={keep} leaves {keep_per_group} expert per routing group (n_group={n_group}); group-limited "
@@ -745,47 +816,90 @@ def compress(
     kinds, moe_prefix = _classify(reader, num_experts)
     if not moe_prefix:
         raise ValueError(
-            f"{src}: no routed-expert tensors (`...experts...`) found; is this an MoE checkpoint?"
+            f"{reader.root}: no routed-expert tensors (`...experts...`) found; is this an MoE checkpoint?"
         )
+    new_config = _new_config(config, num_new, new_top_k)
+    return _Plan(
+        num_experts, top_k, n_group, keep_per_group, num_new, new_top_k, kinds, moe_prefix, new_config
+    )
 
+
+@dataclass(frozen=True)
+class _CalibrationText:
+    """The calibration options of compress."""
+
+    calib: str | os.PathLike | Sequence[str] | None
+    calib_tokens: int
+    seq_len: int
+    batch_size: int
+    progress: bool
+
+
+def _calibration(
+    src: Path,
+    plan: _Plan,
+    text: _CalibrationText,
+    *,
+    method: str,
+    merge: bool,
+    statistics: CalibrationStatistics | None,
+    recover_router: int,
+) -> tuple[CalibrationStatistics | None, torch.nn.Module | None, Any]:
+    """(statistics, the loaded original model or None, tokenizer or None): the given statistics checked, or new
+    ones measured on the calibration text when the method needs them."""
     needs_calibration = method != "random" or merge
-    if (needs_calibration or recover_router) and calib is None and statistics is None:
+    if (needs_calibration or recover_router) and text.calib is None and statistics is None:
         raise ValueError(
             f"method={method!r}{' with merge' if merge else ''}{' with router recovery' if recover_router else ''} "
             "needs calibration text: pass calib= (CLI: --calib FILE)"
         )
-    if recover_router and calib is None:
+    if recover_router and text.calib is None:
         raise ValueError(
             "recover_router needs the calibration text to distil on: pass calib= (CLI: --calib FILE)"
         )
-    teacher = None
-    windows = None
-    tokenizer = None
-    if calib is not None and (recover_router or (needs_calibration and statistics is None)):
+    teacher = tokenizer = None
+    if text.calib is not None and (recover_router or (needs_calibration and statistics is None)):
         tokenizer = _tokenizer(src, None)
     if needs_calibration and statistics is None:
+        assert text.calib is not None  # checked above
         teacher = _load_model(src, torch.float32)
         statistics = calibrate(
             teacher,
-            calib,
-            calib_tokens=calib_tokens,
-            seq_len=seq_len,
-            batch_size=batch_size,
+            text.calib,
+            calib_tokens=text.calib_tokens,
+            seq_len=text.seq_len,
+            batch_size=text.batch_size,
             need_outputs=merge,
             tokenizer=tokenizer,
-            progress=progress,
+            progress=text.progress,
         )
         statistics.source = str(src.resolve())
     if statistics is not None:
         if statistics.source and statistics.source != str(src.resolve()):
             raise ValueError(f"statistics were collected on {statistics.source}, not on {src.resolve()}")
-        if statistics.num_experts != num_experts:
-            raise ValueError(f"statistics are for {statistics.num_experts} experts; {src} has {num_experts}")
+        if statistics.num_experts != plan.num_experts:
+            raise ValueError(
+                f"statistics are for {statistics.num_experts} experts; {src} has {plan.num_experts}"
+            )
+    return statistics, teacher, tokenizer
 
+
+def _layer_plans(
+    reader: CheckpointReader,
+    plan: _Plan,
+    statistics: CalibrationStatistics | None,
+    *,
+    method: str,
+    merge: bool,
+    seed: int,
+) -> dict[int, LayerPlan]:
+    """Per MoE layer, the experts kept (pruning) or the clusters averaged (merging)."""
     plans: dict[int, LayerPlan] = {}
-    for layer in sorted(moe_prefix):
+    for layer in sorted(plan.moe_prefix):
         if method == "random":
-            saliency = random_saliency(num_experts, layer, seed=seed)
+            saliency = random_saliency(plan.num_experts, layer, seed=seed)
+        elif statistics is None:
+            raise ValueError(f"method={method!r} needs calibration statistics")  # _calibration made them
         elif layer not in statistics.layers:
             # A layer transformers does not run (GLM-4.5's multi-token-prediction layer): no statistics.
             if merge:
@@ -796,31 +910,43 @@ def compress(
                 "layer %d was not run during calibration; keeping the experts with the largest router rows",
                 layer,
             )
-            saliency = reader.get_tensor(f"{moe_prefix[layer]}.gate.weight").double().norm(dim=-1)
+            saliency = reader.get_tensor(f"{plan.moe_prefix[layer]}.gate.weight").double().norm(dim=-1)
         else:
             saliency = statistics.saliency(method, layer, seed=seed)
         if merge:
-            plans[layer] = merge_plan(
-                statistics.layers[layer].mean_outputs(), saliency, keep_per_group, n_group
-            )
+            assert statistics is not None  # merging needs calibration (_calibration)
+            mean_outputs = statistics.layers[layer].mean_outputs()
+            plans[layer] = merge_plan(mean_outputs, saliency, plan.keep_per_group, plan.n_group)
         else:
-            plans[layer] = prune_plan(saliency, keep_per_group, n_group)
+            plans[layer] = prune_plan(saliency, plan.keep_per_group, plan.n_group)
+    return plans
 
-    new_config = _new_config(config, num_new, new_top_k)
-    before = _parameter_counts(reader, kinds, num_experts, top_k)
-    layers_info = {str(layer): plans[layer].describe(num_experts) for layer in sorted(plans)}
-    compression: dict[str, Any] = {
+
+def _compression_record(
+    reader: CheckpointReader,
+    plan: _Plan,
+    statistics: CalibrationStatistics | None,
+    method: str,
+    merge: bool,
+    keep: float,
+    seed: int,
+    recover_router: int,
+) -> dict[str, Any]:
+    """The "compression" entry of the provenance, before the output exists (params_after comes later)."""
+    record: dict[str, Any] = {
         "method": method,
         "merge": merge,
         "keep": keep,
         "seed": seed,
-        "experts_before": num_experts,
-        "experts_after": num_new,
-        "top_k_before": top_k,
-        "top_k_after": new_top_k,
+        "experts_before": plan.num_experts,
+        "experts_after": plan.num_new,
+        "top_k_before": plan.top_k,
+        "top_k_after": plan.new_top_k,
         "recover_router": recover_router,
-        "layers": layers_info,
-        "params_before": before,
+        "layers": {
+            str(layer): plan.layers[layer].describe(plan.num_experts) for layer in sorted(plan.layers)
+        },
+        "params_before": _parameter_counts(reader, plan.kinds, plan.num_experts, plan.top_k),
         "calibration": {
             "tokens": statistics.tokens if statistics else 0,
             "text_sha256": statistics.text_sha256 if statistics else None,
@@ -828,99 +954,70 @@ def compress(
         },
     }
     if merge:
-        compression["merge_weights"] = {str(la): [list(w) for w in p.weights] for la, p in plans.items()}
-    with reader, atomic_output_dir(out, overwrite=overwrite) as tmp:
-        router_override = None
-        if recover_router:
-            stage = tmp / "stage1"
-            stage.mkdir()
-            _write_checkpoint(
-                reader,
-                stage,
-                plans=plans,
-                kinds=kinds,
-                config=new_config,
-                router_override=None,
-                moe_prefix=moe_prefix,
-                max_shard_size=max_shard_size,
-                progress=False,
-            )
-            _copy_side_files(src, stage)
-            if teacher is None:
-                teacher = _load_model(src, torch.float32)
-            if windows is None:
-                seq = min(
-                    seq_len, getattr(teacher.config.get_text_config(), "max_position_embeddings", seq_len)
-                )
-                windows, _, _ = calibration_windows(
-                    tokenizer, _load_texts(calib), calib_tokens=calib_tokens, seq_len=seq
-                )
-            router_override, report = _recover_router(
-                teacher,
-                stage,
-                windows,
-                steps=recover_router,
-                lr=recover_lr,
-                batch_size=batch_size,
-                progress=progress,
-            )
-            compression["recovery"] = {"lr": recover_lr, "batch_size": batch_size, **report}
-            shutil.rmtree(stage)
-        del teacher
-        _write_checkpoint(
-            reader,
-            tmp,
-            plans=plans,
-            kinds=kinds,
-            config=new_config,
-            router_override=router_override,
-            moe_prefix=moe_prefix,
-            max_shard_size=max_shard_size,
-            progress=progress,
-        )
-        _copy_side_files(src, tmp)
-        with CheckpointReader(tmp) as written:
-            new_kinds, _ = _classify(written, num_new)
-            compression["params_after"] = _parameter_counts(written, new_kinds, num_new, new_top_k)
-        options = {
-            "keep": keep,
-            "method": method,
-            "merge": merge,
-            "calib_tokens": calib_tokens,
-            "recover_router": recover_router,
-            "seed": seed,
-            "calib": str(calib) if isinstance(calib, str | os.PathLike) else f"{len(calib or [])} texts",
-        }
-        summary = [
-            f"layer {la}: removed {info['removed']}"
-            + (f", merged {info['merged']}" if info["merged"] else "")
-            for la, info in layers_info.items()
-        ]
-        extra = {
-            "compression": compression,
-            "compression_summary": summary,
-            "total_params_before": before["total"],
-            "active_params_before": before["active"],
-            "total_params_after": compression["params_after"]["total"],
-            "active_params_after": compression["params_after"]["active"],
-            "calibration_sha256": compression["calibration"]["text_sha256"] or "none",
-            "calibration_tokens": compression["calibration"]["tokens"],
-        }
-        write_provenance(
-            tmp, source=reader, method="compress", options=options, extra={**_provenance_extra(src), **extra}
-        )
-        provenance = json.loads((tmp / PROVENANCE_NAME).read_text())
-        if config.get("model_type") == "hf_moe":
-            try:
-                from .hub import write_model_card
+        record["merge_weights"] = {str(la): [list(w) for w in p.weights] for la, p in plan.layers.items()}
+    return record
 
-                write_model_card(tmp, model_name=out.name)
-            except (ImportError, FileNotFoundError, ValueError) as err:
-                logger.warning("model card not written (%s)", err)
-        else:
-            _write_native_card(tmp, out.name, provenance)
-    logger.info("compressed %s to %s: %d -> %d experts per layer", src, out, num_experts, num_new)
-    return out
+
+def _recover(
+    reader: CheckpointReader,
+    tmp: Path,
+    plan: _Plan,
+    text: _CalibrationText,
+    teacher: torch.nn.Module | None,
+    tokenizer: Any,
+    *,
+    steps: int,
+    lr: float,
+    max_shard_size: int | str,
+) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """Router recovery: write the compressed checkpoint to a stage folder inside `tmp`, distil its routers against
+    the original model, remove the stage. Returns the new router weights per layer and a report."""
+    stage = tmp / "stage1"
+    stage.mkdir()
+    _write_checkpoint(
+        reader, stage, plan, router_override=None, max_shard_size=max_shard_size, progress=False
+    )
+    _copy_side_files(reader.root, stage)
+    if teacher is None:
+        teacher = _load_model(reader.root, torch.float32)
+    assert text.calib is not None  # recovery needs calibration text (_calibration)
+    seq = min(
+        text.seq_len, getattr(teacher.config.get_text_config(), "max_position_embeddings", text.seq_len)
+    )
+    windows, _, _ = calibration_windows(
+        tokenizer, _load_texts(text.calib), calib_tokens=text.calib_tokens, seq_len=seq
+    )
+    result = _recover_router(
+        teacher, stage, windows, steps=steps, lr=lr, batch_size=text.batch_size, progress=text.progress
+    )
+    shutil.rmtree(stage)
+    return result
+
+
+def _provenance_entries(record: dict[str, Any]) -> dict[str, Any]:
+    """The top-level provenance entries of a compression: the record, a summary per layer, the totals."""
+    summary = [
+        f"layer {la}: removed {info['removed']}" + (f", merged {info['merged']}" if info["merged"] else "")
+        for la, info in record["layers"].items()
+    ]
+    return {
+        "compression": record,
+        "compression_summary": summary,
+        "total_params_before": record["params_before"]["total"],
+        "active_params_before": record["params_before"]["active"],
+        "total_params_after": record["params_after"]["total"],
+        "active_params_after": record["params_after"]["active"],
+        "calibration_sha256": record["calibration"]["text_sha256"] or "none",
+        "calibration_tokens": record["calibration"]["tokens"],
+    }
+
+
+def _write_card(out: Path, config: dict[str, Any], title: str) -> None:
+    """hf_moe's model card for an hf_moe checkpoint; a short card of its own for a native one."""
+    if config.get("model_type") == "hf_moe":
+        write_hf_moe_card(out, title)
+    else:
+        _write_native_card(out, title, json.loads((out / PROVENANCE_NAME).read_text()))
 
 
 __all__ = [

@@ -17,11 +17,10 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -29,19 +28,21 @@ from tqdm.auto import tqdm
 from ..hub import write_export_card
 from ..hub_ids import resolve_model
 from ..modeling.configuration_hf_moe import HfMoeConfig
-from .io import (
-    PROVENANCE_NAME,
-    CheckpointReader,
-    ShardWriter,
-    atomic_output_dir,
-    check_floating_weights,
-    check_out_dir,
-    copy_tokenizer_files,
-    write_provenance,
+from .core import (
+    CheckpointSink,
+    cast_tensor,
+    check_tensors,
+    expected_tensors,
+    finish_checkpoint,
+    parse_dtype,
+    source_history,
+    write_hf_moe_card,
 )
+from .io import CheckpointReader, ShardWriter, atomic_output_dir, check_floating_weights, check_out_dir
 from .native import (
     SPECS,
     TARGETS,
+    NativeSpec,
     check_target,
     compatible_targets,
     export_tensor,
@@ -54,94 +55,6 @@ from .native import (
 )
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-# Kept in float32 whatever the requested dtype (GLM-4.5 / DeepSeek-V3 keep the routing bias in fp32).
-_FP32_SUFFIXES = (".e_score_correction_bias",)
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """`torch.dtype` for "bfloat16"/"bf16"/"float16"/"fp16"/"float32"/"fp32" (or a dtype); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in set(_DTYPES.values()):
-            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16 (or fp32, bf16, fp16)"
-        )
-    return _DTYPES[key]
-
-
-def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if name.endswith(_FP32_SUFFIXES):
-        return tensor.float()
-    if dtype is not None and tensor.is_floating_point():
-        return tensor.to(dtype)
-    return tensor
-
-
-def _expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor an hf_moe checkpoint of `config` holds (built on the meta device: no memory)."""
-    from ..modeling.modeling_hf_moe import HfMoeForCausalLM
-
-    with torch.device("meta"):
-        model = HfMoeForCausalLM(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def _check_tensors(
-    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
-) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(n for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
-    if missing or unexpected or wrong:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if names:
-                parts.append(f"{label}: {names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)})")
-        raise ValueError(
-            f"{where}: the tensors do not match config.json ({'; '.join(parts)}); re-save the checkpoint"
-        )
-
-
-def _source_provenance(model_dir: Path) -> dict | None:
-    path = model_dir / PROVENANCE_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        logger.warning("%s is not valid JSON; the export's provenance will not include its history", path)
-        return None
-
-
-def _provenance_extra(model_dir: Path) -> dict[str, Any]:
-    """History of the source (each earlier step's record), plus its license/base_model so cards keep them."""
-    previous = _source_provenance(model_dir)
-    if previous is None:
-        return {}
-    history = list(previous.get("history", []))
-    history.append({k: v for k, v in previous.items() if k != "history"})
-    extra: dict[str, Any] = {"history": history}
-    for key in ("license", "base_model"):
-        if previous.get(key):
-            extra[key] = previous[key]
-    return extra
 
 
 def refusal_message(config: HfMoeConfig, target: str, problems: list[str], where: str | os.PathLike) -> str:
@@ -236,7 +149,41 @@ def export(
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
     inputs = [model_dir] + ([Path(merge_adapter)] if merge_adapter is not None else [])
     check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
-    reader = CheckpointReader(model_dir)
+    with CheckpointReader(model_dir) as reader:
+        config, names = _validate_export(reader, to)
+        source = _ExportSource.plan(reader, names, config, merge_adapter, out_dtype)
+        with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *source.files]) as tmp:
+            with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
+                _stream_export(source, writer, spec=spec, config=config, desc=f"export to {to}")
+            options = {
+                "to": to,
+                "dtype": str(out_dtype) if out_dtype else None,
+                "max_shard_size": max_shard_size,
+                "merge_adapter": str(Path(merge_adapter).resolve()) if merge_adapter is not None else None,
+            }
+            # The card lives in one place (hf_moe.hub); its export variant describes the native architecture.
+            title = f"{model_dir.resolve().name} ({spec.title})"
+            finish_checkpoint(
+                tmp,
+                config=native_config_dict(config, to, dtype=out_dtype),
+                source=reader,
+                method="export",
+                options=options,
+                tokenizer_from=model_dir,
+                source_files=source.files,
+                extra={**source_history(model_dir), "architecture": spec.architecture},
+                card=lambda out: write_export_card(
+                    out, config, architecture=spec.architecture, model_name=title
+                ),
+            )
+    logger.info("exported %s to %s (%s)", model_dir, out_dir, spec.architecture)
+    return out_dir
+
+
+def _validate_export(reader: CheckpointReader, to: str) -> tuple[HfMoeConfig, list[str]]:
+    """The checkpoint's config and the names of the tensors to export, once the target can represent it and the
+    tensors match the config."""
+    model_dir = reader.root
     if reader.model_type != HfMoeConfig.model_type:
         raise ValueError(
             f"{model_dir} has model_type={reader.model_type!r}, not 'hf_moe'; export takes hf_moe checkpoints "
@@ -247,80 +194,64 @@ def export(
     if problems:
         raise ValueError(refusal_message(config, to, problems, model_dir))
     # A tied lm_head saved anyway is the embedding again: not written (the target ties it too).
-    source_names = [n for n in reader.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
-    _check_tensors({n: reader.shape(n) for n in source_names}, _expected_tensors(config), str(model_dir))
-    check_floating_weights(reader, source_names)
+    names = [n for n in reader.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    check_tensors({n: reader.shape(n) for n in names}, expected_tensors(config), str(model_dir))
+    check_floating_weights(reader, names)
     if config.router_type == "noisy_topk":
         logger.info("noisy_topk: the training-only noise projection (gate.noise_weight) is not exported")
+    return config, names
 
-    source_files: list[Path] = list(reader.files_read)
-    if merge_adapter is not None:
+
+@dataclass
+class _ExportSource:
+    """Where the exported tensors come from: the checkpoint, one at a time, or the state dict of the model merged
+    with a PEFT adapter (held in memory)."""
+
+    reader: CheckpointReader
+    names: list[str]
+    state: dict[str, torch.Tensor] | None
+    files: list[Path]  # the input files, recorded in the provenance
+    dtype: torch.dtype | None
+
+    @classmethod
+    def plan(
+        cls,
+        reader: CheckpointReader,
+        names: list[str],
+        config: HfMoeConfig,
+        merge_adapter: str | os.PathLike | None,
+        dtype: torch.dtype | None,
+    ) -> _ExportSource:
+        if merge_adapter is None:
+            return cls(reader, names, None, list(reader.files_read), dtype)
         adapter_dir = Path(merge_adapter)
-        state = _merged_state_dict(model_dir, adapter_dir)
-        source_files += [p for p in sorted(adapter_dir.iterdir()) if p.is_file()]
-        names = list(state)
-    else:
-        names = source_names
+        state = _merged_state_dict(reader.root, adapter_dir)
+        files = [*reader.files_read, *(p for p in sorted(adapter_dir.iterdir()) if p.is_file())]
+        return cls(reader, list(state), state, files, dtype)
 
-    def get(name: str) -> torch.Tensor:
-        if merge_adapter is not None:  # back to the tensor's dtype on disk unless a dtype was asked for
-            return _cast(name, state[name], out_dtype or reader.dtype(name))
-        return _cast(name, reader.get_tensor(name), out_dtype)
+    def get(self, name: str) -> torch.Tensor:
+        if self.state is not None:  # back to the tensor's dtype on disk unless a dtype was asked for
+            return cast_tensor(name, self.state[name], self.dtype or self.reader.dtype(name))
+        return cast_tensor(name, self.reader.get_tensor(name), self.dtype)
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *source_files]) as tmp:
-        with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
-            for name in tqdm(names, desc=f"export to {to}", unit="tensor", disable=len(names) < 200):
-                for native_name, tensor in export_tensor(name, get(name), spec=spec, config=config):
-                    writer.add(native_name, tensor)
-            extra_dtype = out_dtype or reader.dtype("model.embed_tokens.weight")
-            for layer in range(config.num_hidden_layers):
-                for native_name, tensor in extra_layer_tensors(
-                    layer, spec=spec, config=config, dtype=extra_dtype
-                ):
-                    writer.add(native_name, tensor)
-        native_config = native_config_dict(config, to, dtype=out_dtype)
-        (tmp / "config.json").write_text(json.dumps(native_config, indent=2, sort_keys=True) + "\n")
-        copy_tokenizer_files(model_dir, tmp)
-        options = {
-            "to": to,
-            "dtype": str(out_dtype) if out_dtype else None,
-            "max_shard_size": max_shard_size,
-            "merge_adapter": str(Path(merge_adapter).resolve()) if merge_adapter is not None else None,
-        }
-        extra = _provenance_extra(model_dir)
-        extra["architecture"] = spec.architecture
-        write_provenance(
-            tmp, source=reader, method="export", options=options, source_files=source_files, extra=extra
-        )
-        # The card lives in one place (hf_moe.hub); its export variant describes the native architecture.
-        write_export_card(
-            tmp,
-            config,
-            architecture=spec.architecture,
-            model_name=f"{model_dir.resolve().name} ({spec.title})",
-        )
-    logger.info("exported %s to %s (%s)", model_dir, out_dir, spec.architecture)
-    return out_dir
+
+def _stream_export(
+    source: _ExportSource, writer: ShardWriter, *, spec: NativeSpec, config: HfMoeConfig, desc: str
+) -> None:
+    """Every tensor under its native names, then the tensors the target needs that hf_moe does not store."""
+    names = source.names
+    for name in tqdm(names, desc=desc, unit="tensor", disable=len(names) < 200):
+        for native_name, tensor in export_tensor(name, source.get(name), spec=spec, config=config):
+            writer.add(native_name, tensor)
+    extra_dtype = source.dtype or source.reader.dtype("model.embed_tokens.weight")
+    for layer in range(config.num_hidden_layers):
+        for native_name, tensor in extra_layer_tensors(layer, spec=spec, config=config, dtype=extra_dtype):
+            writer.add(native_name, tensor)
 
 
 # ================================================================================================================
 # Import.
 # ================================================================================================================
-
-
-def _save_hf_moe_config(config: HfMoeConfig, out: Path) -> None:
-    """config.json with `auto_map`, plus the modeling code, as `HfMoeForCausalLM.save_pretrained` writes them."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from ..modeling.modeling_hf_moe import HfMoeForCausalLM
-
-    with torch.device("meta"):
-        model = HfMoeForCausalLM(config)
-    custom_object_save(
-        model, out, config=model.config
-    )  # copies modeling + configuration files, sets auto_map
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
 
 
 def _layer_groups(
@@ -379,63 +310,64 @@ def import_native(
     out_dtype = parse_dtype(dtype)
     src_dir, out_dir = resolve_model(src_dir), Path(out_dir)  # a folder or a Hub repo id (org/name[@rev])
     check_out_dir(out_dir, [src_dir], overwrite=overwrite)  # before any work; atomic_output_dir checks again
-    reader = CheckpointReader(src_dir)
+    with CheckpointReader(src_dir) as reader:
+        config, top, layers, skipped = _plan_import(reader)
+        with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
+            with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
+                sink = CheckpointSink(writer, expected_tensors(config))
+                for name in top:
+                    sink.add(name, cast_tensor(name, reader.get_tensor(name), out_dtype))
+                desc, few = f"import {reader.model_type}", len(layers) < 8
+                for layer in tqdm(sorted(layers), desc=desc, unit="layer", disable=few):
+                    for name, tensor in _import_layer(reader, layers[layer], layer, config).items():
+                        sink.add(name, cast_tensor(name, tensor, out_dtype))
+                check_tensors(sink.written, sink.expected, f"{src_dir} imported as hf_moe")
+            options = {
+                "from": reader.model_type,
+                "dtype": str(out_dtype) if out_dtype else None,
+                "max_shard_size": max_shard_size,
+                "skipped_tensors": skipped,
+            }
+            finish_checkpoint(
+                tmp,
+                config=config,
+                source=reader,
+                method="import",
+                options=options,
+                tokenizer_from=src_dir,
+                generation_config=True,
+                extra=source_history(src_dir),
+                card=lambda out: write_hf_moe_card(out, out_dir.name),
+            )
+    logger.info("imported %s (%s) to %s", src_dir, reader.model_type, out_dir)
+    return out_dir
+
+
+def _plan_import(reader: CheckpointReader) -> tuple[HfMoeConfig, list[str], dict[int, list[str]], list[str]]:
+    """(config, non-layer names, layer -> names, skipped names) of a native checkpoint, its weights checked."""
     if reader.model_type == HfMoeConfig.model_type:
-        raise ValueError(f"{src_dir} is already an hf_moe checkpoint; nothing to import")
+        raise ValueError(f"{reader.root} is already an hf_moe checkpoint; nothing to import")
     config = HfMoeConfig(**hf_moe_config_kwargs(reader.config))
-    spec = SPECS[reader.model_type]
-    expected = _expected_tensors(config)
     top, layers, skipped = _layer_groups(reader, config.num_hidden_layers, config.tie_word_embeddings)
     check_floating_weights(reader, [*top, *(n for names in layers.values() for n in names)])
     if skipped:
         logger.info(
             "not imported (%d tensors): %s%s", len(skipped), skipped[:4], " ..." if len(skipped) > 4 else ""
         )
+    return config, top, layers, skipped
 
-    with reader, atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
-        written: dict[str, tuple[int, ...]] = {}
-        with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
 
-            def add(name: str, tensor: torch.Tensor) -> None:
-                tensor = _cast(name, tensor, out_dtype)
-                writer.add(name, tensor)
-                written[name] = tuple(tensor.shape)
-
-            for name in top:
-                add(name, reader.get_tensor(name))
-            for layer in tqdm(
-                sorted(layers), desc=f"import {reader.model_type}", unit="layer", disable=len(layers) < 8
-            ):
-                tensors = {name: reader.get_tensor(name) for name in layers[layer]}
-                try:
-                    converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
-                except ValueError as err:  # a missing or mis-shaped expert: say which checkpoint
-                    raise ValueError(f"{src_dir}: {err}") from err
-                for name in sorted(converted):
-                    add(name, converted[name])
-            _check_tensors(written, expected, f"{src_dir} imported as hf_moe")
-        _save_hf_moe_config(config, tmp)
-        copy_tokenizer_files(src_dir, tmp)
-        write_provenance(
-            tmp,
-            source=reader,
-            method="import",
-            options={
-                "from": reader.model_type,
-                "dtype": str(out_dtype) if out_dtype else None,
-                "max_shard_size": max_shard_size,
-                "skipped_tensors": skipped,
-            },
-            extra=_provenance_extra(src_dir),
-        )
-        try:
-            from ..hub import write_model_card
-
-            write_model_card(tmp, model_name=out_dir.name)
-        except (ImportError, FileNotFoundError) as err:
-            logger.warning("model card not written (%s)", err)
-    logger.info("imported %s (%s) to %s", src_dir, reader.model_type, out_dir)
-    return out_dir
+def _import_layer(
+    reader: CheckpointReader, names: list[str], layer: int, config: HfMoeConfig
+) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors under hf_moe names, its experts fused, in name order."""
+    tensors = {name: reader.get_tensor(name) for name in names}
+    spec = SPECS[str(reader.model_type)]
+    try:
+        converted = import_layer(tensors, layer=layer, spec=spec, num_experts=config.num_experts)
+    except ValueError as err:  # a missing or mis-shaped expert: say which checkpoint
+        raise ValueError(f"{reader.root}: {err}") from err
+    return {name: converted[name] for name in sorted(converted)}
 
 
 __all__ = ["export", "import_native", "parse_dtype", "refusal_message", "TARGETS"]

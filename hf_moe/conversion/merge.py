@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +26,22 @@ from tqdm.auto import tqdm
 
 from ..hub_ids import resolve_model
 from ..modeling import HfMoeConfig
-from .init import RouterInitContext, get_router_init, shared_expert_weights
-from .io import (
-    CheckpointReader,
-    ShardWriter,
-    atomic_output_dir,
-    check_floating_weights,
-    check_out_dir,
-    copy_tokenizer_files,
-    sha256_file,
-    write_provenance,
-)
-from .sources import get_source, translate_config
-from .upcycle import (
-    DTYPES,
-    MODELING_DIR,
-    REMOTE_CODE_FILES,
-    _expected_shapes,
-    _plan,
-    _put_router_state,
-    _put_shared_experts,
-    _save_config,
+from .core import (
+    BackgroundHasher,
+    CheckpointSink,
+    DensePlan,
+    build_moe_config,
+    cast_tensor,
     dense_mlp,
+    expected_tensors,
+    finish_checkpoint,
+    parse_dtype,
+    plan_dense,
+    router_rows,
 )
+from .init import RouterInitContext, get_router_init, shared_expert_weights
+from .io import CheckpointReader, ShardWriter, atomic_output_dir, check_floating_weights, check_out_dir
+from .sources import DenseSource, get_source, translate_config
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +150,9 @@ def merge_experts(
         out_dir: destination; must not exist unless `overwrite`.
         top_k: experts per token.
         router_type: hf_moe router (topk_softmax, softmax_topk, sigmoid_topk, noisy_topk, switch,
-        expert_choice).
+            expert_choice).
         router_init: "random" (N(0, initializer_range^2) rows) or "prompts" (one prompt entry per fine-tune;
-        see
-            docs/merge.md), or any key of ``init.ROUTER_INITS``.
+            see docs/merge.md), or any key of ``init.ROUTER_INITS``.
         prompts: YAML file or object for router_init="prompts".
         shared: "base" (non-MLP weights from the base) or "average" (element-wise mean over the fine-tunes).
         num_shared_experts: always-active experts made from the base MLP (0 = none).
@@ -177,8 +169,7 @@ def merge_experts(
     Raises:
         FileNotFoundError: a missing folder, config or shard (or prompts file).
         ValueError: bad options; a fine-tune whose model_type, config field, tensor name or shape differs from
-        the
-            base (the message names the model and the field or tensor); unreadable prompts.
+            the base (the message names the model and the field or tensor); unreadable prompts.
         FileExistsError: `out_dir` exists and `overwrite` is False.
         ValueError: `out_dir` is, contains or lies inside the base or a fine-tune folder.
 
@@ -190,101 +181,31 @@ def merge_experts(
     ```
     """
     out_dir = Path(out_dir)
-    if isinstance(experts, str | os.PathLike) or not experts:
-        raise ValueError("experts must be a non-empty list of fine-tune folders (one per expert)")
-    num_experts = len(experts)
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k!r} must be between 1 and the number of experts ({num_experts})")
-    if shared not in SHARED_MODES:
-        raise ValueError(f"shared={shared!r} is not supported; use one of {', '.join(SHARED_MODES)}")
-    if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-        raise ValueError(f"num_shared_experts={num_shared_experts!r} must be a non-negative integer")
-    make_router_init = get_router_init(router_init)
-    if prompts is not None and router_init in ("random", "virtual-group"):  # inits that read no prompts
-        raise ValueError(
-            f"prompts were given but router_init={router_init!r} would ignore them; pass "
-            "router_init='prompts' (CLI: --router-init prompts) or drop the prompts"
-        )
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(
-                f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
-            )
-        dtype = DTYPES[dtype]
+    _check_options(experts, top_k, shared, num_shared_experts, router_init, prompts)
+    cast_dtype = parse_dtype(dtype)
     base, experts = (
         resolve_model(base),
         [resolve_model(e) for e in experts],
     )  # folders or Hub ids (org/name[@rev])
     inputs = [Path(base), *map(Path, experts)]
     check_out_dir(out_dir, inputs, overwrite=overwrite)  # before any work; atomic_output_dir checks again
-
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
         readers = [stack.enter_context(CheckpointReader(p)) for p in experts]
-        source = get_source(base_reader.model_type)
-        base_kwargs = translate_config(base_reader.config)
-        base_text = base_kwargs["text_config"]
-        if router_type == "expert_choice":
-            base_text.use_cache = False  # expert choice is not causal (see HfMoeConfig)
-        _check_compatible(base_reader, base_text.to_dict(), readers)
-        inter, num_layers = base_text.intermediate_size, base_text.num_hidden_layers
-        config = HfMoeConfig(
-            **{
-                **base_kwargs,
-                "num_experts": num_experts,
-                "num_experts_per_tok": top_k,
-                "moe_intermediate_size": inter,
-                "router_type": router_type,
-                "num_shared_experts": num_shared_experts,
-                "shared_expert_intermediate_size": num_shared_experts * inter,
-                "mlp_only_layers": [],
-                **(config_overrides or {}),
-            }
-        )
-        config.architectures = ["HfMoeForCausalLM"]
-        expected = _expected_shapes(config)
-        try:
-            head, layer_plan, tail = _plan(base_reader, source, config, expected)
-        except ValueError as err:  # the plan's messages name tensors, not the folder: say it is the base
-            raise ValueError(f"base {base_reader.root}: {err}") from err
-        for i, reader in enumerate(readers):
-            skip = {n for r in (base_reader, reader) for n in r.keys() if _op(source, n) == "skip"}
-            _check_same_tensors(base_reader, reader, f"fine-tune {i} ({reader.root})", skip)
-        for reader in (base_reader, *readers):
-            check_floating_weights(reader)
-        mlp_dtype = base_reader.dtype(layer_plan[0][source.mlp_ops[0]])
-        out_dtype = dtype or mlp_dtype
-        config.dtype = out_dtype
-        # Prompts are validated (file, YAML, count) here, before any output exists.
-        router_context = RouterInitContext(
-            num_experts=num_experts,
-            hidden_size=config.hidden_size,
-            std=config.initializer_range,
-            seed=seed,
-            moe_layers=list(range(num_layers)),
-            src_dir=Path(base),
-            reader=base_reader,
+        plan = _plan(
+            base_reader,
+            readers,
+            top_k=top_k,
+            router_type=router_type,
+            router_init=router_init,
             prompts=prompts,
+            num_shared_experts=num_shared_experts,
+            dtype=cast_dtype,
+            seed=seed,
+            config_overrides=config_overrides,
         )
-        router_for_layer = make_router_init(router_context)
-        hasher = ThreadPoolExecutor(max_workers=1)
-        stack.callback(hasher.shutdown, wait=False, cancel_futures=True)
-        checksum_jobs = {
-            str(p): hasher.submit(sha256_file, p) for r in (base_reader, *readers) for p in r.files_read
-        }
-        routed_scale = 0.5 if num_shared_experts else 1.0  # routed and shared halves sum to one MLP
-
-        def combined(name: str) -> torch.Tensor:
-            """A non-MLP tensor: the base's, or the fine-tunes' element-wise mean (accumulated in float32)."""
-            if shared == "base":
-                t = base_reader.get_tensor(name)
-                return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            total = None
-            for reader in readers:
-                t = reader.get_tensor(name).float()
-                total = t if total is None else total.add_(t)
-            return (total / num_experts).to(dtype or base_reader.dtype(name))
-
+        read = [p for r in (base_reader, *readers) for p in r.files_read]
+        hasher = stack.enter_context(BackgroundHasher(read))
         options = dict(
             base=str(Path(base).resolve()),
             experts=[str(Path(p).resolve()) for p in experts],
@@ -294,91 +215,204 @@ def merge_experts(
             prompts=str(prompts) if prompts is not None else None,
             shared=shared,
             num_shared_experts=num_shared_experts,
-            dtype=str(out_dtype).removeprefix("torch."),
+            dtype=str(plan.out_dtype).removeprefix("torch."),
             seed=seed,
             max_shard_size=max_shard_size,
             config_overrides=config_overrides or {},
         )
-        read = [p for r in (base_reader, *readers) for p in r.files_read]
         with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *read]) as tmp:
-            written: set[str] = set()
             with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
-
-                def put(name: str, tensor: torch.Tensor) -> None:
-                    writer.add(name, tensor)
-                    written.add(name)
-
-                for src, dst in head:
-                    put(dst, combined(src))
-                for i in tqdm(range(num_layers), desc="merging layers", unit="layer", disable=not progress):
-                    plan = layer_plan[i]
-                    for src, dst in plan["copy"]:
-                        put(dst, combined(src))
-                    prefix = f"model.layers.{i}.mlp."
-                    gate_up_parts, down_parts = [], []
-                    for reader in readers:  # one fine-tune's MLP at a time; the writer streams each part
-                        gate, up, down = dense_mlp(reader, plan, source)
-                        gate_up_parts.append(torch.cat([gate, up], dim=0).to(out_dtype))  # (2I, H)
-                        down_parts.append(
-                            (down * routed_scale if routed_scale != 1.0 else down).to(out_dtype)
-                        )
-                    writer.add_stacked(f"{prefix}experts.gate_up_proj", gate_up_parts)  # (E, 2I, H)
-                    writer.add_stacked(f"{prefix}experts.down_proj", down_parts)  # (E, H, I)
-                    written.update({f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"})
-                    del gate_up_parts, down_parts
-                    router = router_for_layer(i)  # (E, H)
-                    if tuple(router.shape) != (num_experts, config.hidden_size):
-                        raise ValueError(
-                            f"router_init={router_init!r} returned shape {list(router.shape)} for layer "
-                            f"{i}; expected {[num_experts, config.hidden_size]}"
-                        )
-                    put(f"{prefix}gate.weight", router.to(out_dtype))
-                    if num_shared_experts:
-                        gate, up, down = dense_mlp(base_reader, plan, source)
-                        sg, su, sd = shared_expert_weights(
-                            gate,
-                            up,
-                            down,
-                            width=config.shared_expert_intermediate_size,
-                            granularity=1,
-                            down_scale=0.5 / num_shared_experts,
-                        )
-                        _put_shared_experts(put, prefix, (sg, su, sd), out_dtype)
-                    _put_router_state(put, prefix, expected, written, out_dtype)
-                for src, dst in tail:
-                    put(dst, combined(src))
-                missing, extra = sorted(set(expected) - written), sorted(written - set(expected))
-                if missing or extra:  # a bug in a key table, not user error; fail before publishing
-                    raise ValueError(
-                        f"merge produced a checkpoint that does not match the config: missing "
-                        f"{missing[:8]}, unexpected {extra[:8]}"
-                    )
-            _save_config(config, tmp)
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(MODELING_DIR / name, tmp / name)
-            tokenizer_files = copy_tokenizer_files(base_reader.root, tmp)
-            checksums = {path: job.result() for path, job in checksum_jobs.items()}
-            write_provenance(
+                sink = CheckpointSink(writer, plan.expected)
+                _stream(plan, base_reader, readers, sink, shared=shared, dtype=cast_dtype, progress=progress)
+            checksums = hasher.results()
+            finish_checkpoint(
                 tmp,
+                config=plan.config,
                 source=base_reader,
                 method="merge_experts",
                 options=options,
-                source_files=[*base_reader.files_read, *tokenizer_files],
+                tokenizer_from=base_reader.root,
+                record_tokenizer=True,
                 checksums=checksums,
-                extra={
-                    "experts": [
-                        {
-                            "path": str(r.root.resolve()),
-                            "model_type": r.model_type,
-                            "files_sha256": {
-                                str(p.relative_to(r.root)): checksums[str(p)] for p in r.files_read
-                            },
-                        }
-                        for r in readers
-                    ],
-                },
+                extra={"experts": _expert_records(readers, checksums)},
             )
     return out_dir
+
+
+def _check_options(
+    experts: Any, top_k: Any, shared: str, num_shared_experts: Any, router_init: str, prompts: Any
+) -> None:
+    if isinstance(experts, str | os.PathLike) or not experts:
+        raise ValueError("experts must be a non-empty list of fine-tune folders (one per expert)")
+    num_experts = len(experts)
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k!r} must be between 1 and the number of experts ({num_experts})")
+    if shared not in SHARED_MODES:
+        raise ValueError(f"shared={shared!r} is not supported; use one of {', '.join(SHARED_MODES)}")
+    if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts={num_shared_experts!r} must be a non-negative integer")
+    get_router_init(router_init)  # an unknown name fails before any reading
+    if prompts is not None and router_init in ("random", "virtual-group"):  # inits that read no prompts
+        raise ValueError(
+            f"prompts were given but router_init={router_init!r} would ignore them; pass "
+            "router_init='prompts' (CLI: --router-init prompts) or drop the prompts"
+        )
+
+
+@dataclass
+class _Plan:
+    """What the base, the fine-tunes and the options imply, fixed before any output is written."""
+
+    config: HfMoeConfig
+    source: DenseSource
+    dense: DensePlan
+    expected: dict[str, tuple[int, ...]]
+    out_dtype: torch.dtype
+    num_shared_experts: int
+    router_init: str
+    router_for_layer: Callable[[int], torch.Tensor]
+
+
+def _plan(
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    *,
+    top_k: int,
+    router_type: str,
+    router_init: str,
+    prompts: Any,
+    num_shared_experts: int,
+    dtype: torch.dtype | None,
+    seed: int,
+    config_overrides: dict[str, Any] | None,
+) -> _Plan:
+    """Validate every folder against the base (config, tensor names, shapes, dtypes) and map the base's tensors."""
+    source = get_source(base.model_type)
+    base_kwargs = translate_config(base.config)
+    base_text = base_kwargs["text_config"]
+    _check_compatible(base, base_text.to_dict(), readers)
+    config = build_moe_config(
+        base_kwargs,
+        num_experts=len(readers),
+        top_k=top_k,
+        moe_width=base_text.intermediate_size,
+        router_type=router_type,
+        num_shared_experts=num_shared_experts,
+        mlp_only_layers=[],
+        overrides=config_overrides,
+    )
+    expected = expected_tensors(config)
+    try:
+        dense = plan_dense(base, source, config, expected)
+    except ValueError as err:  # the plan's messages name tensors, not the folder: say it is the base
+        raise ValueError(f"base {base.root}: {err}") from err
+    for i, reader in enumerate(readers):
+        skip = {n for r in (base, reader) for n in r.keys() if _op(source, n) == "skip"}
+        _check_same_tensors(base, reader, f"fine-tune {i} ({reader.root})", skip)
+    for reader in (base, *readers):
+        check_floating_weights(reader)
+    out_dtype = dtype or base.dtype(dense.layers[0][source.mlp_ops[0]])
+    config.dtype = out_dtype
+    # Prompts are validated (file, YAML, count) here, before any output exists.
+    router_context = RouterInitContext(
+        num_experts=len(readers),
+        hidden_size=config.hidden_size,
+        std=config.initializer_range,
+        seed=seed,
+        moe_layers=list(range(config.num_hidden_layers)),
+        src_dir=base.root,
+        reader=base,
+        prompts=prompts,
+    )
+    router_for_layer = get_router_init(router_init)(router_context)
+    return _Plan(
+        config, source, dense, expected, out_dtype, num_shared_experts, router_init, router_for_layer
+    )
+
+
+def _stream(
+    plan: _Plan,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    sink: CheckpointSink,
+    *,
+    shared: str,
+    dtype: torch.dtype | None,
+    progress: bool,
+) -> None:
+    """Write every tensor, one decoder layer at a time, reading one tensor of one model at a time."""
+
+    def combined(name: str) -> torch.Tensor:
+        return _shared_tensor(name, base, readers, shared=shared, dtype=dtype)
+
+    config, num_shared = plan.config, plan.num_shared_experts
+    routed_scale = 0.5 if num_shared else 1.0  # routed and shared halves sum to one MLP
+    for src, dst in plan.dense.head:
+        sink.add(dst, combined(src))
+    for i in tqdm(range(config.num_hidden_layers), desc="merging layers", unit="layer", disable=not progress):
+        layer_plan = plan.dense.layers[i]
+        for src, dst in layer_plan["copy"]:
+            sink.add(dst, combined(src))
+        gate_up_parts, down_parts = [], []
+        for reader in readers:  # one fine-tune's MLP at a time; the writer streams each part
+            gate, up, down = dense_mlp(reader, layer_plan, plan.source)
+            gate_up_parts.append(torch.cat([gate, up], dim=0).to(plan.out_dtype))  # (2I, H)
+            down_parts.append(
+                (down * routed_scale if routed_scale != 1.0 else down).to(plan.out_dtype)
+            )  # (H, I)
+        router = router_rows(plan.router_for_layer, i, router_init=plan.router_init, config=config)  # (E, H)
+        shared_weights = None
+        if num_shared:
+            gate, up, down = dense_mlp(base, layer_plan, plan.source)
+            shared_weights = shared_expert_weights(
+                gate,
+                up,
+                down,
+                width=config.shared_expert_intermediate_size,
+                granularity=1,
+                down_scale=0.5 / num_shared,
+            )
+        sink.write_moe_layer(
+            i,
+            gate_up=gate_up_parts,
+            down=down_parts,
+            router=router,
+            shared=shared_weights,
+            dtype=plan.out_dtype,
+        )
+        del gate_up_parts, down_parts
+    for src, dst in plan.dense.tail:
+        sink.add(dst, combined(src))
+    sink.check_complete("merge")
+
+
+def _shared_tensor(
+    name: str,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    *,
+    shared: str,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """A non-MLP tensor: the base's, or the fine-tunes' element-wise mean (accumulated in float32)."""
+    if shared == "base":
+        return cast_tensor(name, base.get_tensor(name), dtype)
+    total = readers[0].get_tensor(name).float()
+    for reader in readers[1:]:
+        total.add_(reader.get_tensor(name).float())
+    return (total / len(readers)).to(dtype or base.dtype(name))
+
+
+def _expert_records(readers: list[CheckpointReader], checksums: dict[str, str]) -> list[dict[str, Any]]:
+    """The provenance entry of each fine-tune: its folder, model type and files' sha256."""
+    return [
+        {
+            "path": str(r.root.resolve()),
+            "model_type": r.model_type,
+            "files_sha256": {str(p.relative_to(r.root)): checksums[str(p)] for p in r.files_read},
+        }
+        for r in readers
+    ]
 
 
 __all__ = ["SHARED_MODES", "STRUCTURAL_FIELDS", "merge_experts"]

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub_ids import resolve_model
-from ..modeling import ROUTERS, HfMoeConfig, HfMoeForCausalLM
+from ..modeling import ROUTERS, HfMoeConfig
+from .core import (
+    BackgroundHasher,
+    CheckpointSink,
+    DensePlan,
+    build_moe_config,
+    cast_tensor,
+    dense_mlp,
+    expected_tensors,
+    finish_checkpoint,
+    parse_dtype,
+    plan_dense,
+    router_rows,
+)
 from .init import (
     RouterInitContext,
     add_relative_noise,
@@ -32,23 +44,10 @@ from .init import (
     seeded_generator,
     shared_expert_weights,
 )
-from .io import (
-    CheckpointReader,
-    ShardWriter,
-    atomic_output_dir,
-    check_floating_weights,
-    check_out_dir,
-    copy_tokenizer_files,
-    sha256_file,
-    write_provenance,
-)
+from .io import CheckpointReader, ShardWriter, atomic_output_dir, check_floating_weights, check_out_dir
 from .sources import DenseSource, get_source, translate_config
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
-REMOTE_CODE_FILES = ("configuration_hf_moe.py", "modeling_hf_moe.py", "experts.py")
 
 
 def parse_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
@@ -146,127 +145,6 @@ def exactness_problems(
     return problems
 
 
-def _expected_shapes(config: HfMoeConfig) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    # The target parameter names and shapes come from the model class itself (on the meta device: no memory).
-    with torch.device("meta"):
-        model = HfMoeForCausalLM(config)
-    state = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
-def _plan(
-    reader: CheckpointReader,
-    source: DenseSource,
-    config: HfMoeConfig,
-    expected: dict[str, tuple[torch.Size, torch.dtype]],
-) -> tuple[list[tuple[str, str]], dict[int, dict[str, Any]], list[tuple[str, str]]]:
-    """Map every source tensor to its target and check shapes against the target config, reading headers only.
-
-    Returns:
-        (copies before the layers, per-layer {"copy": [(src, dst)], "mlp.gate"/"mlp.up"/"mlp.down": src},
-        copies after the layers).
-    """
-    head: list[tuple[str, str]] = []
-    tail: list[tuple[str, str]] = []
-    layers: dict[int, dict[str, Any]] = defaultdict(lambda: {"copy": []})
-    text = config.get_text_config()
-    inter, hidden = text.intermediate_size, text.hidden_size
-    mlp_shapes = {
-        "mlp.gate": (inter, hidden),
-        "mlp.up": (inter, hidden),
-        "mlp.gate_up": (2 * inter, hidden),
-        "mlp.down": (hidden, inter),
-    }
-    for name in reader.keys():
-        target, op, layer = source.match(name)
-        if layer is not None and not 0 <= layer < config.num_hidden_layers:
-            raise ValueError(
-                f"tensor {name!r} belongs to layer {layer}, but config.json has num_hidden_layers="
-                f"{config.num_hidden_layers}"
-            )
-        if op == "skip" or (op == "lm_head" and config.tie_word_embeddings):
-            continue
-        shape = reader.shape(name)
-        if op in mlp_shapes:
-            if shape != mlp_shapes[op]:
-                raise ValueError(
-                    f"tensor {name!r} has shape {list(shape)} but config.json (hidden_size={hidden}, "
-                    f"intermediate_size={inter}) implies {list(mlp_shapes[op])}; the weights do not match the config"
-                )
-            if layer is None:
-                raise ValueError(f"tensor {name!r} looks like an MLP weight but names no decoder layer")
-            layers[layer][op] = name
-            continue
-        if target not in expected:
-            raise ValueError(
-                f"tensor {name!r} maps to {target!r}, which the hf_moe model built from config.json does not have "
-                "(e.g. a bias the config does not enable); the weights do not match the config"
-            )
-        if tuple(expected[target][0]) != shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {list(shape)} but config.json implies {list(expected[target][0])}; the "
-                "weights do not match the config"
-            )
-        if layer is not None:
-            layers[layer]["copy"].append((name, target))
-        elif target.startswith("model.embed_tokens"):
-            head.append((name, target))
-        else:
-            tail.append((name, target))
-    # Everything the target model needs must come from somewhere.
-    produced = {dst for _, dst in head + tail} | {dst for lay in layers.values() for _, dst in lay["copy"]}
-    for i in range(config.num_hidden_layers):
-        missing_mlp = [op for op in source.mlp_ops if op not in layers[i]]
-        if missing_mlp:
-            expected_names = [
-                f"model.layers.{i}.mlp.{op.removeprefix('mlp.')}_proj.weight" for op in source.mlp_ops
-            ]
-            raise ValueError(
-                f"the checkpoint lacks the MLP weights of layer {i}: expected {expected_names} ({source.model_type} "
-                f"names its MLP {source.mlp!r}); is this a complete {source.model_type} checkpoint?"
-            )
-    missing = sorted(
-        k
-        for k in expected
-        if k not in produced and ".mlp." not in k  # MLP/MoE tensors are made from the MLP
-    )
-    if missing:
-        raise ValueError(f"the checkpoint lacks tensors the target model needs: {missing[:8]}")
-    return head, dict(layers), tail
-
-
-def dense_mlp(
-    reader: CheckpointReader, plan: dict[str, Any], source: DenseSource
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's dense MLP as (gate (I, H), up (I, H), down (H, I)), whichever way the family names it."""
-    if source.mlp == "fused":
-        gate, up = reader.get_tensor(plan["mlp.gate_up"]).chunk(2, dim=0)  # gate rows, then up rows
-    else:
-        gate, up = reader.get_tensor(plan["mlp.gate"]), reader.get_tensor(plan["mlp.up"])
-    return gate, up, reader.get_tensor(plan["mlp.down"])
-
-
-def _save_config(config: HfMoeConfig, out: Path) -> None:
-    # HfMoeConfig.save_pretrained writes the full auto_map (config, base model, causal LM) once hf_moe is imported.
-    config.save_pretrained(out)
-
-
-def _put_shared_experts(put, prefix: str, weights: tuple[torch.Tensor, ...], out_dtype: torch.dtype) -> None:
-    for name, tensor in zip(("gate_proj", "up_proj", "down_proj"), weights):
-        put(f"{prefix}shared_experts.{name}.weight", tensor.to(out_dtype))
-
-
-def _put_router_state(put, prefix: str, expected: dict, written: set[str], out_dtype: torch.dtype) -> None:
-    """Router tensors other than the weight (DeepSeek-V3 correction bias, noisy-top-k noise projection) start at 0;
-    the correction bias stays float32, as the model keeps it."""
-    for name, (shape, _) in expected.items():
-        if name.startswith(f"{prefix}gate.") and name not in written:
-            keep_fp32 = name.endswith("e_score_correction_bias")
-            put(name, torch.zeros(shape, dtype=torch.float32 if keep_fp32 else out_dtype))
-
-
 def upcycle(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -335,240 +213,289 @@ def upcycle(
     """
     src_dir = resolve_model(src_dir)  # a local folder, or a Hub repo id downloaded to the cache
     out_dir = check_out_dir(out_dir, [src_dir], overwrite=overwrite)
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts={num_experts!r} must be a positive integer")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k!r} must be between 1 and num_experts={num_experts}")
-    if not isinstance(granularity, int) or granularity < 1 or num_experts % granularity:
-        raise ValueError(
-            f"granularity={granularity!r} must be a positive integer dividing num_experts={num_experts}"
-        )
-    if num_shared_experts < 0:
-        raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0")
-    if not 0.0 <= drop_ratio <= 1.0:
-        raise ValueError(f"drop_ratio={drop_ratio} must be in [0, 1]")
-    if noise_std < 0:
-        raise ValueError(f"noise_std={noise_std} must be >= 0")
-    router_init = router_init or ("virtual-group" if granularity > 1 else "random")
-    make_router_init = get_router_init(router_init)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(
-                f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or None (keep)"
-            )
-        dtype = DTYPES[dtype]
+    options = _Options(
+        num_experts=num_experts,
+        top_k=top_k,
+        router_type=router_type,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        drop_ratio=drop_ratio,
+        noise_std=noise_std,
+        router_init=router_init,
+        prompts=prompts,
+        moe_layers=moe_layers,
+        dtype=dtype,
+        seed=seed,
+        max_shard_size=max_shard_size,
+        config_overrides=config_overrides or {},
+    )
     with CheckpointReader(src_dir) as reader:
-        check_floating_weights(reader)
-        source = get_source(reader.model_type)
-        dense_kwargs = translate_config(reader.config)
-        text = dense_kwargs["text_config"]
-        if router_type == "expert_choice":
-            text.use_cache = False  # expert choice is not causal (see HfMoeConfig)
-        inter = text.intermediate_size
-        if inter % granularity:
-            raise ValueError(f"granularity={granularity} must divide the dense intermediate_size={inter}")
-        num_layers = text.num_hidden_layers
-        moe_idx = parse_moe_layers(moe_layers, num_layers)
-        mlp_names = [n for n in reader.keys() if source.match(n)[1] in source.mlp_ops]
-        if not mlp_names:
-            raise ValueError(
-                f"{reader.root}: the {source.model_type} checkpoint has no MLP tensors (expected "
-                f"model.layers.N.mlp.{'gate_up_proj' if source.mlp == 'fused' else 'gate_proj'}.weight and its "
-                "siblings); there is nothing to turn into experts"
+        plan = _plan(reader, options, require_exact=require_exact)
+        with (
+            BackgroundHasher(reader.files_read) as hasher,
+            atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp,
+        ):
+            with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
+                _stream(reader, plan, options, CheckpointSink(writer, plan.expected), progress=progress)
+            finish_checkpoint(
+                tmp,
+                config=plan.config,
+                source=reader,
+                method="upcycle",
+                options=options.record(plan),
+                tokenizer_from=reader.root,
+                record_tokenizer=True,
+                checksums=hasher.results(),
+                extra={
+                    "function_preserving": not plan.problems,
+                    "not_function_preserving_because": plan.problems,
+                },
             )
-        mlp_dtype = reader.dtype(mlp_names[0])
-        out_dtype = dtype or mlp_dtype
-        moe_width = inter // granularity
-        config = HfMoeConfig(
-            **{
-                **dense_kwargs,
-                "num_experts": num_experts,
-                "num_experts_per_tok": top_k,
-                "moe_intermediate_size": moe_width,
-                "router_type": router_type,
-                "num_shared_experts": num_shared_experts,
-                "shared_expert_intermediate_size": num_shared_experts * moe_width,
-                "mlp_only_layers": [i for i in range(num_layers) if i not in moe_idx],
-                **(config_overrides or {}),
-            }
-        )
-        config.architectures = ["HfMoeForCausalLM"]
-        config.dtype = out_dtype
-        # Prompt-based rows keep virtual groups when the prompts list one entry per group (prompts.py).
-        group_rows = (
-            router_init == "prompts"
-            and prompts is not None
-            and granularity > 1
-            and (
-                len(import_module(".prompts", __package__).load_prompts(prompts).experts) * granularity
-                == num_experts
-            )
-        )
-        problems = exactness_problems(
-            config,
-            granularity=granularity,
-            router_init=router_init,
-            drop_ratio=drop_ratio,
-            noise_std=noise_std,
-            group_rows=group_rows,
-        )
-        if problems and require_exact:
-            raise ValueError(
-                "require_exact=True but the upcycled model would differ from the dense one: "
-                + "; ".join(problems)
-            )
-        if problems:
-            logger.warning(
-                "upcycled model will not reproduce the dense model at init: %s", "; ".join(problems)
-            )
-        expected = _expected_shapes(config)
-        head, layer_plan, tail = _plan(reader, source, config, expected)
-        # The source checksums for the provenance file are computed in a thread while the layers are converted
-        # (hashlib releases the GIL), instead of a serial pass over the input at the end.
-        hasher = ThreadPoolExecutor(max_workers=1)
-        checksum_jobs = {str(p): hasher.submit(sha256_file, p) for p in reader.files_read}
-        router_context = RouterInitContext(
-            num_experts=num_experts,
-            hidden_size=config.hidden_size,
-            granularity=granularity,
-            std=config.initializer_range,
-            seed=seed,
-            moe_layers=moe_idx,
-            src_dir=Path(src_dir),
-            reader=reader,
-            prompts=prompts,
-        )
-        router_for_layer = make_router_init(router_context)
-        # Routed and shared outputs each carry half of the dense output when both exist (docs/upcycling.md).
-        routed_scale = granularity * (0.5 if num_shared_experts else 1.0)
-        shared_copies = num_shared_experts / granularity
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-        options = dict(
-            num_experts=num_experts,
-            top_k=top_k,
-            router_type=router_type,
-            granularity=granularity,
-            num_shared_experts=num_shared_experts,
-            drop_ratio=drop_ratio,
-            noise_std=noise_std,
-            router_init=router_init,
-            prompts=str(prompts) if prompts is not None else None,
-            moe_layers=moe_idx,
-            dtype=str(out_dtype).removeprefix("torch."),
-            seed=seed,
-            max_shard_size=max_shard_size,
-            config_overrides=config_overrides or {},
-        )
-        try:
-            with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[src_dir, *reader.files_read]) as tmp:
-                written: set[str] = set()
-                with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
-
-                    def put(name: str, tensor: torch.Tensor) -> None:
-                        writer.add(name, tensor)
-                        written.add(name)
-
-                    def put_stacked(name: str, parts: list[torch.Tensor]) -> None:
-                        writer.add_stacked(name, parts)
-                        written.add(name)
-
-                    for src, dst in head:
-                        put(dst, cast(reader.get_tensor(src)))
-                    for i in tqdm(
-                        range(num_layers), desc="upcycling layers", unit="layer", disable=not progress
-                    ):
-                        plan = layer_plan[i]
-                        for src, dst in plan["copy"]:
-                            put(dst, cast(reader.get_tensor(src)))
-                        prefix = f"model.layers.{i}.mlp."
-                        if i not in moe_idx:  # the base's own dense MLP, under its own names
-                            for op in source.mlp_ops:
-                                put(plan[op], cast(reader.get_tensor(plan[op])))
-                            continue
-                        gate, up, down = dense_mlp(reader, plan, source)  # (I, H), (I, H), (H, I)
-                        if drop_ratio > 0 or noise_std > 0:
-                            gate_up_w, down_w = expert_weights(
-                                gate,
-                                up,
-                                down,
-                                num_experts=num_experts,
-                                granularity=granularity,
-                                down_scale=routed_scale,
-                            )  # (E, 2I/g, H), (E, H, I/g)
-                            if drop_ratio > 0:
-                                gate_up_w, down_w, _ = drop_upcycle(
-                                    gate_up_w,
-                                    down_w,
-                                    drop_ratio=drop_ratio,
-                                    generator=seeded_generator(seed, "drop", i),
-                                )
-                            if noise_std > 0:
-                                gate_up_w, down_w = add_relative_noise(
-                                    gate_up_w,
-                                    down_w,
-                                    noise_std=noise_std,
-                                    generator=seeded_generator(seed, "noise", i),
-                                )
-                            put(f"{prefix}experts.gate_up_proj", gate_up_w.to(out_dtype))
-                            put(f"{prefix}experts.down_proj", down_w.to(out_dtype))
-                        else:
-                            # Experts are repeats of `granularity` distinct slices: build only those and let the writer
-                            # repeat their bytes (no (E, ...) tensor in memory).
-                            gate_up_s, down_s = expert_weights(
-                                gate,
-                                up,
-                                down,
-                                num_experts=granularity,
-                                granularity=granularity,
-                                down_scale=routed_scale,
-                            )  # (g, 2I/g, H), (g, H, I/g)
-                            gate_up_s, down_s = gate_up_s.to(out_dtype), down_s.to(out_dtype)
-                            slice_of = [e % granularity for e in range(num_experts)]
-                            put_stacked(f"{prefix}experts.gate_up_proj", [gate_up_s[j] for j in slice_of])
-                            put_stacked(f"{prefix}experts.down_proj", [down_s[j] for j in slice_of])
-                        router = router_for_layer(i)  # (E, H)
-                        if tuple(router.shape) != (num_experts, config.hidden_size):
-                            raise ValueError(
-                                f"router_init={router_init!r} returned shape {list(router.shape)} for layer {i}; "
-                                f"expected {[num_experts, config.hidden_size]}"
-                            )
-                        put(f"{prefix}gate.weight", router.to(out_dtype))
-                        if num_shared_experts:
-                            sg, su, sd = shared_expert_weights(
-                                gate,
-                                up,
-                                down,
-                                width=config.shared_expert_intermediate_size,
-                                granularity=granularity,
-                                down_scale=0.5 / shared_copies,
-                            )
-                            _put_shared_experts(put, prefix, (sg, su, sd), out_dtype)
-                        _put_router_state(put, prefix, expected, written, out_dtype)
-                    for src, dst in tail:
-                        put(dst, cast(reader.get_tensor(src)))
-                    missing = sorted(set(expected) - written)
-                    extra = sorted(written - set(expected))
-                    if missing or extra:  # a bug in a key table, not user error; fail before publishing
-                        raise ValueError(
-                            f"upcycle produced a checkpoint that does not match the config: missing "
-                            f"{missing[:8]}, unexpected {extra[:8]}"
-                        )
-                _save_config(config, tmp)
-                for name in REMOTE_CODE_FILES:
-                    shutil.copyfile(MODELING_DIR / name, tmp / name)
-                tokenizer_files = copy_tokenizer_files(reader.root, tmp)
-                write_provenance(
-                    tmp,
-                    source=reader,
-                    method="upcycle",
-                    options=options,
-                    source_files=[*reader.files_read, *tokenizer_files],
-                    checksums={path: job.result() for path, job in checksum_jobs.items()},
-                    extra={"function_preserving": not problems, "not_function_preserving_because": problems},
-                )
-        finally:
-            hasher.shutdown(wait=False, cancel_futures=True)
     return out_dir
+
+
+@dataclass
+class _Options:
+    """The options of one upcycle run, checked when built (before the source is read)."""
+
+    num_experts: int
+    top_k: int
+    router_type: str
+    granularity: int
+    num_shared_experts: int
+    drop_ratio: float
+    noise_std: float
+    router_init: str | None
+    prompts: Any
+    moe_layers: str | list[int]
+    dtype: str | torch.dtype | None
+    seed: int
+    max_shard_size: int | str
+    config_overrides: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        num_experts, granularity = self.num_experts, self.granularity
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts={num_experts!r} must be a positive integer")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"top_k={self.top_k!r} must be between 1 and num_experts={num_experts}")
+        if not isinstance(granularity, int) or granularity < 1 or num_experts % granularity:
+            raise ValueError(
+                f"granularity={granularity!r} must be a positive integer dividing num_experts={num_experts}"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            raise ValueError(f"drop_ratio={self.drop_ratio} must be in [0, 1]")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
+        self.router_init = self.router_init or ("virtual-group" if granularity > 1 else "random")
+        get_router_init(self.router_init)  # an unknown name fails here, before any reading
+        parse_dtype(self.dtype)
+
+    @property
+    def cast_dtype(self) -> torch.dtype | None:
+        """The requested output dtype (None: keep the source's)."""
+        return parse_dtype(self.dtype)
+
+    @property
+    def perturbed(self) -> bool:
+        """Drop-Upcycling or noise: every expert differs, so each is built in full."""
+        return self.drop_ratio > 0 or self.noise_std > 0
+
+    def record(self, plan: _Plan) -> dict[str, Any]:
+        """The options as the provenance records them."""
+        return dict(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            router_type=self.router_type,
+            granularity=self.granularity,
+            num_shared_experts=self.num_shared_experts,
+            drop_ratio=self.drop_ratio,
+            noise_std=self.noise_std,
+            router_init=self.router_init,
+            prompts=str(self.prompts) if self.prompts is not None else None,
+            moe_layers=plan.moe_layers,
+            dtype=str(plan.out_dtype).removeprefix("torch."),
+            seed=self.seed,
+            max_shard_size=self.max_shard_size,
+            config_overrides=self.config_overrides,
+        )
+
+
+@dataclass
+class _Plan:
+    """What the source and the options imply, fixed before any output is written."""
+
+    config: HfMoeConfig
+    source: DenseSource
+    dense: DensePlan
+    expected: dict[str, tuple[int, ...]]
+    moe_layers: list[int]
+    out_dtype: torch.dtype
+    router_for_layer: Callable[[int], torch.Tensor]
+    problems: list[str]  # why the model will not reproduce the dense one (empty: it will)
+
+
+def _plan(reader: CheckpointReader, options: _Options, *, require_exact: bool) -> _Plan:
+    """Validate the dense checkpoint against the options and map every tensor, reading headers only."""
+    check_floating_weights(reader)
+    source = get_source(reader.model_type)
+    dense_kwargs = translate_config(reader.config)
+    text = dense_kwargs["text_config"]
+    inter, granularity = text.intermediate_size, options.granularity
+    if inter % granularity:
+        raise ValueError(f"granularity={granularity} must divide the dense intermediate_size={inter}")
+    num_layers = text.num_hidden_layers
+    moe_idx = parse_moe_layers(options.moe_layers, num_layers)
+    mlp_names = [n for n in reader.keys() if source.match(n)[1] in source.mlp_ops]
+    if not mlp_names:
+        raise ValueError(
+            f"{reader.root}: the {source.model_type} checkpoint has no MLP tensors (expected "
+            f"model.layers.N.mlp.{'gate_up_proj' if source.mlp == 'fused' else 'gate_proj'}.weight and its "
+            "siblings); there is nothing to turn into experts"
+        )
+    out_dtype = options.cast_dtype or reader.dtype(mlp_names[0])
+    config = build_moe_config(
+        dense_kwargs,
+        num_experts=options.num_experts,
+        top_k=options.top_k,
+        moe_width=inter // granularity,
+        router_type=options.router_type,
+        num_shared_experts=options.num_shared_experts,
+        mlp_only_layers=[i for i in range(num_layers) if i not in moe_idx],
+        dtype=out_dtype,
+        overrides=options.config_overrides,
+    )
+    problems = _problems(config, options, require_exact=require_exact)
+    expected = expected_tensors(config)
+    dense = plan_dense(reader, source, config, expected)
+    router_context = RouterInitContext(
+        num_experts=options.num_experts,
+        hidden_size=config.hidden_size,
+        granularity=granularity,
+        std=config.initializer_range,
+        seed=options.seed,
+        moe_layers=moe_idx,
+        src_dir=reader.root,
+        reader=reader,
+        prompts=options.prompts,
+    )
+    router_for_layer = get_router_init(str(options.router_init))(router_context)
+    return _Plan(config, source, dense, expected, moe_idx, out_dtype, router_for_layer, problems)
+
+
+def _problems(config: HfMoeConfig, options: _Options, *, require_exact: bool) -> list[str]:
+    """exactness_problems for these options; raised with `require_exact`, else logged."""
+    granularity, prompts = options.granularity, options.prompts
+    # Prompt-based rows keep virtual groups when the prompts list one entry per group (prompts.py).
+    group_rows = (
+        options.router_init == "prompts"
+        and prompts is not None
+        and granularity > 1
+        and (
+            len(import_module(".prompts", __package__).load_prompts(prompts).experts) * granularity
+            == options.num_experts
+        )
+    )
+    problems = exactness_problems(
+        config,
+        granularity=granularity,
+        router_init=str(options.router_init),
+        drop_ratio=options.drop_ratio,
+        noise_std=options.noise_std,
+        group_rows=group_rows,
+    )
+    if problems and require_exact:
+        raise ValueError(
+            "require_exact=True but the upcycled model would differ from the dense one: "
+            + "; ".join(problems)
+        )
+    if problems:
+        logger.warning("upcycled model will not reproduce the dense model at init: %s", "; ".join(problems))
+    return problems
+
+
+def _stream(
+    reader: CheckpointReader, plan: _Plan, options: _Options, sink: CheckpointSink, *, progress: bool
+) -> None:
+    """Write every tensor, one decoder layer at a time: copies, dense MLPs of the dense layers, MoE layers."""
+    dtype = options.cast_dtype
+
+    def copy(src: str, dst: str) -> None:
+        sink.add(dst, cast_tensor(dst, reader.get_tensor(src), dtype))
+
+    for src, dst in plan.dense.head:
+        copy(src, dst)
+    num_layers = plan.config.num_hidden_layers
+    for i in tqdm(range(num_layers), desc="upcycling layers", unit="layer", disable=not progress):
+        layer_plan = plan.dense.layers[i]
+        for src, dst in layer_plan["copy"]:
+            copy(src, dst)
+        if i not in plan.moe_layers:  # the base's own dense MLP, under its own names
+            for op in plan.source.mlp_ops:
+                copy(layer_plan[op], layer_plan[op])
+            continue
+        gate, up, down = dense_mlp(reader, layer_plan, plan.source)  # (I, H), (I, H), (H, I)
+        gate_up_parts, down_parts = _experts(gate, up, down, options, layer=i, dtype=plan.out_dtype)
+        shared = None
+        if options.num_shared_experts:
+            shared = shared_expert_weights(
+                gate,
+                up,
+                down,
+                width=plan.config.shared_expert_intermediate_size,
+                granularity=options.granularity,
+                down_scale=0.5 / (options.num_shared_experts / options.granularity),
+            )
+        router = router_rows(
+            plan.router_for_layer, i, router_init=str(options.router_init), config=plan.config
+        )  # (E, H)
+        sink.write_moe_layer(
+            i, gate_up=gate_up_parts, down=down_parts, router=router, shared=shared, dtype=plan.out_dtype
+        )
+    for src, dst in plan.dense.tail:
+        copy(src, dst)
+    sink.check_complete("upcycle")
+
+
+def _experts(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    options: _Options,
+    *,
+    layer: int,
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-expert (gate_up (2I/g, H), down (H, I/g)) weights of one layer, in `dtype`."""
+    num_experts, granularity = options.num_experts, options.granularity
+    # Routed and shared outputs each carry half of the dense output when both exist (docs/upcycling.md).
+    routed_scale = granularity * (0.5 if options.num_shared_experts else 1.0)
+    if not options.perturbed:
+        # Experts are repeats of `granularity` distinct slices: build only those and let the writer repeat their
+        # bytes (no (E, ...) tensor in memory).
+        gate_up_s, down_s = expert_weights(
+            gate, up, down, num_experts=granularity, granularity=granularity, down_scale=routed_scale
+        )  # (g, 2I/g, H), (g, H, I/g)
+        gate_up_s, down_s = gate_up_s.to(dtype), down_s.to(dtype)
+        slice_of = [e % granularity for e in range(num_experts)]
+        return [gate_up_s[j] for j in slice_of], [down_s[j] for j in slice_of]
+    gate_up_w, down_w = expert_weights(
+        gate, up, down, num_experts=num_experts, granularity=granularity, down_scale=routed_scale
+    )  # (E, 2I/g, H), (E, H, I/g)
+    if options.drop_ratio > 0:
+        gate_up_w, down_w, _ = drop_upcycle(
+            gate_up_w,
+            down_w,
+            drop_ratio=options.drop_ratio,
+            generator=seeded_generator(options.seed, "drop", layer),
+        )
+    if options.noise_std > 0:
+        gate_up_w, down_w = add_relative_noise(
+            gate_up_w,
+            down_w,
+            noise_std=options.noise_std,
+            generator=seeded_generator(options.seed, "noise", layer),
+        )
+    return list(gate_up_w.to(dtype)), list(down_w.to(dtype))
