@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Register the hf_moe classes with the transformers Auto classes. Safe to call any number of times."""
+    # lazy: CLI start-up. torch and transformers load on the first call, not at `import hf_moe` (see below).
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .modeling import HfMoeConfig, HfMoeForCausalLM, HfMoeModel

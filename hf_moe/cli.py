@@ -1,10 +1,27 @@
 """`hf-moe` command line: thin typed subcommands over the library. Library functions raise; only this module
-turns errors into messages and exit codes (0 ok, 1 unexpected failure, 2 bad input)."""
+turns errors into messages and exit codes (0 ok, 1 unexpected failure, 2 bad input).
+
+Imports of the library sit inside the functions that run a command, marked "lazy: CLI start-up": the library
+loads torch and transformers (3-7 s) and huggingface_hub's client (~0.3 s), and `--help` and usage errors must cost
+about what starting Python costs (benchmarks/cli_latency.py; tests/test_cli.py checks that they import neither
+torch nor transformers). At the top are only the standard library and the package's `__init__`.
+"""
 
 import argparse
+import importlib.util
+import json
 import logging
+import os
+import re
+import shlex
+import shutil
 import sys
+import tempfile
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__, register
 
 # A command is a pair: `_add_<name>(subparsers)` builds its parser and sets `func=_run_<name>`, and
 # `_run_<name>(args)` calls the library and returns an exit code (None means 0). Adding a command means writing
@@ -26,7 +43,7 @@ def _add_revision(p: argparse.ArgumentParser) -> None:
 
 def _model(args: argparse.Namespace, name: str, *, weights: bool = True) -> str:
     """A model argument as a local folder: existing paths as given, Hub repo ids downloaded (docs/merge.md)."""
-    from .hub_ids import resolve_model
+    from .hub_ids import resolve_model  # lazy: CLI start-up (huggingface_hub)
 
     return str(resolve_model(name, revision=getattr(args, "revision", None), weights=weights))
 
@@ -35,7 +52,7 @@ def _model(args: argparse.Namespace, name: str, *, weights: bool = True) -> str:
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
-    from .conversion.upcycle import upcycle
+    from .conversion.upcycle import upcycle  # lazy: CLI start-up
 
     args.src_dir = _model(args, args.src_dir)
     out = upcycle(
@@ -66,10 +83,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
 def _write_card(out_dir: object) -> None:
     """Every CLI output folder gets its model card (hf_moe.hub writes them all); a conversion that succeeded is
     kept when the card cannot be written, and the message says how to write it."""
-    import json
-    from pathlib import Path
-
-    from .hub import write_model_card
+    from .hub import write_model_card  # lazy: CLI start-up
 
     out_dir = Path(str(out_dir))
     if json.loads((out_dir / "config.json").read_text()).get("model_type") != "hf_moe":
@@ -131,12 +145,11 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .conversion import mergekit  # noqa: F401  (registers router_init="cheap_embed")
+    # lazy: CLI start-up. Importing mergekit also registers router_init="cheap_embed", which --router-init may name.
     from .conversion.merge import merge_experts
+    from .conversion.mergekit import merge_from_mergekit
 
     if args.mergekit_config:
-        from .conversion.mergekit import merge_from_mergekit
-
         clashes = [
             flag
             for flag, value in (
@@ -252,7 +265,7 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .conversion.export import export
+    from .conversion.export import export  # lazy: CLI start-up
 
     print(
         export(
@@ -303,7 +316,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from .conversion.export import import_native
+    from .conversion.export import import_native  # lazy: CLI start-up
 
     print(
         import_native(
@@ -343,9 +356,7 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import shlex
-
-    from .serving.serve import describe_plan, plan_serve, run_serve
+    from .serving.serve import describe_plan, plan_serve, run_serve  # lazy: CLI start-up
 
     plan = plan_serve(
         _model(args, args.model_dir),
@@ -430,8 +441,6 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 def _compress_layer_names(names: list[str]) -> list[str]:
     """["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"] -> ["model.layers.{1-2}.mlp.experts"]."""
-    import re
-
     groups: dict[str, list[int]] = {}
     for name in names:
         match = re.search(r"\.layers\.(\d+)\.", name)
@@ -456,16 +465,11 @@ def _compress_layer_names(names: list[str]) -> list[str]:
 
 
 def _run_lora_targets(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    import torch
+    import torch  # lazy: CLI start-up
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import hf_moe  # noqa: F401  (registers the hf_moe architecture)
-
-    try:
-        from hf_moe.peft import describe_targets
+    try:  # optional: peft
+        from .peft import describe_targets
     except ImportError as err:
         raise ValueError(f"{err} (lora-targets uses PEFT's own target rules)") from err
 
@@ -535,10 +539,8 @@ def _add_lora_targets(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_lora(args: argparse.Namespace) -> int:
-    import json
-
-    try:  # PEFT is optional: the bridge lives in hf_moe.peft
-        from hf_moe.peft import convert_moe_adapter, verify_moe_adapter
+    try:  # optional: peft (the bridge lives in hf_moe.peft)
+        from .peft import convert_moe_adapter, verify_moe_adapter
     except ImportError as err:
         raise ValueError(f"{err} (hf-moe lora needs PEFT)") from err
 
@@ -611,12 +613,7 @@ def _parse_eval(pairs: list[str] | None) -> dict | None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from .hub import write_model_card
+    from .hub import write_model_card  # lazy: CLI start-up
     from .hub_ids import hub_origin
 
     model_dir = Path(_model(args, args.model_dir))
@@ -679,8 +676,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    import os
-
+    # lazy: CLI start-up (huggingface_hub.errors alone loads httpx, ~80 ms)
     from huggingface_hub.errors import HfHubHTTPError
 
     from .hub import push_to_hub
@@ -731,9 +727,7 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_zoo(args: argparse.Namespace) -> int:
-    import textwrap
-
-    from . import zoo
+    from . import zoo  # lazy: CLI start-up
     from .hub import human
 
     if args.zoo_command == "render-cards":
@@ -813,9 +807,7 @@ def _add_zoo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
+    from .compression import compression_table  # lazy: CLI start-up
     from .plotting import inspect_routing, plot_expert_load
 
     text_path = Path(args.text)
@@ -823,8 +815,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--text {text_path} not found")
     if args.plot:
         # Checked before the (possibly minutes-long) forward pass rather than after it.
-        import importlib.util
-
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'hf-moe[plot]'")
     model_dir = _model(args, args.model_dir)
@@ -837,8 +827,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(stats.format_table())
-    from .compression import compression_table
-
     history = compression_table(model_dir)  # which experts `hf-moe compress` removed or merged, per layer
     if history:
         print(history)
@@ -873,7 +861,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from .compression import compress
+    from .compression import compress  # lazy: CLI start-up
 
     out = compress(
         _model(args, args.model_dir),
@@ -999,8 +987,6 @@ def error_message(err: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="hf-moe", description="Mixture-of-Experts for the Hugging Face ecosystem."
     )
@@ -1016,8 +1002,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Only now, with valid arguments, load the library (torch, transformers): `--help` and usage errors are instant.
-    from . import register
-
     register()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

@@ -18,6 +18,7 @@ experts in every MoE layer. Buffers (the `sigmoid_topk` score-correction bias) a
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -27,8 +28,13 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
 from .conversion.io import atomic_write, index_entry_path, read_safetensors_header
-from .modeling import HfMoeConfig
+from .conversion.native import compatible_targets
+from .modeling import HfMoeConfig, HfMoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +138,6 @@ def count_parameters(config: HfMoeConfig) -> ParameterCounts:
     >>> count_parameters(HfMoeConfig(num_experts=8, num_experts_per_tok=2)).active
     ```
     """
-    import torch
-
-    from .modeling import HfMoeForCausalLM
-
     with torch.device("meta"):
         model = HfMoeForCausalLM(config)
     counts = dict.fromkeys(
@@ -333,8 +335,6 @@ def _source_license(provenance: dict | None, depth: int = 0) -> tuple[str | None
 
 def _license_from_card(readme: Path) -> str | None:
     """The license in a model card's metadata, if the card exists and names one."""
-    from huggingface_hub import ModelCard
-
     if not readme.is_file():
         return None
     try:
@@ -517,8 +517,6 @@ def _vllm_section(config: HfMoeConfig, model_id: str) -> str:
         return (
             "vLLM routes token by token, so it cannot serve expert-choice routing; use transformers (above)."
         )
-    from .conversion.native import compatible_targets
-
     # `hf-moe serve` and `export` read a local folder: a Hub id is downloaded first.
     local = "path/to/this/folder" if _hub_repo_id(model_id) is None else "model/"
     fetch = "" if _hub_repo_id(model_id) is None else f"hf download {model_id} --local-dir model/\n"
@@ -580,8 +578,6 @@ def render_model_card(
     Returns:
         The card text (YAML metadata + markdown); `validate_model_card` finds no problem in it.
     """
-    from huggingface_hub import ModelCardData
-
     provenance = provenance or {}
     source_ids = _base_models(provenance)
     if base_model is not None:
@@ -724,8 +720,6 @@ def validate_model_card(text: str) -> list[str]:
     Returns:
         One line per problem.
     """
-    import yaml
-
     problems: list[str] = []
     lines = text.splitlines()
     if not lines or lines[0].strip() != "---" or "---" not in (line.strip() for line in lines[1:]):
@@ -924,8 +918,6 @@ def files_to_push(model_dir: str | os.PathLike) -> list[str]:
         FileNotFoundError: missing folder, README.md card, config.json or safetensors weights.
         ValueError: the folder holds pickle files (which can run code when loaded).
     """
-    import fnmatch
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is not a folder")
@@ -981,8 +973,6 @@ def push_to_hub(
     Returns:
         The URL of the commit.
     """
-    from huggingface_hub import HfApi
-
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"repo id {repo_id!r} is not of the form 'owner/name'")
     model_dir = Path(model_dir)

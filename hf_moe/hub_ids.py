@@ -19,6 +19,15 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 # Files hf-moe reads from a model repo. Weights are safetensors only; READMEs, pickles, ONNX/GGUF exports,
 # images and training logs are never fetched.
 CONFIG_PATTERNS = (
@@ -61,8 +70,6 @@ def parse_repo_id(text: str) -> tuple[str, str | None] | None:
 def _hub_settings() -> tuple[str, str, bool]:
     """(cache dir, endpoint, offline) read from the environment now, falling back to huggingface_hub's values
     (which it reads once at import, so settings made after import would otherwise be ignored)."""
-    from huggingface_hub import constants
-
     env = os.environ
     if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
         cache = env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]
@@ -146,16 +153,6 @@ def resolve_model(
 
 
 def _download(repo_id: str, revision: str | None, *, token: str | bool | None, weights: bool) -> Path:
-    import httpx2
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     cache_dir, endpoint, offline = _hub_settings()
     label = f"{repo_id}@{revision}" if revision else repo_id
     patterns = [*CONFIG_PATTERNS, *(WEIGHT_PATTERNS if weights else ())]
@@ -201,8 +198,8 @@ def _download(repo_id: str, revision: str | None, *, token: str | bool | None, w
                 "online, or unset HF_HUB_OFFLINE"
             ) from err
         raise HubModelError(f"could not download {label} from {endpoint}: {err}") from err
-    except (HfHubHTTPError, httpx2.HTTPError, OSError) as err:
-        if isinstance(err, HubModelError):
+    except Exception as err:
+        if isinstance(err, HubModelError) or not _is_connection_error(err):
             raise
         raise HubModelError(
             f"could not download {label} from {endpoint} ({type(err).__name__}: {str(err).splitlines()[0]}); "
@@ -213,6 +210,14 @@ def _download(repo_id: str, revision: str | None, *, token: str | bool | None, w
     if weights:  # offline the listing came from the cache: check what is there
         _check_weights(repo_id, revision, [p.name for p in folder.iterdir()], "the cached snapshot")
     return folder
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """An HTTP error of huggingface_hub, an OSError, or an error of its HTTP client: httpx with huggingface_hub 1.x,
+    httpx2 with 2.x, matched by module name (neither is a dependency of hf-moe, and only one is installed)."""
+    return isinstance(err, HfHubHTTPError | OSError) or any(
+        cls.__module__.split(".")[0] in ("httpx", "httpx2") for cls in type(err).__mro__
+    )
 
 
 def hub_origin(folder: str | os.PathLike) -> dict[str, str] | None:

@@ -46,25 +46,35 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 try:
     from peft import LoraConfig, PeftModel
     from peft.tuners.lora.layer import LoraLayer
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+    from peft.tuners.lora.model import LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+    from peft.utils.other import get_pattern_key
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 except ImportError as err:  # peft is an optional dependency of hf-moe
     raise ImportError("hf_moe.peft needs PEFT: pip install 'hf-moe[peft]'") from err
 
+from .conversion.io import atomic_output_dir, atomic_write
 from .modeling.modeling_hf_moe import HfMoeExperts
 
 TARGETS: tuple[str, ...] = ("experts", "shared_experts", "router", "attention", "dense_mlp")
@@ -174,10 +184,6 @@ def _peft_rewritten(model: nn.Module, linear_names: list[str]) -> set[str]:
     (it runs inside `get_peft_model` for Qwen3-MoE, DeepSeek-V3, Mixtral, ...). Asks PEFT's own function on a copy of
     a config, so a PEFT release that fixes the rewrite needs no change here."""
     if not linear_names:
-        return set()
-    try:
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # transformers < 5: no rewrite
         return set()
     probe = LoraConfig(target_modules=list(linear_names))
     try:
@@ -407,8 +413,6 @@ def _fast_layer_for(config: LoraConfig, target: nn.Module, kwargs: dict[str, Any
     the config does not already map to a custom layer."""
     if kwargs.get("parameter_name") is not None:  # target_parameters: PEFT's own ParamWrapper
         return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if any(isinstance(base, cls) for cls in config._custom_modules or {}):
         return False
@@ -423,8 +427,6 @@ def register_with_peft() -> None:
     PEFT would refuse ("Target module ... is not supported") gets the fast layer; everything else goes to PEFT
     unchanged. Idempotent; runs when `hf_moe.peft` is imported, which `import hf_moe` arranges whenever PEFT is
     (or later gets) imported."""
-    from peft.tuners.lora.model import LoraModel
-
     if getattr(LoraModel._create_new_module, "_hf_moe", False):
         return
     original = LoraModel._create_new_module
@@ -449,10 +451,6 @@ def register_with_peft() -> None:
 
 def _add_load_section(output_dir: str) -> None:
     """Append the loading instructions to the adapter's README (once; written atomically)."""
-    from pathlib import Path
-
-    from .conversion.io import atomic_write
-
     readme = Path(output_dir) / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     if _LOAD_SECTION not in text:
@@ -492,7 +490,6 @@ def lora_trainable_counts(model: nn.Module, config: LoraConfig) -> dict[str, int
     Returns:
         module or parameter name -> number of LoRA parameters.
     """
-    from peft.utils.other import get_pattern_key
 
     def rank(key: str) -> int:
         return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
@@ -891,8 +888,6 @@ def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def _lookup(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
-    from peft.utils.other import get_pattern_key
-
     patterns = patterns or {}
     return patterns.get(get_pattern_key(list(patterns), key), default)
 
@@ -916,11 +911,6 @@ def detect_adapter_format(adapter_dir: str | os.PathLike) -> str:
 
 
 def _load_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     folder = Path(adapter_dir)
     config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file() or not weights.is_file():
@@ -1260,8 +1250,6 @@ def _adapter_config(
 ) -> dict[str, Any]:
     """adapter_config.json for the converted adapter: exact target names; the most common (r, alpha) becomes the
     default, every other entry an exact rank_pattern / alpha_pattern key."""
-    from collections import Counter
-
     config = dict(adapter.config)
     modules = [n for n, (kind, _, _) in entries.items() if kind == "module"]
     params = [n for n, (kind, _, _) in entries.items() if kind == "parameter"]
@@ -1316,13 +1304,6 @@ def convert_moe_adapter(
         ValueError: bad input (see `read_moe_adapter`), unknown format or naming.
         FileExistsError: `out_dir` exists and `overwrite` is False.
     """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from .conversion.io import atomic_output_dir
-
     if to not in ADAPTER_FORMATS:
         raise ValueError(f"Unknown adapter format {to!r}; allowed: {', '.join(ADAPTER_FORMATS)}.")
     if naming not in PER_EXPERT_NAMINGS:
@@ -1374,11 +1355,6 @@ def verify_moe_adapter(
         {"format", "max_abs_diff" (logits), "max_weight_diff", "adapter_effect" (max |adapted - base| logits),
          "ok"}.
     """
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
     fmt = detect_adapter_format(adapter_dir)
     adapter = read_moe_adapter(adapter_dir)
     with tempfile.TemporaryDirectory(prefix="hf-moe-lora-verify-") as work:

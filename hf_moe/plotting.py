@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conversion.io import atomic_open
 from .stats import RouterStatistics, router_statistics
@@ -92,8 +94,6 @@ def inspect_routing(
     Returns:
         A `RouterStatistics`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = Path(model_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     if not (model_dir / "config.json").is_file():
@@ -124,8 +124,6 @@ def inspect_routing(
         return routing_statistics_for_ids(model, ids, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
     # The statistics come from one batched forward pass (expert choice depends on the whole batch), so progress is
     # counted in layers, by hooks that only observe.
-    from tqdm.auto import tqdm
-
     layers = model.model.layers
     with tqdm(total=len(layers), desc=f"routing {len(ids)} tokens", unit="layer") as bar:
 
@@ -158,7 +156,8 @@ def plot_expert_load(
     Returns:
         The path written.
     """
-    # The object-oriented API with the Agg canvas: no pyplot, so no global backend or figure state is touched.
+    # optional: matplotlib (hf-moe[plot]). The object-oriented API with the Agg canvas: no pyplot, so no global
+    # backend or figure state is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure

@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .conversion.io import atomic_output_dir, write_provenance
+from .conversion.sources import translate_config
+from .conversion.upcycle import upcycle
 from .hub import ParameterCounts, count_parameters, render_model_card, write_model_card
-from .modeling import HfMoeConfig
+from .modeling import HfMoeConfig, HfMoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +144,6 @@ def upcycled_config(
     Returns:
         The HfMoeConfig.
     """
-    from .conversion.sources import translate_config
-
     dense_kwargs = translate_config(dense_config)
     return HfMoeConfig(
         **{
@@ -528,10 +531,6 @@ def create(
             source whose config differs from the recipe.
         FileExistsError: `out_dir` exists and `overwrite` is False.
     """
-    import torch
-
-    from .conversion.io import atomic_output_dir, write_provenance
-
     preset = get_preset(name)
     out_dir = Path(out_dir)
     if preset.recipe.method == "upcycle":
@@ -541,8 +540,6 @@ def create(
                 f"--source DENSE_DIR, or run: {upcycle_command(preset, str(out_dir))}"
             )
         return _create_upcycled(preset, out_dir, Path(source), overwrite=overwrite)
-
-    from .modeling import HfMoeForCausalLM
 
     config = preset.config()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
@@ -587,9 +584,7 @@ def _create_upcycled(preset: Preset, out_dir: Path, source: Path, *, overwrite: 
             f"{source} is not {preset.recipe.base_model}: "
             + ", ".join(f"{k}={got!r} (recipe: {exp!r})" for k, (got, exp) in differ.items())
         )
-    from .conversion import upcycle as upcycle_module
-
-    upcycle_module.upcycle(source, out_dir, overwrite=overwrite, **preset.recipe.options)
+    upcycle(source, out_dir, overwrite=overwrite, **preset.recipe.options)
     write_model_card(
         out_dir,
         model_name=out_dir.name,

@@ -9,6 +9,7 @@ any weight is requested, --revision and org/name@rev reach the server, offline m
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,17 @@ def test_local_path_wins_and_bad_names_are_named(hub, dense_dirs, tmp_path, monk
         None,
         None,
     ]
+
+
+def test_unreachable_hub_is_one_clear_error(hub, monkeypatch) -> None:
+    # A loopback port nobody listens on: the HTTP client's connection error (httpx2 or httpx, by huggingface_hub
+    # version) becomes a HubModelError that says what to check.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(HubModelError, match="could not download alice/tiny-llama .*check the connection"):
+        resolve_model("alice/tiny-llama")
 
 
 def test_token_reaches_the_server(hub, dense_dirs, monkeypatch) -> None:

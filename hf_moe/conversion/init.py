@@ -11,17 +11,20 @@ Notation: a dense SwiGLU MLP ``y = W_down (act(W_gate x) * W_up x)`` with ``W_ga
 - :func:`drop_upcycle` (Nakamura et al. 2025, "Drop-Upcycling"): per expert, re-initialise a random fraction of
   the intermediate units (same rows of gate/up, columns of down) from N(mean, std) of that weight matrix.
 - :func:`add_relative_noise`: Gaussian noise scaled by each weight matrix's std.
-- Router initialisations live in :data:`ROUTER_INITS`, keyed by name, so new schemes are registry entries.
+- Router initialisations live in :data:`ROUTER_INITS`, keyed by name, so new schemes are registry entries. Each
+  takes a :class:`RouterInitContext` (defined in :mod:`hf_moe.conversion.init_context`, re-exported here); the
+  ``prompts`` entry is :func:`hf_moe.conversion.prompts.prompts_router`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from .init_context import RouterInit, RouterInitContext
+from .prompts import prompts_router
 
 
 def seeded_generator(seed: int, *parts: object) -> torch.Generator:
@@ -180,38 +183,6 @@ def shared_expert_weights(
 # ================================================================================================================
 
 
-@dataclass
-class RouterInitContext:
-    """What a router initialisation may use. Built once per conversion, before any layer is written.
-
-    Attributes:
-        num_experts: E.
-        hidden_size: H.
-        granularity: slices per dense MLP (experts ``v*g .. v*g+g-1`` form virtual group ``v``).
-        std: std of random rows (the dense config's initializer_range).
-        seed: conversion seed.
-        moe_layers: indices of the layers that become MoE.
-        src_dir: the dense checkpoint folder (e.g. to run the dense model on prompts).
-        reader: the open :class:`~hf_moe.conversion.io.CheckpointReader` of `src_dir`.
-        prompts: user prompts for data-driven schemes (path or parsed object), else None.
-        extra: free-form options for registry entries.
-    """
-
-    num_experts: int
-    hidden_size: int
-    granularity: int = 1
-    std: float = 0.02
-    seed: int = 0
-    moe_layers: list[int] = field(default_factory=list)
-    src_dir: Any = None
-    reader: Any = None
-    prompts: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-RouterInit = Callable[[RouterInitContext], Callable[[int], torch.Tensor]]
-
-
 def random_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
     """Independent N(0, std^2) rows per expert and layer."""
 
@@ -238,18 +209,10 @@ def virtual_group_router(context: RouterInitContext) -> Callable[[int], torch.Te
     return init
 
 
-def _prompts_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
-    """Router rows from the dense model's hidden states on each expert's prompts (hf_moe.conversion.prompts,
-    imported on use: it loads transformers models)."""
-    from .prompts import prompts_router
-
-    return prompts_router(context)
-
-
 ROUTER_INITS: dict[str, RouterInit] = {
     "random": random_router,
     "virtual-group": virtual_group_router,
-    "prompts": _prompts_router,
+    "prompts": prompts_router,  # hf_moe.conversion.prompts
 }
 
 

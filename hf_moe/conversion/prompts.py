@@ -45,8 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .init import RouterInitContext
+from .init_context import RouterInitContext
+from .io import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +126,6 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
         return prompts
     source = "<python object>"
     if isinstance(prompts, str | os.PathLike):
-        import yaml
-
         path = Path(prompts)
         source = str(path)
         if not path.is_file():
@@ -180,10 +181,6 @@ def load_prompts(prompts: str | os.PathLike | dict | list | PromptSpec) -> Promp
 
 
 def _load_dense(model_dir: Path) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .io import TOKENIZER_FILES
-
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
         raise ValueError(
             f"router_init='prompts' needs the tokenizer of {model_dir} to encode the prompts, but the "

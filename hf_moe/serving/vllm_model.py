@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from transformers import AutoModel
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
 from hf_moe.modeling import HfMoeConfig, HfMoeModel
@@ -39,8 +40,6 @@ class HfMoeVllmDecoder(HfMoeModel):
 
 
 def _use_vllm_decoder() -> None:
-    from transformers import AutoModel
-
     # AutoModel is what the backend calls to build the decoder; HfMoeForCausalLM keeps building HfMoeModel.
     AutoModel.register(HfMoeConfig, HfMoeVllmDecoder, exist_ok=True)
 

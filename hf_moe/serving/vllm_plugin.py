@@ -12,6 +12,8 @@ reproduce; see `hf_moe.serving.vllm_model` and docs/serving.md.
 
 from __future__ import annotations
 
+from .. import register as register_with_transformers
+
 ARCHITECTURE = "HfMoeForCausalLM"
 MODEL_CLASS = "hf_moe.serving.vllm_model:HfMoeVllmForCausalLM"
 
@@ -21,9 +23,8 @@ def register() -> None:
 
     Called by vLLM itself through the entry point; safe to call any number of times.
     """
-    from vllm import ModelRegistry
+    from vllm import ModelRegistry  # optional: vllm (this function runs only inside vLLM)
 
-    import hf_moe  # noqa: F401  (registers model_type "hf_moe" with AutoConfig/AutoModel for vLLM's config parsing)
-
+    register_with_transformers()  # model_type "hf_moe" with AutoConfig/AutoModel, for vLLM's config parsing
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -16,6 +16,7 @@ from hf_moe.conversion.prompts import (
     COLLINEAR_COSINE,
     DEFAULT_LOGIT_SCALE,
     load_prompts,
+    prompts_router,
     router_rows_from_dir,
 )
 from hf_moe.conversion.upcycle import upcycle
@@ -258,7 +259,7 @@ def test_prompts_required_and_missing_file_is_file_not_found(dense, tmp_path):
         upcycle(dense[0], tmp_path / "moe", num_experts=3, top_k=2, router_init="prompts", progress=False)
     with pytest.raises(FileNotFoundError):
         load_prompts(tmp_path / "nope.yaml")
-    assert ROUTER_INITS["prompts"].__module__ == "hf_moe.conversion.init"  # registry entry, imported lazily
+    assert ROUTER_INITS["prompts"] is prompts_router  # the registry lists the prompts module's own entry
 
 
 def test_special_tokens_only_prompt_is_refused(dense):
