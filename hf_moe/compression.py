@@ -57,7 +57,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import register
 from .conversion.core import finish_checkpoint, source_history, write_config_json, write_hf_moe_card
 from .conversion.io import PROVENANCE_NAME, CheckpointReader, ShardWriter, atomic_output_dir
 
@@ -283,10 +285,6 @@ def _num_experts(config: dict) -> int:
 
 
 def _load_model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from . import register
-
     register()  # model_type "hf_moe" with the Auto classes (idempotent)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
@@ -294,8 +292,6 @@ def _load_model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _tokenizer(model_dir: Path, tokenizer: Any) -> Any:
     if tokenizer is not None:
         return tokenizer
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as err:

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 
+from ..hub import write_model_card
 from ..modeling import HfMoeConfig, HfMoeForCausalLM
 from .io import (
     PROVENANCE_NAME,
@@ -394,8 +397,6 @@ MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 def remote_code_files() -> list[Path]:
     """The modeling files a checkpoint ships as Hub remote code (what `trust_remote_code=True` loads without
     hf_moe installed): modeling_hf_moe.py and every sibling it imports, found as `save_pretrained` finds them."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
     model_file = MODELING_DIR / "modeling_hf_moe.py"
     return sorted({model_file, *map(Path, get_relative_import_files(str(model_file)))})
 
@@ -407,8 +408,6 @@ def save_hf_moe_config(config: HfMoeConfig, out: Path, *, generation_config: boo
     for path in remote_code_files():
         shutil.copyfile(path, out / path.name)
     if generation_config:
-        from transformers import GenerationConfig
-
         GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
@@ -420,8 +419,6 @@ def write_config_json(out: Path, config: dict[str, Any]) -> None:
 def write_hf_moe_card(out: Path, model_name: str) -> None:
     """The model card of an hf_moe checkpoint (hf_moe.hub); a card that cannot be written is only a warning."""
     try:
-        from ..hub import write_model_card
-
         write_model_card(out, model_name=model_name)
     except (ImportError, FileNotFoundError, ValueError) as err:
         logger.warning("model card not written (%s)", err)

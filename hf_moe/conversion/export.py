@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..hub import write_export_card
 from ..hub_ids import resolve_model
 from ..modeling.configuration_hf_moe import HfMoeConfig
+from ..modeling.modeling_hf_moe import HfMoeForCausalLM
 from .core import (
     CheckpointSink,
     cast_tensor,
@@ -80,9 +81,9 @@ def refusal_message(config: HfMoeConfig, target: str, problems: list[str], where
 
 def _merged_state_dict(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Load the hf_moe model in float32, apply the PEFT adapter and merge it; the merged state dict."""
+    # optional: peft (only an export with an adapter needs it)
     from peft import LoraConfig, PeftModel
 
-    from ..modeling.modeling_hf_moe import HfMoeForCausalLM
     from ..peft import (
         load_adapter,  # PeftModel.from_pretrained that also knows the preset's fast experts layer
     )

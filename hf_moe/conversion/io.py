@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes  # renameat2, which the os module does not wrap
 import errno
 import hashlib
 import json
@@ -42,6 +43,8 @@ from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from ..hub_ids import hub_origin  # a Hub download is recorded as repo id + commit
 
 logger = logging.getLogger(__name__)
 
@@ -810,8 +813,6 @@ def _renameat2(a: Path, b: Path, flags: int) -> bool:
     `b` exists."""
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
         return False
-    import ctypes  # only for renameat2, which the os module does not wrap
-
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # musl / old glibc
@@ -1030,8 +1031,6 @@ def write_provenance(
         "model_type": model_type,
         "files_sha256": files,
     }
-    from ..hub_ids import hub_origin  # stdlib-only module; a Hub download is recorded as repo id + commit
-
     source_record.update(hub_origin(root) or {})
     record = {
         "source": source_record,

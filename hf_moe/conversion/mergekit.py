@@ -46,8 +46,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from transformers import AutoTokenizer
 
+from ..hub_ids import resolve_model
+from .export import export
 from .init import ROUTER_INITS, RouterInitContext
+from .io import TOKENIZER_FILES
+from .merge import merge_experts
+from .prompts import load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +179,6 @@ def load_mergekit_config(config: str | os.PathLike | dict) -> MergekitPlan:
         ValueError: invalid YAML, a missing required key, or any key or value hf-moe does not support; the
             message names the key (e.g. ``experts[2].residual_scale``) and what to do instead.
     """
-    import yaml
 
     source = "<python object>"
     if isinstance(config, str | os.PathLike):
@@ -330,8 +336,6 @@ def merge_from_mergekit(
     Raises:
         FileNotFoundError, ValueError: see :func:`load_mergekit_config` and :func:`merge_experts`.
     """
-    from ..hub_ids import resolve_model
-    from .merge import merge_experts
 
     plan = load_mergekit_config(config)
     out_dir = Path(out_dir)
@@ -363,7 +367,6 @@ def merge_from_mergekit(
     )
     if plan.export_to is None:
         return merge_experts(out_dir=out_dir, overwrite=overwrite, **options)
-    from .export import export
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.mergekit-") as scratch:
@@ -392,10 +395,6 @@ def cheap_embed_router(context: RouterInitContext) -> Callable[[int], torch.Tens
     """``ROUTER_INITS["cheap_embed"]`` (mergekit's cheap_embed gate mode): expert ``e``'s row is the unit vector
     of its positive prompts' summed token embeddings, minus that of its negative prompts, renormalised; the same
     rows in every layer. Reads the base's embedding matrix and tokenizer only: no forward pass."""
-    from transformers import AutoTokenizer
-
-    from .io import TOKENIZER_FILES
-    from .prompts import load_prompts
 
     if context.prompts is None:
         raise ValueError("router_init='cheap_embed' needs prompts: one positive_prompts entry per expert")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 
 from ..modeling.configuration_hf_moe import HfMoeConfig
 from ..modeling.modeling_hf_moe import ROUTERS
@@ -369,8 +370,6 @@ def compatible_targets(config: HfMoeConfig) -> list[str]:
 def native_config_dict(config: HfMoeConfig, target: str, *, dtype: torch.dtype | None = None) -> dict:
     """The config.json content of the exported checkpoint: the base decoder's fields that the target's config class
     declares, plus the target's MoE fields, built through that class."""
-    import transformers
-
     spec = check_target(target)
     config_class = getattr(transformers, spec.config_class)
     # Every field of the base decoder is kept: its twin reads the same names (fields a config class does not declare,
@@ -419,8 +418,6 @@ def hf_moe_config_kwargs(native: dict) -> dict:
         raise ValueError(
             f"cannot import model_type={model_type!r}: supported native architectures are {', '.join(TARGETS)}."
         )
-    import transformers
-
     # Through the transformers config class: it turns older Hub keys (`rope_theta`, `rope_scaling`, `torch_dtype`)
     # into today's fields and fills the class defaults.
     base = getattr(transformers, SPECS[model_type].config_class).from_dict(

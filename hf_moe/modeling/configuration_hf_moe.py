@@ -17,7 +17,9 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
 # Keys of the router registry in `modeling_hf_moe.ROUTERS` (a test keeps the two equal); kept here so a config can
@@ -397,8 +399,6 @@ class HfMoeConfig(PreTrainedConfig):
             _finite("text_config.initializer_range", base.initializer_range, low=0.0)
         rope = getattr(base, "rope_parameters", None)
         if isinstance(rope, dict):
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
             theta = rope.get("rope_theta")
             if theta is not None:
                 _finite("text_config.rope_parameters.rope_theta", theta, low=0.0, strict_low=True)
@@ -409,8 +409,6 @@ class HfMoeConfig(PreTrainedConfig):
                     rope_type,
                     f"allowed: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}",
                 )
-        from transformers.activations import ACT2FN
-
         act = expert_activation(base)
         if act not in ACT2FN:
             raise HfMoeConfigError("text_config.hidden_act", act, f"allowed: {', '.join(sorted(ACT2FN))}")

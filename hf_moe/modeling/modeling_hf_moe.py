@@ -9,7 +9,10 @@ the MLPs are the base's own.
 This file ships as Hub remote code: it imports only torch, transformers and its sibling config module.
 """
 
+import json
 import math
+import os
+import struct
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +42,6 @@ SUPPORTED_TRANSFORMERS = (version.Version("5.19.0"), version.Version("5.25.0"))
 
 def check_transformers_version(installed: str = transformers.__version__) -> None:
     """Raise if the installed transformers is outside the tested range (override: HF_MOE_ALLOW_ANY_TRANSFORMERS=1)."""
-    import os
-
     current = version.Version(version.Version(installed).base_version)
     low, high = SUPPORTED_TRANSFORMERS
     if not low <= current < high and os.environ.get("HF_MOE_ALLOW_ANY_TRANSFORMERS") != "1":
@@ -631,9 +632,6 @@ def _check_checkpoint_files(folder: Path, subfolder: str) -> None:
     """Before transformers reads a local checkpoint: refuse a safetensors index whose entries point outside the folder
     (`../x` or absolute paths), and name the file of a missing, truncated or garbled shard (safetensors' own errors
     do not). Only headers are read."""
-    import json
-    import struct
-
     root = (folder / subfolder).resolve()
     index = root / "model.safetensors.index.json"
     if index.is_file():
