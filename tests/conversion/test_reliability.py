@@ -38,11 +38,11 @@ pytest.importorskip("hypothesis")  # the vLLM venv collects tests/ without the d
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_moe
 from hf_moe.conversion import io as hf_io
 from hf_moe.conversion.io import CheckpointReader, check_no_overlap, recover_output
+from tests.helpers.dense import make_dense_llama
 from tests.helpers.native import tiny_target_model
 
 # Outcome counts of this run, printed at the end of the module (pytest -s) for the issue's note.
@@ -54,18 +54,9 @@ COUNTS: Counter[str] = Counter()
 # ================================================================================================================
 
 
-def _dense(path: Path, seed: int, shard: str | None = "20KB") -> Path:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+def _dense(path: Path, seed: int) -> Path:
+    """A tiny sharded Llama as transformers initialises it, without a tokenizer."""
+    make_dense_llama(path, seed=seed, randomised=False, tokenizer=False)
     return path
 
 
