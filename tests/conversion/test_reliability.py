@@ -49,6 +49,14 @@ from tests.helpers.native import tiny_target_model
 COUNTS: Counter[str] = Counter()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """Prints the tallies when the module's tests are done (pytest -s); a report, so not a test that cannot fail."""
+    yield
+    if COUNTS:
+        print("\nreliability counts:", json.dumps(dict(sorted(COUNTS.items())), indent=1), file=sys.stderr)
+
+
 # ================================================================================================================
 # Checkpoints and invariants.
 # ================================================================================================================
@@ -736,8 +744,3 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, pristine, forkserver, overwrite
             assert tree_hash(out) in (old_hash, new_hash)
         else:
             assert not overwrite
-
-
-def test_report_counts():
-    """Prints the tallies of this module's run (run with -s); for the issue's note."""
-    print("\nreliability counts:", json.dumps(dict(sorted(COUNTS.items())), indent=1), file=sys.stderr)

@@ -86,12 +86,19 @@ def test_unknown_router_message_lists_the_options():
         assert name in str(info.value)
 
 
-def test_valid_edge_configs_are_accepted():
-    HfMoeConfig(**{**TINY, "num_experts_per_tok": 4})  # k == E
-    HfMoeConfig(**{**TINY, **SWITCH, "capacity_factor": 0.01})
-    HfMoeConfig(**{**TINY, "router_type": "expert_choice", "use_cache": False, "capacity_factor": 4.0})
-    HfMoeConfig(**{**TINY, "first_k_dense_replace": 2})  # every layer dense is allowed
-    HfMoeConfig(**{**TINY, **SIGMOID, "n_group": 2, "topk_group": 2, "router_bias_update_rate": 0.001})
+@pytest.mark.parametrize(
+    "edge",
+    [
+        {"num_experts_per_tok": 4},  # k == E
+        {**SWITCH, "capacity_factor": 0.01},
+        {"router_type": "expert_choice", "use_cache": False, "capacity_factor": 4.0},  # factor == E
+        {"first_k_dense_replace": 2},  # every layer dense is allowed
+        {**SIGMOID, "n_group": 2, "topk_group": 2, "router_bias_update_rate": 0.001},
+    ],
+)
+def test_valid_edge_configs_are_accepted(edge):
+    config = HfMoeConfig(**{**TINY, **edge})  # no error, and the values are kept as given
+    assert {key: getattr(config, key) for key in edge} == edge
 
 
 # --- bad checkpoints ----------------------------------------------------------------------------------------
