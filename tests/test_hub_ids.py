@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_moe import cli
 from hf_moe.hub_ids import HubModelError, hub_origin, parse_repo_id, resolve_model
-from tests.conversion.test_prompts import make_dense_llama
+from tests.helpers.dense import make_dense_llama
 from tests.helpers.fake_hub import FakeHubServer, fake_hub, folder_files
 from tests.helpers.tiny import tiny_model
 

@@ -23,14 +23,12 @@ from hf_moe.peft import (
     read_moe_adapter,
     verify_moe_adapter,
 )
+from tests.helpers.dense import SMALL
 from tests.helpers.tiny import tiny_model
 
 FAMILIES = ("hf_moe", "mixtral", "qwen3_moe")
 NAMING = {"hf_moe": "qwen", "mixtral": "mixtral", "qwen3_moe": "qwen"}
-_NATIVE = dict(
-    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+_NATIVE = {k: v for k, v in SMALL.items() if k != "intermediate_size"}  # each family sets its widths
 
 
 def build(family: str, seed: int = 0) -> nn.Module:

@@ -23,20 +23,11 @@ from transformers import (
 
 from hf_moe import HfMoeForCausalLM
 from hf_moe.peft import FusedExpertsLora, find_targets, load_adapter, lora_config, lora_trainable_counts
+from tests.helpers.dense import SMALL
 from tests.helpers.tiny import tiny_config
 
 R = 4
-_NATIVE_COMMON = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_NATIVE_COMMON = {k: v for k, v in SMALL.items() if k != "intermediate_size"}  # each family sets its widths
 
 
 # ---- tiny models of every family -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hf_moe import HfMoeForCausalLM, cli
 from hf_moe.hub import count_parameters
 from hf_moe.zoo import PRESETS, card_path, create, get_preset, render_cards, upcycled_config
-from tests.test_hub import _expert_share
+from tests.helpers.cards import assert_hub_ready, expert_share, tiny_dense_llama
 
 FROM_SCRATCH = [name for name, p in PRESETS.items() if p.recipe.method == "from_scratch"]
 UPCYCLE = [name for name, p in PRESETS.items() if p.recipe.method == "upcycle"]
@@ -64,7 +64,7 @@ def test_preset_counts(name: str) -> None:
     with torch.device("meta"):
         model = HfMoeForCausalLM(preset.config())
     assert sum(p.numel() for p in model.parameters()) == preset.expected_total
-    assert _expert_share(model) == preset.expected_active
+    assert expert_share(model) == preset.expected_active
 
 
 @pytest.mark.parametrize("name", UPCYCLE)
@@ -182,7 +182,6 @@ def test_cli_zoo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_create_runs_an_upcycling_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`zoo create NAME OUT --source DIR` for an upcycling recipe, on a tiny dense base registered as a preset."""
     from hf_moe.zoo import Preset, Recipe
-    from tests.test_hub import tiny_dense_llama
 
     dense = tiny_dense_llama(tmp_path / "dense")
     dense_config = json.loads((dense / "config.json").read_text())
@@ -254,20 +253,16 @@ def test_smollm2_recipe_on_real_weights(
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_zoo_cards_are_hub_ready(name: str) -> None:
-    from tests.test_hub import _assert_hub_ready
-
-    _assert_hub_ready(card_path(name).read_text(encoding="utf-8"))
+    assert_hub_ready(card_path(name).read_text(encoding="utf-8"))
 
 
 def test_created_card_is_hub_ready_and_provenance_has_the_one_schema(tmp_path: Path) -> None:
-    from tests.test_hub import _assert_hub_ready
-
     out = create("tiny", tmp_path / "tiny", seed=1)
     record = json.loads((out / "hf_moe_provenance.json").read_text())
     assert set(record["source"]) == {"path", "model_type", "files_sha256"}  # conversion.io.write_provenance's
     assert list(record["source"]["files_sha256"]) == ["zoo.py"] and record["zoo_preset"] == "tiny"
     text = (out / "README.md").read_text()
-    _assert_hub_ready(text, tmp_path)
+    assert_hub_ready(text, tmp_path)
     assert "ships no tokenizer" in text and "99 entries" in text
 
 

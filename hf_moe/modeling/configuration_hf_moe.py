@@ -151,7 +151,9 @@ class HfMoeConfig(PreTrainedConfig):
     first_k_dense_replace: int = 0  # the first k layers keep a dense MLP (DeepSeek / GLM-4.5)
     decoder_sparse_step: int = 1  # every n-th layer is MoE (Qwen2-MoE); 1 = every layer
     router_type: str = "softmax_topk"  # key of the router registry, see ROUTER_TYPES
-    capacity_factor: float | None = None  # capacity = ceil(factor * tokens / experts); None: dropless
+    # Tokens per expert and forward: ceil(capacity_factor * tokens / num_experts), clamped to [1, tokens]. None is
+    # dropless for switch; expert_choice then takes num_experts_per_tok as the factor.
+    capacity_factor: float | None = None  # switch and expert_choice only; at most num_experts
     router_jitter_noise: float = 0.0  # multiplicative input jitter in training (Switch / Mixtral)
     n_group: int = 1  # expert groups for group-limited routing (sigmoid_topk)
     topk_group: int = 1  # groups each token may pick experts from (sigmoid_topk)

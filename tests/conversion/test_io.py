@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_moe.conversion import io as hf_io
 from hf_moe.conversion.io import (
@@ -28,22 +27,12 @@ from hf_moe.conversion.io import (
     sha256_file,
     write_provenance,
 )
+from tests.helpers.dense import make_dense_llama
 
 
 def _tiny_llama_dir(path: Path, *, max_shard_size: str | None = None) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(config)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    """A tiny Llama as transformers initialises it, without a tokenizer."""
+    make_dense_llama(path, randomised=False, tokenizer=False, max_shard_size=max_shard_size)
     return path
 
 

@@ -10,36 +10,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 import hf_moe
 from hf_moe.cli import main as cli_main
 from hf_moe.conversion.io import CheckpointReader, sha256_file
 from hf_moe.conversion.merge import merge_experts
 from hf_moe.conversion.prompts import router_rows_from_dir
-from tests.conversion.test_prompts import ROUTING_PROMPTS, SMALL, make_dense_llama
+from tests.helpers.dense import ROUTING_PROMPTS, SMALL, make_dense_llama, make_fine_tune, save_dense
 
 NUM_FT = 3
-
-
-def make_fine_tune(
-    base: Path,
-    out: Path,
-    seed: int,
-    *,
-    mlp_std: float = 0.05,
-    other_std: float = 0.01,
-    max_shard_size: str = "20KB",
-) -> LlamaForCausalLM:
-    """A 'fine-tune' of `base`: seeded noise on every weight, larger on the MLPs (the part that becomes an
-    expert)."""
-    model = LlamaForCausalLM.from_pretrained(base).eval()
-    generator = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * (mlp_std if ".mlp." in name else other_std))
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +160,7 @@ def test_prompts_route_each_fine_tunes_prompt_to_its_expert(models, tmp_path):
 def _variant(models, tmp_path: Path, kind: str) -> Path:
     path = tmp_path / kind
     if kind == "qwen2":
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(Qwen2Config(**SMALL)).save_pretrained(path)
+        save_dense(path, Qwen2Config(**SMALL), randomised=False, max_shard_size=None)
     elif kind in ("hidden", "layers", "vocab"):
         overrides = {
             "hidden": {"hidden_size": 48},

@@ -16,8 +16,7 @@ from hf_moe.cli import main as cli_main
 from hf_moe.conversion.io import CheckpointReader
 from hf_moe.conversion.merge import merge_experts
 from hf_moe.conversion.mergekit import load_mergekit_config, merge_from_mergekit
-from tests.conversion.test_merge import make_fine_tune
-from tests.conversion.test_prompts import SMALL, make_dense_llama
+from tests.helpers.dense import SMALL, make_dense_llama, make_fine_tune
 
 PROMPTS = [
     ["To be, or not to be, that is the question."],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_moe.cli import main as cli_main
 from hf_moe.conversion.init import ROUTER_INITS
@@ -20,20 +20,8 @@ from hf_moe.conversion.prompts import (
     router_rows_from_dir,
 )
 from hf_moe.conversion.upcycle import upcycle
-from tests.helpers.tiny_tokenizer import build_tiny_tokenizer
+from tests.helpers.dense import ROUTING_PROMPTS, make_dense_llama
 
-SMALL = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 # Distinct texts (made of words the tiny tokenizer was trained on).
 PROMPTS = {
     "experts": [
@@ -52,39 +40,6 @@ PROMPTS = {
         {"name": "numbers", "positive_prompts": ["Numbers 0 1 2 3 4 5 6 7 8 9"]},
     ]
 }
-# One positive prompt per expert and no negatives: then a prompt's mean router logits are provably highest at
-# its own expert (prompts.py docstring).
-ROUTING_PROMPTS = {
-    "experts": [
-        {"positive_prompts": ["To be, or not to be, that is the question."]},
-        {"positive_prompts": ["The quick brown fox jumps over the lazy dog."]},
-        {"positive_prompts": ["Numbers 0 1 2 3 4 5 6 7 8 9"]},
-    ]
-}
-
-
-def randomise(model: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
-    # transformers' init leaves every layer close to the identity; larger random weights make distinct prompts
-    # give distinct hidden states and a wrong copy show up in the logits.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(scale * torch.randn(p.shape, generator=generator))
-
-
-def make_dense_llama(
-    path: Path, *, seed: int = 0, max_shard_size: str = "20KB", **overrides
-) -> LlamaForCausalLM:
-    """A tiny random Llama saved with the tiny tokenizer (sharded, to exercise multi-shard reads)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, **overrides})).eval()
-    randomise(model, seed)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    build_tiny_tokenizer(path, vocab_size=SMALL["vocab_size"])
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +230,7 @@ def test_same_positive_and_negative_is_refused(dense):
 
 def test_missing_tokenizer_is_refused(tmp_path):
     path = tmp_path / "dense"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(path)
+    make_dense_llama(path, randomised=False, max_shard_size=None, tokenizer=False)
     with pytest.raises(ValueError, match="no tokenizer files"):
         router_rows_from_dir(path, PROMPTS, num_experts=3, layers=[0])
 

@@ -38,15 +38,23 @@ pytest.importorskip("hypothesis")  # the vLLM venv collects tests/ without the d
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_moe
 from hf_moe.conversion import io as hf_io
 from hf_moe.conversion.io import CheckpointReader, check_no_overlap, recover_output
+from tests.helpers.dense import make_dense_llama
 from tests.helpers.native import tiny_target_model
 
 # Outcome counts of this run, printed at the end of the module (pytest -s) for the issue's note.
 COUNTS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """Prints the tallies when the module's tests are done (pytest -s); a report, so not a test that cannot fail."""
+    yield
+    if COUNTS:
+        print("\nreliability counts:", json.dumps(dict(sorted(COUNTS.items())), indent=1), file=sys.stderr)
 
 
 # ================================================================================================================
@@ -54,18 +62,9 @@ COUNTS: Counter[str] = Counter()
 # ================================================================================================================
 
 
-def _dense(path: Path, seed: int, shard: str | None = "20KB") -> Path:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+def _dense(path: Path, seed: int) -> Path:
+    """A tiny sharded Llama as transformers initialises it, without a tokenizer."""
+    make_dense_llama(path, seed=seed, randomised=False, tokenizer=False)
     return path
 
 
@@ -745,8 +744,3 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, pristine, forkserver, overwrite
             assert tree_hash(out) in (old_hash, new_hash)
         else:
             assert not overwrite
-
-
-def test_report_counts():
-    """Prints the tallies of this module's run (run with -s); for the issue's note."""
-    print("\nreliability counts:", json.dumps(dict(sorted(COUNTS.items())), indent=1), file=sys.stderr)

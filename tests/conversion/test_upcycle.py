@@ -16,13 +16,10 @@ from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 import hf_moe
@@ -37,30 +34,19 @@ from hf_moe.conversion.init import (
 from hf_moe.conversion.io import CheckpointReader
 from hf_moe.conversion.sources import translate_config
 from hf_moe.conversion.upcycle import parse_moe_layers, upcycle
+from tests.helpers.dense import SMALL, save_dense
 
-SMALL = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 FAMILIES = {
-    "llama_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "llama_tied": (LlamaConfig, dict(tie_word_embeddings=True)),
     "llama_bias": (
         LlamaConfig,
-        LlamaForCausalLM,
         dict(
             attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
         ),
     ),
-    "mistral_sliding": (MistralConfig, MistralForCausalLM, dict(sliding_window=5, head_dim=8)),
-    "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM, dict()),
-    "qwen3_qknorm": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16)),
+    "mistral_sliding": (MistralConfig, dict(sliding_window=5, head_dim=8)),
+    "qwen2_bias": (Qwen2Config, dict()),
+    "qwen3_qknorm": (Qwen3Config, dict(head_dim=16)),
 }
 # Routers whose top-k weights sum to one (noisy_topk: in eval), as the config overrides they need.
 EXACT_ROUTERS = {
@@ -69,18 +55,6 @@ EXACT_ROUTERS = {
     "sigmoid_topk": {"norm_topk_prob": True, "routed_scaling_factor": 1.0},
     "noisy_topk": {},
 }
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    # transformers' init (std 0.02, unit norms, zero biases) makes every layer nearly the identity; larger random
-    # values make a wrong copy, a missing bias or a mis-sliced expert show up in the logits.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=generator))
 
 
 def make_dense(
@@ -92,13 +66,10 @@ def make_dense(
     max_shard_size: str = "20KB",
     **overrides,
 ) -> tuple[Path, torch.nn.Module]:
-    config_cls, model_cls, extra = FAMILIES[family]
+    """A tiny randomised checkpoint of one of `FAMILIES` (tests/helpers/dense.py), sharded."""
+    config_cls, extra = FAMILIES[family]
     config = config_cls(**{**SMALL, **extra, **overrides})
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    _randomise(model, seed)
-    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
-    return path, model
+    return path, save_dense(path, config, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +85,12 @@ def input_ids(seq_len: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 99, (2, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def max_logit_diff(dense: torch.nn.Module, moe_dir: Path, ids: torch.Tensor) -> float:
+def assert_same_logits(dense: torch.nn.Module, moe_dir: Path, ids: torch.Tensor) -> None:
+    """The upcycled checkpoint in `moe_dir` gives `dense`'s logits on `ids`."""
     moe = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
     with torch.no_grad():
         expected, got = dense(ids).logits, moe(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    return (got - expected).abs().max().item()
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -162,7 +133,7 @@ def test_copy_upcycle_is_exact(tmp_path, dense_models, family, router_type):
         config_overrides=EXACT_ROUTERS[router_type],
     )
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 @pytest.mark.parametrize("router_type", ["topk_softmax", "softmax_topk", "sigmoid_topk"])
@@ -188,7 +159,7 @@ def test_split_virtual_group_is_exact(tmp_path, dense_models, family, router_typ
     assert torch.equal(router[0], router[1]) and not torch.equal(
         router[1], router[2]
     )  # groups of 2 share a row
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 def test_split_granularity_4_with_shared_experts_is_exact(tmp_path, dense_models):
@@ -203,7 +174,7 @@ def test_split_granularity_4_with_shared_experts_is_exact(tmp_path, dense_models
         progress=False,
         require_exact=True,
     )
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 @pytest.mark.parametrize("shared", [1, 2])
@@ -221,7 +192,7 @@ def test_shared_experts_are_exact(tmp_path, dense_models, family, shared):
     )
     config = json.loads((out / "config.json").read_text())
     assert config["num_shared_experts"] == shared and config["shared_expert_intermediate_size"] == 64 * shared
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 @pytest.mark.parametrize("moe_layers,expected", [("every-2", [1]), ("0", [0]), ([1], [1])])
@@ -234,7 +205,7 @@ def test_partial_moe_layers_are_exact(tmp_path, dense_models, moe_layers, expect
         for i in range(2):
             assert (f"model.layers.{i}.mlp.experts.gate_up_proj" in reader) == (i in expected)
             assert (f"model.layers.{i}.mlp.gate_proj.weight" in reader) == (i not in expected)
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 def test_non_exact_options_do_change_logits(tmp_path, dense_models):
@@ -253,7 +224,7 @@ def test_non_exact_options_do_change_logits(tmp_path, dense_models):
         assert_nothing_written(tmp_path / f"strict_{name}")
         out = upcycle(src, tmp_path / name, progress=False, **kwargs)
         with pytest.raises(AssertionError):
-            max_logit_diff(dense, out, ids)
+            assert_same_logits(dense, out, ids)
         provenance = json.loads((out / "hf_moe_provenance.json").read_text())
         assert provenance["function_preserving"] is False and provenance["not_function_preserving_because"]
 
@@ -624,7 +595,7 @@ def test_existing_out_dir_and_overwrite(tmp_path, dense_models):
     upcycle(src, out, num_experts=4, top_k=2, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
 
 
 def test_prompts_router_init_is_a_registry_hook(tmp_path, dense_models):
@@ -672,7 +643,7 @@ def test_cli_upcycle(tmp_path, dense_models, capsys):
     assert cli_main(argv) == 0
     assert str(out) in capsys.readouterr().out
     assert hf_moe.HfMoeConfig.from_pretrained(out).moe_layers == [1]
-    max_logit_diff(dense, out, input_ids())
+    assert_same_logits(dense, out, input_ids())
     assert cli_main(argv) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert cli_main(argv + ["--overwrite"]) == 0

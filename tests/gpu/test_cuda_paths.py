@@ -17,7 +17,6 @@ Tolerances, stated once here:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +28,8 @@ from transformers import AutoModelForCausalLM
 from hf_moe import HfMoeForCausalLM
 from hf_moe.conversion.upcycle import upcycle
 from hf_moe.peft import FusedExpertsLora, lora_config
-from tests.helpers.tiny import ROUTER_CASES, tiny_config, tiny_router_config
+from tests.helpers.dense import make_dense_llama
+from tests.helpers.tiny import ROUTER_CASES, tiny_router_config
 
 pytestmark = pytest.mark.gpu
 
@@ -375,37 +375,12 @@ def test_bf16_training_steps_with_router_losses(device, router_type):
 # ---- upcycling: exact at init on the device --------------------------------------------------------------------------
 
 
-def _dense_llama(path: Path) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    text = tiny_config().get_text_config()
-    config = LlamaConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # larger than the init's values, so a wrong copy shows in the logits
-        for name, p in model.named_parameters():
-            p.copy_(
-                (1.0 + 0.2 * torch.randn(p.shape, generator=generator))
-                if "norm" in name
-                else 0.15 * torch.randn(p.shape, generator=generator)
-            )
-    model.save_pretrained(path)
-    return model
-
-
 @pytest.mark.parametrize("split", ["copy-4x2", "fine-8x4"])
 def test_upcycled_model_is_exact_at_init(device, tmp_path, split):
-    dense = _dense_llama(tmp_path / "dense")
+    # randomised: larger than the init's values, so a wrong copy shows in the logits
+    dense = make_dense_llama(
+        tmp_path / "dense", max_shard_size=None, tokenizer=False, tie_word_embeddings=True
+    )
     options = (
         dict(num_experts=4, top_k=2)
         if split == "copy-4x2"

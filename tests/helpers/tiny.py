@@ -3,22 +3,10 @@
 import torch
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
+from tests.helpers.dense import SMALL
 
-TINY = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# The tiny dense decoder (tests/helpers/dense.py: what upcycling tests start from) plus the MoE fields.
+TINY = dict(SMALL, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
 
 # One extra-config per router type that makes it valid on the tiny model.
 ROUTER_CASES: dict[str, dict] = {

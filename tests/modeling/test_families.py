@@ -14,20 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hf_moe
 from hf_moe import HfMoeForCausalLM
 from hf_moe.conversion.sources import SOURCES
+from tests.helpers.dense import SMALL as DENSE
 
-SMALL = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+SMALL = {**DENSE, "head_dim": 8}
 # What a family needs on top of SMALL to be small and to exercise its peculiarities.
 FAMILY_EXTRA: dict[str, dict] = {
     "gemma2": {"sliding_window": 4, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},

@@ -28,6 +28,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
 from hf_moe.modeling.modeling_hf_moe import HfMoeSparseMoeBlock
+from tests.helpers.dense import SMALL
 from tests.modeling.mapping import (
     dense_state_dict_to_single_expert,
     hf_moe_config_from_native,
@@ -35,16 +36,15 @@ from tests.modeling.mapping import (
     rename_moe_state_dict,
 )
 
-BASE = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-)
+# The shared tiny dense decoder (tests/helpers/dense.py) with widths and a norm epsilon of its own, and no pad
+# token: randomize_ leaves embeddings at their init, which zeroes a pad token's row, and the inputs use token 0.
+BASE = {
+    **SMALL,
+    "intermediate_size": 48,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": None,
+}
 
 
 def _inputs(seq: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
