@@ -276,21 +276,22 @@ def grouped_experts_forward(
     return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed=None)
 
 
-def _one_token_impl(
+def one_token_experts(
     hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
+    experts: list[int],
+    weights: list[float],
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act_fn,
 ) -> torch.Tensor:
-    # Inference only (the routing weights are read as numbers). The k experts of one token as matrix-vector
-    # products on weight views: no sort, no gather, no weight copy. The routing weights are addmm's scalars: the
-    # running sum is scaled by beta, the new expert's output by alpha.
+    """One token (1, H) through its routed `experts` with routing `weights` (host lists, inference only): k
+    matrix-vector products on weight views, with no sort, no gather and no weight copy. The routing weights are
+    addmm's scalars: the running sum is scaled by beta, the new expert's output by alpha. Sentinel indices
+    (>= E, dropped assignments) are skipped."""
     dtype = gate_up_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # (1, H)
     out, scale = None, 1.0
-    for expert, weight in zip(top_k_index.tolist()[0], top_k_weights.tolist()[0]):
+    for expert, weight in zip(experts, weights):
         if expert >= gate_up_proj.shape[0]:  # sentinel: dropped assignment
             continue
         gate, up = F.linear(x, gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
@@ -304,6 +305,20 @@ def _one_token_impl(
     if scale != 1.0:
         out = out.mul_(scale)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _one_token_impl(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    # Inference only: the routing is read on the host (free on the CPU).
+    return one_token_experts(
+        hidden_states, top_k_index.tolist()[0], top_k_weights.tolist()[0], gate_up_proj, down_proj, act_fn
+    )
 
 
 def _register_one_token_op() -> None:
@@ -454,4 +469,5 @@ __all__ = [
     "SENTINEL_AWARE_IMPLEMENTATIONS",
     "group_by_expert",
     "grouped_mm",
+    "one_token_experts",
 ]

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import transformers
 from packaging import version
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.utils.parametrize import is_parametrized
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
@@ -33,7 +35,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from transformers.utils import can_return_tuple
 
 from .configuration_hf_moe import HfMoeConfig, expert_activation
-from .experts import DEFAULT_EXPERTS_IMPLEMENTATION, SENTINEL_AWARE_IMPLEMENTATIONS, HfMoeExperts
+from .experts import (
+    DEFAULT_EXPERTS_IMPLEMENTATION,
+    SENTINEL_AWARE_IMPLEMENTATIONS,
+    HfMoeExperts,
+    one_token_experts,
+)
 
 # The transformers releases this code is tested on (the remote-code contract): older or newer ones are refused with
 # a message rather than risk wrong outputs. Keep in sync with pyproject.toml.
@@ -113,6 +120,31 @@ class HfMoeRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    # Whether `route_one` has a host form: decoding one token on the CPU then reads the (E,) logits once and
+    # routes in Python, instead of some ten small tensor ops (HfMoeSparseMoeBlock._decode_one_token).
+    host_routing: bool = False
+
+    def route_one(self, logits: list[float]) -> tuple[list[int], list[float]]:
+        """One token's routing from its E logits, on the host: (experts, weights) as `forward` gives them in
+        eval, to within one float32 rounding of each weight (ties may be taken in another order)."""
+        raise NotImplementedError
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to float32, as the tensor path stores routing weights."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _host_top_k(logits: list[float], top_k: int) -> list[int]:
+    return sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:top_k]
+
+
+def _host_sum_to_one(weights: list[float]) -> list[float]:
+    """`sum_to_one(..., descending=True)` on the host: float32 weights, the last one minus the others."""
+    total = sum(weights)
+    head = [_f32(w / total) for w in weights[:-1]]
+    return [*head, _f32(1.0 - sum(head))]
+
 
 def sum_to_one(weights: torch.Tensor, *, descending: bool = False) -> torch.Tensor:
     """Rows of non-negative (T, K) weights scaled to sum to one, with the smallest weight replaced by one minus the
@@ -160,6 +192,16 @@ class TopKSoftmaxRouter(HfMoeRouter):
         top_k_weights = softmax_of_top(top_logits).to(router_logits.dtype)
         return router_logits, top_k_weights, top_k_index
 
+    host_routing = True
+
+    def route_one(self, logits: list[float]) -> tuple[list[int], list[float]]:
+        experts = _host_top_k(logits, self.top_k)
+        top = [logits[e] for e in experts]
+        if len(top) == 2:  # softmax_of_top's sigmoid of the gap; 1 - w is exact for w >= 1/2
+            first = _f32(1.0 / (1.0 + math.exp(top[1] - top[0])))
+            return experts, [first, _f32(1.0 - first)]
+        return experts, _host_sum_to_one([math.exp(v - top[0]) for v in top])
+
 
 class SoftmaxTopKRouter(HfMoeRouter):
     """Qwen-MoE: softmax over all experts, then top-k; renormalised iff `norm_topk_prob`."""
@@ -185,6 +227,17 @@ class SoftmaxTopKRouter(HfMoeRouter):
         if self.norm_topk_prob:
             top_k_weights = sum_to_one(top_k_weights, descending=True)
         return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
+
+    host_routing = True
+
+    def route_one(self, logits: list[float]) -> tuple[list[int], list[float]]:
+        experts = _host_top_k(logits, self.top_k)
+        peak = logits[experts[0]]
+        top = [math.exp(logits[e] - peak) for e in experts]
+        if self.norm_topk_prob:
+            return experts, _host_sum_to_one(top)
+        total = sum(math.exp(v - peak) for v in logits)
+        return experts, [_f32(w / total) for w in top]
 
 
 class SigmoidTopKRouter(HfMoeRouter):
@@ -448,16 +501,50 @@ class HfMoeSparseMoeBlock(nn.Module):
         )
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
+    def _host_decodable(self, flat: torch.Tensor) -> bool:
+        """Whether this call may take `_decode_one_token`: one CPU token in eager inference, a router with a host
+        form, the default experts kernels, and nothing that watches or rewrites the router or the experts
+        (hooks, parametrizations, PEFT layers): those see the general path."""
+        gate, experts = self.gate, self.experts
+        return (
+            flat.shape[0] == 1
+            and getattr(gate, "host_routing", False)  # a replaced gate (PEFT, a user module) has none
+            and not self.training
+            and not torch.is_grad_enabled()
+            and flat.device.type == "cpu"
+            and gate.weight.dtype == torch.float32  # host weights are float32-rounded, as that path's are
+            and self.config._experts_implementation in ("hf_moe", "hf_moe_cpu")
+            and type(experts) is HfMoeExperts
+            and not torch.compiler.is_compiling()
+            and not (gate._forward_hooks or gate._forward_pre_hooks)
+            and not (experts._forward_hooks or experts._forward_pre_hooks)
+            and not (_global_forward_hooks or _global_forward_pre_hooks)
+            and not (is_parametrized(gate) or is_parametrized(experts))
+        )
+
+    def _decode_one_token(self, flat: torch.Tensor) -> torch.Tensor:
+        """One token (1, H): the router's E logits read once, top-k and weights computed on the host, then the k
+        experts as matrix-vector products. The general path spends some ten small tensor ops on the routing,
+        each costing more than its arithmetic on a CPU (BENCHMARKS.md: router cost in a decoding step)."""
+        logits = F.linear(flat, self.gate.weight)[0].tolist()  # (E,)
+        experts, weights = self.gate.route_one(logits)
+        return one_token_experts(
+            flat, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, self.experts.act_fn
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)  # (T, H)
-        _, top_k_weights, top_k_index = self.gate(flat)
-        if self.config._experts_implementation not in SENTINEL_AWARE_IMPLEMENTATIONS:
-            # transformers' experts kernels do not skip sentinel slots: point them at expert 0 with weight 0.
-            dropped = top_k_index == self.experts.num_experts
-            top_k_index = top_k_index.masked_fill(dropped, 0)
-            top_k_weights = top_k_weights.masked_fill(dropped, 0.0)
-        out = self.experts(flat, top_k_index, top_k_weights)  # (T, H)
+        if self._host_decodable(flat):
+            out = self._decode_one_token(flat)  # (1, H)
+        else:
+            _, top_k_weights, top_k_index = self.gate(flat)
+            if self.config._experts_implementation not in SENTINEL_AWARE_IMPLEMENTATIONS:
+                # transformers' experts kernels do not skip sentinel slots: point them at expert 0 with weight 0.
+                dropped = top_k_index == self.experts.num_experts
+                top_k_index = top_k_index.masked_fill(dropped, 0)
+                top_k_weights = top_k_weights.masked_fill(dropped, 0.0)
+            out = self.experts(flat, top_k_index, top_k_weights)  # (T, H)
         if self.shared_experts is not None:
             shared = self.shared_experts(flat)
             if self.shared_expert_gate is not None:
