@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from .init_context import RouterInit, RouterInitContext
-from .prompts import prompts_router
+from .prompts import cheap_embed_router, prompts_router
 
 
 def seeded_generator(seed: int, *parts: object) -> torch.Generator:
@@ -213,6 +213,7 @@ ROUTER_INITS: dict[str, RouterInit] = {
     "random": random_router,
     "virtual-group": virtual_group_router,
     "prompts": prompts_router,  # hf_moe.conversion.prompts
+    "cheap_embed": cheap_embed_router,  # hf_moe.conversion.prompts (mergekit's gate_mode: cheap_embed)
 }
 
 

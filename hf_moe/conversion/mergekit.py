@@ -23,9 +23,9 @@ How each key maps onto hf-moe (docs/merge.md has the table):
   base model's hidden states on each expert's positive prompts minus its negative ones. hf-moe averages the
   MLP input of every non-special token; mergekit takes the last token's residual stream. Same idea, not the same
   numbers.
-- ``gate_mode: cheap_embed`` -> ``router_init="cheap_embed"`` (this module): the unit vector of the prompts'
-  summed token embeddings (positive minus negative), the same row in every layer, as mergekit computes it
-  (special tokens left out).
+- ``gate_mode: cheap_embed`` -> ``router_init="cheap_embed"``
+  (:func:`hf_moe.conversion.prompts.cheap_embed_router`): the unit vector of the prompts' summed token embeddings
+  (positive minus negative), the same row in every layer, as mergekit computes it (special tokens left out).
 - ``gate_mode: random`` -> ``router_init="random"``: N(0, initializer_range^2) rows (mergekit draws N(0, 1)).
 - Shared experts are copies of the base MLP, always active and ungated, splitting the MLP output 1/2 : 1/2 with
   the routed experts (docs/merge.md). So a shared expert's ``source_model`` must be the base model, and gate
@@ -40,21 +40,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from transformers import AutoTokenizer
 
 from ..hub_ids import resolve_model
 from .export import export
-from .init import ROUTER_INITS, RouterInitContext
-from .io import TOKENIZER_FILES
 from .merge import merge_experts
-from .prompts import load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -374,75 +368,11 @@ def merge_from_mergekit(
         return export(merged, out_dir, to=plan.export_to, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
-# ================================================================================================================
-# gate_mode: cheap_embed
-# ================================================================================================================
-
-
-def _embedding_direction(embed: torch.Tensor, tokenizer: Any, texts: tuple[str, ...]) -> torch.Tensor:
-    """Unit vector of the summed input embeddings of the texts' non-special tokens. embed: (V, H) -> (H,)."""
-    special = set(tokenizer.all_special_ids)
-    ids = [t for text in texts for t in tokenizer(text)["input_ids"] if t not in special]
-    if not ids:
-        raise ValueError(
-            f"prompts {list(texts)!r} encode to special tokens only; give prompts with some text"
-        )
-    total = embed[torch.tensor(ids)].float().sum(dim=0)  # (H,)
-    return total / total.norm().clamp_min(1e-8)
-
-
-def cheap_embed_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
-    """``ROUTER_INITS["cheap_embed"]`` (mergekit's cheap_embed gate mode): expert ``e``'s row is the unit vector
-    of its positive prompts' summed token embeddings, minus that of its negative prompts, renormalised; the same
-    rows in every layer. Reads the base's embedding matrix and tokenizer only: no forward pass."""
-
-    if context.prompts is None:
-        raise ValueError("router_init='cheap_embed' needs prompts: one positive_prompts entry per expert")
-    spec = load_prompts(context.prompts)
-    if len(spec.experts) != context.num_experts:
-        raise ValueError(
-            f"prompts ({spec.source}) list {len(spec.experts)} experts but the model has {context.num_experts}"
-        )
-    src = Path(context.src_dir)
-    if not any((src / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
-        raise ValueError(
-            f"router_init='cheap_embed' needs the tokenizer of {src} to encode the prompts; copy it there"
-        )
-    names = [n for n in context.reader.keys() if n.endswith("embed_tokens.weight")]
-    if len(names) != 1:
-        raise ValueError(
-            f"router_init='cheap_embed' needs one *embed_tokens.weight tensor in {src}, found {names}"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    embed = context.reader.get_tensor(names[0])  # (V, H)
-    rows = []
-    for e, entry in enumerate(spec.experts):
-        row = _embedding_direction(embed, tokenizer, entry.positive)
-        if entry.negative:
-            row = row - _embedding_direction(embed, tokenizer, entry.negative)
-            if row.norm() < 1e-6:
-                raise ValueError(
-                    f"prompts ({spec.source}), expert {entry.name or e}: the positive and negative prompts have "
-                    "the same embedding direction; use prompts that differ"
-                )
-        rows.append(row / row.norm().clamp_min(1e-8))
-    router = torch.stack(rows)  # (E, H)
-    del embed
-
-    def init(layer_idx: int) -> torch.Tensor:
-        return router.clone()
-
-    return init
-
-
-ROUTER_INITS.setdefault("cheap_embed", cheap_embed_router)
-
 __all__ = [
     "ARCHITECTURES",
     "GATE_MODES",
     "MERGEKIT_VERSION",
     "MergekitPlan",
-    "cheap_embed_router",
     "load_mergekit_config",
     "merge_from_mergekit",
 ]

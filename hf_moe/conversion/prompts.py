@@ -403,12 +403,74 @@ def prompts_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
     return init
 
 
+# ================================================================================================================
+# mergekit's gate_mode cheap_embed: router rows from token embeddings alone
+# ================================================================================================================
+
+
+def _embedding_direction(embed: torch.Tensor, tokenizer: Any, texts: tuple[str, ...]) -> torch.Tensor:
+    """Unit vector of the summed input embeddings of the texts' non-special tokens. embed: (V, H) -> (H,)."""
+    special = set(tokenizer.all_special_ids)
+    ids = [t for text in texts for t in tokenizer(text)["input_ids"] if t not in special]
+    if not ids:
+        raise ValueError(
+            f"prompts {list(texts)!r} encode to special tokens only; give prompts with some text"
+        )
+    total = embed[torch.tensor(ids)].float().sum(dim=0)  # (H,)
+    return total / total.norm().clamp_min(1e-8)
+
+
+def cheap_embed_router(context: RouterInitContext) -> Callable[[int], torch.Tensor]:
+    """``ROUTER_INITS["cheap_embed"]`` (mergekit's cheap_embed gate mode): expert ``e``'s row is the unit vector
+    of its positive prompts' summed token embeddings, minus that of its negative prompts, renormalised; the same
+    rows in every layer. Reads the base's embedding matrix and tokenizer only: no forward pass."""
+
+    if context.prompts is None:
+        raise ValueError("router_init='cheap_embed' needs prompts: one positive_prompts entry per expert")
+    spec = load_prompts(context.prompts)
+    if len(spec.experts) != context.num_experts:
+        raise ValueError(
+            f"prompts ({spec.source}) list {len(spec.experts)} experts but the model has {context.num_experts}"
+        )
+    src = Path(context.src_dir)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
+        raise ValueError(
+            f"router_init='cheap_embed' needs the tokenizer of {src} to encode the prompts; copy it there"
+        )
+    names = [n for n in context.reader.keys() if n.endswith("embed_tokens.weight")]
+    if len(names) != 1:
+        raise ValueError(
+            f"router_init='cheap_embed' needs one *embed_tokens.weight tensor in {src}, found {names}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    embed = context.reader.get_tensor(names[0])  # (V, H)
+    rows = []
+    for e, entry in enumerate(spec.experts):
+        row = _embedding_direction(embed, tokenizer, entry.positive)
+        if entry.negative:
+            row = row - _embedding_direction(embed, tokenizer, entry.negative)
+            if row.norm() < 1e-6:
+                raise ValueError(
+                    f"prompts ({spec.source}), expert {entry.name or e}: the positive and negative prompts have "
+                    "the same embedding direction; use prompts that differ"
+                )
+        rows.append(row / row.norm().clamp_min(1e-8))
+    router = torch.stack(rows)  # (E, H)
+    del embed
+
+    def init(layer_idx: int) -> torch.Tensor:
+        return router.clone()
+
+    return init
+
+
 __all__ = [
     "COLLINEAR_COSINE",
     "DEFAULT_LOGIT_SCALE",
     "ExpertPrompts",
     "PromptSpec",
     "PromptsFileNotFoundError",
+    "cheap_embed_router",
     "load_prompts",
     "prompt_hidden_means",
     "prompts_router",
