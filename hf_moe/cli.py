@@ -96,10 +96,28 @@ def _write_card(out_dir: object) -> None:
         )
 
 
+# hf_moe.conversion.native.TARGETS, spelt out so that `--help` does not import torch (tests/test_cli.py checks
+# that the two agree).
+EXPORT_TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3")
+NATIVE_NAMES = "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 or DeepSeek-V3"
+
+
+def _add_dtype(p: argparse.ArgumentParser, text: str) -> None:
+    """--dtype of a conversion's output (the dtypes a checkpoint can hold); `text` is its help."""
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help=text)
+
+
+def _add_output(p: argparse.ArgumentParser, out: str = "OUT_DIR") -> None:
+    """The flags every conversion's output folder takes."""
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help=f"replace {out} once the new one is complete")
+
+
 def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "upcycle",
-        help="turn a dense Llama/Mistral/Qwen2/Qwen3 checkpoint into an hf_moe MoE checkpoint",
+        help="turn a dense gated-MLP checkpoint (Llama, Mistral, Qwen, Gemma, Phi-3, OLMo, Granite, SmolLM3, ...) "
+        "into an hf_moe MoE checkpoint",
         description="Upcycle a dense checkpoint folder (config.json + safetensors) into an hf_moe checkpoint, "
         "streamed layer by layer; OUT_DIR appears only when complete. See docs/upcycling.md.",
     )
@@ -126,15 +144,9 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompts", default=None, help="prompts file for --router-init prompts")
     p.add_argument("--moe-layers", default="all", help="all | every-N | 0-11 | 0,2,4-6 (default all)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="output dtype (default: keep the source dtype)",
-    )
+    _add_dtype(p, "output dtype (default: keep the source dtype)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    _add_output(p)
     p.add_argument(
         "--require-exact",
         action="store_true",
@@ -145,8 +157,7 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    # lazy: CLI start-up. Importing mergekit also registers router_init="cheap_embed", which --router-init may name.
-    from .conversion.merge import merge_experts
+    from .conversion.merge import merge_experts  # lazy: CLI start-up
     from .conversion.mergekit import merge_from_mergekit
 
     if args.mergekit_config:
@@ -248,15 +259,9 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shared-experts", type=int, default=None, help="always-active experts copied from the base MLP"
     )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="output dtype (default: keep the base's)",
-    )
+    _add_dtype(p, "output dtype (default: keep the base's)")
     p.add_argument("--seed", type=int, default=0, help="seed of random router rows")
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    _add_output(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_merge)
 
@@ -284,7 +289,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write an hf_moe checkpoint as a native Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE checkpoint",
+        help=f"write an hf_moe checkpoint as a native {NATIVE_NAMES} checkpoint",
         description="Export an hf_moe checkpoint to a native MoE architecture that transformers and vLLM load "
         "without hf-moe. Configs the target cannot represent exactly are refused with the blocking fields and the "
         "targets that would fit. See docs/export.md.",
@@ -295,7 +300,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--to",
         required=True,
-        choices=["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"],
+        choices=EXPORT_TARGETS,
         help="target architecture",
     )
     p.add_argument(
@@ -304,14 +309,8 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="PEFT LoRA adapter to merge first (loads the model in memory)",
     )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="output dtype (default: keep each tensor's dtype)",
-    )
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    _add_dtype(p, "output dtype (default: keep each tensor's dtype)")
+    _add_output(p)
     p.set_defaults(func=_run_export)
 
 
@@ -333,9 +332,10 @@ def _run_import(args: argparse.Namespace) -> int:
 def _add_import(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "import",
-        help="convert a native Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5-MoE checkpoint into hf_moe",
-        description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer). "
-        "DeepSeek-V3 is refused: its latent attention (MLA) has no hf_moe equivalent. See docs/export.md.",
+        help=f"convert a native {NATIVE_NAMES} checkpoint into hf_moe",
+        description="Import a native MoE checkpoint into the hf_moe architecture (experts fused layer by layer; "
+        "attention, norms and the rest stay the family's own, DeepSeek-V3's latent attention included). "
+        "See docs/export.md.",
     )
     p.add_argument(
         "src_dir",
@@ -344,14 +344,8 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     _add_revision(p)
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="output dtype (default: keep each tensor's dtype)",
-    )
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    _add_dtype(p, "output dtype (default: keep each tensor's dtype)")
+    _add_output(p)
     p.set_defaults(func=_run_import)
 
 
@@ -916,8 +910,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--merge", action="store_true", help="merge experts by output similarity instead of pruning"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    _add_output(p, "OUT")
     p.set_defaults(func=_run_compress)
 
 

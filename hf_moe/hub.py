@@ -54,6 +54,7 @@ PUSH_PATTERNS = (
     "*.md",
     "*.py",
     "*.txt",
+    "*.jinja",  # chat templates (transformers 5 saves them as chat_template.jinja)
     "tokenizer.model",
     "*.tiktoken",
     "*.png",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .conversion.io import atomic_output_dir, write_provenance
+from .conversion.io import atomic_output_dir, atomic_write, write_provenance
 from .conversion.sources import translate_config
 from .conversion.upcycle import upcycle
 from .hub import ParameterCounts, count_parameters, render_model_card, write_model_card
@@ -488,10 +488,11 @@ def render_cards(cards_dir: str | os.PathLike | None = None) -> list[Path]:
         The paths written.
     """
     out_dir = Path(cards_dir) if cards_dir is not None else CARDS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for preset in PRESETS.values():
         path = out_dir / f"{preset.name}.md"
-        path.write_text(preset.render_card(), encoding="utf-8")
+        atomic_write(path, preset.render_card())
         written.append(path)
     return written
 

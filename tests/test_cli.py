@@ -29,6 +29,21 @@ def test_zoo_render_cards_writes_every_preset(tmp_path: Path, capsys) -> None:
     assert str(tmp_path / "tiny.md") in capsys.readouterr().out
 
 
+def test_zoo_render_cards_creates_the_folder(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "cards"
+    assert cli.main(["zoo", "render-cards", "--cards-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.md" for n in PRESETS)
+
+
+def test_export_offers_every_native_target() -> None:
+    from hf_moe.conversion.native import TARGETS
+
+    assert cli.EXPORT_TARGETS == TARGETS
+    parser = cli.build_parser()
+    for target in TARGETS:
+        assert parser.parse_args(["export", "in", "out", "--to", target]).to == target
+
+
 def test_cli_is_the_only_command_line_entry_point() -> None:
     package = Path(cli.__file__).parent
     others = [

@@ -261,6 +261,9 @@ def test_files_to_push_refuses_pickles_and_missing_card(card_dir: Path) -> None:
     assert files_to_push(card_dir) == sorted(
         ["README.md", "config.json", "generation_config.json", "model.safetensors", *remote_code]
     )
+    (card_dir / "chat_template.jinja").write_text("{{ messages }}")  # transformers 5's chat template file
+    assert "chat_template.jinja" in files_to_push(card_dir)
+    (card_dir / "chat_template.jinja").unlink()
     (card_dir / "training_args.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ValueError, match=r"pickle files \(training_args.bin\)"):
         files_to_push(card_dir)

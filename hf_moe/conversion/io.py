@@ -67,7 +67,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "generation_config.json",
 )
-TOKENIZER_GLOBS = ("chat_template.*",)
+TOKENIZER_GLOBS = ("chat_template.*", "*.tiktoken")
 
 # safetensors dtype names (format spec) <-> torch dtypes.
 _DTYPE_TO_ST: dict[torch.dtype, str] = {
