@@ -10,6 +10,7 @@ there) and `--steps` timed ones, and frees it; rounds rotate the order, and the 
 Usage:
     python benchmarks/train_step.py                    # both upcycles; writes BENCHMARKS.md
     python benchmarks/train_step.py --kinds equal-active --batch 1 --seq-len 32 --rounds 1 --steps 1 --no-write
+    python benchmarks/train_step.py --kinds equal-active --phases   # forward / backward / AdamW apart
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ DENSE_TARGET = 1.05  # hf_moe step time over dense, equal-active upcycle
 MIXTRAL_TARGET = 1.2  # Mixtral step time over hf_moe, both upcycles
 
 
-def step_times(path: Path, ids: torch.Tensor, warmup: int, steps: int) -> list[float]:
+def step_times(
+    path: Path,
+    ids: torch.Tensor,
+    warmup: int,
+    steps: int,
+    phases: list[tuple[float, float, float]] | None = None,
+) -> list[float]:
+    """Whole-step seconds of the timed steps; with `phases`, also append (forward, backward, AdamW) seconds."""
     model = load(path).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times = []
@@ -39,13 +47,29 @@ def step_times(path: Path, ids: torch.Tensor, warmup: int, steps: int) -> list[f
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
+        forward = time.perf_counter()
         loss.backward()
+        backward = time.perf_counter()
         optimizer.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            if phases is not None:
+                phases.append((forward - start, backward - forward, time.perf_counter() - backward))
     del model, optimizer
     gc.collect()
     return times
+
+
+def phases_main(args) -> int:
+    """Forward, backward and AdamW timed apart (median over the timed steps), with the parameter counts."""
+    ids = text_batch(args.batch, args.seq_len, split="train")
+    for kind in args.kinds:
+        for name, path in model_dirs(kind).items():
+            phases: list[tuple[float, float, float]] = []
+            step_times(path, ids, args.warmup, args.steps, phases)
+            fwd, bwd, opt = (statistics.median(p[j] for p in phases) for j in range(3))
+            print(f"{kind} {name}: forward {fwd:.2f} s, backward {bwd:.2f} s, AdamW {opt:.2f} s", flush=True)
+    return 0
 
 
 def run_kind(kind: str, ids: torch.Tensor, args) -> dict:
@@ -119,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--phases", action="store_true", help="instead of the table: forward, backward and AdamW timed apart"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.phases:
+        return phases_main(args)
     ids = text_batch(args.batch, args.seq_len, split="train")
     load_before = load_line()
     started = datetime.datetime.now(datetime.timezone.utc)
