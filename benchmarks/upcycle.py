@@ -1,15 +1,20 @@
 """Benchmark: upcycle SmolLM2-135M into an 8-expert hf_moe checkpoint.
 
 Measures, in one run so machine noise hits both sides alike:
-- wall time of `hf-moe upcycle` (a subprocess) vs `cp -r` of its output folder (the same number of bytes);
-- peak RSS of the upcycle process (``os.wait4`` rusage, ru_maxrss) vs the largest input shard, and vs the RSS of a
-  process that only imports hf_moe's upcycler (the interpreter + torch + transformers floor).
+- wall time of `upcycle()` called in this process (interpreter start and imports excluded, as the target says) vs
+  `cp -r` of its output folder (the same bytes), each started from the same memory state: right after a ballast
+  file of the output's size was written and deleted, so both write into page-cache pages the machine backs (see
+  `warm_page_cache`);
+- wall time of `hf-moe upcycle` as a subprocess (interpreter start and imports included) and of `cp -r`, without
+  that preparation;
+- peak RSS of the upcycle subprocess (GNU time) vs the largest input shard, and vs the RSS of a process that only
+  imports hf_moe's upcycler (the interpreter + torch + transformers floor).
 
 Inputs: the single-file float32 SmolLM2 folder from ``examples/offline_assets.py`` and, with ``--sharded``, the same
 weights re-saved in shards of ``--shard-size``. The page cache is flushed (``sync``) before every timed command, not
-after (neither side waits for the disk).
+after (neither side waits for the disk; "until synced" adds a `sync` after the command).
 
-    python benchmarks/upcycle.py --repeats 3 --sharded
+    python benchmarks/upcycle.py --repeats 3 --sharded --write
 """
 
 from __future__ import annotations
@@ -64,8 +69,38 @@ def reshard(src: Path, dst: Path, shard_size: str) -> Path:
     return dst
 
 
+def warm_page_cache(nbytes: int, where: Path) -> None:
+    """Write and delete a ballast file of `nbytes`, so that the next writer gets page-cache pages the machine backs.
+
+    On a VM that hands freed guest memory back to the hypervisor (virtio-balloon free page reporting, as on the
+    machine of BENCHMARKS.md), memory freed a few seconds earlier costs a hypervisor fault per page when it is
+    reused: writing 2.5 GB then took 17-21 s of system time instead of 1 s. A command started right after an
+    `rm` of an equally large folder reuses pages that are still backed and runs fast; one started after a 5 s
+    import does not. Preparing both sides alike removes that bias from the ratio.
+    """
+    chunk = bytes(16 << 20)
+    ballast = where / ".ballast"
+    with open(ballast, "wb") as f:
+        for _ in range(max(1, nbytes // len(chunk))):
+            f.write(chunk)
+    ballast.unlink()
+
+
+def timed_in_process(fn, out: Path, nbytes: int) -> tuple[float, float]:
+    """(wall seconds, wall seconds until synced) of `fn()`, after `sync` and a page-cache warm-up."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    warm_page_cache(nbytes, out.parent)
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    subprocess.run(["sync"], check=True)
+    return wall, time.perf_counter() - start
+
+
 def bench(src: Path, work: Path, *, num_experts: int, top_k: int, repeats: int) -> dict:
     from hf_moe.conversion.io import CheckpointReader
+    from hf_moe.conversion.upcycle import upcycle
 
     with CheckpointReader(src) as reader:
         largest = reader.largest_file_bytes()
@@ -85,42 +120,56 @@ def bench(src: Path, work: Path, *, num_experts: int, top_k: int, repeats: int) 
         "--no-progress",
     ]
     floor_cmd = [sys.executable, "-c", "import hf_moe.conversion.upcycle"]
-    up_walls, cp_walls, rss, floor_walls, up_cpu, cp_cpu, floor_cpu, up_sync, cp_sync = ([] for _ in range(9))
+
+    def run_upcycle() -> None:
+        upcycle(src, out, num_experts=num_experts, top_k=top_k, progress=False)
+
+    def run_cp() -> None:
+        subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+
+    run_upcycle()  # the output's size, for the warm-up
+    out_bytes = folder_bytes(out)
+    up_walls, cp_walls, rss, floor_walls, up_cpu, floor_cpu = ([] for _ in range(6))
+    fn_walls, fn_sync, cpw_walls, cpw_sync = ([] for _ in range(4))
     for _ in range(repeats):  # interleaved, so load changes on the shared machine hit both sides
+        # Imports excluded, both sides from the same memory state: the comparison the target names.
+        wall, durable = timed_in_process(run_upcycle, out, out_bytes)
+        fn_walls.append(wall)
+        fn_sync.append(durable)
+        wall, durable = timed_in_process(run_cp, copy, out_bytes)
+        cpw_walls.append(wall)
+        cpw_sync.append(durable)
+        # Whole commands as a user runs them (the upcycle subprocess also gives the peak RSS).
         wall, floor, cpu, _ = run_measured(floor_cmd)
         floor_walls.append(wall)
         floor_cpu.append(cpu)
         shutil.rmtree(out, ignore_errors=True)
-        wall, peak, cpu, durable = run_measured(upcycle_cmd)
+        wall, peak, cpu, _ = run_measured(upcycle_cmd)
         up_walls.append(wall)
         up_cpu.append(cpu)
-        up_sync.append(durable)
         rss.append(peak)
         shutil.rmtree(copy, ignore_errors=True)
-        wall, _, cpu, durable = run_measured(["cp", "-r", str(out), str(copy)])
+        wall, _, _, _ = run_measured(["cp", "-r", str(out), str(copy)])
         cp_walls.append(wall)
-        cp_cpu.append(cpu)
-        cp_sync.append(durable)
-    out_bytes = folder_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(copy, ignore_errors=True)
-    up, cp = statistics.median(up_walls), statistics.median(cp_walls)
+    med = statistics.median
     peak = max(rss)
     return {
         "input_shards": n_shards,
         "largest_input_shard_MB": largest / 1e6,
         "output_MB": out_bytes / 1e6,
-        "upcycle_s": [round(w, 2) for w in up_walls],
+        "upcycle_fn_s": [round(w, 2) for w in fn_walls],
+        "cp_warm_s": [round(w, 2) for w in cpw_walls],
+        "time_ratio_excluding_import": med(fn_walls) / med(cpw_walls),
+        "upcycle_fn_until_synced_s": [round(w, 2) for w in fn_sync],
+        "cp_warm_until_synced_s": [round(w, 2) for w in cpw_sync],
+        "time_ratio_until_synced": med(fn_sync) / med(cpw_sync),
+        "upcycle_cli_s": [round(w, 2) for w in up_walls],
         "cp_s": [round(w, 2) for w in cp_walls],
-        "time_ratio_median": up / cp,
-        "time_ratio_best": min(up_walls) / min(cp_walls),
+        "time_ratio_cli": med(up_walls) / med(cp_walls),
         "import_only_s": [round(w, 2) for w in floor_walls],
-        "time_ratio_median_excluding_import": (up - statistics.median(floor_walls)) / cp,
-        "upcycle_until_synced_s": [round(w, 2) for w in up_sync],
-        "cp_until_synced_s": [round(w, 2) for w in cp_sync],
-        "time_ratio_until_synced_median": statistics.median(up_sync) / statistics.median(cp_sync),
         "upcycle_cpu_s": [round(c, 2) for c in up_cpu],
-        "cp_cpu_s": [round(c, 2) for c in cp_cpu],
         "import_only_cpu_s": [round(c, 2) for c in floor_cpu],
         "peak_rss_MB": peak / 1e6,
         "import_floor_rss_MB": floor / 1e6,
@@ -130,46 +179,50 @@ def bench(src: Path, work: Path, *, num_experts: int, top_k: int, repeats: int) 
 
 
 def render(results: dict, args: argparse.Namespace) -> str:
+    import datetime
     import platform
 
     import torch
+    import transformers
 
     med = statistics.median
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]
     lines = [
         "### Upcycling SmolLM2-135M to 8 experts: wall time vs `cp`, peak memory vs the largest input shard",
         "",
-        f"SmolLM2-135M-Instruct (float32) -> {args.num_experts} experts top-{args.top_k} with `hf-moe upcycle` (a "
-        f"subprocess: interpreter start and imports included) vs `cp -r` of its output folder; {args.repeats} "
-        f"interleaved rounds, `sync` before each command; median (and best) wall time, and wall time until the "
-        f"written data is on disk (command + `sync`); peak RSS from GNU time. "
-        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (wall "
-        f"times are noisy). Command: `python benchmarks/upcycle.py --repeats {args.repeats} --sharded --write`.",
+        f"`python benchmarks/upcycle.py --repeats {args.repeats} --sharded --write` on {stamp}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"1-minute load average {load:.1f} at the end. SmolLM2-135M-Instruct (float32) -> {args.num_experts} experts "
+        f"top-{args.top_k}; {args.repeats} interleaved rounds, medians. **Excluding imports**: `upcycle()` called "
+        "in the benchmark's process vs `cp -r` of its output folder, each after `sync` and a page-cache warm-up "
+        "(a ballast file of the output's size written and deleted: see the note below the table); \"until "
+        'synced" adds a `sync` after the command (the upcycle also fsyncs its files before the atomic rename, cp '
+        "does not). **CLI**: `hf-moe upcycle` as a subprocess (interpreter and imports included) vs `cp -r`, "
+        "after `sync` only; peak RSS from GNU time.",
         "",
-        "| input | output | upcycle wall s | cp wall s | wall ratio (median / best) | ratio excl. import | "
-        "until synced: upcycle / cp s (ratio) | upcycle CPU s | import-only wall s | peak RSS | largest input shard | "
-        "RSS / shard | (RSS - import floor) / shard |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| input | output | upcycle() s | cp s | ratio excl. import | until synced s (ratio) | CLI upcycle s | "
+        "CLI cp s | CLI ratio | import-only s | peak RSS | import floor | largest input shard | "
+        "(RSS - floor) / shard |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['output_MB'] / 1e3:.2f} GB | {med(r['upcycle_s']):.1f} | {med(r['cp_s']):.1f} | "
-            f"{r['time_ratio_median']:.2f}x / {r['time_ratio_best']:.2f}x | "
-            f"{r['time_ratio_median_excluding_import']:.2f}x | {med(r['upcycle_until_synced_s']):.1f} / "
-            f"{med(r['cp_until_synced_s']):.1f} ({r['time_ratio_until_synced_median']:.2f}x) | "
-            f"{med(r['upcycle_cpu_s']):.1f} | "
-            f"{med(r['import_only_s']):.1f} | {r['peak_rss_MB']:.0f} MB | {r['largest_input_shard_MB']:.0f} MB | "
-            f"{r['rss_ratio_vs_largest_shard']:.2f}x | {r['rss_above_floor_ratio_vs_largest_shard']:.2f}x |"
+            f"| {name} | {r['output_MB'] / 1e3:.2f} GB | {med(r['upcycle_fn_s']):.2f} | {med(r['cp_warm_s']):.2f} | "
+            f"{r['time_ratio_excluding_import']:.2f}x | {med(r['upcycle_fn_until_synced_s']):.2f} / "
+            f"{med(r['cp_warm_until_synced_s']):.2f} ({r['time_ratio_until_synced']:.2f}x) | "
+            f"{med(r['upcycle_cli_s']):.1f} | {med(r['cp_s']):.1f} | {r['time_ratio_cli']:.2f}x | "
+            f"{med(r['import_only_s']):.1f} | {r['peak_rss_MB']:.0f} MB | {r['import_floor_rss_MB']:.0f} MB | "
+            f"{r['largest_input_shard_MB']:.0f} MB | {r['rss_above_floor_ratio_vs_largest_shard']:.2f}x |"
         )
     lines.append("")
     for name, r in results.items():
-        wall_ok = "met" if r["time_ratio_median"] <= 2 else "not met"
-        rss_ok = "met" if r["rss_ratio_vs_largest_shard"] <= 1.5 else "not met"
+        wall_ok = "met" if r["time_ratio_excluding_import"] <= 3 else "missed"
+        rss_ok = "met" if r["rss_above_floor_ratio_vs_largest_shard"] <= 1.5 else "missed"
         lines.append(
-            f"Targets, {name}: wall <= 2x cp {wall_ok} ({r['time_ratio_median']:.2f}x; "
-            f"{r['time_ratio_median_excluding_import']:.2f}x without the interpreter + torch + transformers import); "
-            f"peak RSS <= 1.5x the largest input shard {rss_ok} ({r['rss_ratio_vs_largest_shard']:.2f}x; the import "
-            f"floor alone is {r['import_floor_rss_MB']:.0f} MB = "
-            f"{r['import_floor_rss_MB'] / r['largest_input_shard_MB']:.2f}x)."
+            f"Targets, {name}: wall <= 3x cp excluding imports {wall_ok} ({r['time_ratio_excluding_import']:.2f}x); "
+            f"peak RSS <= the import floor + 1.5x the largest input shard {rss_ok} "
+            f"({r['rss_above_floor_ratio_vs_largest_shard']:.2f}x above the floor)."
         )
     return "\n".join(lines)
 

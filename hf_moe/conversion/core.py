@@ -48,6 +48,7 @@ from .io import (
     PROVENANCE_NAME,
     CheckpointReader,
     ShardWriter,
+    StoredTensor,
     copy_tokenizer_files,
     sha256_file,
     write_provenance,
@@ -100,6 +101,24 @@ def cast_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> t
     if dtype is not None and tensor.is_floating_point():
         return tensor.to(dtype)
     return tensor
+
+
+def unchanged_or_cast(
+    reader: CheckpointReader, src: str, dst: str, dtype: torch.dtype | None
+) -> torch.Tensor | StoredTensor:
+    """Source tensor `src` as the output stores it under `dst` (:func:`cast_tensor`'s rule). Where the cast leaves
+    the bytes as they are, the stored bytes (:meth:`CheckpointReader.stored`: the writer copies them file to file
+    and nothing is read); else the cast tensor."""
+    src_dtype = reader.dtype(src)
+    if dst.endswith(FP32_SUFFIXES):
+        target = torch.float32
+    elif dtype is not None and src_dtype.is_floating_point:
+        target = dtype
+    else:
+        target = src_dtype
+    if target == src_dtype:
+        return reader.stored(src)
+    return cast_tensor(dst, reader.get_tensor(src), dtype)
 
 
 def expected_tensors(config: HfMoeConfig) -> dict[str, tuple[int, ...]]:
@@ -323,7 +342,7 @@ class CheckpointSink:
         self.expected = expected
         self.written: dict[str, tuple[int, ...]] = {}  # name -> shape
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
         self.writer.add(name, tensor)
         self.written[name] = tuple(tensor.shape)
 
@@ -494,6 +513,7 @@ __all__ = [
     "router_rows",
     "save_hf_moe_config",
     "source_history",
+    "unchanged_or_cast",
     "write_config_json",
     "write_hf_moe_card",
 ]

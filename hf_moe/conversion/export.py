@@ -37,6 +37,7 @@ from .core import (
     finish_checkpoint,
     parse_dtype,
     source_history,
+    unchanged_or_cast,
     write_hf_moe_card,
 )
 from .io import CheckpointReader, ShardWriter, atomic_output_dir, check_floating_weights, check_out_dir
@@ -317,7 +318,7 @@ def import_native(
             with ShardWriter(tmp, max_shard_size=max_shard_size) as writer:
                 sink = CheckpointSink(writer, expected_tensors(config))
                 for name in top:
-                    sink.add(name, cast_tensor(name, reader.get_tensor(name), out_dtype))
+                    sink.add(name, unchanged_or_cast(reader, name, name, out_dtype))
                 desc, few = f"import {reader.model_type}", len(layers) < 8
                 for layer in tqdm(sorted(layers), desc=desc, unit="layer", disable=few):
                     for name, tensor in _import_layer(reader, layers[layer], layer, config).items():

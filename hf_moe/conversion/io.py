@@ -5,7 +5,9 @@ stream, and publish an output folder atomically.
   and size) so that a broken input fails before any output is written, then hands out one tensor at a time.
 - :class:`ShardWriter` writes each tensor straight to disk as it is added (only the safetensors header is kept in
   memory), starts a new shard when the current one would pass ``max_shard_size``, and at the end renames the
-  shards to ``model-0000x-of-0000n.safetensors`` and writes ``model.safetensors.index.json``.
+  shards to ``model-0000x-of-0000n.safetensors`` and writes ``model.safetensors.index.json``. Bytes that already
+  sit in a file (a source tensor copied unchanged, :meth:`CheckpointReader.stored`; a repeated expert) are copied
+  inside the kernel (``copy_file_range``) instead of through the process's memory.
 - :func:`atomic_output_dir` builds the output in a temporary folder beside the destination and renames it into
   place only on success (fsynced first; an existing output is swapped out atomically, and leftovers of a killed
   run are recovered or removed by the next one). :func:`check_no_overlap` is the one rule that keeps an output
@@ -28,6 +30,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,8 +38,9 @@ import signal
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import IO, Any
@@ -245,6 +249,28 @@ def index_entry_path(root: str | os.PathLike, name: object) -> Path:
 # ================================================================================================================
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor's bytes where they lie in a safetensors file, not read into memory.
+
+    :class:`ShardWriter` takes it wherever it takes a tensor and copies the file range (inside the kernel where the
+    platform allows), which is how unchanged source tensors travel into a converted checkpoint.
+
+    Attributes:
+        path: the safetensors file.
+        offset: absolute byte offset of the tensor's data in `path`.
+        nbytes: length of the data.
+        shape: tensor shape.
+        dtype: torch dtype.
+    """
+
+    path: Path
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 class CheckpointReader:
     """A Hugging Face checkpoint folder (``config.json`` + ``model.safetensors`` or sharded safetensors with
     ``model.safetensors.index.json``), validated when opened and read one tensor at a time.
@@ -399,10 +425,7 @@ class CheckpointReader:
             handle = self._handles[file_name] = open(self.root / file_name, "rb")  # noqa: SIM115 (closed in close())
         info = self._headers[file_name][name]
         start, end = info["data_offsets"]
-        data_start = self._data_start.get(file_name)
-        if data_start is None:
-            handle.seek(0)
-            data_start = self._data_start[file_name] = 8 + struct.unpack("<Q", handle.read(8))[0]
+        data_start = self._data_offset(file_name)
         buffer = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             handle.seek(data_start + start)
@@ -411,6 +434,32 @@ class CheckpointReader:
                     f"{self.root / file_name} ended early while reading {name!r}; was it modified?"
                 )
         return buffer.view(self.dtype(name)).reshape(info["shape"])
+
+    def _data_offset(self, file_name: str) -> int:
+        """Where the tensor data of shard `file_name` starts: after the 8-byte length and the JSON header."""
+        data_start = self._data_start.get(file_name)
+        if data_start is None:
+            with open(self.root / file_name, "rb") as handle:
+                data_start = self._data_start[file_name] = 8 + struct.unpack("<Q", handle.read(8))[0]
+        return data_start
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where tensor `name`'s bytes lie (nothing is read): hand it to :class:`ShardWriter` to copy the tensor
+        unchanged without passing it through memory.
+
+        Raises:
+            KeyError: no tensor of that name.
+        """
+        info = self._info(name)
+        file_name = self.weight_map[name]
+        start, end = info["data_offsets"]
+        return StoredTensor(
+            path=self.root / file_name,
+            offset=self._data_offset(file_name) + start,
+            nbytes=end - start,
+            shape=tuple(info["shape"]),
+            dtype=self.dtype(name),
+        )
 
     def close(self) -> None:
         """Release the open shards (file handles / memory maps)."""
@@ -449,6 +498,41 @@ def check_floating_weights(reader: CheckpointReader, names: Iterable[str] | None
 # ================================================================================================================
 # Writing.
 # ================================================================================================================
+
+
+_COPY_CHUNK = 64 << 20  # bytes per copy_file_range call / per fallback read
+
+
+def _copy_range(src: IO[bytes], src_offset: int, dst: IO[bytes], dst_offset: int, nbytes: int) -> None:
+    """Copy `nbytes` from `src` at `src_offset` to `dst` at `dst_offset` (both flushed, the ranges disjoint).
+
+    ``os.copy_file_range`` copies inside the kernel: the bytes never pass through this process's memory, which on
+    some machines is several times faster than ``write()`` of the same bytes (BENCHMARKS.md, upcycling). Where the
+    platform or the file systems refuse it, the bytes go through a bounded buffer instead.
+    """
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    done = 0
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    while copy_file_range is not None and done < nbytes:
+        try:
+            n = copy_file_range(
+                src_fd, dst_fd, min(_COPY_CHUNK, nbytes - done), src_offset + done, dst_offset + done
+            )
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                raise
+            break  # e.g. across file systems on an older kernel: fall back below
+        if n == 0:
+            raise ValueError(f"{src.name} ended {nbytes - done} bytes early while copying; was it modified?")
+        done += n
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(_COPY_CHUNK, nbytes - done), src_offset + done)
+        if not chunk:
+            raise ValueError(f"{src.name} ended {nbytes - done} bytes early while copying; was it modified?")
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(dst_fd, view, dst_offset + done)
+            view, done = view[n:], done + n
 
 
 class ShardWriter:
@@ -492,7 +576,7 @@ class ShardWriter:
     # --- shard lifecycle ----------------------------------------------------------------------------------------
     def _open_shard(self) -> None:
         path = self.out_dir / f".{self.prefix}-{len(self.shards) + 1:05d}.safetensors.partial"
-        self._file = open(path, "wb")
+        self._file = open(path, "w+b")  # noqa: SIM115 (closed in _close_shard / abort); readable: repeated parts are copied from it
         self._file.write(b"\0" * (8 + self.header_reserve))
         self.shards.append({"path": path, "header": {}, "size": 0})
 
@@ -511,21 +595,27 @@ class ShardWriter:
         self._file.close()
         self._file = None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` under `name` (CPU copy, contiguous). Names must be unique.
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        """Write `tensor` under `name` (CPU copy, contiguous; a :class:`StoredTensor` is copied from its file).
+        Names must be unique.
 
         Raises:
             ValueError: a duplicate name or an unsupported dtype.
         """
         self.add_stacked(name, [tensor], stack=False)
 
-    def add_stacked(self, name: str, parts: list[torch.Tensor], *, stack: bool = True) -> None:
+    def add_stacked(
+        self, name: str, parts: Sequence[torch.Tensor | StoredTensor], *, stack: bool = True
+    ) -> None:
         """Write ``torch.stack(parts)`` under `name` without building the stacked tensor: each part's bytes are
-        written in turn, so repeated parts (e.g. identical experts) cost no memory.
+        written in turn. A part that repeats an earlier one (the same tensor, or a view of the same memory with
+        the same shape and strides, e.g. identical experts) is written once and then copied inside the output
+        file; a :class:`StoredTensor` is copied from its file. Neither passes through the process's memory where
+        the platform has ``copy_file_range``.
 
         Args:
             name: tensor name.
-            parts: tensors of one shape and dtype (the same object may repeat).
+            parts: tensors or stored tensors of one shape and dtype (the same object may repeat).
             stack: False writes the single part as is (no leading dimension).
 
         Raises:
@@ -538,12 +628,17 @@ class ShardWriter:
         if not parts or (not stack and len(parts) != 1):
             raise ValueError(f"tensor {name!r}: give one tensor, or a non-empty list of parts to stack")
         first = parts[0]
-        if any(p.shape != first.shape or p.dtype != first.dtype for p in parts):
+        if any(tuple(p.shape) != tuple(first.shape) or p.dtype != first.dtype for p in parts):
             raise ValueError(f"tensor {name!r}: the parts to stack differ in shape or dtype")
         if first.dtype not in _DTYPE_TO_ST:
             raise ValueError(f"tensor {name!r} has dtype {first.dtype}, which safetensors cannot store")
         shape = [len(parts), *first.shape] if stack else list(first.shape)
-        nbytes = first.numel() * first.element_size() * len(parts)
+        part_bytes = math.prod(first.shape) * first.dtype.itemsize
+        if isinstance(first, StoredTensor) and any(p.nbytes != part_bytes for p in parts):  # type: ignore[union-attr]
+            raise ValueError(
+                f"tensor {name!r}: a stored part's byte length does not match its shape and dtype"
+            )
+        nbytes = part_bytes * len(parts)
         entry_bytes = (
             len(json.dumps({name: {"dtype": "F64", "shape": shape, "data_offsets": [10**15, 10**15]}})) + 1
         )
@@ -561,13 +656,7 @@ class ShardWriter:
             shard = self.shards[-1]
         start = shard["size"]
         if nbytes:
-            contiguous = {}
-            for part in parts:
-                key = id(part)
-                if key not in contiguous:
-                    contiguous[key] = part.detach().to("cpu").contiguous()
-                # A uint8 view writes the raw bytes of any dtype (bfloat16 included) without a copy.
-                self._file.write(memoryview(contiguous[key].reshape(-1).view(torch.uint8).numpy()))
+            self._write_parts(parts, part_bytes)
         shard["header"][name] = {
             "dtype": _DTYPE_TO_ST[first.dtype],
             "shape": shape,
@@ -576,6 +665,34 @@ class ShardWriter:
         shard["size"] += nbytes
         self.total_size += nbytes
         self._names.add(name)
+
+    def _write_parts(self, parts: Sequence[torch.Tensor | StoredTensor], part_bytes: int) -> None:
+        """Append the parts' bytes to the open shard: stored parts copied from their files, a tensor seen before
+        in `parts` copied from where it was written in this shard, other tensors written from memory."""
+        file = self._file
+        assert file is not None
+        written_at: dict[
+            tuple[Any, ...], int
+        ] = {}  # memory identity of a part -> its offset in this shard file
+        for part in parts:
+            if isinstance(part, StoredTensor):
+                file.flush()
+                with open(part.path, "rb") as src:
+                    _copy_range(src, part.offset, file, file.tell(), part_bytes)
+                file.seek(0, os.SEEK_END)
+                continue
+            # Views of the same memory with the same layout hold the same bytes (`parts` keeps them alive).
+            key = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape), part.stride())
+            key += (part.dtype, part.device)
+            if key in written_at:
+                file.flush()
+                _copy_range(file, written_at[key], file, file.tell(), part_bytes)
+                file.seek(0, os.SEEK_END)
+                continue
+            written_at[key] = file.tell()
+            data = part.detach().to("cpu").contiguous()
+            # A uint8 view writes the raw bytes of any dtype (bfloat16 included) without a copy.
+            file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
     def finalize(self) -> list[Path]:
         """Close the last shard, give every shard its final name and write the index (when sharded).
@@ -1049,6 +1166,7 @@ __all__ = [
     "CheckpointReader",
     "ConversionTerminated",
     "ShardWriter",
+    "StoredTensor",
     "atomic_open",
     "atomic_output_dir",
     "atomic_write",

@@ -31,16 +31,23 @@ from .core import (
     CheckpointSink,
     DensePlan,
     build_moe_config,
-    cast_tensor,
     dense_mlp,
     expected_tensors,
     finish_checkpoint,
     parse_dtype,
     plan_dense,
     router_rows,
+    unchanged_or_cast,
 )
 from .init import RouterInitContext, get_router_init, shared_expert_weights
-from .io import CheckpointReader, ShardWriter, atomic_output_dir, check_floating_weights, check_out_dir
+from .io import (
+    CheckpointReader,
+    ShardWriter,
+    StoredTensor,
+    atomic_output_dir,
+    check_floating_weights,
+    check_out_dir,
+)
 from .sources import DenseSource, get_source, translate_config
 
 logger = logging.getLogger(__name__)
@@ -342,7 +349,7 @@ def _stream(
 ) -> None:
     """Write every tensor, one decoder layer at a time, reading one tensor of one model at a time."""
 
-    def combined(name: str) -> torch.Tensor:
+    def combined(name: str) -> torch.Tensor | StoredTensor:
         return _shared_tensor(name, base, readers, shared=shared, dtype=dtype)
 
     config, num_shared = plan.config, plan.num_shared_experts
@@ -393,10 +400,11 @@ def _shared_tensor(
     *,
     shared: str,
     dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """A non-MLP tensor: the base's, or the fine-tunes' element-wise mean (accumulated in float32)."""
+) -> torch.Tensor | StoredTensor:
+    """A non-MLP tensor: the base's (its stored bytes when unchanged), or the fine-tunes' element-wise mean
+    (accumulated in float32)."""
     if shared == "base":
-        return cast_tensor(name, base.get_tensor(name), dtype)
+        return unchanged_or_cast(base, name, name, dtype)
     total = readers[0].get_tensor(name).float()
     for reader in readers[1:]:
         total.add_(reader.get_tensor(name).float())

@@ -27,13 +27,13 @@ from .core import (
     CheckpointSink,
     DensePlan,
     build_moe_config,
-    cast_tensor,
     dense_mlp,
     expected_tensors,
     finish_checkpoint,
     parse_dtype,
     plan_dense,
     router_rows,
+    unchanged_or_cast,
 )
 from .init import (
     RouterInitContext,
@@ -423,7 +423,7 @@ def _stream(
     dtype = options.cast_dtype
 
     def copy(src: str, dst: str) -> None:
-        sink.add(dst, cast_tensor(dst, reader.get_tensor(src), dtype))
+        sink.add(dst, unchanged_or_cast(reader, src, dst, dtype))
 
     for src, dst in plan.dense.head:
         copy(src, dst)

@@ -15,8 +15,10 @@ from hf_moe.conversion.core import (
     parse_dtype,
     remote_code_files,
     save_hf_moe_config,
+    unchanged_or_cast,
 )
-from hf_moe.conversion.io import ShardWriter
+from hf_moe.conversion.io import CheckpointReader, ShardWriter, StoredTensor
+from tests.helpers.dense import make_dense_llama
 from tests.helpers.tiny import tiny_config, tiny_model
 
 
@@ -118,3 +120,32 @@ def test_saved_config_loads_through_remote_code_without_hf_moe(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["HfMoeConfig", "4"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored"),
+    [(None, True), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)],
+)
+def test_unchanged_or_cast_hands_over_stored_bytes_only_when_nothing_changes(tmp_path, dtype, stored):
+    """A copy whose dtype stays becomes a file range (copied without loading); a cast loads and casts. Routing
+    biases (`e_score_correction_bias`) stay float32 whatever the dtype. The written checkpoint is the same either
+    way."""
+    src = tmp_path / "dense"
+    make_dense_llama(src, randomised=True, tokenizer=False)
+    name = "model.embed_tokens.weight"
+    out = tmp_path / "out"
+    out.mkdir()
+    with CheckpointReader(src) as reader:
+        assert reader.dtype(name) == torch.float32
+        got = unchanged_or_cast(reader, name, name, dtype)
+        assert isinstance(got, StoredTensor) is stored
+        bias = unchanged_or_cast(
+            reader, name, "model.layers.0.mlp.gate.e_score_correction_bias", torch.bfloat16
+        )
+        assert isinstance(bias, StoredTensor)  # float32 source, float32 rule: unchanged
+        with ShardWriter(out) as writer:
+            writer.add(name, got)
+        source = reader.get_tensor(name)
+    written = load_file(out / "model.safetensors")[name]
+    assert written.dtype == (dtype or torch.float32)
+    assert torch.equal(written, source.to(written.dtype))

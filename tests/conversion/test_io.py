@@ -363,6 +363,92 @@ def test_shard_writer_add_stacked_equals_stack(tmp_path):
         assert torch.equal(reader.get_tensor("before"), torch.ones(5))
 
 
+def test_shard_writer_repeated_views_are_copied_within_the_shard(tmp_path):
+    """Experts that repeat a slice arrive as fresh view objects of the same memory (``w[j]``); the writer writes
+    each distinct slice once and copies the repeats inside the file, and the result equals ``torch.stack``."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 6, 5)  # (g, rows, cols): two distinct slices
+    parts = [w[j % 2] for j in range(6)]  # six new view objects, two distinct memories
+    strided = [w[0].t(), w[0].t(), w[1].t()]  # non-contiguous views repeat too
+    with ShardWriter(tmp_path, max_shard_size="1MB") as writer:
+        writer.add("lead", torch.arange(7.0))
+        writer.add_stacked("experts", parts)
+        writer.add_stacked("strided", strided)
+    with _reader_for(tmp_path) as reader:
+        assert torch.equal(reader.get_tensor("experts"), torch.stack(parts))
+        assert torch.equal(reader.get_tensor("strided"), torch.stack(strided))
+        assert torch.equal(reader.get_tensor("lead"), torch.arange(7.0))
+
+
+def test_stored_tensors_are_copied_file_to_file(tmp_path, sharded_dir):
+    """`CheckpointReader.stored` hands the writer a file range; every tensor of a sharded source copied that way
+    (alone and stacked with itself and tensors) reads back equal, and nothing is loaded to do it."""
+    expected = _expected_state(sharded_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    with CheckpointReader(sharded_dir) as reader, ShardWriter(out, max_shard_size="30KB") as writer:
+        for name in reader.keys():
+            stored = reader.stored(name)
+            assert (stored.shape, stored.dtype, stored.nbytes) == (
+                reader.shape(name),
+                reader.dtype(name),
+                reader.nbytes(name),
+            )
+            writer.add(name, stored)
+        assert not reader._handles  # stored() kept no shard open: nothing was read through the reader
+        name = "model.layers.0.mlp.down_proj.weight"
+        writer.add_stacked("stacked", [reader.stored(name), reader.get_tensor(name), reader.stored(name)])
+    with _reader_for(out) as written:
+        assert set(written.keys()) == set(expected) | {"stacked"}
+        for key, tensor in expected.items():
+            assert torch.equal(written.get_tensor(key), tensor), key
+        assert torch.equal(written.get_tensor("stacked"), torch.stack([expected[name]] * 3))
+
+
+def test_stored_tensor_from_another_file_system(tmp_path, sharded_dir):
+    """A source on another file system (tmpfs here): the kernel may refuse a cross-device copy_file_range
+    (EXDEV), and the writer then copies through a bounded buffer; either way the bytes arrive."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a writable /dev/shm on another file system than the temporary folder")
+    import shutil
+    import tempfile
+
+    src = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        for f in sharded_dir.iterdir():
+            shutil.copy(f, src / f.name)
+        expected = _expected_state(sharded_dir)
+        with CheckpointReader(src) as reader, ShardWriter(tmp_path, max_shard_size="1MB") as writer:
+            for name in reader.keys():
+                writer.add(name, reader.stored(name))
+        with _reader_for(tmp_path) as written:
+            for key, tensor in expected.items():
+                assert torch.equal(written.get_tensor(key), tensor), key
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def test_stored_tensor_of_a_truncated_source_fails_clearly(tmp_path, single_dir):
+    """A source shard cut short after it was validated: the copy stops with an error naming the file, and the
+    writer (as a context manager) deletes its partial shard."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in single_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    with CheckpointReader(src) as reader:
+        last = max(reader.keys(), key=lambda n: reader.stored(n).offset)
+        stored = reader.stored(last)
+        with open(src / "model.safetensors", "r+b") as f:
+            f.truncate(stored.offset + stored.nbytes // 2)
+        with pytest.raises(ValueError, match=r"model\.safetensors ended .* early .*modified"):
+            with ShardWriter(out) as writer:
+                writer.add(last, stored)
+    assert list(out.iterdir()) == []
+
+
 def test_hub_cache_style_symlinked_shards_are_read(tmp_path, sharded_dir):
     """A Hub cache snapshot links every file into ../../blobs; such a folder is a valid source."""
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
