@@ -10,9 +10,9 @@ compute the same function and are registered in transformers' experts interface,
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
-  without autograd, small balanced groups as one padded `bmm` per projection, small skewed ones through the
-  grouped GEMM, large groups as one matmul per expert; under autograd the grouped GEMM of "hf_moe_grouped" on the
-  routed rows only (sentinel rows cut off).
+  without autograd, small groups as one padded `bmm` per projection (padding capped at 2x the routed rows; a
+  crowded expert's rows past the cap as one matmul of its own), large groups as one matmul per expert; under
+  autograd the grouped GEMM of "hf_moe_grouped" on the routed rows only (sentinel rows cut off).
 - "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling;
   compiled CPU decoding of one token runs the one-token path as the custom op `hf_moe::one_token_experts`).
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
@@ -362,24 +362,47 @@ def _one_token_forward(
 
 
 def _padded_bmm_forward(
-    self: HfMoeExperts, x: torch.Tensor, weights: torch.Tensor, groups: ExpertGroups, capacity: int
+    self: HfMoeExperts,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    groups: ExpertGroups,
+    counts: list[int],
+    capacity: int,
 ) -> torch.Tensor:
-    # Each expert's group padded to the largest one, then one batched matmul per projection: two parallel kernels
-    # instead of two per active expert.
+    # Each expert's first `capacity` rows padded into one (E, C, H) batch, then one batched matmul per projection:
+    # two parallel kernels instead of two per active expert. Rows past the capacity in a crowded expert (skewed
+    # routing) run as one matmul per crowded expert, so the padding never exceeds the capacity the caller chose.
     num_routed = x.shape[0]
     group_start = groups.offsets - groups.counts  # (E,)
     arange = torch.arange(max(self.num_experts, num_routed), device=x.device)
     experts = torch.repeat_interleave(
         arange[: self.num_experts], groups.counts, output_size=num_routed
     )  # (S,)
-    slot = experts * capacity + arange[:num_routed] - group_start.index_select(0, experts)  # (S,) padded row
-    padded = x.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(0, slot, x)  # (E*C, H)
+    rank = arange[:num_routed] - group_start.index_select(0, experts)  # (S,) row within its expert's group
+    overflow = max(counts) > capacity
+    rows = (rank < capacity).nonzero().squeeze(1) if overflow else arange[:num_routed]  # (S',) padded rows
+    slot = (
+        (experts * capacity + rank).index_select(0, rows) if overflow else experts * capacity + rank
+    )  # (S',)
+    padded = x.new_zeros(self.num_experts * capacity, self.hidden_dim).index_copy_(
+        0, slot, x.index_select(0, rows) if overflow else x
+    )  # (E*C, H)
     gate, up = torch.bmm(
         padded.view(self.num_experts, capacity, -1), self.gate_up_proj.transpose(1, 2)
     ).chunk(2, -1)
     h = self.act_fn(gate) * up  # (E, C, I)
-    out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, C, H)
-    return out.view(-1, self.hidden_dim).index_select(0, slot).mul_(weights)  # (S, H)
+    out_padded = torch.bmm(h, self.down_proj.transpose(1, 2)).view(-1, self.hidden_dim)  # (E*C, H)
+    if not overflow:
+        return out_padded.index_select(0, slot).mul_(weights)  # (S, H)
+    out = x.new_empty(num_routed, self.hidden_dim).index_copy_(0, rows, out_padded.index_select(0, slot))
+    start = 0
+    for expert, count in enumerate(counts):
+        if count > capacity:  # this expert's rows [capacity, count) of its sorted group
+            end = start + count
+            gate, up = F.linear(x[start + capacity : end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            torch.mm(self.act_fn(gate) * up, self.down_proj[expert].t(), out=out[start + capacity : end])
+        start += count
+    return out.mul_(weights)  # (S, H)
 
 
 def _expert_loop_forward(
@@ -418,17 +441,15 @@ def cpu_experts_forward(
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
-    # Small groups: one padded bmm while the padding stays under 2x the routed rows, else the grouped GEMM;
-    # large groups: one matmul per expert.
+    # Small groups: one padded bmm, its capacity capped so the padding stays within 2x the routed rows (a crowded
+    # expert's extra rows run apart); large groups: one matmul per expert.
     small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
-    capacity = max(counts)
-    if small_groups and self.num_experts * capacity > 2 * num_routed:
-        return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed)
+    capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
     if small_groups:
-        out = _padded_bmm_forward(self, x, weights, groups, capacity)
+        out = _padded_bmm_forward(self, x, weights, groups, counts, capacity)
     else:
         out = _expert_loop_forward(self, x, weights, counts)
     return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)

@@ -159,13 +159,42 @@ def test_implementation_matches_reference(
     "num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"]
 )
 def test_inference_unpadded_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
-    """Routings that leave the padded bmm: one crowded expert (padding would exceed 2x the routed rows: the grouped
-    GEMM runs), and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
+    """Routings that leave the plain padded bmm: one crowded expert (its rows past the capped capacity run apart),
+    and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
     reference = make_experts("eager")
     fast = with_implementation(reference, implementation)
     index, weights = make_routing(num_tokens, 2, sentinels=True, skew=skew)
     routed = int((index < NUM_EXPERTS).sum())
     assert (routed >= 256 * NUM_EXPERTS) if not skew else routed < 256 * NUM_EXPERTS
+    x = torch.randn(num_tokens, reference.hidden_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, index, weights), reference(x, index, weights), **FP32)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("num_tokens", [32, 40])
+def test_inference_several_crowded_experts_match_reference(implementation: str, num_tokens: int):
+    """Several experts past the padded bmm's capacity at once (and one with no rows): every crowded expert's extra
+    rows land in their own output rows, in the order the sort gave them."""
+    num_experts = 8
+    config = tiny_config(num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    reference = HfMoeExperts(config)
+    with torch.no_grad():
+        reference.gate_up_proj.normal_(0.0, 0.3)
+        reference.down_proj.normal_(0.0, 0.3)
+    fast = with_implementation(reference, implementation)
+    gen = torch.Generator().manual_seed(num_tokens)
+    # Top-2 over experts 0, 1 and 2 mostly, experts 3-6 now and then; expert 7 gets nothing.
+    crowded = torch.randint(0, 3, (num_tokens, 2), generator=gen)
+    spread = torch.randint(3, num_experts - 1, (num_tokens, 2), generator=gen)
+    index = torch.where(torch.rand(num_tokens, 2, generator=gen) < 0.8, crowded, spread)
+    index[:, 1] = torch.where(index[:, 1] == index[:, 0], (index[:, 0] + 1) % (num_experts - 1), index[:, 1])
+    index[0, 1] = num_experts  # a dropped slot too
+    weights = torch.rand(num_tokens, 2, generator=gen) + 0.1
+    counts = torch.bincount(index[index < num_experts], minlength=num_experts)
+    routed = int(counts.sum())
+    assert int((counts > 2 * routed // num_experts).sum()) >= 2  # at least two experts past the capacity
     x = torch.randn(num_tokens, reference.hidden_dim)
     with torch.no_grad():
         torch.testing.assert_close(fast(x, index, weights), reference(x, index, weights), **FP32)
