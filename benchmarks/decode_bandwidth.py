@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import load, load_line, machine_line, model_dirs, text_batch, write_section  # noqa: E402
+from real_models import env_prefix, load, load_line, machine_line, model_dirs, text_batch, write_section  # noqa: E402
 
 
 def layer_inputs(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             f"| {name} | {nbytes / 1e6:.1f} | {nbytes / dense_bytes:.2f}x | {ms:.3f} | {ms / dense_ms:.2f}x |"
         )
-    command = "python benchmarks/decode_bandwidth.py" + (" " + " ".join(argv) if argv else "")
+    command = env_prefix() + "python benchmarks/decode_bandwidth.py" + (" " + " ".join(argv) if argv else "")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(
         [

@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import UPCYCLES, load, load_line, machine_line, model_dirs, text_batch, write_section  # noqa: E402
+from real_models import (  # noqa: E402
+    UPCYCLES,
+    env_prefix,
+    load,
+    load_line,
+    machine_line,
+    model_dirs,
+    text_batch,
+    write_section,
+)
 
 # Targets on hf_moe decode tokens/s (issue "Speed"): over dense (equal-active only) and over Mixtral (both kinds).
 DENSE_TARGETS = {1: 0.9, 16: 0.85}
@@ -229,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = [row for kind in args.kinds for row in run_kind(kind, args)]
     table = render(rows, args.compile)
-    command = "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = (
+        env_prefix() + "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     body = "\n".join(
         [
             "### Decode speed on the real SmolLM2-135M upcycles (fp32, CPU)",
@@ -261,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 def profile_main(args, argv: list[str] | None) -> int:
     load_before = load_line()
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = (
+        env_prefix() + "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     parts = [
         "### Where decode time goes: op profile per decoding step per decoder layer (fp32, CPU)",
         "",

@@ -327,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     table = render(results, names)
-    command = "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_after = os.getloadavg()[0]
+    malloc_env = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    command = (
+        malloc_env + "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     body = "\n".join(
         [
             f"### MoE block speed, {args.shape} shape ({args.dtype}, CPU)",
@@ -349,11 +353,17 @@ def main(argv: list[str] | None = None) -> int:
             + "; ".join(notes)
             + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) runs one token '
             "as k matrix-vector products; without autograd, groups under 256 rows per expert on average as one padded "
-            "`bmm` per projection while the padding stays under 2x the routed rows, else through `F.grouped_mm`, "
-            "and larger groups as one matmul per expert; under autograd `F.grouped_mm` on the routed rows.",
-            f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timings "
-            f"({os.cpu_count()} cores): other jobs shared the CPU, which inflates every multi-threaded kernel, most of "
-            "all in the variants that launch many small ones.",
+            "`bmm` per projection, its padding capped at 2x the routed rows (a crowded expert's rows past the cap as "
+            "one matmul of their own), and larger groups as one matmul per expert; under autograd `F.grouped_mm` on "
+            "the routed rows.",
+            f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the timings "
+            f"({os.cpu_count()} cores, {args.threads} threads timed)"
+            + (
+                ": other jobs shared the CPU, which inflates every multi-threaded kernel, most of all in the "
+                "variants that launch many small ones."
+                if max(load_before, load_after) > args.threads + 0.5
+                else ": nothing else ran."
+            ),
             "No GPU was available for this run, so `grouped_mm` on CUDA (where hf_moe switches to it) is not timed.",
         ]
     )

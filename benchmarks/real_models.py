@@ -52,6 +52,15 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def env_prefix() -> str:
+    """The glibc malloc settings (``MALLOC_*``) this process started with, as a command prefix; empty when none.
+
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` keeps freed memory in the process. On a VM that hands
+    freed memory back to the hypervisor, a step that frees and re-allocates its large tensors (gradients, optimizer
+    temporaries, logits) otherwise pays a hypervisor fault per page every step (BENCHMARKS.md, training step)."""
+    return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+
+
 def machine_line(threads: int) -> str:
     import transformers
 
