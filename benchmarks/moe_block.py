@@ -45,6 +45,9 @@ from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
 from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_models import env_prefix  # noqa: E402
+
 # name -> (hidden, moe intermediate, experts, top-k, default token counts)
 SHAPES = {
     "small": (512, 1024, 8, 2, [1, 64, 4096]),
@@ -328,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
 
     table = render(results, names)
     load_after = os.getloadavg()[0]
-    malloc_env = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     command = (
-        malloc_env + "python benchmarks/moe_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        env_prefix()
+        + "python benchmarks/moe_block.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
     )
     body = "\n".join(
         [

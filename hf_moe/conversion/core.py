@@ -94,29 +94,28 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def cast_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """`tensor` in `dtype` when it is floating point (None keeps it); routing biases always in float32."""
+def stored_dtype(name: str, src_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a converted checkpoint stores tensor `name` in: `dtype` for floating-point tensors (None keeps the
+    source's), routing biases always float32."""
     if name.endswith(FP32_SUFFIXES):
-        return tensor.float()
-    if dtype is not None and tensor.is_floating_point():
-        return tensor.to(dtype)
-    return tensor
+        return torch.float32
+    if dtype is not None and src_dtype.is_floating_point:
+        return dtype
+    return src_dtype
+
+
+def cast_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in the dtype the output stores `name` in (:func:`stored_dtype`)."""
+    return tensor.to(stored_dtype(name, tensor.dtype, dtype))
 
 
 def unchanged_or_cast(
     reader: CheckpointReader, src: str, dst: str, dtype: torch.dtype | None
 ) -> torch.Tensor | StoredTensor:
-    """Source tensor `src` as the output stores it under `dst` (:func:`cast_tensor`'s rule). Where the cast leaves
-    the bytes as they are, the stored bytes (:meth:`CheckpointReader.stored`: the writer copies them file to file
-    and nothing is read); else the cast tensor."""
-    src_dtype = reader.dtype(src)
-    if dst.endswith(FP32_SUFFIXES):
-        target = torch.float32
-    elif dtype is not None and src_dtype.is_floating_point:
-        target = dtype
-    else:
-        target = src_dtype
-    if target == src_dtype:
+    """Source tensor `src` as the output stores it under `dst`. Where that leaves the bytes as they are, the
+    stored bytes (:meth:`CheckpointReader.stored`: the writer copies them file to file and nothing is read); else
+    the cast tensor."""
+    if stored_dtype(dst, reader.dtype(src), dtype) == reader.dtype(src):
         return reader.stored(src)
     return cast_tensor(dst, reader.get_tensor(src), dtype)
 

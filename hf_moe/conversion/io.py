@@ -634,7 +634,7 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} has dtype {first.dtype}, which safetensors cannot store")
         shape = [len(parts), *first.shape] if stack else list(first.shape)
         part_bytes = math.prod(first.shape) * first.dtype.itemsize
-        if isinstance(first, StoredTensor) and any(p.nbytes != part_bytes for p in parts):  # type: ignore[union-attr]
+        if any(isinstance(p, StoredTensor) and p.nbytes != part_bytes for p in parts):
             raise ValueError(
                 f"tensor {name!r}: a stored part's byte length does not match its shape and dtype"
             )
@@ -671,9 +671,8 @@ class ShardWriter:
         in `parts` copied from where it was written in this shard, other tensors written from memory."""
         file = self._file
         assert file is not None
-        written_at: dict[
-            tuple[Any, ...], int
-        ] = {}  # memory identity of a part -> its offset in this shard file
+        # Memory identity of a tensor part -> its offset in this shard file.
+        written_at: dict[tuple[Any, ...], int] = {}
         for part in parts:
             if isinstance(part, StoredTensor):
                 file.flush()
