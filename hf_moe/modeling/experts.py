@@ -12,7 +12,8 @@ compute the same function and are registered in transformers' experts interface,
 - "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
   without autograd, small groups as one padded `bmm` per projection (padding capped at 2x the routed rows; a
   crowded expert's rows past the cap as one matmul of its own), large groups as one matmul per expert; under
-  autograd the grouped GEMM of "hf_moe_grouped" on the routed rows only (sentinel rows cut off).
+  autograd the grouped GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for
+  SiLU/GELU experts (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
 - "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling;
   compiled CPU decoding of one token runs the one-token path as the custom op `hf_moe::one_token_experts`).
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
@@ -268,6 +269,138 @@ def _grouped_forward(
     return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)
 
 
+# The activations whose derivative the hand-written backward knows, as aten's backward kernels:
+# fn(grad (S, I), input (S, I), out= (S, I) strided view).
+def _silu_backward(grad: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
+    torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=out)
+
+
+def _gelu_backward(grad: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
+    torch.ops.aten.gelu_backward.grad_input(grad, gate, approximate="none", grad_input=out)
+
+
+def _gelu_tanh_backward(grad: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
+    torch.ops.aten.gelu_backward.grad_input(grad, gate, approximate="tanh", grad_input=out)
+
+
+ACTIVATION_BACKWARD = {
+    "silu": _silu_backward,
+    "swish": _silu_backward,
+    "gelu": _gelu_backward,
+    "gelu_pytorch_tanh": _gelu_tanh_backward,
+}
+
+
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(E, out, in): `grad[group e].T @ x[group e]` for rows `grad` (S, out) and `x` (S, in) grouped by expert;
+    experts without rows get zeros."""
+    if _grouped_mm_kernel_fits(grad.t(), x):
+        return F.grouped_mm(grad.t(), x, offs=offsets)
+    out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(grad[start:end].t(), x[start:end], out=out[group])
+        start = end
+    return out
+
+
+class _RoutedExpertsFunction(torch.autograd.Function):
+    """The routed rows' forward and a hand-written backward (CPU training, "hf_moe_cpu").
+
+    Autograd's own backward of `_grouped_forward` concatenates the gate and up gradients (the backward of `chunk`)
+    and scatters the input gradient with `index_put` over the (T*K) gather; here the gate and up gradients are
+    written into one (S, 2I) buffer and the input gradient is one `index_add_`. It saves what a dense SwiGLU's
+    autograd saves (input, gate/up pre-activations, activation, product), so the backward makes the same passes
+    over (S, I) as the dense one. The routing weight scales the smaller of the (S, I) product and the (S, H)
+    output, as in `_grouped_forward`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_states: torch.Tensor,  # (T, H)
+        top_k_weights: torch.Tensor,  # (T, K)
+        gate_up_proj: torch.Tensor,  # (E, 2I, H)
+        down_proj: torch.Tensor,  # (E, H, I)
+        token: torch.Tensor,  # (S,) token of each routed row, grouped by expert
+        order: torch.Tensor,  # (S,) flat (token, slot) index of each routed row
+        offsets: torch.Tensor,  # (E,) end of each expert's group
+        act_fn,
+        activation: str,
+    ) -> torch.Tensor:
+        x = hidden_states.index_select(0, token)  # (S, H)
+        weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (S, 1)
+        gate_up = grouped_mm(x, gate_up_proj.transpose(1, 2), offsets)  # (S, 2I)
+        inter = gate_up.shape[1] // 2
+        act = act_fn(gate_up[:, :inter])  # (S, I)
+        h = act * gate_up[:, inter:]  # (S, I)
+        scale_hidden = inter <= hidden_states.shape[1]
+        if scale_hidden:
+            out = grouped_mm(h * weights, down_proj.transpose(1, 2), offsets)  # (S, H) weighted
+            ctx.save_for_backward(x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets)
+        else:
+            unweighted = grouped_mm(h, down_proj.transpose(1, 2), offsets)  # (S, H)
+            out = unweighted * weights
+            ctx.save_for_backward(
+                x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets, unweighted
+            )
+        ctx.scale_hidden, ctx.activation = scale_hidden, activation
+        ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
+        return hidden_states.new_zeros(hidden_states.shape).index_add_(0, token, out)  # (T, H)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets, *rest = ctx.saved_tensors
+        need_input, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        inter = gate_up.shape[1] // 2
+        grad_out = grad_output.index_select(0, token)  # (S, H)
+        grad_down = grad_w = grad_weights = grad_gate_up_proj = grad_input = None
+        if ctx.scale_hidden:
+            if need_down:
+                grad_down = _grouped_weight_grad(grad_out, h * weights, offsets)  # (E, H, I)
+            grad_h = grouped_mm(grad_out, down_proj, offsets)  # (S, I) gradient of the weighted product
+            if need_weights:
+                grad_w = torch.linalg.vecdot(grad_h, h)  # (S,)
+            grad_h.mul_(weights)
+        else:
+            if need_weights:
+                grad_w = torch.linalg.vecdot(grad_out, rest[0])  # (S,)
+            grad_out = grad_out * weights  # (S, H) gradient of the unweighted output
+            if need_down:
+                grad_down = _grouped_weight_grad(grad_out, h, offsets)  # (E, H, I)
+            grad_h = grouped_mm(grad_out, down_proj, offsets)  # (S, I)
+        if grad_w is not None:
+            grad_weights = (
+                grad_w.new_zeros(ctx.weights_shape.numel())
+                .index_copy_(0, order, grad_w)
+                .view(ctx.weights_shape)
+                .to(ctx.weights_dtype)
+            )
+        if need_input or need_gate_up:
+            grad_gate_up = torch.empty_like(gate_up)  # (S, 2I): gate and up gradients side by side, no cat
+            torch.mul(grad_h, act, out=grad_gate_up[:, inter:])
+            ACTIVATION_BACKWARD[ctx.activation](
+                grad_h.mul_(gate_up[:, inter:]), gate_up[:, :inter], out=grad_gate_up[:, :inter]
+            )
+            if need_gate_up:
+                grad_gate_up_proj = _grouped_weight_grad(grad_gate_up, x, offsets)  # (E, 2I, H)
+            if need_input:
+                grad_x = grouped_mm(grad_gate_up, gate_up_proj, offsets)  # (S, H)
+                grad_input = grad_output.new_zeros(grad_output.shape).index_add_(0, token, grad_x)
+        return grad_input, grad_weights, grad_gate_up_proj, grad_down, None, None, None, None, None
+
+
+def _manual_backward_fits(self: HfMoeExperts, hidden_states: torch.Tensor) -> bool:
+    # The hand-written backward covers the known activations on same-dtype CPU tensors outside autocast.
+    return (
+        getattr(self, "activation", None) in ACTIVATION_BACKWARD
+        and hidden_states.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 def grouped_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -438,6 +571,18 @@ def cpu_experts_forward(
     counts = groups.counts.tolist()
     num_routed = sum(counts)
     if needs_grad:
+        if num_routed and _manual_backward_fits(self, hidden_states):
+            return _RoutedExpertsFunction.apply(
+                hidden_states,
+                top_k_weights,
+                self.gate_up_proj,
+                self.down_proj,
+                groups.token[:num_routed],
+                groups.order[:num_routed],
+                groups.offsets,
+                self.act_fn,
+                self.activation,
+            )
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)

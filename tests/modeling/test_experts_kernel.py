@@ -155,6 +155,54 @@ def test_implementation_matches_reference(
 
 
 @pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_other_activations_match_reference(implementation: str, activation: str):
+    """Gated experts with the activations of other families (Gemma's tanh GELU; ReLU has no hand-written
+    backward on the CPU path and takes autograd's), forward and every gradient."""
+    config = tiny_config(num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=16)
+    config.text_config.hidden_act = activation
+    torch.manual_seed(0)
+    reference = HfMoeExperts(config)
+    assert reference.activation == activation
+    with torch.no_grad():
+        reference.gate_up_proj.normal_(0.0, 0.3)
+        reference.down_proj.normal_(0.0, 0.3)
+    fast = with_implementation(reference, implementation)
+    index, weights = make_routing(64, 2, sentinels=True)
+    x = torch.randn(64, reference.hidden_dim)
+    grad_out = torch.randn(64, reference.hidden_dim)
+
+    def call(m, x, w):
+        return m(x, index, w)
+
+    expected, expected_grads = run_with_grads(call, reference, x, weights, grad_out)
+    actual, actual_grads = run_with_grads(call, fast, x, weights, grad_out)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert_grads_close(actual_grads, expected_grads, f"{implementation} {activation}")
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_frozen_experts_give_input_and_routing_gradients(implementation: str):
+    """Experts frozen (adapter training): the input and the routing weights still get their exact gradients, the
+    expert tensors none."""
+    reference = make_experts("eager")
+    fast = with_implementation(reference, implementation)
+    for module in (reference, fast):
+        module.requires_grad_(False)
+    index, weights = make_routing(64, 2, sentinels=True)
+    x = torch.randn(64, reference.hidden_dim)
+    grad_out = torch.randn(64, reference.hidden_dim)
+    grads = []
+    for module in (reference, fast):
+        xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        module(xg, index, wg).backward(grad_out)
+        assert module.gate_up_proj.grad is None and module.down_proj.grad is None
+        grads.append((xg.grad, wg.grad))
+    for actual, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(actual, expected, **FP32)
+
+
+@pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize(
     "num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"]
 )
