@@ -46,7 +46,7 @@ from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import env_prefix  # noqa: E402
+from real_models import cpu_model, env_prefix  # noqa: E402
 
 # name -> (hidden, moe intermediate, experts, top-k, default token counts)
 SHAPES = {
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"`{command.strip()}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
             f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-            f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
+            f"{platform.machine()} CPU, {cpu_model()} ({os.cpu_count()} cores, shared with other jobs), "
             f"`torch.set_num_threads({args.threads})`.",
             f"H={HIDDEN}, I={INTERMEDIATE}, E={NUM_EXPERTS}, top-{TOP_K}, one sequence of `tokens` tokens. Median of "
             "interleaved rounds; `x dense` is the time over `dense-active` (SwiGLU with intermediate "
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "as k matrix-vector products; without autograd, groups under 256 rows per expert on average as one padded "
             "`bmm` per projection, its padding capped at 2x the routed rows (a crowded expert's rows past the cap as "
             "one matmul of their own), and larger groups as one matmul per expert; under autograd `F.grouped_mm` on "
-            "the routed rows.",
+            "the routed rows with a hand-written backward (gate and up gradients in one buffer, one `index_add_`).",
             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the timings "
             f"({os.cpu_count()} cores, {args.threads} threads timed)"
             + (

@@ -61,12 +61,23 @@ def env_prefix() -> str:
     return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def machine_line(threads: int) -> str:
     import transformers
 
     return (
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-        f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
+        f"{platform.machine()} CPU, {cpu_model()} ({os.cpu_count()} cores, shared with other jobs), "
         f"`torch.set_num_threads({threads})`"
     )
 
