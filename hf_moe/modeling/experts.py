@@ -155,17 +155,29 @@ def _grouped_mm_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     return _grouped_mm_loop(x, weight, offsets)
 
 
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(E, out, in): `grad[group e].T @ x[group e]` for rows `grad` (S, out) and `x` (S, in) grouped by expert;
+    experts without rows get zeros."""
+    if _grouped_mm_kernel_fits(grad.t(), x):
+        return F.grouped_mm(grad.t(), x, offs=offsets)
+    out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(grad[start:end].t(), x[start:end], out=out[group])
+        start = end
+    return out
+
+
 def _grouped_mm_backward_impl(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_x = _grouped_mm_impl(grad, weight.transpose(-2, -1), offsets)  # (S, in)
-    grad_weight = torch.zeros_like(weight)  # (E, in, out); experts without rows get zeros
-    start = 0
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end].t(), grad[start:end], out=grad_weight[group])
-        start = end
-    return grad_x, grad_weight
+    # The weight gradient in the weight's own layout (as the fake kernel's empty_like promises), so that autograd
+    # accumulates it into the parameter's .grad without a copy: experts' weights arrive here transposed.
+    if weight.stride(-2) == 1 and weight.stride(-1) != 1:
+        return grad_x, _grouped_weight_grad(grad, x, offsets).transpose(1, 2)  # (E, in, out), in-major
+    return grad_x, _grouped_weight_grad(x, grad, offsets)  # (E, in, out)
 
 
 def _register_grouped_mm_op() -> None:
@@ -289,20 +301,6 @@ ACTIVATION_BACKWARD = {
     "gelu": _gelu_backward,
     "gelu_pytorch_tanh": _gelu_tanh_backward,
 }
-
-
-def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(E, out, in): `grad[group e].T @ x[group e]` for rows `grad` (S, out) and `x` (S, in) grouped by expert;
-    experts without rows get zeros."""
-    if _grouped_mm_kernel_fits(grad.t(), x):
-        return F.grouped_mm(grad.t(), x, offs=offsets)
-    out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
-    start = 0
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(grad[start:end].t(), x[start:end], out=out[group])
-        start = end
-    return out
 
 
 class _RoutedExpertsFunction(torch.autograd.Function):

@@ -392,3 +392,25 @@ def test_weights_at_unaligned_address(implementation: str):
     actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), fast, x, weights, grad_out)
     torch.testing.assert_close(actual, expected, **FP32)
     assert_grads_close(actual_grads, expected_grads, implementation)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernel", "loop"])
+def test_grouped_mm_ops_pass_opcheck(layout: str, dtype: torch.dtype):
+    """The custom operators torch.compile sees: real and fake kernels agree on shapes and strides (the weight
+    gradient comes back in the weight's own layout, so autograd accumulates it without a copy), autograd registered,
+    schema honest. float64 takes the per-group loop, float32 the aten kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 32, dtype=dtype, generator=gen)
+    grad = torch.randn(12, 16, dtype=dtype, generator=gen)
+    offsets = torch.tensor([4, 4, 12], dtype=torch.int32)  # an empty group in the middle
+    if layout == "transposed":  # as the experts pass them: (E, out, in) stored, (E, in, out) viewed
+        weight = torch.randn(3, 16, 32, dtype=dtype, generator=gen).transpose(1, 2)
+    else:
+        weight = torch.randn(3, 32, 16, dtype=dtype, generator=gen)
+    torch.library.opcheck(torch.ops.hf_moe.grouped_mm, (x, weight.detach().requires_grad_(), offsets))
+    torch.library.opcheck(torch.ops.hf_moe.grouped_mm_backward, (x, weight, offsets, grad))
+    _, grad_weight = torch.ops.hf_moe.grouped_mm_backward(x, weight, offsets, grad)
+    assert grad_weight.stride() == weight.stride()
+    expected = torch.stack([x[:4].t() @ grad[:4], torch.zeros(32, 16, dtype=dtype), x[4:].t() @ grad[4:]])
+    torch.testing.assert_close(grad_weight, expected)
