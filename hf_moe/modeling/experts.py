@@ -14,8 +14,8 @@ compute the same function and are registered in transformers' experts interface,
   crowded expert's rows past the cap as one matmul of its own), large groups as one matmul per expert; under
   autograd the grouped GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for
   SiLU/GELU experts (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
-- "hf_moe": "hf_moe_cpu" for CPU tensors in eager mode, "hf_moe_grouped" otherwise (CUDA, or while compiling;
-  compiled CPU decoding of one token runs the one-token path as the custom op `hf_moe::one_token_experts`).
+- "hf_moe": "hf_moe_cpu" for CPU tensors, "hf_moe_grouped" otherwise (CUDA, or compiled CPU training); compiled
+  CPU inference runs the "hf_moe_cpu" kernels as one custom op, `hf_moe::cpu_experts`.
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
 points those at expert 0 with weight 0). BENCHMARKS.md holds the timings behind each choice.
 
@@ -438,57 +438,17 @@ def one_token_experts(
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
-def _one_token_impl(
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act_fn,
-) -> torch.Tensor:
-    # Inference only: the routing is read on the host (free on the CPU).
-    return one_token_experts(
-        hidden_states, top_k_index.tolist()[0], top_k_weights.tolist()[0], gate_up_proj, down_proj, act_fn
-    )
-
-
-def _register_one_token_op() -> None:
-    # Under torch.compile the one-token path is one opaque operator (its host reads of the k expert indices would
-    # otherwise break the graph); inference only, so it has no autograd formula.
-    if hasattr(torch.ops.hf_moe, "one_token_experts"):
-        return
-    activations = {}  # ACT2FN builds a new module per lookup
-
-    def one_token_op(x, index, weights, gate_up_proj, down_proj, activation):
-        act_fn = activations.setdefault(activation, ACT2FN[activation])
-        return _one_token_impl(x, index, weights, gate_up_proj, down_proj, act_fn)
-
-    torch.library.custom_op(
-        "hf_moe::one_token_experts",
-        one_token_op,
-        mutates_args=(),
-        schema=(
-            "(Tensor x, Tensor index, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor"
-        ),
-    )
-    torch.library.register_fake(
-        "hf_moe::one_token_experts",
-        lambda x, index, weights, gate_up_proj, down_proj, activation: torch.empty_like(x),
-    )
-
-
-_register_one_token_op()
-
-
 def _one_token_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.hf_moe.one_token_experts(
-            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.activation
-        )
-    return _one_token_impl(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn
+    # Inference only: the routing is read on the host (free on the CPU).
+    return one_token_experts(
+        hidden_states,
+        top_k_index.tolist()[0],
+        top_k_weights.tolist()[0],
+        self.gate_up_proj,
+        self.down_proj,
+        self.act_fn,
     )
 
 
@@ -598,17 +558,62 @@ def cpu_experts_forward(
     return _combine(self, out, groups, num_tokens).to(hidden_states.dtype)
 
 
+class _ExpertsView(NamedTuple):
+    """What the CPU kernels read of an `HfMoeExperts`, rebuilt from plain tensors inside the custom operator."""
+
+    num_experts: int
+    hidden_dim: int
+    intermediate_dim: int
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    act_fn: nn.Module
+    activation: str
+
+
+def _register_cpu_inference_op() -> None:
+    # Under torch.compile on the CPU, inference runs the eager CPU kernels as one opaque operator: their host reads
+    # (the k experts of one token, the group sizes of a batch) would otherwise break the graph, and the sync-free
+    # grouped path they replace is slower on the CPU (BENCHMARKS.md, compiled decoding). No autograd formula:
+    # training while compiling takes the grouped path.
+    if hasattr(torch.ops.hf_moe, "cpu_experts"):
+        return
+    activations = {}  # ACT2FN builds a new module per lookup
+
+    def cpu_experts_op(x, index, weights, gate_up_proj, down_proj, activation):
+        act_fn = activations.setdefault(activation, ACT2FN[activation])
+        num_experts, intermediate, hidden = down_proj.shape[0], down_proj.shape[2], down_proj.shape[1]
+        view = _ExpertsView(num_experts, hidden, intermediate, gate_up_proj, down_proj, act_fn, activation)
+        return cpu_experts_forward(view, x, index, weights)  # type: ignore[arg-type]
+
+    torch.library.custom_op(
+        "hf_moe::cpu_experts",
+        cpu_experts_op,
+        mutates_args=(),
+        schema=(
+            "(Tensor x, Tensor index, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor"
+        ),
+    )
+    torch.library.register_fake(
+        "hf_moe::cpu_experts",
+        lambda x, index, weights, gate_up_proj, down_proj, activation: torch.empty_like(x),
+    )
+
+
+_register_cpu_inference_op()
+
+
 def auto_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """ "hf_moe": the CPU kernels for CPU tensors in eager mode (and, compiled, the one-token path as one custom op),
-    the grouped GEMM otherwise."""
+    """ "hf_moe": the CPU kernels for CPU tensors (compiled inference: the same kernels as the custom operator
+    `hf_moe::cpu_experts`), the grouped GEMM otherwise (CUDA, and compiled CPU training)."""
     if hidden_states.device.type == "cpu":
         if not torch.compiler.is_compiling():
             return cpu_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        if hidden_states.shape[0] == 1 and not torch.is_grad_enabled() and hasattr(self, "activation"):
-            # compiled CPU decoding
-            return _one_token_forward(self, hidden_states, top_k_index, top_k_weights)
+        if not torch.is_grad_enabled() and hasattr(self, "activation"):
+            return torch.ops.hf_moe.cpu_experts(
+                hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.activation
+            )
     return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 

@@ -346,7 +346,8 @@ def test_model_setting_selects_implementation():
 @pytest.mark.slow
 def test_block_compiles_without_graph_breaks():
     """The sparse block under torch.compile(fullgraph=True) (a graph break is an error there) equals eager, forward
-    and backward, with dropped assignments; "hf_moe" takes the sync-free grouped path while compiling."""
+    and backward, with dropped assignments; "hf_moe" trains through the sync-free grouped path while compiling and
+    runs CPU inference as one custom op."""
     config = tiny_config(
         num_experts=NUM_EXPERTS, router_type="switch", capacity_factor=0.5, num_experts_per_tok=1
     )
@@ -369,9 +370,47 @@ def test_block_compiles_without_graph_breaks():
 
     for actual, expected in zip(fwd_bwd(compiled), fwd_bwd(block)):
         torch.testing.assert_close(actual, expected, **FP32)
-    with torch.no_grad():
-        one = torch.randn(1, 1, config.hidden_size)
-        torch.testing.assert_close(compiled(one), block(one), **FP32)
+    with (
+        torch.no_grad()
+    ):  # compiled CPU inference: the eager CPU kernels as the custom op hf_moe::cpu_experts
+        for shape in [(1, 1), (2, 6)]:  # one decoding token; a batch with dropped assignments
+            inputs = torch.randn(*shape, config.hidden_size)
+            torch.testing.assert_close(compiled(inputs), block(inputs), **FP32)
+
+
+@pytest.mark.slow
+def test_generate_with_static_cache_and_compile_matches_eager():
+    """`generate` with a static cache and the decoding step under torch.compile(fullgraph=True) (transformers'
+    CompileConfig; on the CPU it needs `_compile_all_devices`) gives eager's greedy tokens, at batch 1 and 2."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_experts=NUM_EXPERTS, num_experts_per_tok=2)).eval()
+    with torch.no_grad():  # experts large enough that their output moves the logits
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0.0, 0.3)
+            layer.mlp.experts.down_proj.normal_(0.0, 0.3)
+    ids = torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(0))
+    common = dict(
+        do_sample=False,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    for batch in (1, 2):
+        expected = model.generate(ids[:batch], **common)
+        torch._dynamo.utils.counters.clear()
+        actual = model.generate(
+            ids[:batch], cache_implementation="static", compile_config=compile_config, **common
+        )
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decoding step was compiled
+        assert torch.equal(actual.sequences, expected.sequences), batch
+        torch.testing.assert_close(torch.stack(actual.scores), torch.stack(expected.scores), **FP32)
 
 
 @pytest.mark.parametrize("implementation", FAST)
