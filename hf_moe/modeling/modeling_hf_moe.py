@@ -633,7 +633,9 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # the expert grouping is data-dependent
+    # The MoE block compiles with fullgraph=True (no host sync while compiling); the rest is the base family's, so
+    # `_adopt` takes the base's flag.
+    _can_compile_fullgraph = False
     _supports_attention_backend = True
 
     def _adopt(self, base: PreTrainedModel) -> None:
@@ -644,6 +646,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         self.__dict__["_hf_moe_base"] = base  # not a registered child: its parameters are already ours
         self._no_split_modules = list(base._no_split_modules or [])
         self._tied_weights_keys = type(base)._tied_weights_keys
+        self._can_compile_fullgraph = type(base)._can_compile_fullgraph
 
     @property
     def hf_moe_base(self) -> PreTrainedModel:

@@ -391,6 +391,8 @@ def test_generate_with_static_cache_and_compile_matches_eager():
         for layer in model.model.layers:
             layer.mlp.experts.gate_up_proj.normal_(0.0, 0.3)
             layer.mlp.experts.down_proj.normal_(0.0, 0.3)
+    # The flag follows the base family (Llama here), whose decoder compiles fullgraph; so does the MoE block.
+    assert model._can_compile_fullgraph is type(model.hf_moe_base)._can_compile_fullgraph is True
     ids = torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(0))
     common = dict(
         do_sample=False,
