@@ -3,7 +3,7 @@
 One token through the layer (H=2048, I=768, E=128, top-8) reads the same 151 MB of weights as a dense SwiGLU of
 intermediate 8 x 768, but as 16 matrix-vector products instead of 2: per expert a gate/up product on a (2I, H) slice
 (rows of H floats) and a down product on an (H, I) slice (rows of I floats). This script times `torch.mv` on the
-same bytes laid out four ways, weights in DRAM (a 64 MB buffer is written before each call, and the expert tensors
+same bytes laid out four ways, weights in DRAM (a buffer twice the last-level cache is written before each call, and the expert tensors
 are E=128 experts large), median of interleaved rounds:
 
 - the 8 experts' down products (8 x (H, I), rows of 768 floats) against the dense down product ((H, 8I), rows of
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import env_prefix, load_line, machine_line, write_section  # noqa: E402
+from real_models import env_prefix, eviction_buffer, load_line, machine_line, write_section  # noqa: E402
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 2048, 768, 128, 8
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     tall = torch.randn(TOP_K * HIDDEN, INTER)  # (8H, I)
     experts = torch.randperm(NUM_EXPERTS)[:TOP_K].tolist()
     h, h_dense, x = torch.randn(INTER), torch.randn(TOP_K * INTER), torch.randn(HIDDEN)
-    evict = torch.empty(16 * 1024 * 1024)  # 64 MB, written before each call
+    evict = eviction_buffer()  # written before each call
     cases = {
         "down: 8 experts x (H, I)": (lambda: [torch.mv(down[e], h) for e in experts], INTER),
         "down: dense (H, 8I)": (lambda: torch.mv(dense_down, h_dense), TOP_K * INTER),
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "### One decoding token at the Qwen3-30B-A3B shape: matrix-vector products by row length (fp32, CPU)",
             "",
             f"`{command.strip()}` on {stamp}; {machine_line(args.threads)}.",
-            f"Weights in DRAM (a 64 MB buffer written before each call); median of {args.rounds} interleaved "
+            f"Weights in DRAM (a {evict.numel() * 4 >> 20} MB buffer written before each call); median of {args.rounds} interleaved "
             f"rounds. Load average {load_before} before, {load_line()} after.",
             "",
             table,

@@ -72,6 +72,27 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache this machine reports (Linux sysfs), in bytes; None where it is not reported."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def eviction_buffer() -> torch.Tensor:
+    """A float32 buffer twice the last-level cache (at least 64 MB): writing it before a timed call leaves the
+    weights of the call in memory, not in the cache, as they are for each layer of a real model. VMs report caches
+    from 32 MB to 300+ MB, so a fixed size would evict on one machine and not on the next."""
+    nbytes = max(64 << 20, 2 * (last_level_cache_bytes() or 0))
+    return torch.empty(nbytes // 4, dtype=torch.float32)
+
+
 def machine_line(threads: int) -> str:
     import transformers
 
