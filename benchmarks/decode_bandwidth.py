@@ -6,8 +6,8 @@ of Shakespeare after a prefill). The MoE experts run three ways on the same toke
 - `as routed`: the experts the router picks (a batch of 16 touches every expert);
 - `one copy`: every token sent to experts 0 and 1 with the routed weights, i.e. the bytes of one dense MLP.
 Each row gives the weight bytes the variant reads per step and its time, median of interleaved rounds. Before each
-timed call a buffer twice the last-level cache is written, so the weights come from memory as in a whole decoding step (the model is
-far larger than the cache), not from the last call's cache lines. When time
+timed call a buffer twice the last-level cache is written, so the weights come from memory as in a whole
+decoding step (the model is far larger than the cache), not from the last call's cache lines. When time
 follows bytes (as routed ~ bytes x dense, one copy ~ dense), the step is bound by memory traffic, not by per-op
 overhead, and no kernel can bring the batch to the dense speed without reading fewer bytes.
 
@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import env_prefix, eviction_buffer, load, load_line, machine_line, model_dirs, text_batch, write_section  # noqa: E402
+from real_models import (  # noqa: E402
+    env_prefix,
+    eviction_buffer,
+    load,
+    load_line,
+    machine_line,
+    model_dirs,
+    text_batch,
+    write_section,
+)
 
 
 def layer_inputs(model, ids: torch.Tensor, layer: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 One token through the layer (H=2048, I=768, E=128, top-8) reads the same 151 MB of weights as a dense SwiGLU of
 intermediate 8 x 768, but as 16 matrix-vector products instead of 2: per expert a gate/up product on a (2I, H) slice
 (rows of H floats) and a down product on an (H, I) slice (rows of I floats). This script times `torch.mv` on the
-same bytes laid out four ways, weights in DRAM (a buffer twice the last-level cache is written before each call, and the expert tensors
-are E=128 experts large), median of interleaved rounds:
+same bytes laid out four ways, weights in DRAM (a buffer twice the last-level cache is written before each call,
+and the expert tensors are E=128 experts large), median of interleaved rounds:
 
 - the 8 experts' down products (8 x (H, I), rows of 768 floats) against the dense down product ((H, 8I), rows of
   6144) and one tall (8H, I) product (rows of 768, one call);
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             "### One decoding token at the Qwen3-30B-A3B shape: matrix-vector products by row length (fp32, CPU)",
             "",
             f"`{command.strip()}` on {stamp}; {machine_line(args.threads)}.",
-            f"Weights in DRAM (a {evict.numel() * 4 >> 20} MB buffer written before each call); median of {args.rounds} interleaved "
-            f"rounds. Load average {load_before} before, {load_line()} after.",
+            f"Weights in DRAM (a {evict.numel() * 4 >> 20} MB buffer written before each call); median of "
+            f"{args.rounds} interleaved rounds. Load average {load_before} before, {load_line()} after.",
             "",
             table,
         ]

@@ -196,8 +196,9 @@ def time_case(
     evict: bool = True,
 ) -> dict[str, float]:
     """Median seconds per call of each variant, interleaved round by round (rotating the order). With `evict`, a
-    buffer twice the last-level cache is written before each timed call: the MoE variants share one set of weights, so without it every
-    variant but the one after dense-active would find them in the cache, as no layer of a real model does."""
+    buffer twice the last-level cache is written before each timed call: the MoE variants share one set of weights,
+    so without it every variant but the one after dense-active would find them in the cache, as no layer of a real
+    model does."""
     evict_buffer = eviction_buffer() if evict else None
     for module in variants.values():  # inference in eval mode (as `generate` runs it), training in train mode
         module.train(backward)
@@ -209,7 +210,9 @@ def time_case(
     for name in names:  # warm-up (allocator, oneDNN primitives, lazy imports), then a timing estimate
         steps[name]()
         start = time.perf_counter()
-        if evict_buffer is not None:  # the budget counts the eviction too, or a big cache would stretch the run
+        if (
+            evict_buffer is not None
+        ):  # the budget counts the eviction too, or a big cache would stretch the run
             evict_buffer.fill_(1.0)
         steps[name]()
         estimate += time.perf_counter() - start
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-evict",
         action="store_true",
-        help="do not write a buffer twice the last-level cache before each timed call (the variants' shared weights then stay cached)",
+        help="do not write a buffer twice the last-level cache before each timed call (the variants' shared "
+        "weights then stay cached)",
     )
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
