@@ -27,6 +27,8 @@ This file ships as Hub remote code: it imports only torch and transformers.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -511,8 +513,45 @@ def _expert_loop_forward(
     return out.mul_(weights)
 
 
+def _routed_grouped_forward(
+    self: HfMoeExperts, x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    # The routed rows only (S, sorted by expert) through two grouped GEMMs: no padding, no sentinel rows, and only
+    # the weights of experts that got rows are read.
+    gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)  # (S, I) each
+    return grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offsets).mul_(weights)  # (S, H)
+
+
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
+SMALL_GROUPS_ENV = "HF_MOE_CPU_SMALL_GROUPS"
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def small_groups_kernel() -> str:
+    """How CPU inference runs small expert groups (under 256 rows per expert on average): "padded" (one padded
+    `bmm` per projection) or "grouped" (`F.grouped_mm` on the routed rows). Set with the environment variable
+    `HF_MOE_CPU_SMALL_GROUPS` (`padded`, `grouped` or `auto`); `auto` picks "grouped" on Intel CPUs and "padded"
+    elsewhere, the faster of the two on the machines in BENCHMARKS.md (MKL's small-row GEMMs differ by vendor)."""
+    choice = os.environ.get(SMALL_GROUPS_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return "grouped" if _cpu_vendor() == "GenuineIntel" else "padded"
+    if choice not in ("padded", "grouped"):
+        raise ValueError(
+            f"{SMALL_GROUPS_ENV}={choice!r}: expected 'padded', 'grouped' or 'auto' (unset means 'auto')"
+        )
+    return choice
 
 
 def cpu_experts_forward(
@@ -544,14 +583,17 @@ def cpu_experts_forward(
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
-    # Small groups: one padded bmm, its capacity capped so the padding stays within 2x the routed rows (a crowded
-    # expert's extra rows run apart); large groups: one matmul per expert.
+    # Small groups: two grouped GEMMs on the routed rows, or one padded bmm per projection, its capacity capped so
+    # the padding stays within 2x the routed rows (a crowded expert's extra rows run apart), as
+    # `small_groups_kernel()` says; large groups: one matmul per expert.
     small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
     capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
-    if small_groups:
+    if small_groups and small_groups_kernel() == "grouped":
+        out = _routed_grouped_forward(self, x, weights, groups.offsets)
+    elif small_groups:
         out = _padded_bmm_forward(self, x, weights, groups, counts, capacity)
     else:
         out = _expert_loop_forward(self, x, weights, counts)
@@ -639,4 +681,5 @@ __all__ = [
     "group_by_expert",
     "grouped_mm",
     "one_token_experts",
+    "small_groups_kernel",
 ]

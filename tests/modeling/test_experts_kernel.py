@@ -5,7 +5,8 @@ definition. Each fast implementation ("hf_moe", "hf_moe_cpu", "hf_moe_grouped") 
 `config._experts_implementation` (what `model.set_experts_implementation` sets) and must match it in fp32, with
 autograd (gradients of the input, the routing weights and both expert tensors) and without, with dropped
 assignments (sentinel index E, weight 0). The shapes reach every path inside the CPU kernels: one token, small
-balanced groups (padded bmm), skewed groups and large groups (one matmul per expert).
+balanced groups (padded bmm or grouped GEMM, both selected with `HF_MOE_CPU_SMALL_GROUPS`), skewed groups and large
+groups (one matmul per expert).
 """
 
 import copy
@@ -17,7 +18,13 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from hf_moe import HfMoeForCausalLM
-from hf_moe.modeling.experts import EXPERTS_IMPLEMENTATIONS, HfMoeExperts, group_by_expert
+from hf_moe.modeling.experts import (
+    EXPERTS_IMPLEMENTATIONS,
+    SMALL_GROUPS_ENV,
+    HfMoeExperts,
+    group_by_expert,
+    small_groups_kernel,
+)
 from hf_moe.modeling.modeling_hf_moe import HfMoeSparseMoeBlock
 from tests.helpers.tiny import tiny_config
 
@@ -26,6 +33,14 @@ NUM_EXPERTS = (
 )
 FP32 = dict(rtol=1e-4, atol=1e-5)  # summation order differs between the paths; real bugs are O(0.1)
 FAST = sorted(EXPERTS_IMPLEMENTATIONS)
+
+
+@pytest.fixture(params=["padded", "grouped"])
+def small_groups(request, monkeypatch) -> str:
+    """Both kernels of CPU inference on small groups, through the environment setting that selects them."""
+    monkeypatch.setenv(SMALL_GROUPS_ENV, request.param)
+    assert small_groups_kernel() == request.param
+    return request.param
 
 
 def make_experts(
@@ -133,7 +148,7 @@ def test_reference_matches_definition(num_tokens: int, top_k: int, sentinels: bo
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64])
 def test_implementation_matches_reference(
-    implementation: str, num_tokens: int, top_k: int, sentinels: bool, intermediate: int
+    implementation: str, num_tokens: int, top_k: int, sentinels: bool, intermediate: int, small_groups: str
 ):
     reference = make_experts("eager", intermediate=intermediate)
     fast = with_implementation(reference, implementation)
@@ -206,7 +221,9 @@ def test_frozen_experts_give_input_and_routing_gradients(implementation: str):
 @pytest.mark.parametrize(
     "num_tokens, skew", [(64, True), (900, False)], ids=["skewed groups", "large groups"]
 )
-def test_inference_unpadded_cases_match_reference(implementation: str, num_tokens: int, skew: bool):
+def test_inference_unpadded_cases_match_reference(
+    implementation: str, num_tokens: int, skew: bool, small_groups: str
+):
     """Routings that leave the plain padded bmm: one crowded expert (its rows past the capped capacity run apart),
     and about 1200 routed rows (from 256 rows per expert on average: one matmul per expert)."""
     reference = make_experts("eager")
@@ -221,7 +238,9 @@ def test_inference_unpadded_cases_match_reference(implementation: str, num_token
 
 @pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("num_tokens", [32, 40])
-def test_inference_several_crowded_experts_match_reference(implementation: str, num_tokens: int):
+def test_inference_several_crowded_experts_match_reference(
+    implementation: str, num_tokens: int, small_groups: str
+):
     """Several experts past the padded bmm's capacity at once (and one with no rows): every crowded expert's extra
     rows land in their own output rows, in the order the sort gave them."""
     num_experts = 8
@@ -279,7 +298,7 @@ def test_float64_gradcheck_through_grouped_fallback():
 
 @pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("num_tokens", [1, 64])
-def test_bf16_runs_and_tracks_fp32(implementation: str, num_tokens: int):
+def test_bf16_runs_and_tracks_fp32(implementation: str, num_tokens: int, small_groups: str):
     experts32 = make_experts(implementation)
     experts16 = with_implementation(experts32, implementation).to(torch.bfloat16)
     index, weights = make_routing(num_tokens, 2, sentinels=True)
@@ -289,6 +308,9 @@ def test_bf16_runs_and_tracks_fp32(implementation: str, num_tokens: int):
     out = experts16(x16, index, weights.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.detach(), rtol=0.05, atol=0.05)
+    with torch.no_grad():  # the inference paths in bf16
+        inference = experts16(x16, index, weights.bfloat16())
+        torch.testing.assert_close(inference.float(), expected.detach(), rtol=0.05, atol=0.05)
     out.float().square().sum().backward()
     assert x16.grad is not None and x16.grad.isfinite().all()
     assert experts16.gate_up_proj.grad is not None and experts16.gate_up_proj.grad.isfinite().all()
@@ -416,7 +438,7 @@ def test_generate_with_static_cache_and_compile_matches_eager():
 
 
 @pytest.mark.parametrize("implementation", FAST)
-def test_weights_at_unaligned_address(implementation: str):
+def test_weights_at_unaligned_address(implementation: str, small_groups: str):
     """Weights loaded from safetensors start at any 4-byte offset; the grouped GEMM takes them (torch >= 2.11)."""
     reference = make_experts("eager")
     fast = with_implementation(reference, implementation)
@@ -433,6 +455,35 @@ def test_weights_at_unaligned_address(implementation: str):
     actual, actual_grads = run_with_grads(lambda m, x, w: m(x, index, w), fast, x, weights, grad_out)
     torch.testing.assert_close(actual, expected, **FP32)
     assert_grads_close(actual_grads, expected_grads, implementation)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, index, weights), expected, **FP32)
+
+
+def test_small_groups_setting_selects_the_kernel(monkeypatch):
+    """`HF_MOE_CPU_SMALL_GROUPS` switches CPU inference on small groups between the padded bmm and the grouped GEMM
+    (seen in the ops that run); `auto` follows the CPU vendor; a typo is refused with the accepted values."""
+    experts = make_experts("hf_moe_cpu")
+    index, weights = make_routing(24, 2, sentinels=True)
+    x = torch.randn(24, experts.hidden_dim)
+    ops = {}
+    for kernel in ("padded", "grouped"):
+        monkeypatch.setenv(SMALL_GROUPS_ENV, kernel)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            experts(x, index, weights)
+        ops[kernel] = {event.name for event in prof.events()}
+    assert "aten::bmm" in ops["padded"] and "aten::bmm" not in ops["grouped"]
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "auto")
+    try:
+        intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    except OSError:
+        intel = False
+    assert small_groups_kernel() == ("grouped" if intel else "padded")
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "bmm")
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="HF_MOE_CPU_SMALL_GROUPS='bmm'.*'padded', 'grouped' or 'auto'"),
+    ):
+        experts(x, index, weights)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "contiguous"])
