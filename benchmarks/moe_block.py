@@ -46,7 +46,7 @@ from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import cpu_model, env_prefix, eviction_buffer  # noqa: E402
+from real_models import cpu_model, env_prefix, eviction_buffer, eviction_bytes  # noqa: E402
 
 # name -> (hidden, moe intermediate, experts, top-k, default token counts)
 SHAPES = {
@@ -210,9 +210,8 @@ def time_case(
     for name in names:  # warm-up (allocator, oneDNN primitives, lazy imports), then a timing estimate
         steps[name]()
         start = time.perf_counter()
-        if (
-            evict_buffer is not None
-        ):  # the budget counts the eviction too, or a big cache would stretch the run
+        # The budget counts the eviction too, or a big cache would stretch the run.
+        if evict_buffer is not None:
             evict_buffer.fill_(1.0)
         steps[name]()
         estimate += time.perf_counter() - start
@@ -370,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             + (
                 "Caches as the variants left them (`--no-evict`)."
                 if args.no_evict
-                else f"Before each timed call a {eviction_buffer().numel() * 4 >> 20} MB buffer (twice the last-level "
+                else f"Before each timed call a {eviction_bytes() >> 20} MB buffer (twice the last-level "
                 "cache) is written, so every variant reads its weights from memory, as a layer of a real model does."
             ),
             "",

@@ -85,12 +85,16 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+def eviction_bytes() -> int:
+    """Twice the last-level cache, at least 64 MB: VMs report caches from 32 MB to 300+ MB, so a fixed size would
+    evict on one machine and not on the next."""
+    return max(64 << 20, 2 * (last_level_cache_bytes() or 0))
+
+
 def eviction_buffer() -> torch.Tensor:
-    """A float32 buffer twice the last-level cache (at least 64 MB): writing it before a timed call leaves the
-    weights of the call in memory, not in the cache, as they are for each layer of a real model. VMs report caches
-    from 32 MB to 300+ MB, so a fixed size would evict on one machine and not on the next."""
-    nbytes = max(64 << 20, 2 * (last_level_cache_bytes() or 0))
-    return torch.empty(nbytes // 4, dtype=torch.float32)
+    """A float32 buffer of `eviction_bytes()`: writing it before a timed call leaves the weights of the call in
+    memory, not in the cache, as they are for each layer of a real model."""
+    return torch.empty(eviction_bytes() // 4, dtype=torch.float32)
 
 
 def machine_line(threads: int) -> str:

@@ -587,13 +587,13 @@ def cpu_experts_forward(
     # the padding stays within 2x the routed rows (a crowded expert's extra rows run apart), as
     # `small_groups_kernel()` says; large groups: one matmul per expert.
     small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
-    capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
     if small_groups and small_groups_kernel() == "grouped":
         out = _routed_grouped_forward(self, x, weights, groups.offsets)
     elif small_groups:
+        capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
         out = _padded_bmm_forward(self, x, weights, groups, counts, capacity)
     else:
         out = _expert_loop_forward(self, x, weights, counts)
