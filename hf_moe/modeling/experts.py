@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
 
 from .configuration_hf_moe import expert_activation
+from .cpu_kernel import ACTIVATION_CODES, fused_experts, load_fused_kernel
 
 # ================================================================================================================
 # Grouping, shared by every implementation and by the fused-experts LoRA layer (hf_moe.peft).
@@ -416,16 +418,33 @@ def one_token_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act_fn,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """One token (1, H) through its routed `experts` with routing `weights` (host lists, inference only): k
-    matrix-vector products on weight views, with no sort, no gather and no weight copy. The routing weights are
-    addmm's scalars: the running sum is scaled by beta, the new expert's output by alpha. Sentinel indices
-    (>= E, dropped assignments) are skipped."""
+    """One token (1, H) through its routed `experts` with routing `weights` (host lists, inference only). With
+    the fused kernel (`small_groups_kernel() == "fused"` and an `activation` it knows): one call that reads each
+    expert's weights once. Otherwise k matrix-vector products on weight views, with no sort, no gather and no
+    weight copy; the routing weights are addmm's scalars (the running sum scaled by beta, the new expert's output
+    by alpha). Sentinel indices (>= E, dropped assignments) are skipped."""
+    num_experts = gate_up_proj.shape[0]
+    if activation is not None and _fused_fits(hidden_states, gate_up_proj, down_proj, activation):
+        routed = sorted((e, w) for e, w in zip(experts, weights) if e < num_experts)  # grouped by expert
+        counts = [0] * num_experts
+        for expert, _ in routed:
+            counts[expert] += 1
+        return fused_experts(
+            hidden_states.contiguous(),
+            torch.zeros(len(routed), dtype=torch.long),
+            counts,
+            torch.tensor([w for _, w in routed], dtype=torch.float32),
+            gate_up_proj,
+            down_proj,
+            activation,
+        )
     dtype = gate_up_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # (1, H)
     out, scale = None, 1.0
     for expert, weight in zip(experts, weights):
-        if expert >= gate_up_proj.shape[0]:  # sentinel: dropped assignment
+        if expert >= num_experts:  # sentinel: dropped assignment
             continue
         gate, up = F.linear(x, gate_up_proj[expert]).chunk(2, dim=-1)  # (1, I) each
         h = act_fn(gate) * up  # (1, I)
@@ -451,6 +470,7 @@ def _one_token_forward(
         self.gate_up_proj,
         self.down_proj,
         self.act_fn,
+        self.activation,
     )
 
 
@@ -524,7 +544,10 @@ def _routed_grouped_forward(
 
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
+# ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert").
+FUSED_MAX_ROWS_PER_EXPERT = 8
 SMALL_GROUPS_ENV = "HF_MOE_CPU_SMALL_GROUPS"
+SMALL_GROUPS_KERNELS = ("fused", "padded", "grouped")
 
 
 @functools.cache
@@ -539,19 +562,64 @@ def _cpu_vendor() -> str:
     return ""
 
 
+def _vendor_default() -> str:
+    # MKL's small-row GEMMs differ by vendor: on Intel CPUs the grouped GEMM on the routed rows led, elsewhere the
+    # padded bmm (BENCHMARKS.md, "The timings behind these choices").
+    return "grouped" if _cpu_vendor() == "GenuineIntel" else "padded"
+
+
+@functools.cache
+def _warn_fused_unavailable(reason: str) -> None:
+    warnings.warn(
+        f"hf_moe: the fused CPU experts kernel is not available ({reason}); decoding uses the "
+        f"{_vendor_default()!r} kernel instead. Set {SMALL_GROUPS_ENV}={_vendor_default()} to silence this.",
+        stacklevel=3,
+    )
+
+
 def small_groups_kernel() -> str:
-    """How CPU inference runs small expert groups (under 256 rows per expert on average): "padded" (one padded
-    `bmm` per projection) or "grouped" (`F.grouped_mm` on the routed rows). Set with the environment variable
-    `HF_MOE_CPU_SMALL_GROUPS` (`padded`, `grouped` or `auto`); `auto` picks "grouped" on Intel CPUs and "padded"
-    elsewhere, the faster of the two on the machines in BENCHMARKS.md (MKL's small-row GEMMs differ by vendor)."""
+    """How CPU inference runs experts with few rows (under 256 per expert on average: decoding, short prompts).
+    Set with the environment variable `HF_MOE_CPU_SMALL_GROUPS`:
+    - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
+      weights once, for up to 8 rows per expert on average and for one token; larger groups as "auto" without
+      it. Compiled on first use with the system's C++ compiler; raises if it cannot be built.
+    - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
+    - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.
+    - "auto" (unset): "fused" where the kernel builds, else "grouped" on Intel CPUs and "padded" elsewhere (with a
+      warning that says why), the faster choices on the machines in BENCHMARKS.md.
+    """
     choice = os.environ.get(SMALL_GROUPS_ENV, "auto").strip().lower() or "auto"
-    if choice == "auto":
-        return "grouped" if _cpu_vendor() == "GenuineIntel" else "padded"
-    if choice not in ("padded", "grouped"):
+    if choice not in ("auto", *SMALL_GROUPS_KERNELS):
         raise ValueError(
-            f"{SMALL_GROUPS_ENV}={choice!r}: expected 'padded', 'grouped' or 'auto' (unset means 'auto')"
+            f"{SMALL_GROUPS_ENV}={choice!r}: expected 'fused', 'padded', 'grouped' or 'auto' (unset means 'auto')"
         )
+    if choice in ("fused", "auto"):
+        reason = load_fused_kernel()
+        if reason is None:
+            return "fused"
+        if choice == "fused":
+            raise RuntimeError(
+                f"{SMALL_GROUPS_ENV}=fused: the fused CPU experts kernel cannot be built or loaded: {reason}. "
+                f"Install a C++ compiler (g++), or set {SMALL_GROUPS_ENV}=auto to fall back to the other kernels."
+            )
+        _warn_fused_unavailable(reason)
+        return _vendor_default()
     return choice
+
+
+def _fused_fits(
+    hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str
+) -> bool:
+    """Whether the fused kernel computes this call: float32 CPU tensors, an activation it knows, contiguous
+    expert weights, and the setting choosing it."""
+    return (
+        hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype == torch.float32
+        and hidden_states.device.type == "cpu"
+        and activation in ACTIVATION_CODES
+        and gate_up_proj.is_contiguous()
+        and down_proj.is_contiguous()
+        and small_groups_kernel() == "fused"
+    )
 
 
 def cpu_experts_forward(
@@ -583,16 +651,34 @@ def cpu_experts_forward(
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
+    order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
+    if num_routed <= FUSED_MAX_ROWS_PER_EXPERT * self.num_experts and _fused_fits(
+        hidden_states, self.gate_up_proj, self.down_proj, self.activation
+    ):
+        # Gather, both projections, weighting and combine in one call (weights in float32, as the kernel takes).
+        weights = top_k_weights.reshape(-1).index_select(0, order).float()  # (S,)
+        return fused_experts(
+            hidden_states.contiguous(),
+            groups.token[:num_routed],
+            counts,
+            weights,
+            self.gate_up_proj,
+            self.down_proj,
+            self.activation,
+        )
     # Small groups: two grouped GEMMs on the routed rows, or one padded bmm per projection, its capacity capped so
     # the padding stays within 2x the routed rows (a crowded expert's extra rows run apart), as
-    # `small_groups_kernel()` says; large groups: one matmul per expert.
+    # `small_groups_kernel()` says ("fused" past its rows: the vendor's choice); large groups: one matmul per
+    # expert.
     small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
-    order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
-    if small_groups and small_groups_kernel() == "grouped":
+    kernel = small_groups_kernel() if small_groups else None
+    if kernel == "fused":
+        kernel = _vendor_default()
+    if kernel == "grouped":
         out = _routed_grouped_forward(self, x, weights, groups.offsets)
-    elif small_groups:
+    elif kernel == "padded":
         capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
         out = _padded_bmm_forward(self, x, weights, groups, counts, capacity)
     else:

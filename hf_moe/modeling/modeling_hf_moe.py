@@ -524,12 +524,20 @@ class HfMoeSparseMoeBlock(nn.Module):
 
     def _decode_one_token(self, flat: torch.Tensor) -> torch.Tensor:
         """One token (1, H): the router's E logits read once, top-k and weights computed on the host, then the k
-        experts as matrix-vector products. The general path spends some ten small tensor ops on the routing,
-        each costing more than its arithmetic on a CPU (BENCHMARKS.md: router cost in a decoding step)."""
+        experts in one call (`one_token_experts`: the fused kernel, or matrix-vector products). The general path
+        spends some ten small tensor ops on the routing, each costing more than its arithmetic on a CPU
+        (BENCHMARKS.md: router cost in a decoding step)."""
         logits = F.linear(flat, self.gate.weight)[0].tolist()  # (E,)
         experts, weights = self.gate.route_one(logits)
+        experts_module = self.experts
         return one_token_experts(
-            flat, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, self.experts.act_fn
+            flat,
+            experts,
+            weights,
+            experts_module.gate_up_proj,
+            experts_module.down_proj,
+            experts_module.act_fn,
+            experts_module.activation,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ groups (one matmul per expert).
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,9 +38,9 @@ FP32 = dict(rtol=1e-4, atol=1e-5)  # summation order differs between the paths; 
 FAST = sorted(EXPERTS_IMPLEMENTATIONS)
 
 
-@pytest.fixture(params=["padded", "grouped"])
+@pytest.fixture(params=["fused", "padded", "grouped"])
 def small_groups(request, monkeypatch) -> str:
-    """Both kernels of CPU inference on small groups, through the environment setting that selects them."""
+    """Every kernel of CPU inference on small groups, through the environment setting that selects them."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, request.param)
     assert small_groups_kernel() == request.param
     return request.param
@@ -460,30 +463,77 @@ def test_weights_at_unaligned_address(implementation: str, small_groups: str):
 
 
 def test_small_groups_setting_selects_the_kernel(monkeypatch):
-    """`HF_MOE_CPU_SMALL_GROUPS` switches CPU inference on small groups between the padded bmm and the grouped GEMM
-    (seen in the ops that run); `auto` follows the CPU vendor; a typo is refused with the accepted values."""
+    """`HF_MOE_CPU_SMALL_GROUPS` switches CPU inference on small groups between the fused kernel, the padded bmm
+    and the grouped GEMM (seen in the ops that run, for a batch and for one token); `auto` takes the fused kernel
+    where it builds (it does here); a typo is refused with the accepted values."""
     experts = make_experts("hf_moe_cpu")
     index, weights = make_routing(24, 2, sentinels=True)
     x = torch.randn(24, experts.hidden_dim)
     ops = {}
-    for kernel in ("padded", "grouped"):
+    for kernel in ("fused", "padded", "grouped"):
         monkeypatch.setenv(SMALL_GROUPS_ENV, kernel)
         with torch.no_grad(), torch.profiler.profile() as prof:
             experts(x, index, weights)
-        ops[kernel] = {event.name for event in prof.events()}
-    assert "aten::bmm" in ops["padded"] and "aten::bmm" not in ops["grouped"]
+            experts(x[:1], index[:1], weights[:1])
+        ops[kernel] = [event.name for event in prof.events()]
+    fused_op = "hf_moe_kernels::fused_experts"
+    assert ops["fused"].count(fused_op) == 2 and "aten::bmm" not in ops["fused"]
+    assert "aten::bmm" in ops["padded"] and fused_op not in ops["padded"]
+    assert "aten::bmm" not in ops["grouped"] and fused_op not in ops["grouped"]
     monkeypatch.setenv(SMALL_GROUPS_ENV, "auto")
-    try:
-        intel = "GenuineIntel" in open("/proc/cpuinfo").read()
-    except OSError:
-        intel = False
-    assert small_groups_kernel() == ("grouped" if intel else "padded")
+    assert small_groups_kernel() == "fused"
     monkeypatch.setenv(SMALL_GROUPS_ENV, "bmm")
     with (
         torch.no_grad(),
-        pytest.raises(ValueError, match="HF_MOE_CPU_SMALL_GROUPS='bmm'.*'padded', 'grouped' or 'auto'"),
+        pytest.raises(
+            ValueError, match="HF_MOE_CPU_SMALL_GROUPS='bmm'.*'fused', 'padded', 'grouped' or 'auto'"
+        ),
     ):
         experts(x, index, weights)
+
+
+FALLBACK_SCRIPT = """
+import warnings, torch
+from hf_moe.modeling.experts import small_groups_kernel
+from tests.modeling.test_experts_kernel import make_experts, make_routing
+experts = make_experts("hf_moe_cpu")
+index, weights = make_routing(24, 2, sentinels=True)
+x = torch.randn(24, experts.hidden_dim)
+expected = make_experts("eager")(x, index, weights)
+with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    warnings.simplefilter("always")
+    try:
+        experts(x, index, weights)
+        print("kernel", small_groups_kernel())
+    except RuntimeError as error:
+        print("error", error)
+    else:
+        torch.testing.assert_close(experts(x, index, weights), expected, rtol=1e-4, atol=1e-5)
+print("warnings", " | ".join(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("setting", ["fused", "auto"])
+def test_fused_kernel_that_cannot_build(setting: str, tmp_path):
+    """A compiler that fails (here `false`): an explicit "fused" raises naming the cause and the fix; "auto" warns
+    once and runs the other kernels, still equal to the reference. No half-built library is left behind."""
+    env = {**os.environ, "CXX": "false", "HF_MOE_KERNEL_CACHE": str(tmp_path), SMALL_GROUPS_ENV: setting}
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    if setting == "fused":
+        assert (
+            "error HF_MOE_CPU_SMALL_GROUPS=fused: the fused CPU experts kernel cannot be built" in done.stdout
+        )
+        assert "Install a C++ compiler" in done.stdout and "failed" in done.stdout
+    else:
+        assert (
+            "kernel " + ("grouped" if "GenuineIntel" in open("/proc/cpuinfo").read() else "padded")
+            in done.stdout
+        )
+        assert done.stdout.count("the fused CPU experts kernel is not available") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("layout", ["transposed", "contiguous"])

@@ -1,0 +1,295 @@
+"""A fused CPU kernel for routed experts with few rows each: decoding, one token or a batch.
+
+Why: a decoding step gives each expert a handful of rows, and MKL's matrix-vector and small-row GEMMs stream
+the weights at a third to a half of what the memory delivers (BENCHMARKS.md, "Few rows per expert"). The step
+is bound by weight bytes, so this kernel reads each routed expert's weights once, straight from memory, and
+does everything else in the same pass:
+
+    out[t] = sum over the slots s of token t:  w_s * down[e_s] @ (act(gate[e_s] @ x[t]) * (up[e_s] @ x[t]))
+
+One call per MoE layer: no gather of the routed rows, no padding, no separate activation, weighting or combine.
+Phase 1 splits the active experts' gate/up rows across threads and writes h (S, I); phase 2 splits the output
+columns, so each thread owns its columns of `out` for every expert: no atomics, and the sum over a token's
+experts runs in one fixed order (deterministic).
+
+The C++ source below is compiled once per machine and torch build with the system's C++ compiler (`$CXX`, else
+`c++`) into `$HF_MOE_KERNEL_CACHE` (default `~/.cache/hf_moe/kernels`), `-march=native`, so the cache key
+includes the CPU. It is kept here as a string so the file ships as Hub remote code with the rest of the folder.
+Float32 only, inference only; the experts implementation "hf_moe"/"hf_moe_cpu" calls it as the setting
+`HF_MOE_CPU_SMALL_GROUPS` says (experts.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+KERNEL_CACHE_ENV = "HF_MOE_KERNEL_CACHE"
+
+# The expert activations the kernel computes (ACT2FN names -> the kernel's code); others take the other kernels.
+ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}
+
+_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// 16 floats: one AVX-512 register, two AVX2 ones (GCC vector extension; -march=native picks the instructions).
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int64_t kTile = 8;    // activation rows per pass over a weight row (the weight row stays in L1)
+constexpr int64_t kBlock = 16;  // weight rows per work item
+
+// acc[m] = dot(rows[m], w) for m < N, each of length k. N is a template argument so that the N accumulators
+// live in registers (a runtime bound makes the compiler keep them in memory).
+template <int N>
+inline void dots_n(const float* const* rows, const float* w, int64_t k, float* acc) {
+  v16 a[N];
+  for (int m = 0; m < N; ++m) a[m] = v16{};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    v16 wv;
+    __builtin_memcpy(&wv, w + j, sizeof(wv));
+    for (int m = 0; m < N; ++m) {
+      v16 xv;
+      __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
+      a[m] += xv * wv;
+    }
+  }
+  for (int m = 0; m < N; ++m) {
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += a[m][i];
+    for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * w[jj];
+    acc[m] = s;
+  }
+}
+
+// dots_n for a runtime n <= kTile.
+inline void dots(const float* const* rows, int64_t n, const float* w, int64_t k, float* acc) {
+  switch (n) {
+    case 1: return dots_n<1>(rows, w, k, acc);
+    case 2: return dots_n<2>(rows, w, k, acc);
+    case 3: return dots_n<3>(rows, w, k, acc);
+    case 4: return dots_n<4>(rows, w, k, acc);
+    case 5: return dots_n<5>(rows, w, k, acc);
+    case 6: return dots_n<6>(rows, w, k, acc);
+    case 7: return dots_n<7>(rows, w, k, acc);
+    default: return dots_n<8>(rows, w, k, acc);
+  }
+}
+
+inline float activate(float g, int64_t act) {
+  if (act == 0) return g / (1.f + std::exp(-g));                             // silu
+  if (act == 1) return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f));  // gelu (erf)
+  const float c = 0.7978845608028654f;                                       // gelu, tanh approximation
+  return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
+}
+
+at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntArrayRef counts,
+                         const at::Tensor& weights, const at::Tensor& gate_up, const at::Tensor& down,
+                         int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "hf_moe fused_experts: x must be a contiguous float32 (T, H) tensor");
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous() &&
+                  down.dim() == 3 && down.scalar_type() == at::kFloat && down.is_contiguous(),
+              "hf_moe fused_experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) must be contiguous float32");
+  const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I = down.size(2);
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == H && down.size(0) == E && down.size(1) == H,
+              "hf_moe fused_experts: expert weight shapes do not match x");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "hf_moe fused_experts: counts needs one entry per expert");
+  const int64_t S = token.numel();
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.is_contiguous() && weights.numel() == S &&
+                  weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "hf_moe fused_experts: token (S,) int64 and weights (S,) float32, contiguous");
+  std::vector<int64_t> start(E + 1, 0), active;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, "hf_moe fused_experts: negative count");
+    start[e + 1] = start[e] + counts[e];
+    if (counts[e] > 0) active.push_back(e);
+  }
+  TORCH_CHECK(start[E] == S, "hf_moe fused_experts: counts must add up to the routed rows");
+  const int64_t* tok = token.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(tok[s] >= 0 && tok[s] < T, "hf_moe fused_experts: token out of range");
+
+  at::Tensor out = at::zeros({T, H}, x.options());
+  if (S == 0) return out;
+  at::Tensor h = at::empty({S, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  const float* gup = gate_up.data_ptr<float>();
+  const float* dp = down.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<const float*> xrows(S), hrows(S);
+  for (int64_t s = 0; s < S; ++s) {
+    xrows[s] = xp + tok[s] * H;
+    hrows[s] = hp + s * I;
+  }
+  const int64_t num_active = static_cast<int64_t>(active.size());
+
+  // Phase 1: h[s, j] = act(gate_j . x[s]) * (up_j . x[s]), work items = (active expert, block of j).
+  const int64_t blocks1 = (I + kBlock - 1) / kBlock;
+  at::parallel_for(0, num_active * blocks1, 1, [&](int64_t begin, int64_t end) {
+    float g[kTile], u[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = active[item / blocks1], j0 = (item % blocks1) * kBlock, j1 = std::min(I, j0 + kBlock);
+      const float* W = gup + e * 2 * I * H;
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+          const int64_t n = std::min(kTile, start[e + 1] - m0);
+          dots(xrows.data() + m0, n, W + j * H, H, g);
+          dots(xrows.data() + m0, n, W + (I + j) * H, H, u);
+          for (int64_t m = 0; m < n; ++m) hp[(m0 + m) * I + j] = activate(g[m], act) * u[m];
+        }
+      }
+    }
+  });
+  // Phase 2: out[token[s], c] += w[s] * (down_c . h[s]), work items = blocks of output columns c, every expert
+  // inside one item: a thread owns its columns, and a token's experts add up in expert order.
+  const int64_t blocks2 = (H + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks2, 1, [&](int64_t begin, int64_t end) {
+    float acc[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c0 = item * kBlock, c1 = std::min(H, c0 + kBlock);
+      for (int64_t a = 0; a < num_active; ++a) {
+        const int64_t e = active[a];
+        const float* W = dp + e * H * I;
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+            const int64_t n = std::min(kTile, start[e + 1] - m0);
+            dots(hrows.data() + m0, n, W + c * I, I, acc);
+            for (int64_t m = 0; m < n; ++m) op[tok[m0 + m] * H + c] += wp[m0 + m] * acc[m];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_moe_kernels, m) {
+  m.def("fused_experts(Tensor x, Tensor token, int[] counts, Tensor weights, Tensor gate_up, Tensor down, "
+        "int act) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(hf_moe_kernels, CPU, m) { m.impl("fused_experts", &fused_experts); }
+"""
+
+_FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native compiles for: the CPU model and its feature flags."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("vendor_id", "model name", "flags")):
+                    lines.append(line.strip())
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        lines.append(platform.processor())
+    return "\n".join(lines)
+
+
+def kernel_cache_dir() -> Path:
+    """Where the compiled kernel lives: `$HF_MOE_KERNEL_CACHE`, else ~/.cache/hf_moe/kernels."""
+    return Path(os.environ.get(KERNEL_CACHE_ENV) or Path.home() / ".cache" / "hf_moe" / "kernels")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _library_path(compiler: str) -> Path:
+    key = "\n".join([_SOURCE, torch.__version__, compiler, *_FLAGS, _cpu_fingerprint()])
+    return kernel_cache_dir() / f"fused_experts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename it into place: a killed or concurrent build
+    never leaves a half-written library under the final name."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    warnings.warn(
+        f"hf_moe: compiling the fused CPU experts kernel once for this machine (~10 s) into {target.parent}",
+        stacklevel=4,
+    )
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        source = Path(tmp) / "fused_experts.cpp"
+        source.write_text(_SOURCE)
+        partial = Path(tmp) / target.name
+        (lib_dir,) = library_paths()
+        command = [
+            compiler,
+            *_FLAGS,
+            *(f"-I{path}" for path in include_paths()),
+            str(source),
+            "-o",
+            str(partial),
+            f"-L{lib_dir}",
+            "-lc10",
+            "-ltorch_cpu",
+            f"-Wl,-rpath,{lib_dir}",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(command[:3])} ...` failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, target)
+
+
+@functools.cache
+def load_fused_kernel() -> str | None:
+    """Build (once per machine and torch build) and load the kernel. Returns None when it is ready, else why it
+    is not (no C++ compiler, a failed compile or load), so callers can fall back or raise with the reason."""
+    if not hasattr(torch.ops.hf_moe_kernels, "fused_experts"):
+        compiler = _compiler()
+        if compiler is None:
+            return "no C++ compiler found (set $CXX, or install g++)"
+        target = _library_path(compiler)
+        try:
+            if not target.exists():
+                _build(compiler, target)
+            torch.ops.load_library(str(target))
+        except (OSError, RuntimeError) as error:
+            return f"{type(error).__name__}: {error}"
+    return None
+
+
+def fused_experts(
+    x: torch.Tensor,
+    token: torch.Tensor,
+    counts: list[int],
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Routed experts in one pass (float32, inference): x (T, H); the S routed slots sorted by expert, as
+    `token` (S,) int64 rows of x, `counts` (E,) slots per expert and `weights` (S,) float32 routing weights;
+    gate_up_proj (E, 2I, H), down_proj (E, H, I). Returns (T, H): each token's weighted sum over its experts.
+    `load_fused_kernel()` must have returned None."""
+    return torch.ops.hf_moe_kernels.fused_experts(
+        x, token, counts, weights, gate_up_proj, down_proj, ACTIVATION_CODES[activation]
+    )
+
+
+__all__ = ["ACTIVATION_CODES", "KERNEL_CACHE_ENV", "fused_experts", "kernel_cache_dir", "load_fused_kernel"]
