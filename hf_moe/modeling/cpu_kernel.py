@@ -271,6 +271,10 @@ def load_fused_kernel() -> str | None:
             torch.ops.load_library(str(target))
         except (OSError, RuntimeError) as error:
             return f"{type(error).__name__}: {error}"
+        # Shapes without computing, for tracing (the op runs opaque inside `hf_moe::cpu_experts` when compiled).
+        torch.library.register_fake("hf_moe_kernels::fused_experts")(
+            lambda x, token, counts, weights, gate_up, down, act: torch.empty_like(x)
+        )
     return None
 
 

@@ -21,6 +21,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from hf_moe import HfMoeForCausalLM
+from hf_moe.modeling.cpu_kernel import load_fused_kernel
 from hf_moe.modeling.experts import (
     EXPERTS_IMPLEMENTATIONS,
     SMALL_GROUPS_ENV,
@@ -556,3 +557,62 @@ def test_grouped_mm_ops_pass_opcheck(layout: str, dtype: torch.dtype):
     assert grad_weight.stride() == weight.stride()
     expected = torch.stack([x[:4].t() @ grad[:4], torch.zeros(32, 16, dtype=dtype), x[4:].t() @ grad[4:]])
     torch.testing.assert_close(grad_weight, expected)
+
+
+@pytest.mark.parametrize(
+    "hidden, intermediate, num_experts, top_k, num_tokens, crowded",
+    [
+        (40, 24, 8, 2, 1, False),  # one token; rows of 40 and 24 floats: the kernel's scalar tails
+        (40, 24, 8, 2, 20, False),  # a decoding batch, tails in both projections
+        (32, 16, 16, 4, 24, True),  # many experts, one with more rows than the kernel's 8-row tile
+    ],
+    ids=["one token, odd widths", "batch, odd widths", "16 experts, crowded"],
+)
+def test_fused_kernel_matches_reference(
+    hidden: int, intermediate: int, num_experts: int, top_k: int, num_tokens: int, crowded: bool, monkeypatch
+):
+    """The fused kernel (`HF_MOE_CPU_SMALL_GROUPS=fused`) on shapes the tiny config does not reach: widths that
+    are not a multiple of its 16-float vectors, groups larger than its row tile, many experts, a dropped slot. It
+    must run (seen in the profile), match the reference, and give the same bits twice."""
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    config = tiny_config(
+        hidden_size=hidden,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=intermediate,
+    )
+    torch.manual_seed(0)
+    reference = HfMoeExperts(config)
+    with torch.no_grad():
+        reference.gate_up_proj.normal_(0.0, 0.3)
+        reference.down_proj.normal_(0.0, 0.3)
+    fast = with_implementation(reference, "hf_moe")
+    gen = torch.Generator().manual_seed(num_tokens)
+    index = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    if crowded:  # expert 0 in every token's first slot: 24 rows, three tiles
+        index[:, 0] = 0
+        index[:, 1:] = torch.stack(
+            [torch.randperm(num_experts - 1, generator=gen)[: top_k - 1] + 1 for _ in range(num_tokens)]
+        )
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    index[0, -1], weights[0, -1] = num_experts, 0.0  # a dropped slot
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        actual = fast(x, index, weights)
+    assert "hf_moe_kernels::fused_experts" in [event.name for event in prof.events()]
+    with torch.no_grad():
+        torch.testing.assert_close(actual, reference(x, index, weights), **FP32)
+        assert torch.equal(fast(x, index, weights), actual)
+
+
+def test_fused_kernel_op_passes_opcheck():
+    """The compiled operator's schema, fake kernel and dispatch agree (torch.library.opcheck)."""
+    assert load_fused_kernel() is None
+    gen = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(3, 2 * 24, 40, generator=gen), torch.randn(3, 40, 24, generator=gen)
+    x = torch.randn(5, 40, generator=gen)
+    token = torch.tensor([0, 3, 1, 2, 4, 0], dtype=torch.long)  # grouped by expert: 2, 0, 4 rows
+    weights = torch.rand(6, generator=gen)
+    torch.library.opcheck(
+        torch.ops.hf_moe_kernels.fused_experts.default, (x, token, [2, 0, 4], weights, gate_up, down, 0)
+    )
