@@ -42,7 +42,12 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
-from hf_moe.modeling.experts import DEFAULT_EXPERTS_IMPLEMENTATION
+from hf_moe.modeling.experts import (
+    DEFAULT_EXPERTS_IMPLEMENTATION,
+    FUSED_MAX_ROWS_PER_EXPERT,
+    SMALL_GROUPS_ENV,
+    small_groups_kernel,
+)
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -379,11 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Backends: "
             + "; ".join(notes)
-            + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) runs one token '
-            "as k matrix-vector products; without autograd, groups under 256 rows per expert on average as one padded "
-            "`bmm` per projection, its padding capped at 2x the routed rows (a crowded expert's rows past the cap as "
-            "one matmul of their own), and larger groups as one matmul per expert; under autograd `F.grouped_mm` on "
-            "the routed rows with a hand-written backward (gate and up gradients in one buffer, one `index_add_`).",
+            + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) without autograd, with '
+            f"`{SMALL_GROUPS_ENV}={small_groups_kernel()}`: in fp32, one token and groups of up to "
+            f"{FUSED_MAX_ROWS_PER_EXPERT} rows per expert on average through the fused kernel (each routed expert's "
+            "weights read once, both projections, weights and combine in one call) when the setting is `fused`; "
+            "otherwise groups under 256 rows per expert on average as one padded `bmm` per projection (padding "
+            "capped at 2x the routed rows) or two grouped GEMMs on the routed rows, by CPU vendor, and larger groups "
+            "as one matmul per expert; under autograd `F.grouped_mm` on the routed rows with a hand-written backward "
+            "(gate and up gradients in one buffer, one `index_add_`).",
             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the timings "
             f"({os.cpu_count()} cores, {args.threads} threads timed)"
             + (

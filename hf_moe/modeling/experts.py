@@ -9,11 +9,14 @@ compute the same function and are registered in transformers' experts interface,
 - "eager": the reference forward (`HfMoeExperts.forward`).
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
-- "hf_moe_cpu": CPU-tuned eager kernels: one token (decoding) as k matrix-vector products on weight views;
-  without autograd, small groups as one padded `bmm` per projection (padding capped at 2x the routed rows; a
-  crowded expert's rows past the cap as one matmul of its own), large groups as one matmul per expert; under
-  autograd the grouped GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for
-  SiLU/GELU experts (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
+- "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32, experts with few rows (one token, or up to 8
+  rows per expert on average: decoding) through one fused compiled kernel that reads each routed expert's weights
+  once (cpu_kernel.py); other small groups as one padded `bmm` per projection (padding capped at 2x the routed
+  rows; a crowded expert's rows past the cap as one matmul of its own) or two grouped GEMMs on the routed rows,
+  as `small_groups_kernel()` says; one token without the fused kernel as k matrix-vector products on weight
+  views; large groups as one matmul per expert. Under autograd the grouped GEMM on the routed rows only
+  (sentinel rows cut off), with a hand-written backward for SiLU/GELU experts (`_RoutedExpertsFunction`: no
+  concatenation, one scatter, the dense MLP's passes).
 - "hf_moe": "hf_moe_cpu" for CPU tensors, "hf_moe_grouped" otherwise (CUDA, or compiled CPU training); compiled
   CPU inference runs the "hf_moe_cpu" kernels as one custom op, `hf_moe::cpu_experts`.
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
@@ -426,7 +429,7 @@ def one_token_experts(
     weight copy; the routing weights are addmm's scalars (the running sum scaled by beta, the new expert's output
     by alpha). Sentinel indices (>= E, dropped assignments) are skipped."""
     num_experts = gate_up_proj.shape[0]
-    if activation is not None and _fused_fits(hidden_states, gate_up_proj, down_proj, activation):
+    if activation is not None and fused_fits(hidden_states, gate_up_proj, down_proj, activation):
         routed = sorted((e, w) for e, w in zip(experts, weights) if e < num_experts)  # grouped by expert
         counts = [0] * num_experts
         for expert, _ in routed:
@@ -607,7 +610,7 @@ def small_groups_kernel() -> str:
     return choice
 
 
-def _fused_fits(
+def fused_fits(
     hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str
 ) -> bool:
     """Whether the fused kernel computes this call: float32 CPU tensors, an activation it knows, contiguous
@@ -652,7 +655,7 @@ def cpu_experts_forward(
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
-    if num_routed <= FUSED_MAX_ROWS_PER_EXPERT * self.num_experts and _fused_fits(
+    if num_routed <= FUSED_MAX_ROWS_PER_EXPERT * self.num_experts and fused_fits(
         hidden_states, self.gate_up_proj, self.down_proj, self.activation
     ):
         # Gather, both projections, weighting and combine in one call (weights in float32, as the kernel takes).
@@ -760,12 +763,14 @@ DEFAULT_EXPERTS_IMPLEMENTATION = "hf_moe"
 
 __all__ = [
     "DEFAULT_EXPERTS_IMPLEMENTATION",
+    "FUSED_MAX_ROWS_PER_EXPERT",
     "EXPERTS_IMPLEMENTATIONS",
     "ExpertGroups",
     "HfMoeExperts",
     "SENTINEL_AWARE_IMPLEMENTATIONS",
     "group_by_expert",
     "grouped_mm",
+    "fused_fits",
     "one_token_experts",
     "small_groups_kernel",
 ]

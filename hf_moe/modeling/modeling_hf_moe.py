@@ -35,12 +35,19 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from transformers.utils import can_return_tuple
 
 from .configuration_hf_moe import HfMoeConfig, expert_activation
+from .cpu_kernel import fused_experts
 from .experts import (
     DEFAULT_EXPERTS_IMPLEMENTATION,
+    FUSED_MAX_ROWS_PER_EXPERT,
     SENTINEL_AWARE_IMPLEMENTATIONS,
     HfMoeExperts,
+    fused_fits,
     one_token_experts,
 )
+
+# A CPU decoding batch routes on the host up to this many router logits (tokens x experts): above it the tensor
+# ops' cost no longer exceeds the Python loop's (BENCHMARKS.md, router cost in a decoding step).
+HOST_ROUTING_MAX_ROUTER_LOGITS = 256
 
 # The transformers releases this code is tested on (the remote-code contract): older or newer ones are refused with
 # a message rather than risk wrong outputs. Keep in sync with pyproject.toml.
@@ -502,12 +509,21 @@ class HfMoeSparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
     def _host_decodable(self, flat: torch.Tensor) -> bool:
-        """Whether this call may take `_decode_one_token`: one CPU token in eager inference, a router with a host
-        form, the default experts kernels, and nothing that watches or rewrites the router or the experts
-        (hooks, parametrizations, PEFT layers): those see the general path."""
+        """Whether this call may route on the host (`_decode_on_host`): eager CPU inference on one token, or on a
+        decoding batch (at most `HOST_ROUTING_MAX_ROUTER_LOGITS` router logits) that the fused experts kernel then
+        computes; a router with a host form, the default experts kernels, and nothing that watches or rewrites the
+        router or the experts (hooks, parametrizations, PEFT layers): those see the general path."""
         gate, experts = self.gate, self.experts
+        num_tokens = flat.shape[0]
         return (
-            flat.shape[0] == 1
+            (
+                num_tokens == 1
+                or (
+                    num_tokens * self.config.num_experts <= HOST_ROUTING_MAX_ROUTER_LOGITS
+                    and num_tokens * self.config.num_experts_per_tok
+                    <= FUSED_MAX_ROWS_PER_EXPERT * self.config.num_experts
+                )
+            )
             and getattr(gate, "host_routing", False)  # a replaced gate (PEFT, a user module) has none
             and not self.training
             and not torch.is_grad_enabled()
@@ -520,23 +536,47 @@ class HfMoeSparseMoeBlock(nn.Module):
             and not (experts._forward_hooks or experts._forward_pre_hooks)
             and not (_global_forward_hooks or _global_forward_pre_hooks)
             and not (is_parametrized(gate) or is_parametrized(experts))
+            and (
+                num_tokens == 1
+                or fused_fits(flat, experts.gate_up_proj, experts.down_proj, experts.activation)
+            )
         )
 
-    def _decode_one_token(self, flat: torch.Tensor) -> torch.Tensor:
-        """One token (1, H): the router's E logits read once, top-k and weights computed on the host, then the k
-        experts in one call (`one_token_experts`: the fused kernel, or matrix-vector products). The general path
-        spends some ten small tensor ops on the routing, each costing more than its arithmetic on a CPU
-        (BENCHMARKS.md: router cost in a decoding step)."""
-        logits = F.linear(flat, self.gate.weight)[0].tolist()  # (E,)
-        experts, weights = self.gate.route_one(logits)
+    def _decode_on_host(self, flat: torch.Tensor) -> torch.Tensor:
+        """Tokens (T, H) routed on the host: the router's (T, E) logits read once, each token's top-k and weights
+        computed in Python (`route_one`), then the experts in one call. The general path spends some twelve small
+        tensor ops on routing and grouping, each costing more than its arithmetic on a CPU (BENCHMARKS.md: router
+        cost in a decoding step). One token: `one_token_experts` (the fused kernel, or matrix-vector products);
+        a batch: the fused kernel on the slots grouped by expert, tokens in order within a group."""
         experts_module = self.experts
-        return one_token_experts(
-            flat,
-            experts,
-            weights,
+        logits = F.linear(flat, self.gate.weight).tolist()  # (T, E)
+        if len(logits) == 1:
+            experts, weights = self.gate.route_one(logits[0])
+            return one_token_experts(
+                flat,
+                experts,
+                weights,
+                experts_module.gate_up_proj,
+                experts_module.down_proj,
+                experts_module.act_fn,
+                experts_module.activation,
+            )
+        num_experts = experts_module.num_experts
+        slots = []  # (expert, token, weight); sentinels (dropped) skipped
+        for token, row in enumerate(logits):
+            experts, weights = self.gate.route_one(row)
+            slots.extend((e, token, w) for e, w in zip(experts, weights) if e < num_experts)
+        slots.sort()  # by expert, then token (a token meets an expert at most once, so weights never compare)
+        counts = [0] * num_experts
+        for expert, _, _ in slots:
+            counts[expert] += 1
+        return fused_experts(
+            flat.contiguous(),
+            torch.tensor([token for _, token, _ in slots], dtype=torch.long),
+            counts,
+            torch.tensor([weight for _, _, weight in slots], dtype=torch.float32),
             experts_module.gate_up_proj,
             experts_module.down_proj,
-            experts_module.act_fn,
             experts_module.activation,
         )
 
@@ -544,7 +584,7 @@ class HfMoeSparseMoeBlock(nn.Module):
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)  # (T, H)
         if self._host_decodable(flat):
-            out = self._decode_one_token(flat)  # (1, H)
+            out = self._decode_on_host(flat)  # (T, H)
         else:
             _, top_k_weights, top_k_index = self.gate(flat)
             if self.config._experts_implementation not in SENTINEL_AWARE_IMPLEMENTATIONS:

@@ -1,10 +1,12 @@
-"""CPU decoding of one token routes on the host (HfMoeSparseMoeBlock._decode_one_token): the same function as the
-reference path, chosen only where nothing watches or rewrites the router or the experts."""
+"""CPU decoding routes on the host (HfMoeSparseMoeBlock._decode_on_host), one token or a small batch (then through
+the fused experts kernel): the same function as the reference path, chosen only where nothing watches or rewrites
+the router or the experts."""
 
 import pytest
 import torch
 
-from hf_moe.modeling.modeling_hf_moe import CACHE_FIELD
+from hf_moe.modeling.experts import SMALL_GROUPS_ENV
+from hf_moe.modeling.modeling_hf_moe import CACHE_FIELD, HOST_ROUTING_MAX_ROUTER_LOGITS
 from tests.helpers.tiny import tiny_model
 
 CASES = [
@@ -39,6 +41,28 @@ def test_one_token_decoding_equals_the_reference(router_type, extra, top_k, shar
 
 
 @pytest.mark.parametrize(("router_type", "extra"), CASES)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_batch_decoding_on_the_host_equals_the_reference(router_type, extra, top_k, shared, monkeypatch):
+    """Decoding batches of 1 to 16 tokens (the fused kernel's range on 4 experts) route on the host, and equal the
+    reference path."""
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    model = tiny_model(router_type=router_type, num_experts_per_tok=top_k, num_shared_experts=shared, **extra)
+    _sharpen(model)
+    block = model.model.layers[0].mlp
+    batches = [torch.randn(size, 1, model.config.hidden_size) for size in (2, 3, 7, 16)]
+    with torch.no_grad():
+        assert all(block._host_decodable(b.reshape(b.shape[0], -1)) for b in batches)
+        with torch.profiler.profile() as prof:
+            fast = [block(b) for b in batches]
+        assert [e.name for e in prof.events()].count("hf_moe_kernels::fused_experts") == len(batches)
+        model.set_experts_implementation("eager")
+        reference = [block(b) for b in batches]
+    for actual, expected in zip(fast, reference):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("router_type", "extra"), CASES)
 def test_host_routing_picks_the_routers_experts_and_weights(router_type, extra):
     model = tiny_model(router_type=router_type, num_experts_per_tok=2, **extra)
     _sharpen(model)
@@ -55,7 +79,7 @@ def test_host_routing_picks_the_routers_experts_and_weights(router_type, extra):
             assert sum(host_weights) == 1.0  # top-2 weights sum to one exactly, as the tensor path's
 
 
-def test_watched_or_training_blocks_take_the_general_path():
+def test_watched_or_training_blocks_take_the_general_path(monkeypatch):
     model = tiny_model()
     block = model.model.layers[0].mlp
     token = torch.randn(1, model.config.hidden_size)
@@ -64,7 +88,15 @@ def test_watched_or_training_blocks_take_the_general_path():
         handle = block.gate.register_forward_hook(lambda *args: None)  # e.g. output_router_logits' recorder
         assert not block._host_decodable(token)
         handle.remove()
-        assert not block._host_decodable(torch.randn(2, model.config.hidden_size))  # more than one token
+        too_many = HOST_ROUTING_MAX_ROUTER_LOGITS // model.config.num_experts + 1
+        assert not block._host_decodable(torch.randn(too_many, model.config.hidden_size))  # a large batch
+        batch = torch.randn(3, model.config.hidden_size)
+        monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+        assert block._host_decodable(batch)
+        monkeypatch.setenv(
+            SMALL_GROUPS_ENV, "padded"
+        )  # a batch on the host needs the fused kernel; one token not
+        assert not block._host_decodable(batch) and block._host_decodable(token)
         model.to(torch.bfloat16)
         assert not block._host_decodable(token.bfloat16())
     assert not block._host_decodable(token)  # autograd on
