@@ -191,7 +191,17 @@ TORCH_LIBRARY(hf_moe_kernels, m) {
 TORCH_LIBRARY_IMPL(hf_moe_kernels, CPU, m) { m.impl("fused_experts", &fused_experts); }
 """
 
-_FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+# -D_GLIBCXX_USE_CXX11_ABI as torch was built, or the std::string in its signatures would not link.
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-std=c++20",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+    "-w",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+]
 
 
 def _cpu_fingerprint() -> str:
@@ -219,7 +229,10 @@ def _compiler() -> str | None:
 
 
 def _library_path(compiler: str) -> Path:
-    key = "\n".join([_SOURCE, torch.__version__, compiler, *_FLAGS, _cpu_fingerprint()])
+    # The torch install is part of the key: the library links against that install's libraries.
+    key = "\n".join(
+        [_SOURCE, torch.__version__, str(Path(torch.__file__).parent), compiler, *_FLAGS, _cpu_fingerprint()]
+    )
     return kernel_cache_dir() / f"fused_experts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
