@@ -128,7 +128,7 @@ class HfMoeRouter(nn.Module):
         raise NotImplementedError
 
     # Whether `route_one` has a host form: decoding one token on the CPU then reads the (E,) logits once and
-    # routes in Python, instead of some ten small tensor ops (HfMoeSparseMoeBlock._decode_one_token).
+    # routes in Python, instead of some ten small tensor ops (HfMoeSparseMoeBlock._decode_on_host).
     host_routing: bool = False
 
     def route_one(self, logits: list[float]) -> tuple[list[int], list[float]]:
