@@ -127,7 +127,7 @@ class HfMoeRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    # Whether `route_one` has a host form: decoding one token on the CPU then reads the (E,) logits once and
+    # Whether `route_one` has a host form: CPU decoding (a token or a small batch) then reads the logits once and
     # routes in Python, instead of some ten small tensor ops (HfMoeSparseMoeBlock._decode_on_host).
     host_routing: bool = False
 
