@@ -8,6 +8,8 @@ does everything else in the same pass:
     out[t] = sum over the slots s of token t:  w_s * down[e_s] @ (act(gate[e_s] @ x[t]) * (up[e_s] @ x[t]))
 
 One call per MoE layer: no gather of the routed rows, no padding, no separate activation, weighting or combine.
+Each weight row is dotted with up to 8 token rows while it sits in L1; from 5 rows on (AVX-512 builds) two weight
+rows go through together, sharing the token rows' loads, and their streams are prefetched ahead.
 Phase 1 splits the active experts' gate/up rows across threads and writes h (S, I); phase 2 splits the output
 columns, so each thread owns its columns of `out` for every expert: no atomics, and the sum over a token's
 experts runs in one fixed order (deterministic).
@@ -54,6 +56,30 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kTile = 8;    // activation rows per pass over a weight row (the weight row stays in L1)
 constexpr int64_t kBlock = 16;  // weight rows per work item
+constexpr int64_t kPrefetchAhead = 1024;  // floats (4 KB) ahead in a weight stream, in the two-row form
+// Tiles of this many rows or more pass over two weight rows at once. With AVX-512 the 2 x 8 accumulators fit in
+// the 32 vector registers; with AVX2 (16 registers, two per v16) they would spill, so it keeps one row at a time.
+#ifdef __AVX512F__
+constexpr int64_t kTwoRowsFrom = 5;
+#else
+constexpr int64_t kTwoRowsFrom = kTile + 1;
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+// The sum of the 16 lanes as a tree of vector adds (shorter than a chain of 16 scalar adds).
+inline float hsum(v16 v) {
+  v8 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(lo));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v8 s8 = lo + hi;
+  v4 a, b;
+  __builtin_memcpy(&a, &s8, sizeof(a));
+  __builtin_memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
+  const v4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 
 // acc[m] = dot(rows[m], w) for m < N, each of length k. N is a template argument so that the N accumulators
 // live in registers (a runtime bound makes the compiler keep them in memory).
@@ -72,8 +98,13 @@ inline void dots_n(const float* const* rows, const float* w, int64_t k, float* a
     }
   }
   for (int m = 0; m < N; ++m) {
+    // One row: the chain of scalar adds measured faster than the tree here (memory-bound either way).
     float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += a[m][i];
+    if constexpr (N == 1) {
+      for (int i = 0; i < 16; ++i) s += a[m][i];
+    } else {
+      s = hsum(a[m]);
+    }
     for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * w[jj];
     acc[m] = s;
   }
@@ -90,6 +121,54 @@ inline void dots(const float* const* rows, int64_t n, const float* w, int64_t k,
     case 6: return dots_n<6>(rows, w, k, acc);
     case 7: return dots_n<7>(rows, w, k, acc);
     default: return dots_n<8>(rows, w, k, acc);
+  }
+}
+
+// The two-row form, for tiles of kTwoRowsFrom rows or more: acc[r * N + m] = dot(rows[m], w[r]) for r < 2. The
+// two weight rows share every load of a token row (N + 2 loads for 2N multiply-adds, against N + 1 for N), and
+// the weight streams are prefetched ahead: with this much arithmetic per byte the hardware prefetcher falls
+// behind (BENCHMARKS.md, "Few rows per expert": 1.5x at 8 rows per expert; it slowed 1-4 rows, so not there).
+template <int N>
+inline void dots2_n(const float* const* rows, const float* const* w, int64_t k, float* acc) {
+  v16 a[2][N];
+  for (int r = 0; r < 2; ++r)
+    for (int m = 0; m < N; ++m) a[r][m] = v16{};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    v16 w0, w1;
+    __builtin_memcpy(&w0, w[0] + j, sizeof(w0));
+    __builtin_memcpy(&w1, w[1] + j, sizeof(w1));
+    __builtin_prefetch(w[0] + j + kPrefetchAhead, 0, 0);
+    __builtin_prefetch(w[1] + j + kPrefetchAhead, 0, 0);
+    for (int m = 0; m < N; ++m) {
+      v16 xv;
+      __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
+      asm("" : "+v"(xv));  // one load of xv for both rows, not one folded into each multiply-add
+      a[0][m] += xv * w0;
+      a[1][m] += xv * w1;
+    }
+  }
+  for (int r = 0; r < 2; ++r)
+    for (int m = 0; m < N; ++m) {
+      float s = hsum(a[r][m]);
+      for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * w[r][jj];
+      acc[r * N + m] = s;
+    }
+}
+
+// acc[m] = dot(rows[m], w0) and acc[n + m] = dot(rows[m], w1) for a runtime n <= kTile.
+inline void dots2(const float* const* rows, int64_t n, const float* w0, const float* w1, int64_t k, float* acc) {
+  if (n < kTwoRowsFrom) {
+    dots(rows, n, w0, k, acc);
+    dots(rows, n, w1, k, acc + n);
+    return;
+  }
+  const float* w[2] = {w0, w1};
+  switch (n) {
+    case 5: return dots2_n<5>(rows, w, k, acc);
+    case 6: return dots2_n<6>(rows, w, k, acc);
+    case 7: return dots2_n<7>(rows, w, k, acc);
+    default: return dots2_n<8>(rows, w, k, acc);
   }
 }
 
@@ -145,16 +224,15 @@ at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntAr
   // Phase 1: h[s, j] = act(gate_j . x[s]) * (up_j . x[s]), work items = (active expert, block of j).
   const int64_t blocks1 = (I + kBlock - 1) / kBlock;
   at::parallel_for(0, num_active * blocks1, 1, [&](int64_t begin, int64_t end) {
-    float g[kTile], u[kTile];
+    float gu[2 * kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = active[item / blocks1], j0 = (item % blocks1) * kBlock, j1 = std::min(I, j0 + kBlock);
       const float* W = gup + e * 2 * I * H;
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
           const int64_t n = std::min(kTile, start[e + 1] - m0);
-          dots(xrows.data() + m0, n, W + j * H, H, g);
-          dots(xrows.data() + m0, n, W + (I + j) * H, H, u);
-          for (int64_t m = 0; m < n; ++m) hp[(m0 + m) * I + j] = activate(g[m], act) * u[m];
+          dots2(xrows.data() + m0, n, W + j * H, W + (I + j) * H, H, gu);  // gate row j, up row j
+          for (int64_t m = 0; m < n; ++m) hp[(m0 + m) * I + j] = activate(gu[m], act) * gu[n + m];
         }
       }
     }
@@ -163,17 +241,20 @@ at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntAr
   // inside one item: a thread owns its columns, and a token's experts add up in expert order.
   const int64_t blocks2 = (H + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks2, 1, [&](int64_t begin, int64_t end) {
-    float acc[kTile];
+    float acc[2 * kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c0 = item * kBlock, c1 = std::min(H, c0 + kBlock);
       for (int64_t a = 0; a < num_active; ++a) {
         const int64_t e = active[a];
         const float* W = dp + e * H * I;
-        for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t c = c0; c < c1; c += 2) {
+          const int64_t cols = std::min<int64_t>(2, c1 - c);  // output columns c (and c + 1)
           for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
             const int64_t n = std::min(kTile, start[e + 1] - m0);
-            dots(hrows.data() + m0, n, W + c * I, I, acc);
-            for (int64_t m = 0; m < n; ++m) op[tok[m0 + m] * H + c] += wp[m0 + m] * acc[m];
+            if (cols == 2) dots2(hrows.data() + m0, n, W + c * I, W + (c + 1) * I, I, acc);
+            else dots(hrows.data() + m0, n, W + c * I, I, acc);
+            for (int64_t r = 0; r < cols; ++r)
+              for (int64_t m = 0; m < n; ++m) op[tok[m0 + m] * H + c + r] += wp[m0 + m] * acc[r * n + m];
           }
         }
       }

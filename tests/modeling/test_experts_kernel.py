@@ -565,8 +565,10 @@ def test_grouped_mm_ops_pass_opcheck(layout: str, dtype: torch.dtype):
         (40, 24, 8, 2, 1, False),  # one token; rows of 40 and 24 floats: the kernel's scalar tails
         (40, 24, 8, 2, 20, False),  # a decoding batch, tails in both projections
         (32, 16, 16, 4, 24, True),  # many experts, one with more rows than the kernel's 8-row tile
+        # 5-8 rows per expert (the two-weight-row form) with tails; 35 output columns: a lone last column
+        (35, 20, 8, 2, 28, False),
     ],
-    ids=["one token, odd widths", "batch, odd widths", "16 experts, crowded"],
+    ids=["one token, odd widths", "batch, odd widths", "16 experts, crowded", "5-8 rows, odd columns"],
 )
 def test_fused_kernel_matches_reference(
     hidden: int, intermediate: int, num_experts: int, top_k: int, num_tokens: int, crowded: bool, monkeypatch
@@ -577,6 +579,7 @@ def test_fused_kernel_matches_reference(
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
     config = tiny_config(
         hidden_size=hidden,
+        **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=intermediate,
