@@ -44,8 +44,8 @@ from real_models import env_prefix, eviction_buffer, load_line, machine_line, wr
 
 # name -> (hidden, moe intermediate, experts, top-k, token counts for table 2)
 SHAPES = {
-    "smollm2-equal-active": (576, 768, 8, 2, (1, 4, 16, 32, 64)),
-    "qwen3-30b-a3b": (2048, 768, 128, 8, (1, 4, 16, 64)),
+    "smollm2-equal-active": (576, 768, 8, 2, (1, 4, 16, 32, 64, 128, 256, 384)),
+    "qwen3-30b-a3b": (2048, 768, 128, 8, (1, 4, 16, 64, 256, 512)),
 }
 ROWS = (1, 2, 4, 8)  # rows per expert in table 1
 TABLE1_EXPERTS = 8  # experts read in table 1 (SmolLM2 shape: all of them)

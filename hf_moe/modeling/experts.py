@@ -9,8 +9,8 @@ compute the same function and are registered in transformers' experts interface,
 - "eager": the reference forward (`HfMoeExperts.forward`).
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
-- "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32, experts with few rows (one token, or up to 8
-  rows per expert on average: decoding) through one fused compiled kernel that reads each routed expert's weights
+- "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32, experts with few rows (one token, or up to 32
+  rows per expert on average: decoding, short prompts) through one fused compiled kernel that reads each routed expert's weights
   once (cpu_kernel.py); other small groups as one padded `bmm` per projection (padding capped at 2x the routed
   rows; a crowded expert's rows past the cap as one matmul of its own) or two grouped GEMMs on the routed rows,
   as `small_groups_kernel()` says; one token without the fused kernel as k matrix-vector products on weight
@@ -547,8 +547,9 @@ def _routed_grouped_forward(
 
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
-# ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert").
-FUSED_MAX_ROWS_PER_EXPERT = 8
+# ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert": it
+# leads the padded `bmm` 1.1-1.7x up to 32 rows and ties it near 64-96 on the SmolLM2 shape).
+FUSED_MAX_ROWS_PER_EXPERT = 32
 SMALL_GROUPS_ENV = "HF_MOE_CPU_SMALL_GROUPS"
 SMALL_GROUPS_KERNELS = ("fused", "padded", "grouped")
 
@@ -584,7 +585,7 @@ def small_groups_kernel() -> str:
     """How CPU inference runs experts with few rows (under 256 per expert on average: decoding, short prompts).
     Set with the environment variable `HF_MOE_CPU_SMALL_GROUPS`:
     - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
-      weights once, for up to 8 rows per expert on average and for one token; larger groups as "auto" without
+      weights once, for up to 32 rows per expert on average and for one token; larger groups as "auto" without
       it. Compiled on first use with the system's C++ compiler; raises if it cannot be built.
     - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
     - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.
