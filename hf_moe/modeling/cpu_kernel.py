@@ -17,7 +17,8 @@ experts runs in one fixed order (deterministic).
 The C++ source below is compiled once per machine and torch build with the system's C++ compiler (`$CXX`, else
 `c++`) into `$HF_MOE_KERNEL_CACHE` (default `~/.cache/hf_moe/kernels`), `-march=native`, so the cache key
 includes the CPU. It is kept here as a string so the file ships as Hub remote code with the rest of the folder.
-Float32 only, inference only; the experts implementation "hf_moe"/"hf_moe_cpu" calls it as the setting
+Float32 or bfloat16 weights (bfloat16 widened to float32 as it is loaded: half the bytes, float32 arithmetic),
+inference only; the experts implementation "hf_moe"/"hf_moe_cpu" calls it as the setting
 `HF_MOE_CPU_SMALL_GROUPS` says (experts.py).
 """
 
@@ -48,6 +49,7 @@ _SOURCE = r"""
 #include <ATen/ops/empty.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -56,7 +58,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kTile = 8;    // activation rows per pass over a weight row (the weight row stays in L1)
 constexpr int64_t kBlock = 16;  // weight rows per work item
-constexpr int64_t kPrefetchAhead = 1024;  // floats (4 KB) ahead in a weight stream, in the two-row form
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a weight stream is prefetched, in the two-row form
 // Tiles of this many rows or more pass over two weight rows at once. With AVX-512 the 2 x 8 accumulators fit in
 // the 32 vector registers; with AVX2 (16 registers, two per v16) they would spill, so it keeps one row at a time.
 #ifdef __AVX512F__
@@ -67,6 +69,32 @@ constexpr int64_t kTwoRowsFrom = kTile + 1;
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// Weights are float32 or bfloat16 (stored as uint16_t: the upper half of a float32), widened to float32 as they
+// are loaded: the arithmetic is float32 either way, and bfloat16 halves the bytes a decoding step reads.
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16 load16(const uint16_t* p) {
+  u16x16 b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  const u32x16 w = __builtin_convertvector(b, u32x16) << 16;
+  v16 v;
+  __builtin_memcpy(&v, &w, sizeof(v));
+  return v;
+}
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t w = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &w, sizeof(f));
+  return f;
+}
+inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 0); }
 
 // The sum of the 16 lanes as a tree of vector adds (shorter than a chain of 16 scalar adds).
 inline float hsum(v16 v) {
@@ -82,36 +110,45 @@ inline float hsum(v16 v) {
 }
 
 // acc[m] = dot(rows[m], w) for m < N, each of length k. N is a template argument so that the N accumulators
-// live in registers (a runtime bound makes the compiler keep them in memory).
-template <int N>
-inline void dots_n(const float* const* rows, const float* w, int64_t k, float* acc) {
-  v16 a[N];
-  for (int m = 0; m < N; ++m) a[m] = v16{};
+// live in registers (a runtime bound makes the compiler keep them in memory). With fewer than 4 rows each
+// accumulator would be a chain of dependent multiply-adds (4 cycles apiece), so U interleaved chains run over j.
+template <int N, typename W>
+inline void dots_n(const float* const* rows, const W* w, int64_t k, float* acc) {
+  constexpr int U = N == 1 ? 4 : N < 4 ? 2 : 1;
+  v16 a[U][N];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < N; ++m) a[u][m] = v16{};
   int64_t j = 0;
+  for (; j + 16 * U <= k; j += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const v16 wv = load16(w + j + 16 * u);
+      for (int m = 0; m < N; ++m) {
+        v16 xv;
+        __builtin_memcpy(&xv, rows[m] + j + 16 * u, sizeof(xv));
+        a[u][m] += xv * wv;
+      }
+    }
+  }
   for (; j + 16 <= k; j += 16) {
-    v16 wv;
-    __builtin_memcpy(&wv, w + j, sizeof(wv));
+    const v16 wv = load16(w + j);
     for (int m = 0; m < N; ++m) {
       v16 xv;
       __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
-      a[m] += xv * wv;
+      a[0][m] += xv * wv;
     }
   }
   for (int m = 0; m < N; ++m) {
-    // One row: the chain of scalar adds measured faster than the tree here (memory-bound either way).
-    float s = 0.f;
-    if constexpr (N == 1) {
-      for (int i = 0; i < 16; ++i) s += a[m][i];
-    } else {
-      s = hsum(a[m]);
-    }
-    for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * w[jj];
+    v16 t = a[0][m];
+    for (int u = 1; u < U; ++u) t += a[u][m];
+    float s = hsum(t);
+    for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * widen(w[jj]);
     acc[m] = s;
   }
 }
 
 // dots_n for a runtime n <= kTile.
-inline void dots(const float* const* rows, int64_t n, const float* w, int64_t k, float* acc) {
+template <typename W>
+inline void dots(const float* const* rows, int64_t n, const W* w, int64_t k, float* acc) {
   switch (n) {
     case 1: return dots_n<1>(rows, w, k, acc);
     case 2: return dots_n<2>(rows, w, k, acc);
@@ -128,18 +165,16 @@ inline void dots(const float* const* rows, int64_t n, const float* w, int64_t k,
 // two weight rows share every load of a token row (N + 2 loads for 2N multiply-adds, against N + 1 for N), and
 // the weight streams are prefetched ahead: with this much arithmetic per byte the hardware prefetcher falls
 // behind (BENCHMARKS.md, "Few rows per expert": 1.5x at 8 rows per expert; it slowed 1-4 rows, so not there).
-template <int N>
-inline void dots2_n(const float* const* rows, const float* const* w, int64_t k, float* acc) {
+template <int N, typename W>
+inline void dots2_n(const float* const* rows, const W* const* w, int64_t k, float* acc) {
   v16 a[2][N];
   for (int r = 0; r < 2; ++r)
     for (int m = 0; m < N; ++m) a[r][m] = v16{};
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
-    v16 w0, w1;
-    __builtin_memcpy(&w0, w[0] + j, sizeof(w0));
-    __builtin_memcpy(&w1, w[1] + j, sizeof(w1));
-    __builtin_prefetch(w[0] + j + kPrefetchAhead, 0, 0);
-    __builtin_prefetch(w[1] + j + kPrefetchAhead, 0, 0);
+    const v16 w0 = load16(w[0] + j), w1 = load16(w[1] + j);
+    prefetch_ahead(w[0] + j);
+    prefetch_ahead(w[1] + j);
     for (int m = 0; m < N; ++m) {
       v16 xv;
       __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
@@ -151,19 +186,20 @@ inline void dots2_n(const float* const* rows, const float* const* w, int64_t k, 
   for (int r = 0; r < 2; ++r)
     for (int m = 0; m < N; ++m) {
       float s = hsum(a[r][m]);
-      for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * w[r][jj];
+      for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * widen(w[r][jj]);
       acc[r * N + m] = s;
     }
 }
 
 // acc[m] = dot(rows[m], w0) and acc[n + m] = dot(rows[m], w1) for a runtime n <= kTile.
-inline void dots2(const float* const* rows, int64_t n, const float* w0, const float* w1, int64_t k, float* acc) {
+template <typename W>
+inline void dots2(const float* const* rows, int64_t n, const W* w0, const W* w1, int64_t k, float* acc) {
   if (n < kTwoRowsFrom) {
     dots(rows, n, w0, k, acc);
     dots(rows, n, w1, k, acc + n);
     return;
   }
-  const float* w[2] = {w0, w1};
+  const W* w[2] = {w0, w1};
   switch (n) {
     case 5: return dots2_n<5>(rows, w, k, acc);
     case 6: return dots2_n<6>(rows, w, k, acc);
@@ -179,14 +215,68 @@ inline float activate(float g, int64_t act) {
   return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
 }
 
+// Both phases, for weights of type W (float, or uint16_t holding bfloat16); x, h and out are float32.
+template <typename W>
+void run_experts(const float* xp, const int64_t* tok, const std::vector<int64_t>& start,
+                 const std::vector<int64_t>& active, const float* wp, const W* gup, const W* dp, float* hp, float* op,
+                 int64_t H, int64_t I, int64_t S, int64_t act) {
+  std::vector<const float*> xrows(S), hrows(S);
+  for (int64_t s = 0; s < S; ++s) {
+    xrows[s] = xp + tok[s] * H;
+    hrows[s] = hp + s * I;
+  }
+  const int64_t num_active = static_cast<int64_t>(active.size());
+  // Phase 1: h[s, j] = act(gate_j . x[s]) * (up_j . x[s]), work items = (active expert, block of j).
+  const int64_t blocks1 = (I + kBlock - 1) / kBlock;
+  at::parallel_for(0, num_active * blocks1, 1, [&](int64_t begin, int64_t end) {
+    float gu[2 * kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = active[item / blocks1], j0 = (item % blocks1) * kBlock, j1 = std::min(I, j0 + kBlock);
+      const W* Wg = gup + e * 2 * I * H;
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+          const int64_t n = std::min(kTile, start[e + 1] - m0);
+          dots2(xrows.data() + m0, n, Wg + j * H, Wg + (I + j) * H, H, gu);  // gate row j, up row j
+          for (int64_t m = 0; m < n; ++m) hp[(m0 + m) * I + j] = activate(gu[m], act) * gu[n + m];
+        }
+      }
+    }
+  });
+  // Phase 2: out[token[s], c] += w[s] * (down_c . h[s]), work items = blocks of output columns c, every expert
+  // inside one item: a thread owns its columns, and a token's experts add up in expert order.
+  const int64_t blocks2 = (H + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks2, 1, [&](int64_t begin, int64_t end) {
+    float acc[2 * kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c0 = item * kBlock, c1 = std::min(H, c0 + kBlock);
+      for (int64_t a = 0; a < num_active; ++a) {
+        const int64_t e = active[a];
+        const W* Wd = dp + e * H * I;
+        for (int64_t c = c0; c < c1; c += 2) {
+          const int64_t cols = std::min<int64_t>(2, c1 - c);  // output columns c (and c + 1)
+          for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+            const int64_t n = std::min(kTile, start[e + 1] - m0);
+            if (cols == 2) dots2(hrows.data() + m0, n, Wd + c * I, Wd + (c + 1) * I, I, acc);
+            else dots(hrows.data() + m0, n, Wd + c * I, I, acc);
+            for (int64_t r = 0; r < cols; ++r)
+              for (int64_t m = 0; m < n; ++m) op[tok[m0 + m] * H + c + r] += wp[m0 + m] * acc[r * n + m];
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntArrayRef counts,
                          const at::Tensor& weights, const at::Tensor& gate_up, const at::Tensor& down,
                          int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "hf_moe fused_experts: x must be a contiguous float32 (T, H) tensor");
-  TORCH_CHECK(gate_up.dim() == 3 && gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous() &&
-                  down.dim() == 3 && down.scalar_type() == at::kFloat && down.is_contiguous(),
-              "hf_moe fused_experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) must be contiguous float32");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && gate_up.scalar_type() == dtype &&
+                  down.scalar_type() == dtype,
+              "hf_moe fused_experts: x, gate_up_proj and down_proj must all be float32 or all bfloat16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "hf_moe fused_experts: x must be a contiguous (T, H) tensor");
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.is_contiguous() && down.dim() == 3 && down.is_contiguous(),
+              "hf_moe fused_experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) must be contiguous");
   const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I = down.size(2);
   TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == H && down.size(0) == E && down.size(1) == H,
               "hf_moe fused_experts: expert weight shapes do not match x");
@@ -205,62 +295,21 @@ at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntAr
   const int64_t* tok = token.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(tok[s] >= 0 && tok[s] < T, "hf_moe fused_experts: token out of range");
 
-  at::Tensor out = at::zeros({T, H}, x.options());
-  if (S == 0) return out;
-  at::Tensor h = at::empty({S, I}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weights.data_ptr<float>();
-  const float* gup = gate_up.data_ptr<float>();
-  const float* dp = down.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  std::vector<const float*> xrows(S), hrows(S);
-  for (int64_t s = 0; s < S; ++s) {
-    xrows[s] = xp + tok[s] * H;
-    hrows[s] = hp + s * I;
+  // float32 throughout inside: x widened once (T x H, small), the output rounded back to x's dtype at the end.
+  const at::Tensor xf = dtype == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor out = at::zeros({T, H}, xf.options());
+  if (S == 0) return dtype == at::kFloat ? out : out.to(dtype);
+  at::Tensor h = at::empty({S, I}, xf.options());
+  if (dtype == at::kFloat) {
+    run_experts(xf.data_ptr<float>(), tok, start, active, weights.data_ptr<float>(), gate_up.data_ptr<float>(),
+                down.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), H, I, S, act);
+    return out;
   }
-  const int64_t num_active = static_cast<int64_t>(active.size());
-
-  // Phase 1: h[s, j] = act(gate_j . x[s]) * (up_j . x[s]), work items = (active expert, block of j).
-  const int64_t blocks1 = (I + kBlock - 1) / kBlock;
-  at::parallel_for(0, num_active * blocks1, 1, [&](int64_t begin, int64_t end) {
-    float gu[2 * kTile];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = active[item / blocks1], j0 = (item % blocks1) * kBlock, j1 = std::min(I, j0 + kBlock);
-      const float* W = gup + e * 2 * I * H;
-      for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
-          const int64_t n = std::min(kTile, start[e + 1] - m0);
-          dots2(xrows.data() + m0, n, W + j * H, W + (I + j) * H, H, gu);  // gate row j, up row j
-          for (int64_t m = 0; m < n; ++m) hp[(m0 + m) * I + j] = activate(gu[m], act) * gu[n + m];
-        }
-      }
-    }
-  });
-  // Phase 2: out[token[s], c] += w[s] * (down_c . h[s]), work items = blocks of output columns c, every expert
-  // inside one item: a thread owns its columns, and a token's experts add up in expert order.
-  const int64_t blocks2 = (H + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks2, 1, [&](int64_t begin, int64_t end) {
-    float acc[2 * kTile];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t c0 = item * kBlock, c1 = std::min(H, c0 + kBlock);
-      for (int64_t a = 0; a < num_active; ++a) {
-        const int64_t e = active[a];
-        const float* W = dp + e * H * I;
-        for (int64_t c = c0; c < c1; c += 2) {
-          const int64_t cols = std::min<int64_t>(2, c1 - c);  // output columns c (and c + 1)
-          for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
-            const int64_t n = std::min(kTile, start[e + 1] - m0);
-            if (cols == 2) dots2(hrows.data() + m0, n, W + c * I, W + (c + 1) * I, I, acc);
-            else dots(hrows.data() + m0, n, W + c * I, I, acc);
-            for (int64_t r = 0; r < cols; ++r)
-              for (int64_t m = 0; m < n; ++m) op[tok[m0 + m] * H + c + r] += wp[m0 + m] * acc[r * n + m];
-          }
-        }
-      }
-    }
-  });
-  return out;
+  run_experts(xf.data_ptr<float>(), tok, start, active, weights.data_ptr<float>(),
+              reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>()),
+              reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), h.data_ptr<float>(),
+              out.data_ptr<float>(), H, I, S, act);
+  return out.to(dtype);
 }
 
 }  // namespace
@@ -381,7 +430,8 @@ def fused_experts(
     down_proj: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """Routed experts in one pass (float32, inference): x (T, H); the S routed slots sorted by expert, as
+    """Routed experts in one pass (inference; x and both weights all float32 or all bfloat16, the arithmetic in
+    float32): x (T, H); the S routed slots sorted by expert, as
     `token` (S,) int64 rows of x, `counts` (E,) slots per expert and `weights` (S,) float32 routing weights;
     gate_up_proj (E, 2I, H), down_proj (E, H, I). Returns (T, H): each token's weighted sum over its experts.
     `load_fused_kernel()` must have returned None."""

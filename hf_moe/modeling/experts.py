@@ -614,10 +614,11 @@ def small_groups_kernel() -> str:
 def fused_fits(
     hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str
 ) -> bool:
-    """Whether the fused kernel computes this call: float32 CPU tensors, an activation it knows, contiguous
-    expert weights, and the setting choosing it."""
+    """Whether the fused kernel computes this call: float32 or bfloat16 CPU tensors (one dtype), an activation it
+    knows, contiguous expert weights, and the setting choosing it."""
     return (
-        hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype == torch.float32
+        hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype
+        and hidden_states.dtype in (torch.float32, torch.bfloat16)
         and hidden_states.device.type == "cpu"
         and activation in ACTIVATION_CODES
         and gate_up_proj.is_contiguous()

@@ -570,12 +570,21 @@ def test_grouped_mm_ops_pass_opcheck(layout: str, dtype: torch.dtype):
     ],
     ids=["one token, odd widths", "batch, odd widths", "16 experts, crowded", "5-8 rows, odd columns"],
 )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_kernel_matches_reference(
-    hidden: int, intermediate: int, num_experts: int, top_k: int, num_tokens: int, crowded: bool, monkeypatch
+    hidden: int,
+    intermediate: int,
+    num_experts: int,
+    top_k: int,
+    num_tokens: int,
+    crowded: bool,
+    dtype: torch.dtype,
+    monkeypatch,
 ):
     """The fused kernel (`HF_MOE_CPU_SMALL_GROUPS=fused`) on shapes the tiny config does not reach: widths that
     are not a multiple of its 16-float vectors, groups larger than its row tile, many experts, a dropped slot. It
-    must run (seen in the profile), match the reference, and give the same bits twice."""
+    must run (seen in the profile), match the reference, and give the same bits twice. In bfloat16 it computes in
+    float32, so it matches the float32 reference on the same (bfloat16) values up to the output's rounding."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
     config = tiny_config(
         hidden_size=hidden,
@@ -589,7 +598,9 @@ def test_fused_kernel_matches_reference(
     with torch.no_grad():
         reference.gate_up_proj.normal_(0.0, 0.3)
         reference.down_proj.normal_(0.0, 0.3)
-    fast = with_implementation(reference, "hf_moe")
+        for weight in (reference.gate_up_proj, reference.down_proj):  # values that bfloat16 holds exactly
+            weight.copy_(weight.to(dtype))
+    fast = with_implementation(reference, "hf_moe").to(dtype)
     gen = torch.Generator().manual_seed(num_tokens)
     index = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
     if crowded:  # expert 0 in every token's first slot: 24 rows, three tiles
@@ -599,12 +610,15 @@ def test_fused_kernel_matches_reference(
         )
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
     index[0, -1], weights[0, -1] = num_experts, 0.0  # a dropped slot
-    x = torch.randn(num_tokens, hidden, generator=gen)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     with torch.no_grad(), torch.profiler.profile() as prof:
         actual = fast(x, index, weights)
     assert "hf_moe_kernels::fused_experts" in [event.name for event in prof.events()]
+    assert actual.dtype == dtype
+    # bfloat16 output: rounded to 8 bits of mantissa, a relative error of at most 2**-9
+    tolerance = FP32 if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(actual, reference(x, index, weights), **FP32)
+        torch.testing.assert_close(actual.float(), reference(x.float(), index, weights), **tolerance)
         assert torch.equal(fast(x, index, weights), actual)
 
 
