@@ -9,14 +9,14 @@ compute the same function and are registered in transformers' experts interface,
 - "eager": the reference forward (`HfMoeExperts.forward`).
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
-- "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32, experts with few rows (one token, or up to 32
-  rows per expert on average: decoding, short prompts) through one fused compiled kernel that reads each routed expert's weights
-  once (cpu_kernel.py); other small groups as one padded `bmm` per projection (padding capped at 2x the routed
-  rows; a crowded expert's rows past the cap as one matmul of its own) or two grouped GEMMs on the routed rows,
-  as `small_groups_kernel()` says; one token without the fused kernel as k matrix-vector products on weight
-  views; large groups as one matmul per expert. Under autograd the grouped GEMM on the routed rows only
-  (sentinel rows cut off), with a hand-written backward for SiLU/GELU experts (`_RoutedExpertsFunction`: no
-  concatenation, one scatter, the dense MLP's passes).
+- "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32 or bf16, experts with few rows (one token, or
+  up to 32 rows per expert on average: decoding, short prompts) through one fused compiled kernel that reads each
+  routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per projection (padding
+  capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own) or two grouped
+  GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
+  matrix-vector products on weight views; large groups as one matmul per expert. Under autograd the grouped
+  GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for SiLU/GELU experts
+  (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
 - "hf_moe": "hf_moe_cpu" for CPU tensors, "hf_moe_grouped" otherwise (CUDA, or compiled CPU training); compiled
   CPU inference runs the "hf_moe_cpu" kernels as one custom op, `hf_moe::cpu_experts`.
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
