@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import (  # noqa: E402
-    env_prefix,
+    command_line,
     eviction_buffer,
     load,
     load_line,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             f"| {name} | {nbytes / 1e6:.1f} | {nbytes / dense_bytes:.2f}x | {ms:.3f} | {ms / dense_ms:.2f}x |"
         )
-    command = env_prefix() + "python benchmarks/decode_bandwidth.py" + (" " + " ".join(argv) if argv else "")
+    command = command_line("decode_bandwidth.py", argv)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(
         [

@@ -40,7 +40,7 @@ from hf_moe.modeling.experts import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import env_prefix, eviction_buffer, load_line, machine_line, write_section  # noqa: E402
+from real_models import command_line, eviction_buffer, load_line, machine_line, write_section  # noqa: E402
 
 # name -> (hidden, moe intermediate, experts, top-k, token counts for table 2)
 SHAPES = {
@@ -155,15 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_line()
     evict = eviction_buffer()
     tables = [read_rate_table(args.rounds, evict), kernels_table(args.rounds, evict)]
-    command = (
-        env_prefix() + "python benchmarks/few_rows.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("few_rows.py", argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(
         [
             "### Few rows per expert (decoding): the fused CPU kernel against MKL (fp32, CPU)",
             "",
-            f"`{command.strip()}` on {stamp}; {machine_line(args.threads)}.",
+            f"`{command}` on {stamp}; {machine_line(args.threads)}.",
             f"Weights in DRAM (a {evict.numel() * 4 >> 20} MB buffer written before each call); median of "
             f"{args.rounds} interleaved rounds. Load average {load_before} before, {load_line()} after.",
             "",

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import (  # noqa: E402
     UPCYCLES,
-    env_prefix,
+    command_line,
     load,
     load_line,
     machine_line,
@@ -248,14 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = [row for kind in args.kinds for row in run_kind(kind, args)]
     table = render(rows, args.compile)
-    command = (
-        env_prefix() + "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("generate.py", argv)
     body = "\n".join(
         [
             f"### Decode speed on the real SmolLM2-135M upcycles ({DTYPE_LABELS[args.dtype]}, CPU)",
             "",
-            f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
+            f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
             f"Greedy `generate` on real text: {args.prompt_len}-token prompts, {args.new_tokens} new tokens; decode "
             "tokens/s = batch x (new tokens - 1) / (time of that call - time of a 1-new-token call), the prefill "
             f"excluded; median of {args.rounds} rounds in rotating order. `equal-active`: 8 experts of half width, "
@@ -283,13 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 def profile_main(args, argv: list[str] | None) -> int:
     load_before = load_line()
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = (
-        env_prefix() + "python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("generate.py", argv)
     parts = [
         "### Where decode time goes: op profile per decoding step per decoder layer (fp32, CPU)",
         "",
-        f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}; load average before "
+        f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}; load average before "
         f"{load_before}.",
         "torch.profiler over 4 decoding forwards (one new token per sequence) after a prefill; calls and mean self "
         "CPU microseconds per step per decoder layer (profiler overhead included), sorted by the difference between "

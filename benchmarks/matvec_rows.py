@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import env_prefix, eviction_buffer, load_line, machine_line, write_section  # noqa: E402
+from real_models import command_line, eviction_buffer, load_line, machine_line, write_section  # noqa: E402
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 2048, 768, 128, 8
 
@@ -78,17 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         mb = megabytes[name.split(":")[0]]
         lines.append(f"| {name} | {row} | {mb:.1f} | {ms:.3f} | {mb / ms:.1f} |")
     table = "\n".join(lines)
-    command = (
-        env_prefix()
-        + "python benchmarks/matvec_rows.py "
-        + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("matvec_rows.py", argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(
         [
             "### One decoding token at the Qwen3-30B-A3B shape: matrix-vector products by row length (fp32, CPU)",
             "",
-            f"`{command.strip()}` on {stamp}; {machine_line(args.threads)}.",
+            f"`{command}` on {stamp}; {machine_line(args.threads)}.",
             f"Weights in DRAM (a {evict.numel() * 4 >> 20} MB buffer written before each call); median of "
             f"{args.rounds} interleaved rounds. Load average {load_before} before, {load_line()} after.",
             "",

@@ -51,7 +51,7 @@ from hf_moe.modeling.experts import (
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import cpu_model, env_prefix, eviction_buffer, eviction_bytes  # noqa: E402
+from real_models import command_line, cpu_model, eviction_buffer, eviction_bytes  # noqa: E402
 
 # name -> (hidden, moe intermediate, experts, top-k, default token counts)
 SHAPES = {
@@ -354,16 +354,12 @@ def main(argv: list[str] | None = None) -> int:
 
     table = render(results, names)
     load_after = os.getloadavg()[0]
-    command = (
-        env_prefix()
-        + "python benchmarks/moe_block.py "
-        + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("moe_block.py", argv)
     body = "\n".join(
         [
             f"### MoE block speed, {args.shape} shape ({args.dtype}, CPU)",
             "",
-            f"`{command.strip()}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
+            f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
             f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
             f"{platform.machine()} CPU, {cpu_model()} ({os.cpu_count()} cores, shared with other jobs), "
             f"`torch.set_num_threads({args.threads})`.",

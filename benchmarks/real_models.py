@@ -61,6 +61,13 @@ def env_prefix() -> str:
     return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, for a table's caption: the malloc settings, the script and its
+    arguments (`argv`, or the process's own when None)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return (env_prefix() + f"python benchmarks/{script} " + " ".join(args)).strip()
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
     try:

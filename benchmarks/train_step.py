@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import (  # noqa: E402
     UPCYCLES,
-    env_prefix,
+    command_line,
     load,
     load_line,
     machine_line,
@@ -171,16 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = [run_kind(kind, ids, args) for kind in args.kinds]
     table = render(rows)
-    command = (
-        env_prefix()
-        + "python benchmarks/train_step.py "
-        + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("train_step.py", argv)
     body = "\n".join(
         [
             "### Training step on the real SmolLM2-135M upcycles (fp32, CPU)",
             "",
-            f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
+            f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
             f"One step = forward + backward + AdamW (`{args.optimizer}`) on {args.batch}x{args.seq_len} tokens of "
             "Shakespeare; median of "
             f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up step per load), models in "
