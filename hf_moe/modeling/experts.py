@@ -548,7 +548,7 @@ def _routed_grouped_forward(
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 # ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert": it
-# leads the padded `bmm` 1.1-1.7x up to 32 rows and ties it near 64-96 on the SmolLM2 shape).
+# leads the padded `bmm` 1.3-2.8x up to 32 rows and ties it at 64-96 on the SmolLM2 shape).
 FUSED_MAX_ROWS_PER_EXPERT = 32
 SMALL_GROUPS_ENV = "HF_MOE_CPU_SMALL_GROUPS"
 SMALL_GROUPS_KERNELS = ("fused", "padded", "grouped")
