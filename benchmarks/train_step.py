@@ -6,6 +6,9 @@ and Mixtral holding the same weights). One step = forward + backward + `torch.op
 both models' configs default). Only one model trains at a time (an MoE model's weights, gradients and AdamW state
 take ~6 GB here): each round loads every model in turn, runs `--warmup` untimed steps (the AdamW state is created
 there) and `--steps` timed ones, and frees it; rounds rotate the order, and the median over all timed steps counts.
+The first steps after a load grow the heap, and a VM pays a page fault per first-touched page (the MoE models, with
+2.8x the parameters, pay most: ~250k minor faults in their second step against ~0 from the fourth on), so three
+warm-up steps are the default and the table reports the minor page faults of the timed steps.
 
 Usage:
     python benchmarks/train_step.py                    # both upcycles; writes BENCHMARKS.md
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import resource
 import statistics
 import sys
 import time
@@ -52,12 +56,15 @@ def step_times(
     phases: list[tuple[float, float, float]] | None = None,
     *,
     optimizer_name: str = "adamw_fused",
+    faults: list[int] | None = None,
 ) -> list[float]:
-    """Whole-step seconds of the timed steps; with `phases`, also append (forward, backward, AdamW) seconds."""
+    """Whole-step seconds of the timed steps; with `phases`, also append (forward, backward, AdamW) seconds; with
+    `faults`, the minor page faults of each timed step."""
     model = load(path).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **OPTIMIZERS[optimizer_name])
     times = []
     for i in range(warmup + steps):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
@@ -67,6 +74,8 @@ def step_times(
         optimizer.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            if faults is not None:
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             if phases is not None:
                 phases.append((forward - start, backward - forward, time.perf_counter() - backward))
     del model, optimizer
@@ -90,15 +99,22 @@ def run_kind(kind: str, ids: torch.Tensor, args) -> dict:
     dirs = model_dirs(kind)
     names = ["dense", "mixtral", "hf_moe"]
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name] += step_times(dirs[name], ids, args.warmup, args.steps, optimizer_name=args.optimizer)
+            times[name] += step_times(
+                dirs[name], ids, args.warmup, args.steps, optimizer_name=args.optimizer, faults=faults[name]
+            )
         print(
             f"{kind} round {r + 1}: "
             + ", ".join(f"{n} {statistics.median(v):.2f}s" for n, v in times.items()),
             flush=True,
         )
-    return {"kind": kind, **{n: statistics.median(v) for n, v in times.items()}}
+    return {
+        "kind": kind,
+        **{n: statistics.median(v) for n, v in times.items()},
+        **{f"{n}_faults": max(v) for n, v in faults.items()},
+    }
 
 
 def render(rows: list[dict]) -> str:
@@ -109,6 +125,7 @@ def render(rows: list[dict]) -> str:
         "hf_moe s",
         "hf_moe / dense (time)",
         "Mixtral / hf_moe (speed-up)",
+        "most page faults in a timed step (dense / Mixtral / hf_moe)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -122,6 +139,7 @@ def render(rows: list[dict]) -> str:
                     f"{r['hf_moe']:.2f}",
                     f"{r['hf_moe'] / r['dense']:.2f}x",
                     f"{r['mixtral'] / r['hf_moe']:.2f}x",
+                    " / ".join(f"{r[n + '_faults']:,}" for n in ("dense", "mixtral", "hf_moe")),
                 ]
             )
             + " |"
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw_fused")
@@ -179,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine_line(args.threads)}.",
             f"One step = forward + backward + AdamW (`{args.optimizer}`) on {args.batch}x{args.seq_len} tokens of "
             "Shakespeare; median of "
-            f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up step per load), models in "
+            f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up steps per load), models in "
             "rotating order, one in memory at a time. Models as in the decode table (hf_moe with its default experts "
             "implementation, which trains through the grouped GEMM; Mixtral with transformers' default).",
             f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs).",
