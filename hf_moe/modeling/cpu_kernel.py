@@ -178,7 +178,9 @@ inline void dots2_n(const float* const* rows, const W* const* w, int64_t k, floa
     for (int m = 0; m < N; ++m) {
       v16 xv;
       __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
+#ifdef __AVX512F__
       asm("" : "+v"(xv));  // one load of xv for both rows, not one folded into each multiply-add
+#endif
       a[0][m] += xv * w0;
       a[1][m] += xv * w1;
     }
@@ -199,12 +201,15 @@ inline void dots2(const float* const* rows, int64_t n, const W* w0, const W* w1,
     dots(rows, n, w1, k, acc + n);
     return;
   }
-  const W* w[2] = {w0, w1};
-  switch (n) {
-    case 5: return dots2_n<5>(rows, w, k, acc);
-    case 6: return dots2_n<6>(rows, w, k, acc);
-    case 7: return dots2_n<7>(rows, w, k, acc);
-    default: return dots2_n<8>(rows, w, k, acc);
+  // Not instantiated without AVX-512 (kTwoRowsFrom > kTile there): its register constraint needs a 64-byte register.
+  if constexpr (kTwoRowsFrom <= kTile) {
+    const W* w[2] = {w0, w1};
+    switch (n) {
+      case 5: return dots2_n<5>(rows, w, k, acc);
+      case 6: return dots2_n<6>(rows, w, k, acc);
+      case 7: return dots2_n<7>(rows, w, k, acc);
+      default: return dots2_n<8>(rows, w, k, acc);
+    }
   }
 }
 
