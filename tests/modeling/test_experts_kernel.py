@@ -11,6 +11,7 @@ groups (one matmul per expert).
 
 import copy
 import os
+import platform
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from hf_moe import HfMoeForCausalLM
+from hf_moe.modeling import cpu_kernel
 from hf_moe.modeling.cpu_kernel import load_fused_kernel
 from hf_moe.modeling.experts import (
     EXPERTS_IMPLEMENTATIONS,
@@ -633,3 +635,29 @@ def test_fused_kernel_op_passes_opcheck():
     torch.library.opcheck(
         torch.ops.hf_moe_kernels.fused_experts.default, (x, token, [2, 0, 4], weights, gate_up, down, 0)
     )
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels")
+@pytest.mark.parametrize("level", ["x86-64-v3", "x86-64-v4"], ids=["AVX2", "AVX-512"])
+def test_fused_kernel_compiles_for_each_x86_level(level: str, tmp_path):
+    """The kernel has AVX-512-only code (the two-row form): it must still compile where -march=native means AVX2,
+    whatever this machine has (a build that failed on AVX2 hosts once reached main from an AVX-512 one)."""
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = cpu_kernel._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "fused_experts.cpp"
+    source.write_text(cpu_kernel._SOURCE)
+    flags = [f"-march={level}" if f == "-march=native" else f for f in cpu_kernel._FLAGS if f != "-shared"]
+    command = [
+        compiler,
+        *flags,
+        *(f"-I{p}" for p in include_paths()),
+        "-c",
+        str(source),
+        "-o",
+        str(tmp_path / "k.o"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
