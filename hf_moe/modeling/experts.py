@@ -545,6 +545,12 @@ def _routed_grouped_forward(
     return grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offsets).mul_(weights)  # (S, H)
 
 
+# CPU training with more routed rows than this per expert on average runs the hand-written backward
+# (`_RoutedExpertsFunction`); fewer take autograd's backward of the grouped GEMMs on the routed rows. The hand-written
+# one saves an (S, 2I) `cat` and an `index_put`, 5% of the small-shape block's fwd+bwd at 4096 tokens; at a few rows
+# its Python costs more than they do: autograd's path was 2-4% faster at 1 token, level at 16-256 tokens
+# (BENCHMARKS.md, "Reading the block tables").
+MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 # ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert": it
@@ -641,7 +647,9 @@ def cpu_experts_forward(
     counts = groups.counts.tolist()
     num_routed = sum(counts)
     if needs_grad:
-        if num_routed and _manual_backward_fits(self, hidden_states):
+        if num_routed > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * self.num_experts and _manual_backward_fits(
+            self, hidden_states
+        ):
             return _RoutedExpertsFunction.apply(
                 hidden_states,
                 top_k_weights,

@@ -26,6 +26,7 @@ from hf_moe.modeling import cpu_kernel
 from hf_moe.modeling.cpu_kernel import load_fused_kernel
 from hf_moe.modeling.experts import (
     EXPERTS_IMPLEMENTATIONS,
+    MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT,
     SMALL_GROUPS_ENV,
     HfMoeExperts,
     group_by_expert,
@@ -189,9 +190,10 @@ def test_other_activations_match_reference(implementation: str, activation: str)
         reference.gate_up_proj.normal_(0.0, 0.3)
         reference.down_proj.normal_(0.0, 0.3)
     fast = with_implementation(reference, implementation)
-    index, weights = make_routing(64, 2, sentinels=True)
-    x = torch.randn(64, reference.hidden_dim)
-    grad_out = torch.randn(64, reference.hidden_dim)
+    # 300 tokens: past MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT, so the CPU path runs its hand-written activation backward.
+    index, weights = make_routing(300, 2, sentinels=True)
+    x = torch.randn(300, reference.hidden_dim)
+    grad_out = torch.randn(300, reference.hidden_dim)
 
     def call(m, x, w):
         return m(x, index, w)
@@ -202,17 +204,33 @@ def test_other_activations_match_reference(implementation: str, activation: str)
     assert_grads_close(actual_grads, expected_grads, f"{implementation} {activation}")
 
 
+@pytest.mark.parametrize(
+    "num_tokens, top_k, hand_written",
+    [(1, 2, False), (64, 2, False), (64, 4, True), (300, 2, True)],
+)
+def test_cpu_training_picks_the_backward_by_rows_per_expert(num_tokens: int, top_k: int, hand_written: bool):
+    """CPU training runs the hand-written backward past MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT routed rows per expert
+    on average and autograd's below it. The gradient tests here use token counts on both sides; this pins that
+    they do, through the autograd node the forward leaves."""
+    experts = make_experts("hf_moe_cpu")
+    index, weights = make_routing(num_tokens, top_k, sentinels=False)
+    assert (num_tokens * top_k > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * NUM_EXPERTS) == hand_written
+    out = experts(torch.randn(num_tokens, experts.hidden_dim, requires_grad=True), index, weights)
+    assert ("RoutedExperts" in out.grad_fn.name()) == hand_written, out.grad_fn.name()
+
+
+@pytest.mark.parametrize("num_tokens", [64, 300])
 @pytest.mark.parametrize("implementation", FAST)
-def test_frozen_experts_give_input_and_routing_gradients(implementation: str):
+def test_frozen_experts_give_input_and_routing_gradients(implementation: str, num_tokens: int):
     """Experts frozen (adapter training): the input and the routing weights still get their exact gradients, the
-    expert tensors none."""
+    expert tensors none (on the CPU, 64 tokens take autograd's backward and 300 the hand-written one)."""
     reference = make_experts("eager")
     fast = with_implementation(reference, implementation)
     for module in (reference, fast):
         module.requires_grad_(False)
-    index, weights = make_routing(64, 2, sentinels=True)
-    x = torch.randn(64, reference.hidden_dim)
-    grad_out = torch.randn(64, reference.hidden_dim)
+    index, weights = make_routing(num_tokens, 2, sentinels=True)
+    x = torch.randn(num_tokens, reference.hidden_dim)
+    grad_out = torch.randn(num_tokens, reference.hidden_dim)
     grads = []
     for module in (reference, fast):
         xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
