@@ -32,11 +32,11 @@ from transformers.activations import ACT2FN
 
 from hf_moe.modeling.cpu_kernel import fused_experts, load_fused_kernel
 from hf_moe.modeling.experts import (
-    FUSED_MAX_ROWS_PER_EXPERT,
     SMALL_GROUPS_ENV,
     SMALL_GROUPS_KERNELS,
     _ExpertsView,
     cpu_experts_forward,
+    fused_max_rows_per_expert,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +104,7 @@ def read_rate_table(rounds: int, evict: torch.Tensor) -> str:
 def kernels_table(rounds: int, evict: torch.Tensor) -> str:
     lines = [
         "Table 2: the routed experts through `hf_moe_cpu`, ms per call by `HF_MOE_CPU_SMALL_GROUPS` (lower is "
-        f"better; `fused` runs the fused kernel up to {FUSED_MAX_ROWS_PER_EXPERT} rows per expert on average and "
+        f"better; `fused` runs the fused kernel up to {fused_max_rows_per_expert()} rows per expert on average and "
         "the vendor's kernel above).",
         "",
         "| shape | tokens | rows per expert | "

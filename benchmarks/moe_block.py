@@ -26,7 +26,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
@@ -44,14 +42,14 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
 from hf_moe.modeling.experts import (
     DEFAULT_EXPERTS_IMPLEMENTATION,
-    FUSED_MAX_ROWS_PER_EXPERT,
     SMALL_GROUPS_ENV,
+    fused_max_rows_per_expert,
     small_groups_kernel,
 )
 from hf_moe.modeling.modeling_hf_moe import HfMoeMLP, HfMoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import command_line, cpu_model, eviction_buffer, eviction_bytes  # noqa: E402
+from real_models import command_line, eviction_buffer, eviction_bytes, machine_line  # noqa: E402
 
 # name -> (hidden, moe intermediate, experts, top-k, default token counts)
 SHAPES = {
@@ -359,10 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"### MoE block speed, {args.shape} shape ({args.dtype}, CPU)",
             "",
-            f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
-            f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-            f"{platform.machine()} CPU, {cpu_model()} ({os.cpu_count()} cores, shared with other jobs), "
-            f"`torch.set_num_threads({args.threads})`.",
+            f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"{machine_line(args.threads)}.",
             f"H={HIDDEN}, I={INTERMEDIATE}, E={NUM_EXPERTS}, top-{TOP_K}, one sequence of `tokens` tokens. Median of "
             "interleaved rounds; `x dense` is the time over `dense-active` (SwiGLU with intermediate "
             f"{TOP_K * INTERMEDIATE}, the MoE block's active parameters) in the same run. fwd runs under "
@@ -382,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             + "; ".join(notes)
             + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) without autograd, with '
             f"`{SMALL_GROUPS_ENV}={small_groups_kernel()}`: in fp32, one token and groups of up to "
-            f"{FUSED_MAX_ROWS_PER_EXPERT} rows per expert on average through the fused kernel (each routed expert's "
+            f"{fused_max_rows_per_expert()} rows per expert on average through the fused kernel (each routed expert's "
             "weights read once, both projections, weights and combine in one call) when the setting is `fused`; "
             "otherwise groups under 256 rows per expert on average as one padded `bmm` per projection (padding "
             "capped at 2x the routed rows) or two grouped GEMMs on the routed rows, by CPU vendor, and larger groups "

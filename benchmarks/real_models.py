@@ -79,6 +79,19 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2"), which decides how the fused kernel is
+    built and where it is used (BENCHMARKS.md, "AVX2 hosts"); "" where /proc/cpuinfo says neither."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    except OSError:
+        pass
+    return ""
+
+
 def last_level_cache_bytes() -> int | None:
     """The largest CPU cache this machine reports (Linux sysfs), in bytes; None where it is not reported."""
     sizes = []
@@ -109,7 +122,8 @@ def machine_line(threads: int) -> str:
 
     return (
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-        f"{platform.machine()} CPU, {cpu_model()} ({os.cpu_count()} cores, shared with other jobs), "
+        f"{platform.machine()} CPU, {cpu_model()}{f' with {isa}' if (isa := vector_isa()) else ''} "
+        f"({os.cpu_count()} cores, shared with other jobs), "
         f"`torch.set_num_threads({threads})`"
     )
 

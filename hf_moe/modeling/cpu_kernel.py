@@ -354,6 +354,14 @@ def _cpu_fingerprint() -> str:
     return "\n".join(lines)
 
 
+@functools.cache
+def has_avx512() -> bool:
+    """Whether -march=native gives the kernel AVX-512 (and with it the two-row form; BENCHMARKS.md)."""
+    return any(
+        line.startswith("flags") and "avx512f" in line.split() for line in _cpu_fingerprint().splitlines()
+    )
+
+
 def kernel_cache_dir() -> Path:
     """Where the compiled kernel lives: `$HF_MOE_KERNEL_CACHE`, else ~/.cache/hf_moe/kernels."""
     return Path(os.environ.get(KERNEL_CACHE_ENV) or Path.home() / ".cache" / "hf_moe" / "kernels")

@@ -10,10 +10,10 @@ compute the same function and are registered in transformers' experts interface,
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32 or bf16, experts with few rows (one token, or
-  up to 32 rows per expert on average: decoding, short prompts) through one fused compiled kernel that reads each
-  routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per projection (padding
-  capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own) or two grouped
-  GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
+  up to 32 rows per expert on average with AVX-512, 2 without: decoding, short prompts) through one fused compiled
+  kernel that reads each routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per
+  projection (padding capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own)
+  or two grouped GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
   matrix-vector products on weight views; large groups as one matmul per expert. Under autograd the grouped
   GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for SiLU/GELU experts
   (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
@@ -43,7 +43,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
 
 from .configuration_hf_moe import expert_activation
-from .cpu_kernel import ACTIVATION_CODES, fused_experts, load_fused_kernel
+from .cpu_kernel import ACTIVATION_CODES, fused_experts, has_avx512, load_fused_kernel
 
 # ================================================================================================================
 # Grouping, shared by every implementation and by the fused-experts LoRA layer (hf_moe.peft).
@@ -553,9 +553,35 @@ def _routed_grouped_forward(
 MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
-# ... and up to this many, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows per expert": it
-# leads the padded `bmm` 1.3-2.8x up to 32 rows and ties it at 64-96 on the SmolLM2 shape).
-FUSED_MAX_ROWS_PER_EXPERT = 32
+# ... and up to `fused_max_rows_per_expert()`, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows
+# per expert" and "AVX2 hosts"). With AVX-512 it leads the padded `bmm` 1.3-2.8x up to 32 rows and ties it at 64-96
+# on the SmolLM2 shape. Without it (AVX2: one weight row at a time, 8-row tiles that spill the 16 registers) it
+# leads only up to 1-2 rows per expert and trails 1.1x at 4 rows and 3.7x at 16, so it stops at 2.
+FUSED_MAX_ROWS_ENV = "HF_MOE_CPU_FUSED_MAX_ROWS"
+_DEFAULT_FUSED_MAX_ROWS = (
+    32 if has_avx512() else 2
+)  # read once: /proc/cpuinfo is no place for a traced forward
+
+
+def fused_max_rows_per_expert() -> int:
+    """Up to how many routed rows per expert on average (over the batch) CPU inference runs the fused kernel:
+    `HF_MOE_CPU_FUSED_MAX_ROWS` (a non-negative integer; 0 keeps it to single tokens), else 32 on CPUs with AVX-512
+    and 2 without, where it stops leading (BENCHMARKS.md)."""
+    value = os.environ.get(FUSED_MAX_ROWS_ENV, "").strip()
+    if not value:
+        return _DEFAULT_FUSED_MAX_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise ValueError(
+            f"{FUSED_MAX_ROWS_ENV}={value!r}: expected a non-negative integer (rows per expert on average up to "
+            "which the fused kernel runs; unset means 32 with AVX-512, 2 without)"
+        )
+    return rows
+
+
 SMALL_GROUPS_ENV = "HF_MOE_CPU_SMALL_GROUPS"
 SMALL_GROUPS_KERNELS = ("fused", "padded", "grouped")
 
@@ -591,8 +617,9 @@ def small_groups_kernel() -> str:
     """How CPU inference runs experts with few rows (under 256 per expert on average: decoding, short prompts).
     Set with the environment variable `HF_MOE_CPU_SMALL_GROUPS`:
     - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
-      weights once, for up to 32 rows per expert on average and for one token; larger groups as "auto" without
-      it. Compiled on first use with the system's C++ compiler; raises if it cannot be built.
+      weights once, for one token and up to `fused_max_rows_per_expert()` rows per expert on average (32 with
+      AVX-512, 2 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. Compiled on first
+      use with the system's C++ compiler; raises if it cannot be built.
     - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
     - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.
     - "auto" (unset): "fused" where the kernel builds, else "grouped" on Intel CPUs and "padded" elsewhere (with a
@@ -665,7 +692,7 @@ def cpu_experts_forward(
     if num_routed == 0:
         return torch.zeros_like(hidden_states)
     order = groups.order[:num_routed]  # (S,) sentinel rows are never computed
-    if num_routed <= FUSED_MAX_ROWS_PER_EXPERT * self.num_experts and fused_fits(
+    if num_routed <= fused_max_rows_per_expert() * self.num_experts and fused_fits(
         hidden_states, self.gate_up_proj, self.down_proj, self.activation
     ):
         # Gather, both projections, weighting and combine in one call (weights in float32, as the kernel takes).
@@ -773,7 +800,7 @@ DEFAULT_EXPERTS_IMPLEMENTATION = "hf_moe"
 
 __all__ = [
     "DEFAULT_EXPERTS_IMPLEMENTATION",
-    "FUSED_MAX_ROWS_PER_EXPERT",
+    "FUSED_MAX_ROWS_ENV",
     "EXPERTS_IMPLEMENTATIONS",
     "ExpertGroups",
     "HfMoeExperts",
@@ -781,6 +808,7 @@ __all__ = [
     "group_by_expert",
     "grouped_mm",
     "fused_fits",
+    "fused_max_rows_per_expert",
     "one_token_experts",
     "small_groups_kernel",
 ]

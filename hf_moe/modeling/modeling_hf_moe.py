@@ -38,10 +38,10 @@ from .configuration_hf_moe import HfMoeConfig, expert_activation
 from .cpu_kernel import fused_experts
 from .experts import (
     DEFAULT_EXPERTS_IMPLEMENTATION,
-    FUSED_MAX_ROWS_PER_EXPERT,
     SENTINEL_AWARE_IMPLEMENTATIONS,
     HfMoeExperts,
     fused_fits,
+    fused_max_rows_per_expert,
     one_token_experts,
 )
 
@@ -521,7 +521,7 @@ class HfMoeSparseMoeBlock(nn.Module):
                 or (
                     num_tokens * self.config.num_experts <= HOST_ROUTING_MAX_ROUTER_LOGITS
                     and num_tokens * self.config.num_experts_per_tok
-                    <= FUSED_MAX_ROWS_PER_EXPERT * self.config.num_experts
+                    <= fused_max_rows_per_expert() * self.config.num_experts
                 )
             )
             and getattr(gate, "host_routing", False)  # a replaced gate (PEFT, a user module) has none

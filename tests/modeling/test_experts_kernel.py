@@ -26,9 +26,11 @@ from hf_moe.modeling import cpu_kernel
 from hf_moe.modeling.cpu_kernel import load_fused_kernel
 from hf_moe.modeling.experts import (
     EXPERTS_IMPLEMENTATIONS,
+    FUSED_MAX_ROWS_ENV,
     MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT,
     SMALL_GROUPS_ENV,
     HfMoeExperts,
+    fused_max_rows_per_expert,
     group_by_expert,
     small_groups_kernel,
 )
@@ -483,13 +485,47 @@ def test_weights_at_unaligned_address(implementation: str, small_groups: str):
         torch.testing.assert_close(fast(x, index, weights), expected, **FP32)
 
 
+def test_fused_max_rows_setting_sets_where_the_fused_kernel_stops(monkeypatch):
+    """`HF_MOE_CPU_FUSED_MAX_ROWS` caps the fused kernel's batches (rows per expert on average; one token always
+    takes it); unset, the cap follows the host's ISA; a bad value is refused with what is expected."""
+    experts = make_experts("hf_moe_cpu")
+    reference = make_experts("eager")
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    fused_op = "hf_moe_kernels::fused_experts"
+    # (cap, tokens at top-2 without drops, whether the fused kernel runs): 2 rows per token over 4 experts.
+    for cap, num_tokens, fused in [("0", 1, True), ("0", 2, False), ("8", 16, True), ("8", 17, False)]:
+        monkeypatch.setenv(FUSED_MAX_ROWS_ENV, cap)
+        index, weights = make_routing(num_tokens, 2, sentinels=False, seed=num_tokens)
+        x = torch.randn(num_tokens, experts.hidden_dim)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = experts(x, index, weights)
+        assert (fused_op in [event.name for event in prof.events()]) == fused, (cap, num_tokens)
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference(x, index, weights), **FP32)
+    monkeypatch.delenv(FUSED_MAX_ROWS_ENV)
+    assert fused_max_rows_per_expert() == (32 if cpu_kernel.has_avx512() else 2)
+    for bad in ("-1", "many"):
+        monkeypatch.setenv(FUSED_MAX_ROWS_ENV, bad)
+        with (
+            torch.no_grad(),
+            pytest.raises(ValueError, match=f"{FUSED_MAX_ROWS_ENV}='{bad}': expected a non-neg"),
+        ):
+            experts(x, index, weights)
+
+
 def test_small_groups_setting_selects_the_kernel(monkeypatch):
     """`HF_MOE_CPU_SMALL_GROUPS` switches CPU inference on small groups between the fused kernel, the padded bmm
-    and the grouped GEMM (seen in the ops that run, for a batch and for one token); `auto` takes the fused kernel
-    where it builds (it does here); a typo is refused with the accepted values."""
+    and the grouped GEMM (seen in the ops that run, for a batch and for one token); with "fused", a batch past
+    `fused_max_rows_per_expert()` (which depends on the host's ISA) takes the vendor's kernel; `auto` takes the fused
+    kernel where it builds (it does here); a typo is refused with the accepted values."""
     experts = make_experts("hf_moe_cpu")
-    index, weights = make_routing(24, 2, sentinels=True)
-    x = torch.randn(24, experts.hidden_dim)
+    # A batch the fused kernel takes on any host (top-2 without drops: 2 rows per token), and one just past its cap.
+    num_tokens = min(24, fused_max_rows_per_expert() * NUM_EXPERTS // 2)
+    index, weights = make_routing(num_tokens, 2, sentinels=True)
+    x = torch.randn(num_tokens, experts.hidden_dim)
+    over = fused_max_rows_per_expert() * NUM_EXPERTS // 2 + 1
+    index_over, weights_over = make_routing(over, 2, sentinels=False)
+    x_over = torch.randn(over, experts.hidden_dim)
     ops = {}
     for kernel in ("fused", "padded", "grouped"):
         monkeypatch.setenv(SMALL_GROUPS_ENV, kernel)
@@ -501,6 +537,13 @@ def test_small_groups_setting_selects_the_kernel(monkeypatch):
     assert ops["fused"].count(fused_op) == 2 and "aten::bmm" not in ops["fused"]
     assert "aten::bmm" in ops["padded"] and fused_op not in ops["padded"]
     assert "aten::bmm" not in ops["grouped"] and fused_op not in ops["grouped"]
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out_over = experts(x_over, index_over, weights_over)
+    assert fused_op not in [event.name for event in prof.events()]
+    with torch.no_grad():
+        reference = make_experts("eager")(x_over, index_over, weights_over)  # same seed: same weights
+    torch.testing.assert_close(out_over, reference, **FP32)
     monkeypatch.setenv(SMALL_GROUPS_ENV, "auto")
     assert small_groups_kernel() == "fused"
     monkeypatch.setenv(SMALL_GROUPS_ENV, "bmm")
@@ -606,6 +649,7 @@ def test_fused_kernel_matches_reference(
     must run (seen in the profile), match the reference, and give the same bits twice. In bfloat16 it computes in
     float32, so it matches the float32 reference on the same (bfloat16) values up to the output's rounding."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    monkeypatch.setenv(FUSED_MAX_ROWS_ENV, "32")  # these shapes on every host, AVX2 ones included
     config = tiny_config(
         hidden_size=hidden,
         **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width

@@ -5,7 +5,7 @@ the router or the experts."""
 import pytest
 import torch
 
-from hf_moe.modeling.experts import SMALL_GROUPS_ENV
+from hf_moe.modeling.experts import FUSED_MAX_ROWS_ENV, SMALL_GROUPS_ENV
 from hf_moe.modeling.modeling_hf_moe import CACHE_FIELD, HOST_ROUTING_MAX_ROUTER_LOGITS
 from tests.helpers.tiny import tiny_model
 
@@ -44,9 +44,10 @@ def test_one_token_decoding_equals_the_reference(router_type, extra, top_k, shar
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("shared", [0, 1])
 def test_batch_decoding_on_the_host_equals_the_reference(router_type, extra, top_k, shared, monkeypatch):
-    """Decoding batches of 1 to 16 tokens (the fused kernel's range on 4 experts) route on the host, and equal the
-    reference path."""
+    """Decoding batches of 2 to 16 tokens (the fused kernel's range on 4 experts at 32 rows per expert) route on the
+    host, and equal the reference path."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    monkeypatch.setenv(FUSED_MAX_ROWS_ENV, "32")  # the AVX-512 cap, on every host
     model = tiny_model(router_type=router_type, num_experts_per_tok=top_k, num_shared_experts=shared, **extra)
     _sharpen(model)
     block = model.model.layers[0].mlp
@@ -60,6 +61,9 @@ def test_batch_decoding_on_the_host_equals_the_reference(router_type, extra, top
         reference = [block(b) for b in batches]
     for actual, expected in zip(fast, reference):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv(FUSED_MAX_ROWS_ENV, "1")  # a lower cap: 16 tokens are past it, so the general path
+    model.set_experts_implementation("hf_moe")
+    assert not block._host_decodable(batches[-1].reshape(16, -1))
 
 
 @pytest.mark.parametrize(("router_type", "extra"), CASES)
