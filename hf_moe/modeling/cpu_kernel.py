@@ -8,8 +8,9 @@ does everything else in the same pass:
     out[t] = sum over the slots s of token t:  w_s * down[e_s] @ (act(gate[e_s] @ x[t]) * (up[e_s] @ x[t]))
 
 One call per MoE layer: no gather of the routed rows, no padding, no separate activation, weighting or combine.
-Each weight row is dotted with up to 8 token rows while it sits in L1; from 5 rows on (AVX-512 builds) two weight
-rows go through together, sharing the token rows' loads, and their streams are prefetched ahead.
+Each weight row is dotted with up to 8 token rows while it sits in L1; from 5 rows on two weight rows go through
+together, sharing the token rows' loads, and their streams are prefetched ahead. The vectors are one register
+wide (16 floats with AVX-512, 8 with AVX2), so the accumulators stay in registers on either.
 Phase 1 splits the active experts' gate/up rows across threads and writes h (S, I); phase 2 splits the output
 columns, so each thread owns its columns of `out` for every expert: no atomics, and the sum over a token's
 experts runs in one fixed order (deterministic).
@@ -54,36 +55,46 @@ _SOURCE = r"""
 
 namespace {
 
-// 16 floats: one AVX-512 register, two AVX2 ones (GCC vector extension; -march=native picks the instructions).
-typedef float v16 __attribute__((vector_size(64)));
+// One vector register of floats: 16 with AVX-512, 8 with AVX2 (GCC vector extensions; -march=native picks the
+// instructions). The width follows the register file: AVX2 has 16 registers, so an 8-row tile of 16-float vectors
+// (two registers apiece) spilled its accumulators and trailed the vendor's bmm 3.7x at 16 rows per expert.
+#ifdef __AVX512F__
+#define HF_MOE_LANES 16
+#else
+#define HF_MOE_LANES 8
+#endif
+constexpr int64_t kLanes = HF_MOE_LANES;
+typedef float vec __attribute__((vector_size(4 * HF_MOE_LANES)));
+typedef uint16_t u16vec __attribute__((vector_size(2 * HF_MOE_LANES)));
+typedef uint32_t u32vec __attribute__((vector_size(4 * HF_MOE_LANES)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
 constexpr int64_t kTile = 8;    // activation rows per pass over a weight row (the weight row stays in L1)
 constexpr int64_t kBlock = 16;  // weight rows per work item
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a weight stream is prefetched, in the two-row form
-// Tiles of this many rows or more pass over two weight rows at once. With AVX-512 the 2 x 8 accumulators fit in
-// the 32 vector registers; with AVX2 (16 registers, two per v16) they would spill, so it keeps one row at a time.
-#ifdef __AVX512F__
+// Tiles of this many rows or more pass over two weight rows at once, sharing the loads of the token rows. The
+// two-row form holds 2N accumulators: up to 16 rows' worth in AVX-512's 32 registers; with AVX2's 16 registers a
+// pass holds at most 6 rows (12 + 2 weight vectors + 1 token vector), so 7-8-row tiles go as 4 + the rest.
 constexpr int64_t kTwoRowsFrom = 5;
+#ifdef __AVX512F__
+constexpr int64_t kTwoRowsMaxPass = 8;
 #else
-constexpr int64_t kTwoRowsFrom = kTile + 1;
+constexpr int64_t kTwoRowsMaxPass = 6;
 #endif
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 // Weights are float32 or bfloat16 (stored as uint16_t: the upper half of a float32), widened to float32 as they
 // are loaded: the arithmetic is float32 either way, and bfloat16 halves the bytes a decoding step reads.
-inline v16 load16(const float* p) {
-  v16 v;
+inline vec loadv(const float* p) {
+  vec v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-inline v16 load16(const uint16_t* p) {
-  u16x16 b;
+inline vec loadv(const uint16_t* p) {
+  u16vec b;
   __builtin_memcpy(&b, p, sizeof(b));
-  const u32x16 w = __builtin_convertvector(b, u32x16) << 16;
-  v16 v;
+  const u32vec w = __builtin_convertvector(b, u32vec) << 16;
+  vec v;
   __builtin_memcpy(&v, &w, sizeof(v));
   return v;
 }
@@ -94,14 +105,24 @@ inline float widen(uint16_t v) {
   __builtin_memcpy(&f, &w, sizeof(f));
   return f;
 }
-inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 0); }
+// One prefetch per 64-byte line of float32 weights (every vector with AVX-512, every other one with AVX2).
+template <typename W>
+inline void prefetch_ahead(const W* p, int64_t j) {
+  if ((j * static_cast<int64_t>(sizeof(W))) % 64 == 0)
+    __builtin_prefetch(reinterpret_cast<const char*>(p + j) + kPrefetchBytes, 0, 0);
+}
 
-// The sum of the 16 lanes as a tree of vector adds (shorter than a chain of 16 scalar adds).
-inline float hsum(v16 v) {
+// The sum of the lanes as a tree of vector adds (shorter than a chain of scalar adds).
+inline float hsum(vec v) {
+  v8 s8;
+#if HF_MOE_LANES == 16
   v8 lo, hi;
   __builtin_memcpy(&lo, &v, sizeof(lo));
   __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const v8 s8 = lo + hi;
+  s8 = lo + hi;
+#else
+  s8 = v;
+#endif
   v4 a, b;
   __builtin_memcpy(&a, &s8, sizeof(a));
   __builtin_memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
@@ -115,30 +136,30 @@ inline float hsum(v16 v) {
 template <int N, typename W>
 inline void dots_n(const float* const* rows, const W* w, int64_t k, float* acc) {
   constexpr int U = N == 1 ? 4 : N < 4 ? 2 : 1;
-  v16 a[U][N];
+  vec a[U][N];
   for (int u = 0; u < U; ++u)
-    for (int m = 0; m < N; ++m) a[u][m] = v16{};
+    for (int m = 0; m < N; ++m) a[u][m] = vec{};
   int64_t j = 0;
-  for (; j + 16 * U <= k; j += 16 * U) {
+  for (; j + kLanes * U <= k; j += kLanes * U) {
     for (int u = 0; u < U; ++u) {
-      const v16 wv = load16(w + j + 16 * u);
+      const vec wv = loadv(w + j + kLanes * u);
       for (int m = 0; m < N; ++m) {
-        v16 xv;
-        __builtin_memcpy(&xv, rows[m] + j + 16 * u, sizeof(xv));
+        vec xv;
+        __builtin_memcpy(&xv, rows[m] + j + kLanes * u, sizeof(xv));
         a[u][m] += xv * wv;
       }
     }
   }
-  for (; j + 16 <= k; j += 16) {
-    const v16 wv = load16(w + j);
+  for (; j + kLanes <= k; j += kLanes) {
+    const vec wv = loadv(w + j);
     for (int m = 0; m < N; ++m) {
-      v16 xv;
+      vec xv;
       __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
       a[0][m] += xv * wv;
     }
   }
   for (int m = 0; m < N; ++m) {
-    v16 t = a[0][m];
+    vec t = a[0][m];
     for (int u = 1; u < U; ++u) t += a[u][m];
     float s = hsum(t);
     for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * widen(w[jj]);
@@ -161,26 +182,25 @@ inline void dots(const float* const* rows, int64_t n, const W* w, int64_t k, flo
   }
 }
 
-// The two-row form, for tiles of kTwoRowsFrom rows or more: acc[r * N + m] = dot(rows[m], w[r]) for r < 2. The
-// two weight rows share every load of a token row (N + 2 loads for 2N multiply-adds, against N + 1 for N), and
-// the weight streams are prefetched ahead: with this much arithmetic per byte the hardware prefetcher falls
+// The two-row form, for tiles of kTwoRowsFrom rows or more: acc[r * stride + m] = dot(rows[m], w[r]) for r < 2.
+// The two weight rows share every load of a token row (N + 2 loads for 2N multiply-adds, against N + 1 for N),
+// and the weight streams are prefetched ahead: with this much arithmetic per byte the hardware prefetcher falls
 // behind (BENCHMARKS.md, "Few rows per expert": 1.5x at 8 rows per expert; it slowed 1-4 rows, so not there).
 template <int N, typename W>
-inline void dots2_n(const float* const* rows, const W* const* w, int64_t k, float* acc) {
-  v16 a[2][N];
+inline void dots2_n(const float* const* rows, const W* const* w, int64_t k, float* acc, int64_t stride) {
+  static_assert(N <= kTwoRowsMaxPass, "the 2N accumulators must fit the vector registers");
+  vec a[2][N];
   for (int r = 0; r < 2; ++r)
-    for (int m = 0; m < N; ++m) a[r][m] = v16{};
+    for (int m = 0; m < N; ++m) a[r][m] = vec{};
   int64_t j = 0;
-  for (; j + 16 <= k; j += 16) {
-    const v16 w0 = load16(w[0] + j), w1 = load16(w[1] + j);
-    prefetch_ahead(w[0] + j);
-    prefetch_ahead(w[1] + j);
+  for (; j + kLanes <= k; j += kLanes) {
+    const vec w0 = loadv(w[0] + j), w1 = loadv(w[1] + j);
+    prefetch_ahead(w[0], j);
+    prefetch_ahead(w[1], j);
     for (int m = 0; m < N; ++m) {
-      v16 xv;
+      vec xv;
       __builtin_memcpy(&xv, rows[m] + j, sizeof(xv));
-#ifdef __AVX512F__
       asm("" : "+v"(xv));  // one load of xv for both rows, not one folded into each multiply-add
-#endif
       a[0][m] += xv * w0;
       a[1][m] += xv * w1;
     }
@@ -189,7 +209,7 @@ inline void dots2_n(const float* const* rows, const W* const* w, int64_t k, floa
     for (int m = 0; m < N; ++m) {
       float s = hsum(a[r][m]);
       for (int64_t jj = j; jj < k; ++jj) s += rows[m][jj] * widen(w[r][jj]);
-      acc[r * N + m] = s;
+      acc[r * stride + m] = s;
     }
 }
 
@@ -201,14 +221,25 @@ inline void dots2(const float* const* rows, int64_t n, const W* w0, const W* w1,
     dots(rows, n, w1, k, acc + n);
     return;
   }
-  // Not instantiated without AVX-512 (kTwoRowsFrom > kTile there): its register constraint needs a 64-byte register.
-  if constexpr (kTwoRowsFrom <= kTile) {
-    const W* w[2] = {w0, w1};
+  const W* w[2] = {w0, w1};
+  if constexpr (kTwoRowsMaxPass >= kTile) {
     switch (n) {
-      case 5: return dots2_n<5>(rows, w, k, acc);
-      case 6: return dots2_n<6>(rows, w, k, acc);
-      case 7: return dots2_n<7>(rows, w, k, acc);
-      default: return dots2_n<8>(rows, w, k, acc);
+      case 5: return dots2_n<5>(rows, w, k, acc, n);
+      case 6: return dots2_n<6>(rows, w, k, acc, n);
+      case 7: return dots2_n<7>(rows, w, k, acc, n);
+      default: return dots2_n<8>(rows, w, k, acc, n);
+    }
+  } else {
+    // AVX2: 7-8 rows as a 4-row pass and a 3-4-row one; the two weight rows stay in L1 for the second pass.
+    switch (n) {
+      case 5: return dots2_n<5>(rows, w, k, acc, n);
+      case 6: return dots2_n<6>(rows, w, k, acc, n);
+      case 7:
+        dots2_n<4>(rows, w, k, acc, n);
+        return dots2_n<3>(rows + 4, w, k, acc + 4, n);
+      default:
+        dots2_n<4>(rows, w, k, acc, n);
+        return dots2_n<4>(rows + 4, w, k, acc + 4, n);
     }
   }
 }
