@@ -10,7 +10,7 @@ compute the same function and are registered in transformers' experts interface,
 - "hf_moe_grouped": one grouped GEMM per projection over all experts (`F.grouped_mm` with group offsets); no host
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32 or bf16, experts with few rows (one token, or
-  up to 32 rows per expert on average with AVX-512, 2 without: decoding, short prompts) through one fused compiled
+  up to 32 rows per expert on average with AVX-512, 8 with AVX2: decoding, short prompts) through one fused compiled
   kernel that reads each routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per
   projection (padding capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own)
   or two grouped GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
@@ -555,18 +555,18 @@ MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 # ... and up to `fused_max_rows_per_expert()`, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows
 # per expert" and "AVX2 hosts"). With AVX-512 it leads the padded `bmm` 1.3-2.8x up to 32 rows and ties it at 64-96
-# on the SmolLM2 shape. Without it (AVX2: one weight row at a time, 8-row tiles that spill the 16 registers) it
-# leads only up to 1-2 rows per expert and trails 1.1x at 4 rows and 3.7x at 16, so it stops at 2.
+# on the SmolLM2 shape. With AVX2 only (8-lane vectors, at most 6 rows per pass in 16 registers) it leads 1.0-2.0x
+# up to 8 rows and trails 1.02-1.04x at 16-32, so it stops at 8.
 FUSED_MAX_ROWS_ENV = "HF_MOE_CPU_FUSED_MAX_ROWS"
 _DEFAULT_FUSED_MAX_ROWS = (
-    32 if has_avx512() else 2
+    32 if has_avx512() else 8
 )  # read once: /proc/cpuinfo is no place for a traced forward
 
 
 def fused_max_rows_per_expert() -> int:
     """Up to how many routed rows per expert on average (over the batch) CPU inference runs the fused kernel:
     `HF_MOE_CPU_FUSED_MAX_ROWS` (a non-negative integer; 0 keeps it to single tokens), else 32 on CPUs with AVX-512
-    and 2 without, where it stops leading (BENCHMARKS.md)."""
+    and 8 without, where it stops leading (BENCHMARKS.md)."""
     value = os.environ.get(FUSED_MAX_ROWS_ENV, "").strip()
     if not value:
         return _DEFAULT_FUSED_MAX_ROWS
@@ -577,7 +577,7 @@ def fused_max_rows_per_expert() -> int:
     if rows < 0:
         raise ValueError(
             f"{FUSED_MAX_ROWS_ENV}={value!r}: expected a non-negative integer (rows per expert on average up to "
-            "which the fused kernel runs; unset means 32 with AVX-512, 2 without)"
+            "which the fused kernel runs; unset means 32 with AVX-512, 8 without)"
         )
     return rows
 
@@ -618,7 +618,7 @@ def small_groups_kernel() -> str:
     Set with the environment variable `HF_MOE_CPU_SMALL_GROUPS`:
     - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
       weights once, for one token and up to `fused_max_rows_per_expert()` rows per expert on average (32 with
-      AVX-512, 2 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. Compiled on first
+      AVX-512, 8 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. Compiled on first
       use with the system's C++ compiler; raises if it cannot be built.
     - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
     - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.

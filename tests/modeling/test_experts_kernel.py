@@ -503,7 +503,7 @@ def test_fused_max_rows_setting_sets_where_the_fused_kernel_stops(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(out, reference(x, index, weights), **FP32)
     monkeypatch.delenv(FUSED_MAX_ROWS_ENV)
-    assert fused_max_rows_per_expert() == (32 if cpu_kernel.has_avx512() else 2)
+    assert fused_max_rows_per_expert() == (32 if cpu_kernel.has_avx512() else 8)
     for bad in ("-1", "many"):
         monkeypatch.setenv(FUSED_MAX_ROWS_ENV, bad)
         with (
