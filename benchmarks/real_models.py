@@ -53,12 +53,18 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 
 def env_prefix() -> str:
-    """The glibc malloc settings (``MALLOC_*``) this process started with, as a command prefix; empty when none.
+    """The glibc malloc settings (``MALLOC_*``) and hf_moe's kernel settings (``HF_MOE_*`` but the kernel cache's
+    path) this process started with, as a command prefix; empty when none.
 
     ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` keeps freed memory in the process. On a VM that hands
     freed memory back to the hypervisor, a step that frees and re-allocates its large tensors (gradients, optimizer
-    temporaries, logits) otherwise pays a hypervisor fault per page every step (BENCHMARKS.md, training step)."""
-    return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    temporaries, logits) otherwise pays a hypervisor fault per page every step (BENCHMARKS.md, training step).
+    ``HF_MOE_KERNEL_MARCH`` or ``HF_MOE_CPU_*`` change which kernels run, so a table's command must show them."""
+    return "".join(
+        f"{k}={v} "
+        for k, v in sorted(os.environ.items())
+        if k.startswith("MALLOC_") or (k.startswith("HF_MOE_") and k != "HF_MOE_KERNEL_CACHE")
+    )
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -92,6 +98,20 @@ def vector_isa() -> str:
     return ""
 
 
+def kernel_build() -> str:
+    """The caption's note on the kernel build when `HF_MOE_KERNEL_MARCH` sets a level other than the CPU's own (an
+    AVX2 build timed on an AVX-512 machine): ", fused kernel built for -march=<level> (<ISA>)"; empty by default."""
+    from hf_moe.modeling import cpu_kernel
+
+    try:
+        march = cpu_kernel.kernel_march()
+    except ValueError:
+        return ""
+    if march == "native":
+        return ""
+    return f", fused kernel built for -march={march} ({'AVX-512' if cpu_kernel.has_avx512() else 'AVX2'})"
+
+
 def last_level_cache_bytes() -> int | None:
     """The largest CPU cache this machine reports (Linux sysfs), in bytes; None where it is not reported."""
     sizes = []
@@ -122,7 +142,7 @@ def machine_line(threads: int) -> str:
 
     return (
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-        f"{platform.machine()} CPU, {cpu_model()}{f' with {isa}' if (isa := vector_isa()) else ''} "
+        f"{platform.machine()} CPU, {cpu_model()}{f' with {isa}' if (isa := vector_isa()) else ''}{kernel_build()} "
         f"({os.cpu_count()} cores, shared with other jobs), "
         f"`torch.set_num_threads({threads})`"
     )

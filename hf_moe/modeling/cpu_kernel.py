@@ -16,8 +16,9 @@ columns, so each thread owns its columns of `out` for every expert: no atomics, 
 experts runs in one fixed order (deterministic).
 
 The C++ source below is compiled once per machine and torch build with the system's C++ compiler (`$CXX`, else
-`c++`) into `$HF_MOE_KERNEL_CACHE` (default `~/.cache/hf_moe/kernels`), `-march=native`, so the cache key
-includes the CPU. It is kept here as a string so the file ships as Hub remote code with the rest of the folder.
+`c++`) into `$HF_MOE_KERNEL_CACHE` (default `~/.cache/hf_moe/kernels`), `-march=native` (or
+`$HF_MOE_KERNEL_MARCH`, e.g. `x86-64-v3` for an AVX2 build on an AVX-512 machine), so the cache key includes the
+CPU and the level. It is kept here as a string so the file ships as Hub remote code with the rest of the folder.
 Float32 or bfloat16 weights (bfloat16 widened to float32 as it is loaded: half the bytes, float32 arithmetic),
 inference only; the experts implementation "hf_moe"/"hf_moe_cpu" calls it as the setting
 `HF_MOE_CPU_SMALL_GROUPS` says (experts.py).
@@ -29,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 KERNEL_CACHE_ENV = "HF_MOE_KERNEL_CACHE"
+KERNEL_MARCH_ENV = "HF_MOE_KERNEL_MARCH"
 
 # The expert activations the kernel computes (ACT2FN names -> the kernel's code); others take the other kernels.
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}
@@ -368,6 +371,34 @@ _FLAGS = [
     "-w",
     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
 ]
+# What a -march level may use, as the compiler's macros, and the /proc/cpuinfo flag the CPU needs for it: a library
+# built for more than the CPU has would die of SIGILL on its first call, so such a level is refused instead.
+_ISA_MACROS = {
+    "__AVX512F__": "avx512f",
+    "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl",
+    "__AVX2__": "avx2",
+    "__FMA__": "fma",
+    "__F16C__": "f16c",
+    "__BMI2__": "bmi2",
+}
+
+
+def kernel_march() -> str:
+    """The `-march` the kernel is compiled for: `$HF_MOE_KERNEL_MARCH` (e.g. `x86-64-v3` for AVX2, `x86-64-v4`
+    for AVX-512), else `native`. Read once per process, when the kernel is first needed."""
+    value = os.environ.get(KERNEL_MARCH_ENV, "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
+        raise ValueError(
+            f"{KERNEL_MARCH_ENV}={value!r}: expected a -march value such as native, x86-64-v3 (AVX2) or x86-64-v4 "
+            "(AVX-512)"
+        )
+    return value
+
+
+def _flags(march: str) -> list[str]:
+    return [f"-march={march}" if flag == "-march=native" else flag for flag in _FLAGS]
 
 
 def _cpu_fingerprint() -> str:
@@ -385,12 +416,57 @@ def _cpu_fingerprint() -> str:
     return "\n".join(lines)
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is none (not Linux)."""
+    for line in _cpu_fingerprint().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[-1].split())
+    return None
+
+
+@functools.cache
+def _march_macros(compiler: str, march: str) -> frozenset[str] | None:
+    """The ISA macros of `_ISA_MACROS` that `compiler -march=<march>` defines; None if it refuses the level."""
+    done = subprocess.run(
+        [compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        return None
+    defined = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
+    return frozenset(defined & _ISA_MACROS.keys())
+
+
+def _march_problem(compiler: str, march: str) -> str | None:
+    """Why the kernel cannot be built for `march` on this CPU (None when it can): the compiler refuses the level, or
+    the level uses instructions the CPU lacks."""
+    if march == "native":
+        return None
+    macros = _march_macros(compiler, march)
+    if macros is None:
+        return f"{KERNEL_MARCH_ENV}={march!r}: `{compiler}` does not accept -march={march}"
+    flags = _cpu_flags()
+    missing = sorted(_ISA_MACROS[m] for m in macros if flags is not None and _ISA_MACROS[m] not in flags)
+    if missing:
+        return (
+            f"{KERNEL_MARCH_ENV}={march!r} uses instructions this CPU lacks ({', '.join(missing)}): choose a lower "
+            "level (x86-64-v3 for AVX2) or unset it"
+        )
+    return None
+
+
 @functools.cache
 def has_avx512() -> bool:
-    """Whether -march=native gives the kernel AVX-512 (and with it the two-row form; BENCHMARKS.md)."""
-    return any(
-        line.startswith("flags") and "avx512f" in line.split() for line in _cpu_fingerprint().splitlines()
-    )
+    """Whether the kernel is built with AVX-512 (16-float vectors; BENCHMARKS.md, "AVX2 hosts"): the CPU's flags
+    for `-march=native`, the compiler's answer for a level set with `$HF_MOE_KERNEL_MARCH`."""
+    try:
+        march = kernel_march()
+    except ValueError:  # load_fused_kernel() reports it; the import that reads this must not fail on it
+        return False
+    if march == "native":
+        return "avx512f" in (_cpu_flags() or set())
+    compiler = _compiler()
+    macros = _march_macros(compiler, march) if compiler else None
+    return macros is not None and "__AVX512F__" in macros
 
 
 def kernel_cache_dir() -> Path:
@@ -402,15 +478,22 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: str, march: str) -> Path:
     # The torch install is part of the key: the library links against that install's libraries.
     key = "\n".join(
-        [_SOURCE, torch.__version__, str(Path(torch.__file__).parent), compiler, *_FLAGS, _cpu_fingerprint()]
+        [
+            _SOURCE,
+            torch.__version__,
+            str(Path(torch.__file__).parent),
+            compiler,
+            *_flags(march),
+            _cpu_fingerprint(),
+        ]
     )
     return kernel_cache_dir() / f"fused_experts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, march: str) -> None:
     """Compile into a temporary file beside `target`, then rename it into place: a killed or concurrent build
     never leaves a half-written library under the final name."""
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -427,7 +510,7 @@ def _build(compiler: str, target: Path) -> None:
         (lib_dir,) = library_paths()
         command = [
             compiler,
-            *_FLAGS,
+            *_flags(march),
             *(f"-I{path}" for path in include_paths()),
             str(source),
             "-o",
@@ -451,10 +534,17 @@ def load_fused_kernel() -> str | None:
         compiler = _compiler()
         if compiler is None:
             return "no C++ compiler found (set $CXX, or install g++)"
-        target = _library_path(compiler)
+        try:
+            march = kernel_march()
+        except ValueError as error:
+            return str(error)
+        problem = _march_problem(compiler, march)
+        if problem is not None:
+            return problem
+        target = _library_path(compiler, march)
         try:
             if not target.exists():
-                _build(compiler, target)
+                _build(compiler, target, march)
             torch.ops.load_library(str(target))
         except (OSError, RuntimeError) as error:
             return f"{type(error).__name__}: {error}"
@@ -484,4 +574,13 @@ def fused_experts(
     )
 
 
-__all__ = ["ACTIVATION_CODES", "KERNEL_CACHE_ENV", "fused_experts", "kernel_cache_dir", "load_fused_kernel"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "KERNEL_CACHE_ENV",
+    "KERNEL_MARCH_ENV",
+    "fused_experts",
+    "has_avx512",
+    "kernel_cache_dir",
+    "kernel_march",
+    "load_fused_kernel",
+]

@@ -12,6 +12,7 @@ groups (one matmul per expert).
 import copy
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -630,8 +631,16 @@ def test_grouped_mm_ops_pass_opcheck(layout: str, dtype: torch.dtype):
         (32, 16, 16, 4, 24, True),  # many experts, one with more rows than the kernel's 8-row tile
         # 5-8 rows per expert (the two-weight-row form) with tails; 35 output columns: a lone last column
         (35, 20, 8, 2, 28, False),
+        # top-1, expert e gets e + 1 rows: every tile size 1-8 once (AVX2 runs 7 and 8 as two passes)
+        (35, 20, 8, 1, 37, "tile sizes"),
     ],
-    ids=["one token, odd widths", "batch, odd widths", "16 experts, crowded", "5-8 rows, odd columns"],
+    ids=[
+        "one token, odd widths",
+        "batch, odd widths",
+        "16 experts, crowded",
+        "5-8 rows, odd columns",
+        "every tile size",
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_kernel_matches_reference(
@@ -640,12 +649,13 @@ def test_fused_kernel_matches_reference(
     num_experts: int,
     top_k: int,
     num_tokens: int,
-    crowded: bool,
+    crowded: bool | str,
     dtype: torch.dtype,
     monkeypatch,
 ):
     """The fused kernel (`HF_MOE_CPU_SMALL_GROUPS=fused`) on shapes the tiny config does not reach: widths that
-    are not a multiple of its 16-float vectors, groups larger than its row tile, many experts, a dropped slot. It
+    are not a multiple of its vectors, groups larger than its row tile, every tile size, many experts, a dropped
+    slot (`test_fused_kernel_runs_for_each_x86_level` reruns these with the build of each x86 level). It
     must run (seen in the profile), match the reference, and give the same bits twice. In bfloat16 it computes in
     float32, so it matches the float32 reference on the same (bfloat16) values up to the output's rounding."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
@@ -667,7 +677,14 @@ def test_fused_kernel_matches_reference(
     fast = with_implementation(reference, "hf_moe").to(dtype)
     gen = torch.Generator().manual_seed(num_tokens)
     index = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
-    if crowded:  # expert 0 in every token's first slot: 24 rows, three tiles
+    if crowded == "tile sizes":  # token 0 (its slot dropped below), then expert e's e + 1 rows
+        sizes = torch.arange(1, num_experts + 1)
+        index = torch.cat(
+            [torch.zeros(1, dtype=torch.long), torch.repeat_interleave(torch.arange(num_experts), sizes)]
+        )
+        index = index[:, None]
+        assert index.shape == (num_tokens, 1)
+    elif crowded:  # expert 0 in every token's first slot: 24 rows, three tiles
         index[:, 0] = 0
         index[:, 1:] = torch.stack(
             [torch.randperm(num_experts - 1, generator=gen)[: top_k - 1] + 1 for _ in range(num_tokens)]
@@ -699,11 +716,14 @@ def test_fused_kernel_op_passes_opcheck():
     )
 
 
+X86_LEVELS = {"x86-64-v3": "avx2", "x86-64-v4": "avx512f"}  # -march level: the /proc/cpuinfo flag it needs
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels")
-@pytest.mark.parametrize("level", ["x86-64-v3", "x86-64-v4"], ids=["AVX2", "AVX-512"])
+@pytest.mark.parametrize("level", list(X86_LEVELS), ids=["AVX2", "AVX-512"])
 def test_fused_kernel_compiles_for_each_x86_level(level: str, tmp_path):
-    """The kernel has AVX-512-only code (the two-row form): it must still compile where -march=native means AVX2,
-    whatever this machine has (a build that failed on AVX2 hosts once reached main from an AVX-512 one)."""
+    """The kernel has code for each vector width (8 floats with AVX2, 16 with AVX-512): it must compile for
+    both, whatever this machine has (a build that failed on AVX2 hosts once reached main from an AVX-512 one)."""
     from torch.utils.cpp_extension import include_paths
 
     compiler = cpu_kernel._compiler()
@@ -711,7 +731,7 @@ def test_fused_kernel_compiles_for_each_x86_level(level: str, tmp_path):
         pytest.skip("no C++ compiler")
     source = tmp_path / "fused_experts.cpp"
     source.write_text(cpu_kernel._SOURCE)
-    flags = [f"-march={level}" if f == "-march=native" else f for f in cpu_kernel._FLAGS if f != "-shared"]
+    flags = [flag for flag in cpu_kernel._flags(level) if flag != "-shared"]
     command = [
         compiler,
         *flags,
@@ -723,3 +743,68 @@ def test_fused_kernel_compiles_for_each_x86_level(level: str, tmp_path):
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels")
+@pytest.mark.parametrize("level", list(X86_LEVELS), ids=["AVX2", "AVX-512"])
+def test_fused_kernel_runs_for_each_x86_level(level: str, tmp_path):
+    """`HF_MOE_KERNEL_MARCH` builds the kernel for one x86 level: the AVX2 build's 8-float tiles (and its 7-8 row
+    tiles in two passes) are checked against the reference on an AVX-512 machine too, in a fresh process (one
+    build per process), with the fused-kernel tests above; the level shows in `has_avx512()` and the default cap."""
+    flags = cpu_kernel._cpu_flags()
+    if flags is None or X86_LEVELS[level] not in flags:
+        pytest.skip(f"this CPU has no {X86_LEVELS[level]}")
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler")
+    env = {
+        **os.environ,
+        cpu_kernel.KERNEL_MARCH_ENV: level,
+        cpu_kernel.KERNEL_CACHE_ENV: str(tmp_path / "kernels"),
+        "HF_MOE_EXPECT_AVX512": str(int(level == "x86-64-v4")),
+    }
+    env.pop(FUSED_MAX_ROWS_ENV, None)
+    tests = "test_fused_kernel_matches_reference or test_fused_kernel_build_follows_the_march_setting"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    # 5 shapes x 2 dtypes of the fused-kernel test, and the check of the build's level
+    assert re.search(r"\b11 passed\b", done.stdout), done.stdout[-3000:]
+    assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]  # built there, for this level
+
+
+def test_fused_kernel_build_follows_the_march_setting(monkeypatch):
+    """Run by `test_fused_kernel_runs_for_each_x86_level` with `HF_MOE_KERNEL_MARCH` set (and on its own with
+    the default): the kernel builds for that level, and `has_avx512()` and the default cap of the fused kernel
+    follow it."""
+    assert load_fused_kernel() is None
+    expected = os.environ.get("HF_MOE_EXPECT_AVX512")
+    if expected is not None:
+        assert cpu_kernel.has_avx512() == bool(int(expected))
+    monkeypatch.delenv(FUSED_MAX_ROWS_ENV, raising=False)
+    assert fused_max_rows_per_expert() == (32 if cpu_kernel.has_avx512() else 8)
+
+
+@pytest.mark.parametrize(
+    "march, message",
+    [
+        ("-O0 evil", "expected a -march value such as native"),
+        ("no-such-cpu", "does not accept -march=no-such-cpu"),
+    ],
+)
+def test_fused_kernel_refuses_a_bad_march(march: str, message: str, tmp_path):
+    """A malformed or unknown `HF_MOE_KERNEL_MARCH` is refused with the reason, before anything is compiled.
+    Checked in a fresh process: the kernel is loaded once per process."""
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler")
+    code = "from hf_moe.modeling.cpu_kernel import load_fused_kernel; import sys; sys.stdout.write(load_fused_kernel())"
+    env = {**os.environ, cpu_kernel.KERNEL_MARCH_ENV: march, cpu_kernel.KERNEL_CACHE_ENV: str(tmp_path / "k")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert message in done.stdout
+    assert not (tmp_path / "k").exists()
