@@ -262,8 +262,10 @@ def verdict(results: list[tuple[int, str, dict[str, float]]]) -> str:
         ratio = times["hf_moe"] / times["dense-active"]
         bound = TARGETS.get((tokens, mode))
         if bound is not None:
+            # Three decimals where two would round onto the bound and hide which side of it the ratio is.
+            shown = f"{ratio:.3f}" if f"{ratio:.2f}" == f"{bound:.2f}" else f"{ratio:.2f}"
             parts.append(
-                f"{tokens} tokens {mode} {ratio:.2f}x vs <= {bound}x: {'met' if ratio <= bound else 'missed'}"
+                f"{tokens} tokens {mode} {shown}x vs <= {bound}x: {'met' if ratio <= bound else 'missed'}"
             )
     slower = []
     for tokens, mode, times in results:
