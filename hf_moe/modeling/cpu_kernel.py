@@ -225,25 +225,16 @@ inline void dots2(const float* const* rows, int64_t n, const W* w0, const W* w1,
     return;
   }
   const W* w[2] = {w0, w1};
+  if (n == 5) return dots2_n<5>(rows, w, k, acc, n);
+  if (n == 6) return dots2_n<6>(rows, w, k, acc, n);
   if constexpr (kTwoRowsMaxPass >= kTile) {
-    switch (n) {
-      case 5: return dots2_n<5>(rows, w, k, acc, n);
-      case 6: return dots2_n<6>(rows, w, k, acc, n);
-      case 7: return dots2_n<7>(rows, w, k, acc, n);
-      default: return dots2_n<8>(rows, w, k, acc, n);
-    }
+    if (n == 7) return dots2_n<7>(rows, w, k, acc, n);
+    return dots2_n<8>(rows, w, k, acc, n);
   } else {
     // AVX2: 7-8 rows as a 4-row pass and a 3-4-row one; the two weight rows stay in L1 for the second pass.
-    switch (n) {
-      case 5: return dots2_n<5>(rows, w, k, acc, n);
-      case 6: return dots2_n<6>(rows, w, k, acc, n);
-      case 7:
-        dots2_n<4>(rows, w, k, acc, n);
-        return dots2_n<3>(rows + 4, w, k, acc + 4, n);
-      default:
-        dots2_n<4>(rows, w, k, acc, n);
-        return dots2_n<4>(rows + 4, w, k, acc + 4, n);
-    }
+    dots2_n<4>(rows, w, k, acc, n);
+    if (n == 7) return dots2_n<3>(rows + 4, w, k, acc + 4, n);
+    return dots2_n<4>(rows + 4, w, k, acc + 4, n);
   }
 }
 
