@@ -342,13 +342,249 @@ at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntAr
   return out.to(dtype);
 }
 
+// ---- Training: the grouped products of few-row groups (float32), forward and backward ----
+// MKL packs a weight matrix before each product; at a few rows per expert the packing costs as much as the
+// arithmetic, and its small-row paths reach half the dense layer's FLOP rate (BENCHMARKS.md, "Few rows per
+// expert, training"). These read each weight row straight from memory. Rows are sorted by expert: group e is
+// rows start[e] .. start[e + 1]. Every output element is written by one thread, summing in a fixed order.
+
+// out[s, n] = x[s, :] . W[e][n, :] (W (E, N, K)): the forward's products, as dots of each weight row pair with
+// the group's rows (the decoding kernel's tiles); work items = (active expert, block of weight rows).
+void run_grouped_nt(const float* x, const float* W, float* out, const std::vector<int64_t>& start,
+                    const std::vector<int64_t>& active, int64_t N, int64_t K) {
+  const int64_t S = start.back();
+  std::vector<const float*> rows(S);
+  for (int64_t s = 0; s < S; ++s) rows[s] = x + s * K;
+  const int64_t blocks = (N + kBlock - 1) / kBlock, num_active = static_cast<int64_t>(active.size());
+  at::parallel_for(0, num_active * blocks, 1, [&](int64_t begin, int64_t end) {
+    float acc[2 * kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = active[item / blocks], n0 = (item % blocks) * kBlock, n1 = std::min(N, n0 + kBlock);
+      const float* We = W + e * N * K;
+      for (int64_t n = n0; n < n1; n += 2) {
+        const int64_t cols = std::min<int64_t>(2, n1 - n);
+        for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+          const int64_t m = std::min(kTile, start[e + 1] - m0);
+          if (cols == 2) dots2(rows.data() + m0, m, We + n * K, We + (n + 1) * K, K, acc);
+          else dots(rows.data() + m0, m, We + n * K, K, acc);
+          for (int64_t r = 0; r < cols; ++r)
+            for (int64_t i = 0; i < m; ++i) out[(m0 + i) * N + n + r] = acc[r * m + i];
+        }
+      }
+    }
+  });
+}
+
+// out[s, :] = sum_n g[s, n] * W[e][n, :]: the backward's input-side products (W as stored, not transposed). A tile
+// of R rows x V vectors of columns accumulates in registers while the weight rows stream past.
+#ifdef __AVX512F__
+constexpr int64_t kNNRows = 8, kNNVecs = 2;  // 16 accumulators + 2 weight vectors of 32 registers
+#else
+constexpr int64_t kNNRows = 6, kNNVecs = 2;  // 12 + 2 of 16
+#endif
+constexpr int64_t kNNPrefetchRows = 8;  // the weight rows are kNNVecs vectors apart by a row stride: prefetched
+
+template <int R, int V>
+inline void nn_tile(const float* g, int64_t ldg, const float* w, int64_t N, int64_t K, float* out, int64_t ldo) {
+  vec a[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = vec{};
+  for (int64_t n = 0; n < N; ++n) {
+    const float* wn = w + n * K;
+    for (int v = 0; v < V; v += 64 / (4 * kLanes) > 0 ? 64 / (4 * kLanes) : 1)
+      __builtin_prefetch(wn + kNNPrefetchRows * K + v * kLanes, 0, 0);
+    vec wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = loadv(wn + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float s = g[r * ldg + n];
+      for (int v = 0; v < V; ++v) a[r][v] += s * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) __builtin_memcpy(out + r * ldo + v * kLanes, &a[r][v], sizeof(vec));
+}
+
+template <int V>
+inline void nn_rows(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t N, int64_t K, float* out,
+                    int64_t ldo) {
+  switch (rows) {
+    case 1: return nn_tile<1, V>(g, ldg, w, N, K, out, ldo);
+    case 2: return nn_tile<2, V>(g, ldg, w, N, K, out, ldo);
+    case 3: return nn_tile<3, V>(g, ldg, w, N, K, out, ldo);
+    case 4: return nn_tile<4, V>(g, ldg, w, N, K, out, ldo);
+    case 5: return nn_tile<5, V>(g, ldg, w, N, K, out, ldo);
+    case 6: return nn_tile<6, V>(g, ldg, w, N, K, out, ldo);
+    case 7: return nn_tile<7, V>(g, ldg, w, N, K, out, ldo);
+    default: return nn_tile<8, V>(g, ldg, w, N, K, out, ldo);
+  }
+}
+
+void run_grouped_nn(const float* g, const float* W, float* out, const std::vector<int64_t>& start,
+                    const std::vector<int64_t>& active, int64_t N, int64_t K) {
+  constexpr int64_t width = kNNVecs * kLanes;
+  const int64_t tiles = (K + width - 1) / width, num_active = static_cast<int64_t>(active.size());
+  at::parallel_for(0, num_active * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = active[item / tiles], k0 = (item % tiles) * width, k1 = std::min(K, k0 + width);
+      const float* We = W + e * N * K;
+      for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kNNRows) {
+        const int64_t rows = std::min(kNNRows, start[e + 1] - m0);
+        const float* gm = g + m0 * N;
+        float* om = out + m0 * K;
+        int64_t k = k0;
+        if (k1 - k == width) {
+          nn_rows<kNNVecs>(rows, gm, N, We + k, N, K, om + k, K);
+          continue;
+        }
+        for (; k + kLanes <= k1; k += kLanes) nn_rows<1>(rows, gm, N, We + k, N, K, om + k, K);
+        for (; k < k1; ++k)  // the last K % kLanes columns
+          for (int64_t r = 0; r < rows; ++r) {
+            float s = 0.f;
+            for (int64_t n = 0; n < N; ++n) s += gm[r * N + n] * We[n * K + k];
+            om[r * K + k] = s;
+          }
+      }
+    }
+  });
+}
+
+// dW[e][n, :] = sum over the rows s of group e of g[s, n] * a[s, :]: the weight gradients. A tile of C weight rows
+// x V vectors of columns accumulates over the group's rows (which stay in cache) and is stored once.
+#ifdef __AVX512F__
+constexpr int64_t kTNCols = 4, kTNVecs = 4;  // 16 accumulators + 4 row vectors
+#else
+constexpr int64_t kTNCols = 4, kTNVecs = 2;  // 8 + 2
+#endif
+
+template <int C, int V>
+inline void tn_tile(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t ldo) {
+  vec acc[C][V];
+  for (int c = 0; c < C; ++c)
+    for (int v = 0; v < V; ++v) acc[c][v] = vec{};
+  for (int64_t m = 0; m < M; ++m) {
+    vec av[V];
+    for (int v = 0; v < V; ++v) av[v] = loadv(a + m * lda + v * kLanes);
+    for (int c = 0; c < C; ++c) {
+      const float s = g[m * ldg + c];
+      for (int v = 0; v < V; ++v) acc[c][v] += s * av[v];
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int v = 0; v < V; ++v) __builtin_memcpy(out + c * ldo + v * kLanes, &acc[c][v], sizeof(vec));
+}
+
+// One column block [k0, k1) of C output rows (C = kTNCols, or 1 for the last rows).
+template <int C>
+inline void tn_cols(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t K) {
+  constexpr int64_t width = kTNVecs * kLanes;
+  int64_t k = 0;
+  for (; k + width <= K; k += width) tn_tile<C, kTNVecs>(g, ldg, a + k, lda, M, out + k, K);
+  for (; k + kLanes <= K; k += kLanes) tn_tile<C, 1>(g, ldg, a + k, lda, M, out + k, K);
+  for (; k < K; ++k)
+    for (int c = 0; c < C; ++c) {
+      float s = 0.f;
+      for (int64_t m = 0; m < M; ++m) s += g[m * ldg + c] * a[m * lda + k];
+      out[c * K + k] = s;
+    }
+}
+
+void run_grouped_tn(const float* g, const float* a, float* out, const std::vector<int64_t>& start, int64_t E,
+                    int64_t N, int64_t K) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, E * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = item / blocks, n0 = (item % blocks) * kBlock, n1 = std::min(N, n0 + kBlock);
+      const int64_t M = start[e + 1] - start[e];
+      float* oe = out + e * N * K;
+      if (M == 0) {  // an expert without rows: zero gradient
+        std::fill(oe + n0 * K, oe + n1 * K, 0.f);
+        continue;
+      }
+      const float* ge = g + start[e] * N;
+      const float* ae = a + start[e] * K;
+      int64_t n = n0;
+      for (; n + kTNCols <= n1; n += kTNCols) tn_cols<kTNCols>(ge + n, N, ae, K, M, oe + n * K, K);
+      for (; n < n1; ++n) tn_cols<1>(ge + n, N, ae, K, M, oe + n * K, K);
+    }
+  });
+}
+
+// The group boundaries from the per-expert counts, checked against the rows.
+std::vector<int64_t> group_starts(at::IntArrayRef counts, int64_t S, std::vector<int64_t>* active,
+                                  const char* op) {
+  const int64_t E = static_cast<int64_t>(counts.size());
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, "hf_moe ", op, ": negative count");
+    start[e + 1] = start[e] + counts[e];
+    if (counts[e] > 0 && active != nullptr) active->push_back(e);
+  }
+  TORCH_CHECK(start[E] == S, "hf_moe ", op, ": counts add up to ", start[E], ", not to the ", S, " rows");
+  return start;
+}
+
+void check_float_matrix(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(), "hf_moe ", op, ": ", name,
+              " must be a contiguous float32 tensor of ", dim, " dimensions");
+}
+
+// x (S, K) @ weight[e].T for each group -> (S, N); weight (E, N, K).
+at::Tensor grouped_nt(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef counts) {
+  check_float_matrix(x, 2, "grouped_nt", "x");
+  check_float_matrix(weight, 3, "grouped_nt", "weight");
+  const int64_t S = x.size(0), E = weight.size(0), N = weight.size(1), K = weight.size(2);
+  TORCH_CHECK(x.size(1) == K && static_cast<int64_t>(counts.size()) == E,
+              "hf_moe grouped_nt: x (S, K), weight (E, N, K) and counts (E,) do not match");
+  std::vector<int64_t> active;
+  const auto start = group_starts(counts, S, &active, "grouped_nt");
+  at::Tensor out = at::empty({S, N}, x.options());
+  if (S > 0) run_grouped_nt(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), start, active,
+                            N, K);
+  return out;
+}
+
+// g (S, N) @ weight[e] for each group -> (S, K); weight (E, N, K).
+at::Tensor grouped_nn(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef counts) {
+  check_float_matrix(g, 2, "grouped_nn", "g");
+  check_float_matrix(weight, 3, "grouped_nn", "weight");
+  const int64_t S = g.size(0), E = weight.size(0), N = weight.size(1), K = weight.size(2);
+  TORCH_CHECK(g.size(1) == N && static_cast<int64_t>(counts.size()) == E,
+              "hf_moe grouped_nn: g (S, N), weight (E, N, K) and counts (E,) do not match");
+  std::vector<int64_t> active;
+  const auto start = group_starts(counts, S, &active, "grouped_nn");
+  at::Tensor out = at::empty({S, K}, g.options());
+  if (S > 0) run_grouped_nn(g.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), start, active,
+                            N, K);
+  return out;
+}
+
+// g[group e].T @ a[group e] for each expert -> (E, N, K), zeros for experts without rows; g (S, N), a (S, K).
+at::Tensor grouped_tn(const at::Tensor& g, const at::Tensor& a, at::IntArrayRef counts) {
+  check_float_matrix(g, 2, "grouped_tn", "g");
+  check_float_matrix(a, 2, "grouped_tn", "a");
+  const int64_t S = g.size(0), N = g.size(1), K = a.size(1), E = static_cast<int64_t>(counts.size());
+  TORCH_CHECK(a.size(0) == S, "hf_moe grouped_tn: g (S, N) and a (S, K) need the same rows");
+  const auto start = group_starts(counts, S, nullptr, "grouped_tn");
+  at::Tensor out = at::empty({E, N, K}, g.options());
+  if (E * N * K > 0) run_grouped_tn(g.data_ptr<float>(), a.data_ptr<float>(), out.data_ptr<float>(), start, E, N, K);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_moe_kernels, m) {
   m.def("fused_experts(Tensor x, Tensor token, int[] counts, Tensor weights, Tensor gate_up, Tensor down, "
         "int act) -> Tensor");
+  m.def("grouped_nt(Tensor x, Tensor weight, int[] counts) -> Tensor");
+  m.def("grouped_nn(Tensor g, Tensor weight, int[] counts) -> Tensor");
+  m.def("grouped_tn(Tensor g, Tensor a, int[] counts) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(hf_moe_kernels, CPU, m) { m.impl("fused_experts", &fused_experts); }
+TORCH_LIBRARY_IMPL(hf_moe_kernels, CPU, m) {
+  m.impl("fused_experts", &fused_experts);
+  m.impl("grouped_nt", &grouped_nt);
+  m.impl("grouped_nn", &grouped_nn);
+  m.impl("grouped_tn", &grouped_tn);
+}
 """
 
 # -D_GLIBCXX_USE_CXX11_ABI as torch was built, or the std::string in its signatures would not link.
@@ -543,6 +779,15 @@ def load_fused_kernel() -> str | None:
         torch.library.register_fake("hf_moe_kernels::fused_experts")(
             lambda x, token, counts, weights, gate_up, down, act: torch.empty_like(x)
         )
+        torch.library.register_fake("hf_moe_kernels::grouped_nt")(
+            lambda x, weight, counts: x.new_empty(x.shape[0], weight.shape[1])
+        )
+        torch.library.register_fake("hf_moe_kernels::grouped_nn")(
+            lambda g, weight, counts: g.new_empty(g.shape[0], weight.shape[2])
+        )
+        torch.library.register_fake("hf_moe_kernels::grouped_tn")(
+            lambda g, a, counts: g.new_empty(len(counts), g.shape[1], a.shape[1])
+        )
     return None
 
 
@@ -565,11 +810,31 @@ def fused_experts(
     )
 
 
+# Training: the grouped products of `_RoutedExpertsFunction` (experts.py) in float32, on rows sorted by expert with
+# `counts` (E,) rows per expert. `load_fused_kernel()` must have returned None.
+def grouped_times_transposed(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x (S, K) @ weight[e].T for the rows of each expert e -> (S, N); weight (E, N, K)."""
+    return torch.ops.hf_moe_kernels.grouped_nt(x, weight, counts)
+
+
+def grouped_times(g: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """g (S, N) @ weight[e] for the rows of each expert e -> (S, K); weight (E, N, K)."""
+    return torch.ops.hf_moe_kernels.grouped_nn(g, weight, counts)
+
+
+def grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """g[rows of e].T @ a[rows of e] for each expert e -> (E, N, K), zeros for experts without rows."""
+    return torch.ops.hf_moe_kernels.grouped_tn(g, a, counts)
+
+
 __all__ = [
     "ACTIVATION_CODES",
     "KERNEL_CACHE_ENV",
     "KERNEL_MARCH_ENV",
     "fused_experts",
+    "grouped_times",
+    "grouped_times_transposed",
+    "grouped_weight_grad",
     "has_avx512",
     "kernel_cache_dir",
     "kernel_march",

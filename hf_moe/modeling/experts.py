@@ -43,7 +43,15 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
 
 from .configuration_hf_moe import expert_activation
-from .cpu_kernel import ACTIVATION_CODES, fused_experts, has_avx512, load_fused_kernel
+from .cpu_kernel import (
+    ACTIVATION_CODES,
+    fused_experts,
+    grouped_times,
+    grouped_times_transposed,
+    grouped_weight_grad,
+    has_avx512,
+    load_fused_kernel,
+)
 
 # ================================================================================================================
 # Grouping, shared by every implementation and by the fused-experts LoRA layer (hf_moe.peft).
@@ -310,6 +318,35 @@ ACTIVATION_BACKWARD = {
 }
 
 
+# The three grouped products of `_RoutedExpertsFunction`, for rows sorted by expert (groups end at `offsets`), each
+# by the compiled kernel where `counts` (rows per expert, host ints) is given, else by aten's grouped GEMM.
+def _times_transposed(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
+    """x (S, K) @ weight[e].T per group -> (S, N); weight (E, N, K)."""
+    if counts is not None:
+        return grouped_times_transposed(x, weight, counts)
+    return grouped_mm(x, weight.transpose(1, 2), offsets)
+
+
+def _times(
+    g: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
+    """g (S, N) @ weight[e] per group -> (S, K); weight (E, N, K)."""
+    if counts is not None:
+        return grouped_times(g, weight, counts)
+    return grouped_mm(g, weight, offsets)
+
+
+def _weight_grad(
+    g: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
+    """g[group e].T @ a[group e] -> (E, N, K), zeros for experts without rows; g (S, N), a (S, K)."""
+    if counts is not None:
+        return grouped_weight_grad(g, a, counts)
+    return _grouped_weight_grad(g, a, offsets)
+
+
 class _RoutedExpertsFunction(torch.autograd.Function):
     """The routed rows' forward and a hand-written backward (CPU training, "hf_moe_cpu").
 
@@ -333,19 +370,21 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         offsets: torch.Tensor,  # (E,) end of each expert's group
         act_fn,
         activation: str,
+        counts: list[int] | None = None,  # (E,) rows per expert: the compiled kernel's products; None: aten's
     ) -> torch.Tensor:
         x = hidden_states.index_select(0, token)  # (S, H)
         weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (S, 1)
-        gate_up = grouped_mm(x, gate_up_proj.transpose(1, 2), offsets)  # (S, 2I)
+        ctx.counts = counts
+        gate_up = _times_transposed(x, gate_up_proj, offsets, counts)  # (S, 2I)
         inter = gate_up.shape[1] // 2
         act = act_fn(gate_up[:, :inter])  # (S, I)
         h = act * gate_up[:, inter:]  # (S, I)
         scale_hidden = inter <= hidden_states.shape[1]
         if scale_hidden:
-            out = grouped_mm(h * weights, down_proj.transpose(1, 2), offsets)  # (S, H) weighted
+            out = _times_transposed(h * weights, down_proj, offsets, counts)  # (S, H) weighted
             ctx.save_for_backward(x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets)
         else:
-            unweighted = grouped_mm(h, down_proj.transpose(1, 2), offsets)  # (S, H)
+            unweighted = _times_transposed(h, down_proj, offsets, counts)  # (S, H)
             out = unweighted * weights
             ctx.save_for_backward(
                 x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets, unweighted
@@ -360,12 +399,13 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         x, gate_up, act, h, weights, gate_up_proj, down_proj, token, order, offsets, *rest = ctx.saved_tensors
         need_input, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
         inter = gate_up.shape[1] // 2
+        counts = ctx.counts
         grad_out = grad_output.index_select(0, token)  # (S, H)
         grad_down = grad_w = grad_weights = grad_gate_up_proj = grad_input = None
         if ctx.scale_hidden:
             if need_down:
-                grad_down = _grouped_weight_grad(grad_out, h * weights, offsets)  # (E, H, I)
-            grad_h = grouped_mm(grad_out, down_proj, offsets)  # (S, I) gradient of the weighted product
+                grad_down = _weight_grad(grad_out, h * weights, offsets, counts)  # (E, H, I)
+            grad_h = _times(grad_out, down_proj, offsets, counts)  # (S, I) gradient of the weighted product
             if need_weights:
                 grad_w = torch.linalg.vecdot(grad_h, h)  # (S,)
             grad_h.mul_(weights)
@@ -374,8 +414,8 @@ class _RoutedExpertsFunction(torch.autograd.Function):
                 grad_w = torch.linalg.vecdot(grad_out, rest[0])  # (S,)
             grad_out = grad_out * weights  # (S, H) gradient of the unweighted output
             if need_down:
-                grad_down = _grouped_weight_grad(grad_out, h, offsets)  # (E, H, I)
-            grad_h = grouped_mm(grad_out, down_proj, offsets)  # (S, I)
+                grad_down = _weight_grad(grad_out, h, offsets, counts)  # (E, H, I)
+            grad_h = _times(grad_out, down_proj, offsets, counts)  # (S, I)
         if grad_w is not None:
             grad_weights = (
                 grad_w.new_zeros(ctx.weights_shape.numel())
@@ -390,11 +430,11 @@ class _RoutedExpertsFunction(torch.autograd.Function):
                 grad_h.mul_(gate_up[:, inter:]), gate_up[:, :inter], out=grad_gate_up[:, :inter]
             )
             if need_gate_up:
-                grad_gate_up_proj = _grouped_weight_grad(grad_gate_up, x, offsets)  # (E, 2I, H)
+                grad_gate_up_proj = _weight_grad(grad_gate_up, x, offsets, counts)  # (E, 2I, H)
             if need_input:
-                grad_x = grouped_mm(grad_gate_up, gate_up_proj, offsets)  # (S, H)
+                grad_x = _times(grad_gate_up, gate_up_proj, offsets, counts)  # (S, H)
                 grad_input = grad_output.new_zeros(grad_output.shape).index_add_(0, token, grad_x)
-        return grad_input, grad_weights, grad_gate_up_proj, grad_down, None, None, None, None, None
+        return grad_input, grad_weights, grad_gate_up_proj, grad_down, None, None, None, None, None, None
 
 
 def _manual_backward_fits(self: HfMoeExperts, hidden_states: torch.Tensor) -> bool:
@@ -551,6 +591,10 @@ def _routed_grouped_forward(
 # its Python costs more than they do: autograd's path was 2-4% faster at 1 token, level at 16-256 tokens
 # (BENCHMARKS.md, "Reading the block tables").
 MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
+# CPU training with up to this many routed rows per expert on average, in float32, with `HF_MOE_CPU_SMALL_GROUPS`
+# choosing the fused kernel, runs the hand-written backward on the compiled kernel's grouped products
+# (cpu_kernel.py) instead of MKL's (BENCHMARKS.md, "Few rows per expert, training").
+TRAIN_KERNEL_MAX_ROWS_PER_EXPERT = 256 if has_avx512() else 16
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 # ... and up to `fused_max_rows_per_expert()`, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows
@@ -660,6 +704,17 @@ def fused_fits(
     )
 
 
+def _train_kernel_fits(self: HfMoeExperts, hidden_states: torch.Tensor) -> bool:
+    # The compiled kernel's grouped products: float32 (the hand-written backward checked the dtypes agree),
+    # contiguous expert weights, and the setting choosing the fused kernel.
+    return (
+        hidden_states.dtype == torch.float32
+        and self.gate_up_proj.is_contiguous()
+        and self.down_proj.is_contiguous()
+        and small_groups_kernel() == "fused"
+    )
+
+
 def cpu_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -674,20 +729,23 @@ def cpu_experts_forward(
     counts = groups.counts.tolist()
     num_routed = sum(counts)
     if needs_grad:
-        if num_routed > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * self.num_experts and _manual_backward_fits(
-            self, hidden_states
-        ):
-            return _RoutedExpertsFunction.apply(
-                hidden_states,
-                top_k_weights,
-                self.gate_up_proj,
-                self.down_proj,
-                groups.token[:num_routed],
-                groups.order[:num_routed],
-                groups.offsets,
-                self.act_fn,
-                self.activation,
+        if _manual_backward_fits(self, hidden_states):
+            kernel = num_routed <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts and _train_kernel_fits(
+                self, hidden_states
             )
+            if kernel or num_routed > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * self.num_experts:
+                return _RoutedExpertsFunction.apply(
+                    hidden_states,
+                    top_k_weights,
+                    self.gate_up_proj,
+                    self.down_proj,
+                    groups.token[:num_routed],
+                    groups.order[:num_routed],
+                    groups.offsets,
+                    self.act_fn,
+                    self.activation,
+                    counts if kernel else None,
+                )
         return _grouped_forward(self, hidden_states, top_k_weights, groups, num_routed or None)
     if num_routed == 0:
         return torch.zeros_like(hidden_states)

@@ -30,6 +30,7 @@ from hf_moe.modeling.experts import (
     FUSED_MAX_ROWS_ENV,
     MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT,
     SMALL_GROUPS_ENV,
+    TRAIN_KERNEL_MAX_ROWS_PER_EXPERT,
     HfMoeExperts,
     fused_max_rows_per_expert,
     group_by_expert,
@@ -207,19 +208,118 @@ def test_other_activations_match_reference(implementation: str, activation: str)
     assert_grads_close(actual_grads, expected_grads, f"{implementation} {activation}")
 
 
+KERNEL_PRODUCTS = ("hf_moe_kernels::grouped_nt", "hf_moe_kernels::grouped_nn", "hf_moe_kernels::grouped_tn")
+
+
 @pytest.mark.parametrize(
-    "num_tokens, top_k, hand_written",
-    [(1, 2, False), (64, 2, False), (64, 4, True), (300, 2, True)],
+    "setting, num_tokens, top_k",
+    [(s, t, k) for s in ("grouped", "fused") for t, k in ((1, 2), (64, 2), (64, 4), (300, 2), (1100, 4))],
 )
-def test_cpu_training_picks_the_backward_by_rows_per_expert(num_tokens: int, top_k: int, hand_written: bool):
-    """CPU training runs the hand-written backward past MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT routed rows per expert
-    on average and autograd's below it. The gradient tests here use token counts on both sides; this pins that
-    they do, through the autograd node the forward leaves."""
+def test_cpu_training_picks_the_backward_by_rows_per_expert(
+    setting: str, num_tokens: int, top_k: int, monkeypatch
+):
+    """CPU training, by routed rows per expert on average and `HF_MOE_CPU_SMALL_GROUPS`: with "fused", up to
+    TRAIN_KERNEL_MAX_ROWS_PER_EXPERT the hand-written backward on the compiled kernel's products; otherwise past
+    MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT the hand-written backward on aten's grouped GEMMs, below it autograd's.
+    The gradient tests here use token counts on each side; this pins that they do, through the autograd node the
+    forward leaves and the operators that run."""
+    monkeypatch.setenv(SMALL_GROUPS_ENV, setting)
     experts = make_experts("hf_moe_cpu")
     index, weights = make_routing(num_tokens, top_k, sentinels=False)
-    assert (num_tokens * top_k > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * NUM_EXPERTS) == hand_written
-    out = experts(torch.randn(num_tokens, experts.hidden_dim, requires_grad=True), index, weights)
+    rows = num_tokens * top_k / NUM_EXPERTS
+    kernel = setting == "fused" and rows <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT
+    hand_written = kernel or rows > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT
+    x = torch.randn(num_tokens, experts.hidden_dim, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        experts(x, index, weights).sum().backward()
+        out = experts(x, index, weights)
     assert ("RoutedExperts" in out.grad_fn.name()) == hand_written, out.grad_fn.name()
+    ran = {event.name for event in prof.events()}
+    assert [op in ran for op in KERNEL_PRODUCTS] == [kernel] * 3, sorted(ran)
+
+
+@pytest.mark.parametrize(
+    "hidden, intermediate, num_experts, top_k, num_tokens, sizes",
+    [
+        (40, 24, 8, 2, 1, None),  # one token; rows of 40 and 24 floats: the vector and scalar tails
+        (24, 40, 8, 2, 20, None),  # I > H (the routing weight scales the output), tails
+        (35, 20, 8, 1, 37, list(range(1, 9))),  # expert e gets e + 1 rows: every row tile 1-8 once
+        (32, 16, 4, 1, 62, [0, 45, 16, 0]),  # two experts without rows, one with several row tiles
+        (64, 48, 4, 2, 300, None),  # 150 rows per expert
+    ],
+    ids=["one token, odd widths", "I>H, odd widths", "every tile size", "empty and crowded", "150 rows"],
+)
+def test_training_kernel_matches_reference(
+    hidden: int,
+    intermediate: int,
+    num_experts: int,
+    top_k: int,
+    num_tokens: int,
+    sizes: list[int] | None,
+    monkeypatch,
+):
+    """The compiled kernel's grouped products in CPU training (`HF_MOE_CPU_SMALL_GROUPS=fused`, float32) on shapes
+    the tiny config does not reach: widths that are not a multiple of its vectors, every row tile, experts without
+    rows, several tiles per expert, a dropped slot (`test_fused_kernel_runs_for_each_x86_level` reruns these with
+    the build of each x86 level). The output and the gradients of the input, the routing weights and both expert
+    tensors must match the reference, and give the same bits twice."""
+    monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
+    config = tiny_config(
+        hidden_size=hidden,
+        **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=intermediate,
+    )
+    torch.manual_seed(0)
+    reference = HfMoeExperts(config)
+    with torch.no_grad():
+        reference.gate_up_proj.normal_(0.0, 0.3)
+        reference.down_proj.normal_(0.0, 0.3)
+    fast = with_implementation(reference, "hf_moe")
+    gen = torch.Generator().manual_seed(num_tokens)
+    if sizes is None:
+        index = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    else:  # token 0 (its slot dropped below), then expert e's sizes[e] rows
+        index = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long),
+                torch.repeat_interleave(torch.arange(num_experts), torch.tensor(sizes)),
+            ]
+        )[:, None]
+        assert index.shape == (num_tokens, 1)
+    assert (
+        num_tokens * top_k <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * num_experts
+        or TRAIN_KERNEL_MAX_ROWS_PER_EXPERT < 150
+    )
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    index[0, -1], weights[0, -1] = num_experts, 0.0  # a dropped slot
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    grad_out = torch.randn(num_tokens, hidden, generator=gen)
+
+    def call(m, x, w):
+        return m(x, index, w)
+
+    # Sums over up to 150 rows differ in float32 by the order of summation: each path is held to the float64 truth,
+    # within twice the error of the float32 reference there.
+    truth, truth_grads = run_with_grads(
+        call, copy.deepcopy(reference).double(), x.double(), weights.double(), grad_out.double()
+    )
+    expected, expected_grads = run_with_grads(call, reference, x, weights, grad_out)
+    with torch.profiler.profile() as prof:
+        actual, actual_grads = run_with_grads(call, fast, x, weights, grad_out)
+    kernel = num_tokens * top_k <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * num_experts
+    ran = {event.name for event in prof.events()}
+    assert [op in ran for op in KERNEL_PRODUCTS] == [kernel] * 3, sorted(ran)
+    for name, a, e, t in zip(
+        ["output", *GRAD_NAMES], [actual, *actual_grads], [expected, *expected_grads], [truth, *truth_grads]
+    ):
+        error, bound = (a.double() - t).abs().max().item(), 2 * (e.double() - t).abs().max().item() + 1e-6
+        assert error <= bound, (
+            f"training kernel: {name} is {error:.2e} off the float64 result (the reference {bound:.2e})"
+        )
+    again, again_grads = run_with_grads(call, fast, x, weights, grad_out)
+    assert torch.equal(again, actual) and all(map(torch.equal, again_grads, actual_grads))
 
 
 @pytest.mark.parametrize("num_tokens", [64, 300])
