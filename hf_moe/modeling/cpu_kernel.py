@@ -361,10 +361,11 @@ void run_grouped_nt(const float* x, const float* W, float* out, const std::vecto
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = active[item / blocks], n0 = (item % blocks) * kBlock, n1 = std::min(N, n0 + kBlock);
       const float* We = W + e * N * K;
-      for (int64_t n = n0; n < n1; n += 2) {
-        const int64_t cols = std::min<int64_t>(2, n1 - n);
-        for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
-          const int64_t m = std::min(kTile, start[e + 1] - m0);
+      // Row tiles outside, weight rows inside: a tile's rows stay in L1 while the block's weight rows (L2) pass.
+      for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kTile) {
+        const int64_t m = std::min(kTile, start[e + 1] - m0);
+        for (int64_t n = n0; n < n1; n += 2) {
+          const int64_t cols = std::min<int64_t>(2, n1 - n);
           if (cols == 2) dots2(rows.data() + m0, m, We + n * K, We + (n + 1) * K, K, acc);
           else dots(rows.data() + m0, m, We + n * K, K, acc);
           for (int64_t r = 0; r < cols; ++r)
@@ -378,44 +379,52 @@ void run_grouped_nt(const float* x, const float* W, float* out, const std::vecto
 // out[s, :] = sum_n g[s, n] * W[e][n, :]: the backward's input-side products (W as stored, not transposed). A tile
 // of R rows x V vectors of columns accumulates in registers while the weight rows stream past.
 #ifdef __AVX512F__
-constexpr int64_t kNNRows = 8, kNNVecs = 2;  // 16 accumulators + 2 weight vectors of 32 registers
+constexpr int64_t kNNRows = 6, kNNVecs = 4;  // 24 accumulators + 4 weight vectors of 32 registers
 #else
 constexpr int64_t kNNRows = 6, kNNVecs = 2;  // 12 + 2 of 16
 #endif
 constexpr int64_t kNNPrefetchRows = 8;  // the weight rows are kNNVecs vectors apart by a row stride: prefetched
 
+constexpr int64_t kNNSumRows = 256;  // weight rows summed per partial sum (a long chain loses float32 bits)
+
 template <int R, int V>
-inline void nn_tile(const float* g, int64_t ldg, const float* w, int64_t N, int64_t K, float* out, int64_t ldo) {
-  vec a[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) a[r][v] = vec{};
-  for (int64_t n = 0; n < N; ++n) {
-    const float* wn = w + n * K;
-    for (int v = 0; v < V; v += 64 / (4 * kLanes) > 0 ? 64 / (4 * kLanes) : 1)
-      __builtin_prefetch(wn + kNNPrefetchRows * K + v * kLanes, 0, 0);
-    vec wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = loadv(wn + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float s = g[r * ldg + n];
-      for (int v = 0; v < V; ++v) a[r][v] += s * wv[v];
+inline void nn_tile(const float* g, int64_t ldg, const float* w, int64_t N, int64_t ldw, float* out, int64_t ldo) {
+  for (int64_t n0 = 0; n0 < N; n0 += kNNSumRows) {
+    const int64_t n1 = std::min(N, n0 + kNNSumRows);
+    vec a[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) a[r][v] = vec{};
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* wn = w + n * ldw;
+      for (int v = 0; v < V; v += 64 / (4 * kLanes) > 0 ? 64 / (4 * kLanes) : 1)
+        __builtin_prefetch(wn + kNNPrefetchRows * ldw + v * kLanes, 0, 0);
+      vec wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = loadv(wn + v * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float s = g[r * ldg + n];
+        for (int v = 0; v < V; ++v) a[r][v] += s * wv[v];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        float* o = out + r * ldo + v * kLanes;
+        if (n0 > 0) a[r][v] += loadv(o);
+        __builtin_memcpy(o, &a[r][v], sizeof(vec));
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) __builtin_memcpy(out + r * ldo + v * kLanes, &a[r][v], sizeof(vec));
 }
 
+static_assert(kNNRows == 6, "nn_rows dispatches 1 to 6 rows");
 template <int V>
-inline void nn_rows(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t N, int64_t K, float* out,
+inline void nn_rows(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t N, int64_t ldw, float* out,
                     int64_t ldo) {
   switch (rows) {
-    case 1: return nn_tile<1, V>(g, ldg, w, N, K, out, ldo);
-    case 2: return nn_tile<2, V>(g, ldg, w, N, K, out, ldo);
-    case 3: return nn_tile<3, V>(g, ldg, w, N, K, out, ldo);
-    case 4: return nn_tile<4, V>(g, ldg, w, N, K, out, ldo);
-    case 5: return nn_tile<5, V>(g, ldg, w, N, K, out, ldo);
-    case 6: return nn_tile<6, V>(g, ldg, w, N, K, out, ldo);
-    case 7: return nn_tile<7, V>(g, ldg, w, N, K, out, ldo);
-    default: return nn_tile<8, V>(g, ldg, w, N, K, out, ldo);
+    case 1: return nn_tile<1, V>(g, ldg, w, N, ldw, out, ldo);
+    case 2: return nn_tile<2, V>(g, ldg, w, N, ldw, out, ldo);
+    case 3: return nn_tile<3, V>(g, ldg, w, N, ldw, out, ldo);
+    case 4: return nn_tile<4, V>(g, ldg, w, N, ldw, out, ldo);
+    case 5: return nn_tile<5, V>(g, ldg, w, N, ldw, out, ldo);
+    default: return nn_tile<kNNRows, V>(g, ldg, w, N, ldw, out, ldo);
   }
 }
 
@@ -424,23 +433,39 @@ void run_grouped_nn(const float* g, const float* W, float* out, const std::vecto
   constexpr int64_t width = kNNVecs * kLanes;
   const int64_t tiles = (K + width - 1) / width, num_active = static_cast<int64_t>(active.size());
   at::parallel_for(0, num_active * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> slab;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = active[item / tiles], k0 = (item % tiles) * width, k1 = std::min(K, k0 + width);
       const float* We = W + e * N * K;
+      // A group of several row tiles reads the (N, width) column slab once per tile. Rows a power-of-two bytes
+      // apart fall into a few cache sets and evict each other between those passes, so the slab is copied into
+      // contiguous memory first (the one read from memory happens in the copy).
+      const float* w = We + k0;
+      int64_t ldw = K;
+      if (start[e + 1] - start[e] > kNNRows && k1 - k0 == width) {
+        slab.resize(N * width);
+        for (int64_t n = 0; n < N; ++n) std::copy(We + n * K + k0, We + n * K + k1, slab.data() + n * width);
+        w = slab.data();
+        ldw = width;
+      }
       for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kNNRows) {
         const int64_t rows = std::min(kNNRows, start[e + 1] - m0);
         const float* gm = g + m0 * N;
         float* om = out + m0 * K;
         int64_t k = k0;
         if (k1 - k == width) {
-          nn_rows<kNNVecs>(rows, gm, N, We + k, N, K, om + k, K);
+          nn_rows<kNNVecs>(rows, gm, N, w, N, ldw, om + k, K);
           continue;
         }
         for (; k + kLanes <= k1; k += kLanes) nn_rows<1>(rows, gm, N, We + k, N, K, om + k, K);
         for (; k < k1; ++k)  // the last K % kLanes columns
           for (int64_t r = 0; r < rows; ++r) {
             float s = 0.f;
-            for (int64_t n = 0; n < N; ++n) s += gm[r * N + n] * We[n * K + k];
+            for (int64_t n0 = 0; n0 < N; n0 += kNNSumRows) {
+              float part = 0.f;
+              for (int64_t n = n0; n < std::min(N, n0 + kNNSumRows); ++n) part += gm[r * N + n] * We[n * K + k];
+              s += part;
+            }
             om[r * K + k] = s;
           }
       }
@@ -450,17 +475,23 @@ void run_grouped_nn(const float* g, const float* W, float* out, const std::vecto
 
 // dW[e][n, :] = sum over the rows s of group e of g[s, n] * a[s, :]: the weight gradients. A tile of C weight rows
 // x V vectors of columns accumulates over the group's rows (which stay in cache) and is stored once.
+// (Tile shapes measured, BENCHMARKS.md: C must divide kBlock, or the block's last rows go one at a time.)
 #ifdef __AVX512F__
-constexpr int64_t kTNCols = 4, kTNVecs = 4;  // 16 accumulators + 4 row vectors
+constexpr int64_t kTNCols = 8, kTNVecs = 3;  // 24 accumulators + 3 row vectors of 32 registers
 #else
-constexpr int64_t kTNCols = 4, kTNVecs = 2;  // 8 + 2
+constexpr int64_t kTNCols = 4, kTNVecs = 3;  // 12 + 3 of 16
 #endif
+static_assert(kBlock % kTNCols == 0, "the weight-row block splits into whole tiles");
 
 template <int C, int V>
-inline void tn_tile(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t ldo) {
+inline void tn_tile(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t ldo,
+                    bool add) {
   vec acc[C][V];
   for (int c = 0; c < C; ++c)
-    for (int v = 0; v < V; ++v) acc[c][v] = vec{};
+    for (int v = 0; v < V; ++v) {
+      acc[c][v] = vec{};
+      if (add) __builtin_memcpy(&acc[c][v], out + c * ldo + v * kLanes, sizeof(vec));
+    }
   for (int64_t m = 0; m < M; ++m) {
     vec av[V];
     for (int v = 0; v < V; ++v) av[v] = loadv(a + m * lda + v * kLanes);
@@ -475,18 +506,22 @@ inline void tn_tile(const float* g, int64_t ldg, const float* a, int64_t lda, in
 
 // One column block [k0, k1) of C output rows (C = kTNCols, or 1 for the last rows).
 template <int C>
-inline void tn_cols(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t K) {
+inline void tn_cols(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t K,
+                    bool add) {
   constexpr int64_t width = kTNVecs * kLanes;
   int64_t k = 0;
-  for (; k + width <= K; k += width) tn_tile<C, kTNVecs>(g, ldg, a + k, lda, M, out + k, K);
-  for (; k + kLanes <= K; k += kLanes) tn_tile<C, 1>(g, ldg, a + k, lda, M, out + k, K);
+  for (; k + width <= K; k += width) tn_tile<C, kTNVecs>(g, ldg, a + k, lda, M, out + k, K, add);
+  for (; k + kLanes <= K; k += kLanes) tn_tile<C, 1>(g, ldg, a + k, lda, M, out + k, K, add);
   for (; k < K; ++k)
     for (int c = 0; c < C; ++c) {
-      float s = 0.f;
+      float s = add ? out[c * K + k] : 0.f;
       for (int64_t m = 0; m < M; ++m) s += g[m * ldg + c] * a[m * lda + k];
       out[c * K + k] = s;
     }
 }
+
+// Rows of `a` summed per pass: they stay in L2 across the block, and at most 256 go into one partial sum.
+constexpr int64_t kTNChunkBytes = 256 * 1024;
 
 void run_grouped_tn(const float* g, const float* a, float* out, const std::vector<int64_t>& start, int64_t E,
                     int64_t N, int64_t K) {
@@ -500,11 +535,18 @@ void run_grouped_tn(const float* g, const float* a, float* out, const std::vecto
         std::fill(oe + n0 * K, oe + n1 * K, 0.f);
         continue;
       }
-      const float* ge = g + start[e] * N;
-      const float* ae = a + start[e] * K;
-      int64_t n = n0;
-      for (; n + kTNCols <= n1; n += kTNCols) tn_cols<kTNCols>(ge + n, N, ae, K, M, oe + n * K, K);
-      for (; n < n1; ++n) tn_cols<1>(ge + n, N, ae, K, M, oe + n * K, K);
+      // The group's rows in chunks that stay in L2 while the block's weight rows pass over them; the chunks after
+      // the first add to the partial sums, in row order.
+      const int64_t chunk = std::clamp<int64_t>(kTNChunkBytes / (4 * std::max<int64_t>(K, 1)), 16, 256);
+      for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+        const int64_t rows = std::min(chunk, M - c0);
+        const float* ge = g + (start[e] + c0) * N;
+        const float* ae = a + (start[e] + c0) * K;
+        const bool add = c0 > 0;
+        int64_t n = n0;
+        for (; n + kTNCols <= n1; n += kTNCols) tn_cols<kTNCols>(ge + n, N, ae, K, rows, oe + n * K, K, add);
+        for (; n < n1; ++n) tn_cols<1>(ge + n, N, ae, K, rows, oe + n * K, K, add);
+      }
     }
   });
 }

@@ -591,10 +591,12 @@ def _routed_grouped_forward(
 # its Python costs more than they do: autograd's path was 2-4% faster at 1 token, level at 16-256 tokens
 # (BENCHMARKS.md, "Reading the block tables").
 MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
-# CPU training with up to this many routed rows per expert on average, in float32, with `HF_MOE_CPU_SMALL_GROUPS`
-# choosing the fused kernel, runs the hand-written backward on the compiled kernel's grouped products
-# (cpu_kernel.py) instead of MKL's (BENCHMARKS.md, "Few rows per expert, training").
-TRAIN_KERNEL_MAX_ROWS_PER_EXPERT = 256 if has_avx512() else 16
+# CPU training in float32, with `HF_MOE_CPU_SMALL_GROUPS` choosing the fused kernel, runs the hand-written backward
+# on the compiled kernel's grouped products (cpu_kernel.py) instead of MKL's: with AVX-512 at every group size (they
+# led MKL's 1.6-2.7x from 1 to 1024 rows per expert), with AVX2 up to this many routed rows per expert on average
+# (1.2-2.3x up to 64, 1.07-1.14x at 256, by less than the spread between machines) (BENCHMARKS.md, "Grouped products
+# for CPU training").
+TRAIN_KERNEL_MAX_ROWS_PER_EXPERT: int | None = None if has_avx512() else 64
 # CPU inference from this many routed rows per expert on average runs one matmul per expert (BENCHMARKS.md).
 CPU_LOOP_MIN_ROWS_PER_EXPERT = 256
 # ... and up to `fused_max_rows_per_expert()`, with the "fused" kernel, the fused kernel (BENCHMARKS.md, "Few rows
@@ -730,7 +732,8 @@ def cpu_experts_forward(
     num_routed = sum(counts)
     if needs_grad:
         if _manual_backward_fits(self, hidden_states):
-            kernel = num_routed <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts and _train_kernel_fits(
+            cap = TRAIN_KERNEL_MAX_ROWS_PER_EXPERT
+            kernel = (cap is None or num_routed <= cap * self.num_experts) and _train_kernel_fits(
                 self, hidden_states
             )
             if kernel or num_routed > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT * self.num_experts:

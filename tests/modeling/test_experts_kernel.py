@@ -219,7 +219,8 @@ def test_cpu_training_picks_the_backward_by_rows_per_expert(
     setting: str, num_tokens: int, top_k: int, monkeypatch
 ):
     """CPU training, by routed rows per expert on average and `HF_MOE_CPU_SMALL_GROUPS`: with "fused", up to
-    TRAIN_KERNEL_MAX_ROWS_PER_EXPERT the hand-written backward on the compiled kernel's products; otherwise past
+    TRAIN_KERNEL_MAX_ROWS_PER_EXPERT (no limit with AVX-512) the hand-written backward on the compiled kernel's
+    products; otherwise past
     MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT the hand-written backward on aten's grouped GEMMs, below it autograd's.
     The gradient tests here use token counts on each side; this pins that they do, through the autograd node the
     forward leaves and the operators that run."""
@@ -227,7 +228,7 @@ def test_cpu_training_picks_the_backward_by_rows_per_expert(
     experts = make_experts("hf_moe_cpu")
     index, weights = make_routing(num_tokens, top_k, sentinels=False)
     rows = num_tokens * top_k / NUM_EXPERTS
-    kernel = setting == "fused" and rows <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT
+    kernel = setting == "fused" and rows <= (TRAIN_KERNEL_MAX_ROWS_PER_EXPERT or rows)
     hand_written = kernel or rows > MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT
     x = torch.randn(num_tokens, experts.hidden_dim, requires_grad=True)
     with torch.profiler.profile() as prof:
@@ -244,10 +245,17 @@ def test_cpu_training_picks_the_backward_by_rows_per_expert(
         (40, 24, 8, 2, 1, None),  # one token; rows of 40 and 24 floats: the vector and scalar tails
         (24, 40, 8, 2, 20, None),  # I > H (the routing weight scales the output), tails
         (35, 20, 8, 1, 37, list(range(1, 9))),  # expert e gets e + 1 rows: every row tile 1-8 once
-        (32, 16, 4, 1, 62, [0, 45, 16, 0]),  # two experts without rows, one with several row tiles
+        # two experts without rows, one with several row tiles; I = 4100: weight gradients summed in chunks of rows
+        (32, 4100, 4, 1, 62, [0, 45, 16, 0]),
         (64, 48, 4, 2, 300, None),  # 150 rows per expert
     ],
-    ids=["one token, odd widths", "I>H, odd widths", "every tile size", "empty and crowded", "150 rows"],
+    ids=[
+        "one token, odd widths",
+        "I>H, odd widths",
+        "every tile size",
+        "empty, crowded, chunked",
+        "150 rows",
+    ],
 )
 def test_training_kernel_matches_reference(
     hidden: int,
@@ -288,10 +296,6 @@ def test_training_kernel_matches_reference(
             ]
         )[:, None]
         assert index.shape == (num_tokens, 1)
-    assert (
-        num_tokens * top_k <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * num_experts
-        or TRAIN_KERNEL_MAX_ROWS_PER_EXPERT < 150
-    )
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
     index[0, -1], weights[0, -1] = num_experts, 0.0  # a dropped slot
     x = torch.randn(num_tokens, hidden, generator=gen)
@@ -300,21 +304,22 @@ def test_training_kernel_matches_reference(
     def call(m, x, w):
         return m(x, index, w)
 
-    # Sums over up to 150 rows differ in float32 by the order of summation: each path is held to the float64 truth,
-    # within twice the error of the float32 reference there.
+    # Long sums (150 rows, rows of 4100) differ in float32 by the order of summation: each path is held to the
+    # float64 truth, within 4x the error of the float32 reference there (a real bug is off by O(0.1)).
     truth, truth_grads = run_with_grads(
         call, copy.deepcopy(reference).double(), x.double(), weights.double(), grad_out.double()
     )
     expected, expected_grads = run_with_grads(call, reference, x, weights, grad_out)
     with torch.profiler.profile() as prof:
         actual, actual_grads = run_with_grads(call, fast, x, weights, grad_out)
-    kernel = num_tokens * top_k <= TRAIN_KERNEL_MAX_ROWS_PER_EXPERT * num_experts
+    cap = TRAIN_KERNEL_MAX_ROWS_PER_EXPERT
+    kernel = cap is None or num_tokens * top_k <= cap * num_experts  # AVX2 builds stop at 64 rows per expert
     ran = {event.name for event in prof.events()}
     assert [op in ran for op in KERNEL_PRODUCTS] == [kernel] * 3, sorted(ran)
     for name, a, e, t in zip(
         ["output", *GRAD_NAMES], [actual, *actual_grads], [expected, *expected_grads], [truth, *truth_grads]
     ):
-        error, bound = (a.double() - t).abs().max().item(), 2 * (e.double() - t).abs().max().item() + 1e-6
+        error, bound = (a.double() - t).abs().max().item(), 4 * (e.double() - t).abs().max().item() + 1e-6
         assert error <= bound, (
             f"training kernel: {name} is {error:.2e} off the float64 result (the reference {bound:.2e})"
         )
@@ -816,6 +821,44 @@ def test_fused_kernel_op_passes_opcheck():
     )
 
 
+def test_training_kernel_ops_pass_opcheck():
+    """The grouped products' schemas, fake kernels and dispatch agree (torch.library.opcheck)."""
+    assert load_fused_kernel() is None
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 24, 40, generator=gen)  # (E, N, K)
+    counts = [2, 0, 4]
+    x, g = torch.randn(6, 40, generator=gen), torch.randn(6, 24, generator=gen)
+    ops = torch.ops.hf_moe_kernels
+    torch.library.opcheck(ops.grouped_nt.default, (x, weight, counts))
+    torch.library.opcheck(ops.grouped_nn.default, (g, weight, counts))
+    torch.library.opcheck(ops.grouped_tn.default, (g, x, counts))
+
+
+@pytest.mark.parametrize(
+    "op, args, message",
+    [
+        (
+            "grouped_nt",
+            lambda: (torch.randn(5, 8), torch.randn(2, 4, 8), [2, 2]),
+            "counts add up to 4, not to the 5",
+        ),
+        ("grouped_nn", lambda: (torch.randn(4, 8), torch.randn(2, 4, 8), [2, 2]), "do not match"),
+        (
+            "grouped_tn",
+            lambda: (torch.randn(4, 8).double(), torch.randn(4, 3).double(), [4]),
+            "contiguous float32",
+        ),
+        ("grouped_nt", lambda: (torch.randn(8, 4).t(), torch.randn(2, 4, 8), [2, 2]), "contiguous float32"),
+    ],
+    ids=["counts", "shapes", "dtype", "layout"],
+)
+def test_training_kernel_ops_refuse_bad_input(op: str, args, message: str):
+    """A call the kernel cannot compute raises, naming the problem, instead of reading past a tensor."""
+    assert load_fused_kernel() is None
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.hf_moe_kernels, op)(*args())
+
+
 X86_LEVELS = {"x86-64-v3": "avx2", "x86-64-v4": "avx512f"}  # -march level: the /proc/cpuinfo flag it needs
 
 
@@ -864,7 +907,10 @@ def test_fused_kernel_runs_for_each_x86_level(level: str, tmp_path):
         "HF_MOE_EXPECT_AVX512": str(int(level == "x86-64-v4")),
     }
     env.pop(FUSED_MAX_ROWS_ENV, None)
-    tests = "test_fused_kernel_matches_reference or test_fused_kernel_build_follows_the_march_setting"
+    tests = (
+        "test_fused_kernel_matches_reference or test_training_kernel_matches_reference"
+        " or test_fused_kernel_build_follows_the_march_setting"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
         env=env,
@@ -873,8 +919,8 @@ def test_fused_kernel_runs_for_each_x86_level(level: str, tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    # 5 shapes x 2 dtypes of the fused-kernel test, and the check of the build's level
-    assert re.search(r"\b11 passed\b", done.stdout), done.stdout[-3000:]
+    # 5 shapes x 2 dtypes of the fused-kernel test, 5 shapes of the training one, the check of the build's level
+    assert re.search(r"\b16 passed\b", done.stdout), done.stdout[-3000:]
     assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]  # built there, for this level
 
 
