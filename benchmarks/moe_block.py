@@ -43,6 +43,7 @@ from hf_moe.modeling.configuration_hf_moe import HfMoeConfig
 from hf_moe.modeling.experts import (
     DEFAULT_EXPERTS_IMPLEMENTATION,
     SMALL_GROUPS_ENV,
+    TRAIN_KERNEL_MAX_ROWS_PER_EXPERT,
     fused_max_rows_per_expert,
     small_groups_kernel,
 )
@@ -384,8 +385,17 @@ def main(argv: list[str] | None = None) -> int:
             "weights read once, both projections, weights and combine in one call) when the setting is `fused`; "
             "otherwise groups under 256 rows per expert on average as one padded `bmm` per projection (padding "
             "capped at 2x the routed rows) or two grouped GEMMs on the routed rows, by CPU vendor, and larger groups "
-            "as one matmul per expert; under autograd `F.grouped_mm` on the routed rows with a hand-written backward "
-            "(gate and up gradients in one buffer, one `index_add_`).",
+            "as one matmul per expert; under autograd a hand-written backward (gate and up gradients in one buffer, "
+            "one `index_add_`) whose grouped products run "
+            + (
+                "in fp32 through the compiled kernel's training products "
+                + (
+                    "at every group size"
+                    if TRAIN_KERNEL_MAX_ROWS_PER_EXPERT is None
+                    else f"up to {TRAIN_KERNEL_MAX_ROWS_PER_EXPERT} rows per expert on average"
+                )
+                + " with the setting `fused`, else on `F.grouped_mm` (MKL)."
+            ),
             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the timings "
             f"({os.cpu_count()} cores, {args.threads} threads timed)"
             + (

@@ -22,6 +22,14 @@ CPU and the level. It is kept here as a string so the file ships as Hub remote c
 Float32 or bfloat16 weights (bfloat16 widened to float32 as it is loaded: half the bytes, float32 arithmetic),
 inference only; the experts implementation "hf_moe"/"hf_moe_cpu" calls it as the setting
 `HF_MOE_CPU_SMALL_GROUPS` says (experts.py).
+
+The same library holds the three grouped products of CPU training in float32 (`grouped_times_transposed`,
+`grouped_times`, `grouped_weight_grad`): x @ W.T and g @ W per expert group, and the per-expert weight gradients
+g.T @ a. MKL packs each weight matrix before a product, and its fp32 GEMMs on AMD CPUs reach about half of what
+these tiles do (BENCHMARKS.md, "Grouped products for CPU training"); here each weight row streams from memory into
+register tiles once per group of rows (a column slab is copied only when several row tiles pass over it, as rows a
+power of two bytes apart evict each other from the cache), and the sums are split every 256 rows so that long
+reductions keep float32 accuracy.
 """
 
 from __future__ import annotations
@@ -428,6 +436,25 @@ inline void nn_rows(int64_t rows, const float* g, int64_t ldg, const float* w, i
   }
 }
 
+// out[r, :cols] = sum_n g[r, n] * b[n, :cols] for r < rows (b rows ldb apart): full-width tiles, else single
+// vectors and a scalar tail for the last columns.
+inline void nn_block(int64_t rows, const float* g, int64_t ldg, const float* b, int64_t ldb, int64_t N, int64_t cols,
+                     float* out, int64_t ldo) {
+  if (cols == kNNVecs * kLanes) return nn_rows<kNNVecs>(rows, g, ldg, b, N, ldb, out, ldo);
+  int64_t k = 0;
+  for (; k + kLanes <= cols; k += kLanes) nn_rows<1>(rows, g, ldg, b + k, N, ldb, out + k, ldo);
+  for (; k < cols; ++k)
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.f;
+      for (int64_t n0 = 0; n0 < N; n0 += kNNSumRows) {
+        float part = 0.f;
+        for (int64_t n = n0; n < std::min(N, n0 + kNNSumRows); ++n) part += g[r * ldg + n] * b[n * ldb + k];
+        s += part;
+      }
+      out[r * ldo + k] = s;
+    }
+}
+
 void run_grouped_nn(const float* g, const float* W, float* out, const std::vector<int64_t>& start,
                     const std::vector<int64_t>& active, int64_t N, int64_t K) {
   constexpr int64_t width = kNNVecs * kLanes;
@@ -435,40 +462,47 @@ void run_grouped_nn(const float* g, const float* W, float* out, const std::vecto
   at::parallel_for(0, num_active * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> slab;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = active[item / tiles], k0 = (item % tiles) * width, k1 = std::min(K, k0 + width);
+      const int64_t e = active[item / tiles], k0 = (item % tiles) * width, cols = std::min(K, k0 + width) - k0;
       const float* We = W + e * N * K;
       // A group of several row tiles reads the (N, width) column slab once per tile. Rows a power-of-two bytes
       // apart fall into a few cache sets and evict each other between those passes, so the slab is copied into
       // contiguous memory first (the one read from memory happens in the copy).
-      const float* w = We + k0;
-      int64_t ldw = K;
-      if (start[e + 1] - start[e] > kNNRows && k1 - k0 == width) {
+      const float* b = We + k0;
+      int64_t ldb = K;
+      if (start[e + 1] - start[e] > kNNRows) {
         slab.resize(N * width);
-        for (int64_t n = 0; n < N; ++n) std::copy(We + n * K + k0, We + n * K + k1, slab.data() + n * width);
-        w = slab.data();
-        ldw = width;
+        for (int64_t n = 0; n < N; ++n) std::copy(We + n * K + k0, We + n * K + k0 + cols, slab.data() + n * width);
+        b = slab.data();
+        ldb = width;
       }
-      for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kNNRows) {
-        const int64_t rows = std::min(kNNRows, start[e + 1] - m0);
-        const float* gm = g + m0 * N;
-        float* om = out + m0 * K;
-        int64_t k = k0;
-        if (k1 - k == width) {
-          nn_rows<kNNVecs>(rows, gm, N, w, N, ldw, om + k, K);
-          continue;
-        }
-        for (; k + kLanes <= k1; k += kLanes) nn_rows<1>(rows, gm, N, We + k, N, K, om + k, K);
-        for (; k < k1; ++k)  // the last K % kLanes columns
-          for (int64_t r = 0; r < rows; ++r) {
-            float s = 0.f;
-            for (int64_t n0 = 0; n0 < N; n0 += kNNSumRows) {
-              float part = 0.f;
-              for (int64_t n = n0; n < std::min(N, n0 + kNNSumRows); ++n) part += gm[r * N + n] * We[n * K + k];
-              s += part;
-            }
-            om[r * K + k] = s;
-          }
-      }
+      for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kNNRows)
+        nn_block(std::min(kNNRows, start[e + 1] - m0), g + m0 * N, N, b, ldb, N, cols, out + m0 * K + k0, K);
+    }
+  });
+}
+
+// x @ W.T for groups of many rows: the (K, width) slab of W.T for a block of output columns is copied out
+// transposed, then the g @ W tiles run on it (rows of x as g); the copy costs one pass over the weights, which
+// these groups repay in arithmetic, and the tiles need no sums across the lanes.
+// Rows per expert on average past which x @ W.T takes the transposed copy: it cost 2-4 ms per layer at the
+// SmolLM2 shapes, and at 64 rows per expert the dots were still ahead (4.7 against 6.7 ms), at 256 behind (15.0
+// against 13.1), at 1024 well behind (63 against 42).
+constexpr int64_t kNTTransposedFromRows = 128;
+
+void run_grouped_nt_transposed(const float* x, const float* W, float* out, const std::vector<int64_t>& start,
+                               const std::vector<int64_t>& active, int64_t N, int64_t K) {
+  constexpr int64_t width = kNNVecs * kLanes;
+  const int64_t tiles = (N + width - 1) / width, num_active = static_cast<int64_t>(active.size());
+  at::parallel_for(0, num_active * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> slab(K * width);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = active[item / tiles], n0 = (item % tiles) * width, cols = std::min(N, n0 + width) - n0;
+      const float* We = W + e * N * K;
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t k = 0; k < K; ++k) slab[k * width + j] = We[(n0 + j) * K + k];
+      for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kNNRows)
+        nn_block(std::min(kNNRows, start[e + 1] - m0), x + m0 * K, K, slab.data(), width, K, cols,
+                 out + m0 * N + n0, N);
     }
   });
 }
@@ -580,8 +614,11 @@ at::Tensor grouped_nt(const at::Tensor& x, const at::Tensor& weight, at::IntArra
   std::vector<int64_t> active;
   const auto start = group_starts(counts, S, &active, "grouped_nt");
   at::Tensor out = at::empty({S, N}, x.options());
-  if (S > 0) run_grouped_nt(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), start, active,
-                            N, K);
+  if (S == 0) return out;
+  // Many rows per expert on average: the transposed copy pays off (BENCHMARKS.md); few: dots of each weight row.
+  const bool transposed = S > kNTTransposedFromRows * static_cast<int64_t>(active.size());
+  (transposed ? run_grouped_nt_transposed : run_grouped_nt)(x.data_ptr<float>(), weight.data_ptr<float>(),
+                                                           out.data_ptr<float>(), start, active, N, K);
   return out;
 }
 

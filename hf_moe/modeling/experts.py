@@ -14,9 +14,12 @@ compute the same function and are registered in transformers' experts interface,
   kernel that reads each routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per
   projection (padding capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own)
   or two grouped GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
-  matrix-vector products on weight views; large groups as one matmul per expert. Under autograd the grouped
-  GEMM on the routed rows only (sentinel rows cut off), with a hand-written backward for SiLU/GELU experts
-  (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's passes).
+  matrix-vector products on weight views; large groups as one matmul per expert. Under autograd, for SiLU/GELU
+  experts, a hand-written backward (`_RoutedExpertsFunction`: no concatenation, one scatter, the dense MLP's
+  passes) whose six grouped products run in fp32 through the compiled kernel's training products (cpu_kernel.py:
+  no weight packing; with AVX-512 at every group size, with AVX2 up to 64 rows per expert on average), otherwise
+  through the grouped GEMM on the routed rows only (sentinel rows cut off); other activations take autograd's
+  backward of the grouped GEMM.
 - "hf_moe": "hf_moe_cpu" for CPU tensors, "hf_moe_grouped" otherwise (CUDA, or compiled CPU training); compiled
   CPU inference runs the "hf_moe_cpu" kernels as one custom op, `hf_moe::cpu_experts`.
 transformers' own "grouped_mm" / "batched_mm" stay selectable (they do not skip dropped assignments: the block
@@ -350,6 +353,9 @@ def _weight_grad(
 class _RoutedExpertsFunction(torch.autograd.Function):
     """The routed rows' forward and a hand-written backward (CPU training, "hf_moe_cpu").
 
+    Its six grouped products (forward x @ W.T twice, backward g @ W twice and two weight gradients) run through the
+    compiled kernel when `counts` (rows per expert) is given, else through `F.grouped_mm` (MKL on the CPU).
+
     Autograd's own backward of `_grouped_forward` concatenates the gate and up gradients (the backward of `chunk`)
     and scatters the input gradient with `index_put` over the (T*K) gather; here the gate and up gradients are
     written into one (S, 2I) buffer and the input gradient is one `index_add_`. It saves what a dense SwiGLU's
@@ -664,10 +670,13 @@ def small_groups_kernel() -> str:
     Set with the environment variable `HF_MOE_CPU_SMALL_GROUPS`:
     - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
       weights once, for one token and up to `fused_max_rows_per_expert()` rows per expert on average (32 with
-      AVX-512, 8 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. Compiled on first
-      use with the system's C++ compiler; raises if it cannot be built.
+      AVX-512, 8 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. CPU training in
+      float32 runs its grouped products through the same compiled library (up to TRAIN_KERNEL_MAX_ROWS_PER_EXPERT:
+      every size with AVX-512, 64 rows per expert with AVX2). Compiled on first use with the system's C++
+      compiler; raises if it cannot be built.
     - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
     - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.
+    With "padded" or "grouped", CPU training runs its products on `F.grouped_mm` (MKL).
     - "auto" (unset): "fused" where the kernel builds, else "grouped" on Intel CPUs and "padded" elsewhere (with a
       warning that says why), the faster choices on the machines in BENCHMARKS.md.
     """

@@ -247,7 +247,7 @@ def test_cpu_training_picks_the_backward_by_rows_per_expert(
         (35, 20, 8, 1, 37, list(range(1, 9))),  # expert e gets e + 1 rows: every row tile 1-8 once
         # two experts without rows, one with several row tiles; I = 4100: weight gradients summed in chunks of rows
         (32, 4100, 4, 1, 62, [0, 45, 16, 0]),
-        (64, 48, 4, 2, 300, None),  # 150 rows per expert
+        (35, 48, 4, 2, 300, None),  # 150 rows per expert: x @ W.T through the transposed copy, 35 columns
     ],
     ids=[
         "one token, odd widths",
