@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from hf_moe.modeling.experts import SMALL_GROUPS_ENV, small_groups_kernel
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import (  # noqa: E402
     UPCYCLES,
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             "Shakespeare; median of "
             f"{args.rounds} rounds x {args.steps} timed steps (after {args.warmup} warm-up steps per load), models in "
             "rotating order, one in memory at a time. Models as in the decode table (hf_moe with its default experts "
-            "implementation, which trains through the grouped GEMM; Mixtral with transformers' default).",
+            "implementation, which trains through its hand-written backward with the grouped products "
+            + ("of the compiled kernel" if small_groups_kernel() == "fused" else "of MKL (`F.grouped_mm`)")
+            + f", `{SMALL_GROUPS_ENV}={small_groups_kernel()}`; Mixtral with transformers' default).",
             f"Machine load average before: {load_before}; after: {load_line()} (2 cores shared with other jobs).",
             "",
             table,
