@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             + '. `hf_moe` ("hf_moe" = "hf_moe_cpu" on the CPU) without autograd, with '
             f"`{SMALL_GROUPS_ENV}={small_groups_kernel()}`: in fp32, one token and groups of up to "
             f"{fused_max_rows_per_expert()} rows per expert on average through the fused kernel (each routed expert's "
-            "weights read once, both projections, weights and combine in one call) when the setting is `fused`; "
+            "weights read once, both projections, weights and combine in one call) when the setting is `fused`, "
+            "and larger groups through the compiled kernel's grouped products (below); "
             "otherwise groups under 256 rows per expert on average as one padded `bmm` per projection (padding "
             "capped at 2x the routed rows) or two grouped GEMMs on the routed rows, by CPU vendor, and larger groups "
             "as one matmul per expert; under autograd a hand-written backward (gate and up gradients in one buffer, "

@@ -11,7 +11,8 @@ compute the same function and are registered in transformers' experts interface,
   synchronisation and static shapes, so it runs inside CUDA graphs and `torch.compile(fullgraph=True)`.
 - "hf_moe_cpu": CPU-tuned eager kernels. Without autograd: in fp32 or bf16, experts with few rows (one token, or
   up to 32 rows per expert on average with AVX-512, 8 with AVX2: decoding, short prompts) through one fused compiled
-  kernel that reads each routed expert's weights once (cpu_kernel.py); other small groups as one padded `bmm` per
+  kernel that reads each routed expert's weights once (cpu_kernel.py); larger groups in fp32 (prefill) through
+  the same library's grouped products (as training, below); without them, other small groups as one padded `bmm` per
   projection (padding capped at 2x the routed rows; a crowded expert's rows past the cap as one matmul of its own)
   or two grouped GEMMs on the routed rows, as `small_groups_kernel()` says; one token without the fused kernel as k
   matrix-vector products on weight views; large groups as one matmul per expert. Under autograd, for SiLU/GELU
@@ -598,7 +599,8 @@ def _routed_grouped_forward(
 # (BENCHMARKS.md, "Reading the block tables").
 MANUAL_BACKWARD_MIN_ROWS_PER_EXPERT = 32
 # CPU training in float32, with `HF_MOE_CPU_SMALL_GROUPS` choosing the fused kernel, runs the hand-written backward
-# on the compiled kernel's grouped products (cpu_kernel.py) instead of MKL's: with AVX-512 at every group size (they
+# on the compiled kernel's grouped products (cpu_kernel.py) instead of MKL's, and so does float32 inference past the
+# fused kernel's rows (prefill): with AVX-512 at every group size (they
 # led MKL's 1.6-2.7x from 1 to 1024 rows per expert), with AVX2 up to this many routed rows per expert on average
 # (1.2-2.3x up to 64, 1.07-1.14x at 256, by less than the spread between machines) (BENCHMARKS.md, "Grouped products
 # for CPU training").
@@ -671,9 +673,9 @@ def small_groups_kernel() -> str:
     - "fused": one compiled kernel per layer (hf_moe/modeling/cpu_kernel.py) that reads each routed expert's
       weights once, for one token and up to `fused_max_rows_per_expert()` rows per expert on average (32 with
       AVX-512, 8 without; `HF_MOE_CPU_FUSED_MAX_ROWS`); larger groups as "auto" without it. CPU training in
-      float32 runs its grouped products through the same compiled library (up to TRAIN_KERNEL_MAX_ROWS_PER_EXPERT:
-      every size with AVX-512, 64 rows per expert with AVX2). Compiled on first use with the system's C++
-      compiler; raises if it cannot be built.
+      float32, and inference in float32 past the fused kernel's rows, run their grouped products through the
+      same compiled library (up to TRAIN_KERNEL_MAX_ROWS_PER_EXPERT: every size with AVX-512, 64 rows per expert
+      with AVX2). Compiled on first use with the system's C++ compiler; raises if it cannot be built.
     - "padded": one padded `bmm` per projection; one token as k matrix-vector products.
     - "grouped": `F.grouped_mm` on the routed rows; one token as k matrix-vector products.
     With "padded" or "grouped", CPU training runs its products on `F.grouped_mm` (MKL).
@@ -783,10 +785,17 @@ def cpu_experts_forward(
     small_groups = num_routed < CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
     x = hidden_states.index_select(0, groups.token[:num_routed]).to(self.gate_up_proj.dtype)  # (S, H)
     weights = top_k_weights.reshape(-1, 1).index_select(0, order).to(x.dtype)  # (S, 1)
+    cap = TRAIN_KERNEL_MAX_ROWS_PER_EXPERT
     kernel = small_groups_kernel() if small_groups else None
-    if kernel == "fused":
+    if (cap is None or num_routed <= cap * self.num_experts) and _train_kernel_fits(self, hidden_states):
+        # Past the fused kernel's rows (prefill): the training products, which lead MKL's there too.
+        kernel = "products"
+    elif kernel == "fused":
         kernel = _vendor_default()
-    if kernel == "grouped":
+    if kernel == "products":
+        gate, up = grouped_times_transposed(x, self.gate_up_proj, counts).chunk(2, dim=-1)  # (S, I) each
+        out = grouped_times_transposed(self.act_fn(gate) * up, self.down_proj, counts).mul_(weights)  # (S, H)
+    elif kernel == "grouped":
         out = _routed_grouped_forward(self, x, weights, groups.offsets)
     elif kernel == "padded":
         capacity = min(max(counts), max(1, 2 * num_routed // self.num_experts))
