@@ -308,6 +308,20 @@ void run_experts(const float* xp, const int64_t* tok, const std::vector<int64_t>
   });
 }
 
+// The group boundaries from the per-expert counts, checked against the rows.
+std::vector<int64_t> group_starts(at::IntArrayRef counts, int64_t S, std::vector<int64_t>* active,
+                                  const char* op) {
+  const int64_t E = static_cast<int64_t>(counts.size());
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, "hf_moe ", op, ": negative count");
+    start[e + 1] = start[e] + counts[e];
+    if (counts[e] > 0 && active != nullptr) active->push_back(e);
+  }
+  TORCH_CHECK(start[E] == S, "hf_moe ", op, ": counts add up to ", start[E], ", not to the ", S, " rows");
+  return start;
+}
+
 at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntArrayRef counts,
                          const at::Tensor& weights, const at::Tensor& gate_up, const at::Tensor& down,
                          int64_t act) {
@@ -326,13 +340,8 @@ at::Tensor fused_experts(const at::Tensor& x, const at::Tensor& token, at::IntAr
   TORCH_CHECK(token.scalar_type() == at::kLong && token.is_contiguous() && weights.numel() == S &&
                   weights.scalar_type() == at::kFloat && weights.is_contiguous(),
               "hf_moe fused_experts: token (S,) int64 and weights (S,) float32, contiguous");
-  std::vector<int64_t> start(E + 1, 0), active;
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "hf_moe fused_experts: negative count");
-    start[e + 1] = start[e] + counts[e];
-    if (counts[e] > 0) active.push_back(e);
-  }
-  TORCH_CHECK(start[E] == S, "hf_moe fused_experts: counts must add up to the routed rows");
+  std::vector<int64_t> active;
+  const auto start = group_starts(counts, S, &active, "fused_experts");
   const int64_t* tok = token.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(tok[s] >= 0 && tok[s] < T, "hf_moe fused_experts: token out of range");
 
@@ -563,7 +572,7 @@ inline void tn_tile(const float* g, int64_t ldg, const float* a, int64_t lda, in
     }
 }
 
-// One column block [k0, k1) of C output rows (C = kTNCols, or 1 for the last rows).
+// All K columns of C output rows (C = kTNCols, or 1 for the block's last rows).
 template <int C>
 inline void tn_cols(const float* g, int64_t ldg, const float* a, int64_t lda, int64_t M, float* out, int64_t K,
                     TnWrite write) {
@@ -619,20 +628,6 @@ void run_grouped_tn(const float* g, const float* a, float* out, const std::vecto
     if (streamed) _mm_sfence();  // this thread's streaming stores are visible before the op returns
 #endif
   });
-}
-
-// The group boundaries from the per-expert counts, checked against the rows.
-std::vector<int64_t> group_starts(at::IntArrayRef counts, int64_t S, std::vector<int64_t>* active,
-                                  const char* op) {
-  const int64_t E = static_cast<int64_t>(counts.size());
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "hf_moe ", op, ": negative count");
-    start[e + 1] = start[e] + counts[e];
-    if (counts[e] > 0 && active != nullptr) active->push_back(e);
-  }
-  TORCH_CHECK(start[E] == S, "hf_moe ", op, ": counts add up to ", start[E], ", not to the ", S, " rows");
-  return start;
 }
 
 void check_float_matrix(const at::Tensor& t, int64_t dim, const char* op, const char* name) {

@@ -125,6 +125,23 @@ def run_with_grads(fn, experts: HfMoeExperts, x: torch.Tensor, weights: torch.Te
     return out.detach(), [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
 
 
+def odd_shape_experts(hidden: int, intermediate: int, num_experts: int, top_k: int) -> HfMoeExperts:
+    """Reference experts of a shape the tiny config does not have (odd hidden widths get 5 heads of 8)."""
+    config = tiny_config(
+        hidden_size=hidden,
+        **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=intermediate,
+    )
+    torch.manual_seed(0)
+    experts = HfMoeExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0.0, 0.3)
+        experts.down_proj.normal_(0.0, 0.3)
+    return experts
+
+
 GRAD_NAMES = ["input", "routing weights", "gate_up_proj", "down_proj"]
 
 
@@ -272,18 +289,7 @@ def test_training_kernel_matches_reference(
     the build of each x86 level). The output and the gradients of the input, the routing weights and both expert
     tensors must match the reference, and give the same bits twice."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
-    config = tiny_config(
-        hidden_size=hidden,
-        **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=intermediate,
-    )
-    torch.manual_seed(0)
-    reference = HfMoeExperts(config)
-    with torch.no_grad():
-        reference.gate_up_proj.normal_(0.0, 0.3)
-        reference.down_proj.normal_(0.0, 0.3)
+    reference = odd_shape_experts(hidden, intermediate, num_experts, top_k)
     fast = with_implementation(reference, "hf_moe")
     gen = torch.Generator().manual_seed(num_tokens)
     if sizes is None:
@@ -765,18 +771,8 @@ def test_fused_kernel_matches_reference(
     float32, so it matches the float32 reference on the same (bfloat16) values up to the output's rounding."""
     monkeypatch.setenv(SMALL_GROUPS_ENV, "fused")
     monkeypatch.setenv(FUSED_MAX_ROWS_ENV, "32")  # these shapes on every host, AVX2 ones included
-    config = tiny_config(
-        hidden_size=hidden,
-        **(dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8) if hidden % 2 else {}),  # odd width
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=intermediate,
-    )
-    torch.manual_seed(0)
-    reference = HfMoeExperts(config)
+    reference = odd_shape_experts(hidden, intermediate, num_experts, top_k)
     with torch.no_grad():
-        reference.gate_up_proj.normal_(0.0, 0.3)
-        reference.down_proj.normal_(0.0, 0.3)
         for weight in (reference.gate_up_proj, reference.down_proj):  # values that bfloat16 holds exactly
             weight.copy_(weight.to(dtype))
     fast = with_implementation(reference, "hf_moe").to(dtype)
